@@ -1,0 +1,212 @@
+"""One decoder-only transformer in Flax NNX for the Llama (SmolLM2 included), Mistral, Qwen2 and Qwen3
+families: GQA, RoPE (with Llama-3 scaling), RMSNorm, SwiGLU, tied or untied embeddings, optional q/k/v
+bias (Qwen2) and q/k RMSNorm (Qwen3).
+
+Every parameter carries logical axis names (`out_sharding` metadata, never applied eagerly) from
+{vocab, embed, heads, kv_heads, head_dim, mlp}; sharding.py maps them onto a device mesh.
+
+One call signature serves training, scoring, prefill and decode:
+
+    hidden, cache = model(tokens: i32[B, T], positions: i32[B, T], key_mask: bool[B, S],
+                          cache=None | KVCache, cache_index=i32[])
+
+Without a cache the keys are the T input positions (S == T). With a cache of length S, the new keys
+and values are written at slots [cache_index, cache_index + T) and the queries attend over all S
+slots. Either way query t sits at slot cache_index + t and sees slot s iff s <= cache_index + t and
+key_mask[b, s]: causal by slot, padding masked by key_mask (left or right padding both work).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trd_jax.models.config import ModelConfig
+
+Array = jax.Array
+_MASKED = -1e30  # finite, so that fully masked rows (padding queries) give a uniform softmax, not NaN
+
+
+class LayerCache(NamedTuple):
+    k: Array  # [B, kv_heads, S, head_dim]: slot axis third, so q·k and p·v are plain batched matmuls
+    v: Array  # [B, kv_heads, S, head_dim]
+
+
+KVCache = tuple[LayerCache, ...]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+    dtype = dtype or jnp.dtype(cfg.dtype)
+    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, scale: float | None) -> nnx.Param:
+    """scale=None: ones (norm weights); 0.0: zeros (biases); else normal(0, scale)."""
+    if scale is None:
+        value = jnp.ones(shape, dtype)
+    elif scale == 0.0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """f32[head_dim // 2] rotary frequencies, float32 arithmetic as in the reference implementations."""
+    d = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+    inv = inv.astype(np.float32)
+    if cfg.rope_llama3_scaling is not None:
+        factor, lo, hi, orig = cfg.rope_llama3_scaling
+        wavelen = 2 * math.pi / inv
+        low_wavelen, high_wavelen = orig / lo, orig / hi
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)  # long wavelengths: interpolate
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, blended, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x: [B, T, N, D]; cos, sin: f32[B, T, D/2]. Rotates the two halves of D (the HF layout)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axis_name: str, param_dtype):
+        self.weight = _param(None, (dim,), (axis_name,), param_dtype, None)
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd, std = jnp.dtype(cfg.param_dtype), 0.02
+        self.cfg = cfg
+        self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, std)
+        self.k_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd, std)
+        self.v_proj = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), pd, std)
+        self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, std)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd, 0.0)
+            self.k_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pd, 0.0)
+            self.v_bias = _param(rngs, (k, hd), ("kv_heads", "head_dim"), pd, 0.0)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", pd)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", pd)
+
+    def __call__(self, x, cos, sin, mask, cache: LayerCache | None, cache_index):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        b, t, _ = x.shape
+        kvh, groups = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k.transpose(0, 2, 1, 3)  # [B, kv_heads, T, hd]
+        v = v.transpose(0, 2, 1, 3)
+        if cache is not None:
+            at = (0, 0, cache_index, 0)
+            cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+                               jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at))
+            k, v = cache.k.astype(dt), cache.v.astype(dt)
+        # q grouped by the kv head it shares: head h = kv_head * groups + g (HF's repeat_kv order).
+        q = q.reshape(b, t, kvh, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
+        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores * (1.0 / math.sqrt(cfg.head_dim)), _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, m, pd = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.param_dtype)
+        self.gate_proj = _param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
+        self.up_proj = _param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
+        self.down_proj = _param(rngs, (m, d), ("mlp", "embed"), pd, 0.02)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x):
+        dt = self.dtype
+        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd)
+        self.attn = Attention(cfg, rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache, cache_index):
+        a, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
+        x = x + a
+        return x + self.mlp(self.post_attn_norm(x)), cache
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", pd)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02)
+
+    def __call__(self, tokens: Array, positions: Array, key_mask: Array, *,
+                 cache: KVCache | None = None, cache_index=0) -> tuple[Array, KVCache | None]:
+        """Returns the final-normed hidden states [B, T, hidden] and the updated cache (or None)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        t = tokens.shape[1]
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.cfg))
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        num_slots = key_mask.shape[1]
+        query_slot = cache_index + jnp.arange(t)
+        mask = (jnp.arange(num_slots)[None, :] <= query_slot[:, None])[None] & key_mask[:, None, :]  # [B,T,S]
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(c)
+        return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+    def lm_head_weight(self) -> Array:
+        """[hidden, vocab] in the compute dtype (the transposed embedding when tied)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        if self.cfg.tie_word_embeddings:
+            return self.embed[...].astype(dt).T
+        return self.lm_head[...].astype(dt)
+
+    def logits(self, hidden: Array) -> Array:
+        """hidden [..., hidden] -> f32[..., vocab]."""
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+
+
+def causal_lm_positions(mask: Array) -> Array:
+    """Positions of the valid tokens of each row (padding anywhere): cumsum(mask) - 1, clipped at 0."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
