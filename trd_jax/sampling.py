@@ -1,0 +1,309 @@
+"""KV-cache sampling: jitted prefill, then a `lax.while_loop` decode over a static, donated cache.
+
+Prompts of different lengths share a batch left-padded to a common length P, so every row writes its
+next key/value at the same cache slot (one dynamic_update_slice per layer, in place) while each row
+keeps its own RoPE positions (slot - pad). The loop stops when every row has emitted an EOS id or
+`max_new_tokens` is reached. Batch, prompt length and the new-token buffer are rounded up to buckets
+so that steady-state calls reuse compiled code.
+
+Outputs per row: `tokens` i32[N] (pad_id after the end), `logprobs` f32[N] and `length` (tokens
+emitted, EOS included). `logprobs` are log-probabilities of the emitted token under the tempered,
+unfiltered model distribution softmax(logits / temperature) (temperature 1 when greedy): the
+distribution an importance ratio or a policy gradient refers to; top-k / top-p only restrict the
+support sampled from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 is greedy (argmax); top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature={self.temperature}: must be >= 0")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k={self.top_k}: must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p}: must be in (0, 1]")
+
+
+class SampleOutput(NamedTuple):
+    tokens: Array  # i32[B, N]
+    logprobs: Array  # f32[B, N]
+    lengths: Array  # i32[B]
+
+
+# ------------------------------------------------------------------------------------------------
+# Token selection
+#
+# XLA's CPU top_k, sort, argmax and cumsum over a full vocabulary cost milliseconds per call (top_k over
+# 32k entries: ~40 ms), more than a small model's whole decode step. Every selection below therefore
+# uses plain elementwise ops and reductions: a chunked inverse CDF for the draw, a bitwise search for
+# the top-k and top-p thresholds, and max/min reductions for argmax.
+
+
+def _argmax(x: Array) -> Array:
+    """First index of the maximum along the last axis, from two cheap reductions."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
+
+
+def _ordered_bits(x: Array) -> Array:
+    """float32 -> uint32 with the same order (sign bit flipped for >= 0, all bits for < 0)."""
+    u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(u >> 31 == 0, u | jnp.uint32(1 << 31), ~u)
+
+
+def _largest_key_where(keys: Array, predicate) -> Array:
+    """The largest uint32 t (per row) with predicate(keys >= t) true, for a predicate that holds at
+    t = 0 and is monotone (true below some t, false above); built from the top bit down in 32 steps."""
+    t = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)
+    for bit in range(31, -1, -1):
+        cand = t | jnp.uint32(1 << bit)
+        t = jnp.where(predicate(keys >= cand), cand, t)
+    return t
+
+
+def _chunk_size(vocab: int, target_chunks: int = 256) -> int:
+    per_chunk = -(-vocab // target_chunks)
+    return max(128, (per_chunk + 127) // 128 * 128)
+
+
+def _as_chunks(x: Array, chunk: int, fill) -> Array:
+    """[B, V] -> [B, ceil(V / chunk), chunk], padded with `fill`."""
+    b, v = x.shape
+    pad = -v % chunk
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill)
+    return x.reshape(b, -1, chunk)
+
+
+def _top_k_candidates(x: Array, k: int) -> tuple[Array, Array]:
+    """(values [B, M], vocab ids [B, M]) of a candidate set holding each row's top k entries, with
+    everything below the k-th largest set to -inf (ties at the threshold kept).
+
+    The top k entries all lie in the k chunks with the largest maxima, so only those k * chunk
+    candidates are gathered and searched (M = V when there are no more than k chunks)."""
+    b, v = x.shape
+    chunk = _chunk_size(v)
+    ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    if -(-v // chunk) > k:
+        chunks = _as_chunks(x, chunk, -jnp.inf)
+        _, best = jax.lax.top_k(jnp.max(chunks, axis=-1), k)  # top_k is cheap over [B, V / chunk]
+        x = jnp.take_along_axis(chunks, best[:, :, None], axis=1).reshape(b, -1)
+        ids = jnp.take_along_axis(_as_chunks(ids, chunk, 0), best[:, :, None], axis=1).reshape(b, -1)
+    keys = _ordered_bits(x)
+    thresh = _largest_key_where(keys, lambda ge: jnp.sum(ge, axis=-1, keepdims=True) >= k)
+    return jnp.where(keys >= thresh, x, -jnp.inf), ids
+
+
+def _top_p_mask(probs: Array, top_p: float) -> Array:
+    """bool[B, V]: the smallest set of most probable entries whose mass reaches top_p of the row's
+    total (ties at the threshold kept), i.e. nucleus filtering without a sort."""
+    keys = _ordered_bits(probs)
+    need = top_p * jnp.sum(probs, axis=-1, keepdims=True)
+    thresh = _largest_key_where(keys, lambda ge: jnp.sum(jnp.where(ge, probs, 0.0), -1, keepdims=True) >= need)
+    return keys >= thresh
+
+
+def _categorical(probs: Array, key: Array) -> Array:
+    """One draw per row from unnormalised probs f32[B, V] >= 0 by inverse CDF: one uniform per row
+    (instead of a Gumbel per entry), a cumulative sum over chunk totals, then within one chunk."""
+    b, v = probs.shape
+    chunk = _chunk_size(v)
+    chunks = _as_chunks(probs, chunk, 0.0)
+    totals = jnp.sum(chunks, axis=-1)  # [B, C]
+    ends = jnp.cumsum(totals, axis=-1)
+    u = 1.0 - jax.random.uniform(key, (b, 1))  # (0, 1]: a zero-probability entry is never drawn
+    target = u * ends[:, -1:]
+    c = jnp.minimum(jnp.sum(ends < target, axis=-1), ends.shape[1] - 1)
+    rest = target[:, 0] - (jnp.take_along_axis(ends, c[:, None], axis=1)[:, 0]
+                           - jnp.take_along_axis(totals, c[:, None], axis=1)[:, 0])
+    inside = jnp.take_along_axis(chunks, c[:, None, None], axis=1)[:, 0]  # [B, chunk]
+    cdf = jnp.cumsum(inside, axis=-1)
+    i = jnp.sum(cdf < rest[:, None], axis=-1)
+    # Rounding can leave `rest` a hair above the chunk's total: fall back to its last nonzero entry.
+    iota = jax.lax.broadcasted_iota(jnp.int32, inside.shape, 1)
+    last = jnp.max(jnp.where(inside > 0, iota, 0), axis=-1)
+    return (c * chunk + jnp.minimum(i, last)).astype(jnp.int32)
+
+
+def select_tokens(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
+    """logits f32[B, V] -> (tokens i32[B], log-probs f32[B] under softmax(logits / temperature))."""
+    logits = logits.astype(jnp.float32)
+    scaled = logits if cfg.temperature == 0.0 else logits / cfg.temperature
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    weights = jnp.exp(scaled - top)  # unnormalised softmax
+    log_norm = top[:, 0] + jnp.log(jnp.sum(weights, axis=-1))
+    if cfg.temperature == 0.0:
+        tokens = _argmax(scaled)
+    else:
+        if 0 < cfg.top_k < logits.shape[-1]:
+            values, ids = _top_k_candidates(scaled, cfg.top_k)
+            weights = jnp.exp(values - top)
+        else:
+            ids = None
+        if cfg.top_p < 1.0:
+            weights = jnp.where(_top_p_mask(weights, cfg.top_p), weights, 0.0)
+        tokens = _categorical(weights, key)
+        if ids is not None:
+            tokens = jnp.take_along_axis(ids, tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - log_norm
+
+
+# ------------------------------------------------------------------------------------------------
+# Jitted steps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "cache_len"))
+def prefill(graphdef, params, prompts: Array, pad: Array, *, n: int, cache_len: int) -> tuple[KVCache, Array]:
+    """prompts i32[B, P] left-padded, pad i32[B] -> (cache [B*n, ..., cache_len, ...], logits f32[B*n, V]).
+
+    The prompt is run once per unique prompt; its keys and values are repeated for the n samples.
+    """
+    model: Transformer = nnx.merge(graphdef, params)
+    b, p = prompts.shape
+    slots = jnp.arange(p)
+    key_mask = slots[None, :] >= pad[:, None]
+    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
+    hidden, cache = model(prompts, positions, key_mask, cache=init_cache(model.cfg, b, p), cache_index=0)
+    logits = model.logits(hidden[:, -1])
+
+    def grow(x):  # [B, K, P, D] -> [B*n, K, cache_len, D]
+        x = jnp.repeat(x, n, axis=0) if n > 1 else x
+        return jnp.pad(x, ((0, 0), (0, 0), (0, cache_len - p), (0, 0)))
+
+    cache = tuple(LayerCache(grow(c.k), grow(c.v)) for c in cache)
+    return cache, (jnp.repeat(logits, n, axis=0) if n > 1 else logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids"),
+                   donate_argnames=("cache",))
+def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array, max_new_tokens: Array,
+           pad_id: Array, *, prompt_len: int, buffer_len: int, sampling: SamplingConfig,
+           eos_ids: tuple[int, ...]) -> SampleOutput:
+    """Samples up to max_new_tokens (<= buffer_len) tokens per row after the prefilled cache."""
+    model: Transformer = nnx.merge(graphdef, params)
+    b = logits.shape[0]
+    cache_len = cache[0].k.shape[2]
+    key_mask = jnp.arange(cache_len)[None, :] >= pad[:, None]  # left padding stays masked
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def emit(i, logits, done, tokens_buf, logp_buf, lengths):
+        tok, logp = select_tokens(logits, jax.random.fold_in(key, i), sampling)
+        tok = jnp.where(done, pad_id, tok)
+        logp = jnp.where(done, 0.0, logp)
+        tokens_buf = jax.lax.dynamic_update_slice(tokens_buf, tok[:, None], (0, i))
+        logp_buf = jax.lax.dynamic_update_slice(logp_buf, logp[:, None], (0, i))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        return tok, done, tokens_buf, logp_buf, lengths
+
+    tokens_buf = jnp.zeros((b, buffer_len), jnp.int32) + pad_id
+    logp_buf = jnp.zeros((b, buffer_len), jnp.float32)
+    tok, done, tokens_buf, logp_buf, lengths = emit(
+        0, logits, jnp.zeros((b,), bool), tokens_buf, logp_buf, jnp.zeros((b,), jnp.int32))
+
+    def cond(state):
+        i, _, _, done, *_ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, tok, done, tokens_buf, logp_buf, lengths = state
+        slot = prompt_len + i - 1  # where the token emitted at step i-1 goes
+        positions = (slot - pad)[:, None]
+        hidden, cache = model(tok[:, None], positions, key_mask, cache=cache, cache_index=slot)
+        logits = model.logits(hidden[:, 0])
+        tok, done, tokens_buf, logp_buf, lengths = emit(i, logits, done, tokens_buf, logp_buf, lengths)
+        return i + 1, cache, tok, done, tokens_buf, logp_buf, lengths
+
+    state = (jnp.int32(1), cache, tok, done, tokens_buf, logp_buf, lengths)
+    _, _, _, _, tokens_buf, logp_buf, lengths = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(tokens_buf, logp_buf, lengths)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side driver
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Rounds up to the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x): at most
+    a third of padding, and few distinct compiled shapes."""
+    n = max(n, minimum)
+    p = 1
+    while p < n:
+        if p >= 2 and p + p // 2 >= n:
+            return p + p // 2
+        p *= 2
+    return p
+
+
+class Sampler:
+    """Compiles and runs generation for one model graph; parameters are passed per call so that a
+    training loop can sample from its live weights without copies."""
+
+    def __init__(self, graphdef, *, eos_ids: Sequence[int] = (), pad_id: int = 0, min_prompt_bucket: int = 16):
+        self.graphdef = graphdef
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.pad_id = int(pad_id)
+        self.min_prompt_bucket = min_prompt_bucket
+        self._shapes_seen: set = set()
+
+    def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                 sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0) -> SampleOutput:
+        """prompts: token id lists of any lengths. Returns numpy arrays for len(prompts) * n rows, the
+        n samples of prompt i in rows i*n .. i*n + n - 1, tokens cut to the longest row."""
+        if not prompts:
+            raise ValueError("prompts: empty batch")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        if n < 1:
+            raise ValueError(f"n={n}: must be >= 1")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompts[{i}]: empty prompt")
+        batch, plen = bucket(len(prompts)), bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
+        buffer_len = bucket(max_new_tokens, 8)
+        tokens = np.full((batch, plen), self.pad_id, np.int32)
+        pad = np.full((batch,), plen - 1, np.int32)  # padding rows: a one-token prompt
+        for i, p in enumerate(prompts):
+            tokens[i, plen - len(p):] = p
+            pad[i] = plen - len(p)
+        shape = (batch, plen, buffer_len, n, sampling)
+        if shape not in self._shapes_seen:
+            self._shapes_seen.add(shape)
+            log.info("sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s", *shape)
+        if isinstance(key, int):
+            key = jax.random.key(key)
+        cache, logits = prefill(self.graphdef, params, jnp.asarray(tokens), jnp.asarray(pad), n=n,
+                                cache_len=plen + buffer_len)
+        out = decode(self.graphdef, params, cache, logits, jnp.asarray(np.repeat(pad, n)), key,
+                     jnp.int32(max_new_tokens), jnp.int32(self.pad_id), prompt_len=plen,
+                     buffer_len=buffer_len, sampling=sampling, eos_ids=self.eos_ids)
+        rows = len(prompts) * n
+        lengths = np.asarray(out.lengths)[:rows]
+        width = max(int(lengths.max()), 1)
+        return SampleOutput(np.asarray(out.tokens)[:rows, :width], np.asarray(out.logprobs)[:rows, :width], lengths)
