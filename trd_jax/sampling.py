@@ -273,9 +273,12 @@ class Sampler:
         self._shapes_seen: set = set()
 
     def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                 sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0) -> SampleOutput:
+                 sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
+                 eos_ids: Sequence[int] | None = None) -> SampleOutput:
         """prompts: token id lists of any lengths. Returns numpy arrays for len(prompts) * n rows, the
-        n samples of prompt i in rows i*n .. i*n + n - 1, tokens cut to the longest row."""
+        n samples of prompt i in rows i*n .. i*n + n - 1, tokens cut to the longest row. eos_ids
+        overrides the sampler's stop tokens for this call (an empty tuple: never stop early)."""
+        eos_ids = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         if not prompts:
             raise ValueError("prompts: empty batch")
         if max_new_tokens < 1:
@@ -292,17 +295,17 @@ class Sampler:
         for i, p in enumerate(prompts):
             tokens[i, plen - len(p):] = p
             pad[i] = plen - len(p)
-        shape = (batch, plen, buffer_len, n, sampling)
+        shape = (batch, plen, buffer_len, n, sampling, eos_ids)
         if shape not in self._shapes_seen:
             self._shapes_seen.add(shape)
-            log.info("sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s", *shape)
+            log.info("sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s eos=%s", *shape)
         if isinstance(key, int):
             key = jax.random.key(key)
         cache, logits = prefill(self.graphdef, params, jnp.asarray(tokens), jnp.asarray(pad), n=n,
                                 cache_len=plen + buffer_len)
         out = decode(self.graphdef, params, cache, logits, jnp.asarray(np.repeat(pad, n)), key,
                      jnp.int32(max_new_tokens), jnp.int32(self.pad_id), prompt_len=plen,
-                     buffer_len=buffer_len, sampling=sampling, eos_ids=self.eos_ids)
+                     buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids)
         rows = len(prompts) * n
         lengths = np.asarray(out.lengths)[:rows]
         width = max(int(lengths.max()), 1)
