@@ -242,3 +242,62 @@ assert 'torch' not in sys.modules
 def test_cli_skips_existing(smollm2_dir, capsys):
     assert cli.main(["--out", smollm2_dir]) == 0
     assert "already holds" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- trd_jax on the real SmolLM2-135M (slow)
+
+
+@pytest.fixture(scope="module")
+def our_lm(smollm2_dir):
+    from trd_jax.api import load_model
+
+    return load_model(smollm2_dir)
+
+
+@pytest.mark.slow
+def test_our_logits_match_transformers_gguf_loader(our_lm, models, tok):
+    import torch
+
+    _, ref = models
+    ids = tok.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        expected = ref(ids).logits.numpy()
+    diff = np.abs(our_lm.logits(ids.numpy()) - expected).max()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.slow
+def test_our_greedy_generate_matches_transformers(our_lm, models, tok):
+    """Two chat prompts of different lengths in one batch of ours, each alone in transformers."""
+    import torch
+
+    from trd_jax.api import generate
+
+    _, ref = models
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       return_dict=True)["input_ids"]
+               for q in ("What is 2 + 2?", "Name a color of the sky on a clear summer day.")]
+    assert len(prompts[0]) != len(prompts[1])
+    ours = generate(our_lm, prompts, max_new_tokens=12, eos_id=tok.eos_token_id)
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        assert got == out[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_our_export_loads_in_transformers(our_lm, models, tok, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trd_jax.api import save_model
+
+    _, ref = models
+    save_model(our_lm, str(tmp_path))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    ids = tok("The sea is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert (back(ids).logits - ref(ids).logits).abs().max().item() <= 1e-4
+    # the tokenizer and its chat template travel with the weights
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).chat_template == tok.chat_template

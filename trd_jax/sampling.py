@@ -178,25 +178,28 @@ def select_tokens(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array
 # Jitted steps
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n", "cache_len"))
-def prefill(graphdef, params, prompts: Array, pad: Array, *, n: int, cache_len: int) -> tuple[KVCache, Array]:
-    """prompts i32[B, P] left-padded, pad i32[B] -> (cache [B*n, ..., cache_len, ...], logits f32[B*n, V]).
+@functools.partial(jax.jit, static_argnames=("graphdef", "n"), donate_argnames=("cache",))
+def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: int) -> tuple[KVCache, Array]:
+    """Writes the prompts' keys and values into slots [0, P) of the donated cache.
 
-    The prompt is run once per unique prompt; its keys and values are repeated for the n samples.
+    prompts i32[B, P] left-padded, pad i32[B], cache [B*n, kv_heads, S, head_dim] -> (cache, logits
+    f32[B*n, V] of the last prompt position). Each prompt runs once; its keys and values are repeated
+    for its n samples. Slots >= P keep stale values from earlier calls: decode overwrites each slot
+    before any query can see it.
     """
     model: Transformer = nnx.merge(graphdef, params)
     b, p = prompts.shape
     slots = jnp.arange(p)
     key_mask = slots[None, :] >= pad[:, None]
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
-    hidden, cache = model(prompts, positions, key_mask, cache=init_cache(model.cfg, b, p), cache_index=0)
+    hidden, prompt_cache = model(prompts, positions, key_mask, cache=init_cache(model.cfg, b, p), cache_index=0)
     logits = model.logits(hidden[:, -1])
 
-    def grow(x):  # [B, K, P, D] -> [B*n, K, cache_len, D]
-        x = jnp.repeat(x, n, axis=0) if n > 1 else x
-        return jnp.pad(x, ((0, 0), (0, 0), (0, cache_len - p), (0, 0)))
+    def put(full, part):  # part [B, K, P, D] -> slots [0, P) of full [B*n, K, S, D]
+        part = jnp.repeat(part, n, axis=0) if n > 1 else part
+        return jax.lax.dynamic_update_slice(full, part.astype(full.dtype), (0, 0, 0, 0))
 
-    cache = tuple(LayerCache(grow(c.k), grow(c.v)) for c in cache)
+    cache = tuple(LayerCache(put(c.k, pc.k), put(c.v, pc.v)) for c, pc in zip(cache, prompt_cache))
     return cache, (jnp.repeat(logits, n, axis=0) if n > 1 else logits)
 
 
@@ -204,8 +207,9 @@ def prefill(graphdef, params, prompts: Array, pad: Array, *, n: int, cache_len: 
                    donate_argnames=("cache",))
 def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array, max_new_tokens: Array,
            pad_id: Array, *, prompt_len: int, buffer_len: int, sampling: SamplingConfig,
-           eos_ids: tuple[int, ...]) -> SampleOutput:
-    """Samples up to max_new_tokens (<= buffer_len) tokens per row after the prefilled cache."""
+           eos_ids: tuple[int, ...]) -> tuple[SampleOutput, KVCache]:
+    """Samples up to max_new_tokens (<= buffer_len) tokens per row after the prefilled cache; returns
+    the outputs and the cache (donated in, handed back for the next call)."""
     model: Transformer = nnx.merge(graphdef, params)
     b = logits.shape[0]
     cache_len = cache[0].k.shape[2]
@@ -228,21 +232,23 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
         0, logits, jnp.zeros((b,), bool), tokens_buf, logp_buf, jnp.zeros((b,), jnp.int32))
 
     def cond(state):
-        i, _, _, done, *_ = state
+        i, _, _, _, done, *_ = state
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        i, cache, tok, done, tokens_buf, logp_buf, lengths = state
+        i, head, cache, tok, done, tokens_buf, logp_buf, lengths = state
         slot = prompt_len + i - 1  # where the token emitted at step i-1 goes
         positions = (slot - pad)[:, None]
         hidden, cache = model(tok[:, None], positions, key_mask, cache=cache, cache_index=slot)
-        logits = model.logits(hidden[:, 0])
+        logits = model.logits(hidden[:, 0], head)
         tok, done, tokens_buf, logp_buf, lengths = emit(i, logits, done, tokens_buf, logp_buf, lengths)
-        return i + 1, cache, tok, done, tokens_buf, logp_buf, lengths
+        return i + 1, head, cache, tok, done, tokens_buf, logp_buf, lengths
 
-    state = (jnp.int32(1), cache, tok, done, tokens_buf, logp_buf, lengths)
-    _, _, _, _, tokens_buf, logp_buf, lengths = jax.lax.while_loop(cond, body, state)
-    return SampleOutput(tokens_buf, logp_buf, lengths)
+    # The lm_head rides in the loop carry: a carried value has a fixed row-major layout, so a tied
+    # embedding is transposed once here instead of being read transposed (twice as slow on CPU) each step.
+    state = (jnp.int32(1), model.lm_head_weight(), cache, tok, done, tokens_buf, logp_buf, lengths)
+    _, _, cache, _, _, tokens_buf, logp_buf, lengths = jax.lax.while_loop(cond, body, state)
+    return SampleOutput(tokens_buf, logp_buf, lengths), cache
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,6 +277,21 @@ class Sampler:
         self.pad_id = int(pad_id)
         self.min_prompt_bucket = min_prompt_bucket
         self._shapes_seen: set = set()
+        # The static KV cache, kept between calls of the same shape and donated through prefill and
+        # decode, so that steady-state sampling allocates no cache. release() frees it.
+        self._cache: KVCache | None = None
+        self._cfg = None
+
+    def release(self) -> None:
+        """Frees the cached KV buffers (e.g. before a memory-hungry update step on an accelerator)."""
+        self._cache = None
+
+    def _cache_for(self, cfg, rows: int, length: int) -> KVCache:
+        cache, self._cache = self._cache, None
+        if cache is None or cache[0].k.shape != (rows, cfg.num_kv_heads, length, cfg.head_dim):
+            cache = None  # drop the old buffers before allocating new ones
+            cache = jax.jit(init_cache, static_argnums=(0, 1, 2))(cfg, rows, length)
+        return cache
 
     def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
@@ -301,11 +322,14 @@ class Sampler:
             log.info("sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s eos=%s", *shape)
         if isinstance(key, int):
             key = jax.random.key(key)
-        cache, logits = prefill(self.graphdef, params, jnp.asarray(tokens), jnp.asarray(pad), n=n,
-                                cache_len=plen + buffer_len)
-        out = decode(self.graphdef, params, cache, logits, jnp.asarray(np.repeat(pad, n)), key,
-                     jnp.int32(max_new_tokens), jnp.int32(self.pad_id), prompt_len=plen,
-                     buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids)
+        if self._cfg is None:  # the static model config, read once from the graph
+            self._cfg = nnx.merge(self.graphdef, params).cfg
+        cfg = self._cfg
+        cache = self._cache_for(cfg, batch * n, plen + buffer_len)
+        cache, logits = prefill(self.graphdef, params, cache, jnp.asarray(tokens), jnp.asarray(pad), n=n)
+        out, self._cache = decode(self.graphdef, params, cache, logits, jnp.asarray(np.repeat(pad, n)), key,
+                                  jnp.int32(max_new_tokens), jnp.int32(self.pad_id), prompt_len=plen,
+                                  buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids)
         rows = len(prompts) * n
         lengths = np.asarray(out.lengths)[:rows]
         width = max(int(lengths.max()), 1)

@@ -202,9 +202,11 @@ class Transformer(nnx.Module):
             return self.embed[...].astype(dt).T
         return self.lm_head[...].astype(dt)
 
-    def logits(self, hidden: Array) -> Array:
-        """hidden [..., hidden] -> f32[..., vocab]."""
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
+    def logits(self, hidden: Array, head: Array | None = None) -> Array:
+        """hidden [..., hidden] -> f32[..., vocab]. `head`: a precomputed lm_head_weight() (the decode
+        loop materialises the tied embedding's transpose once rather than every step)."""
+        head = self.lm_head_weight() if head is None else head
+        return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
 
 
 def causal_lm_positions(mask: Array) -> Array:
