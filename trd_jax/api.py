@@ -38,7 +38,7 @@ def _generation_eos_ids(path: str | None, model_eos) -> tuple[int, ...]:
     file = os.path.join(path, "generation_config.json") if path else None
     if file and os.path.isfile(file):
         with open(file) as f:
-            eos = json.load(f).get("eos_token_id", eos)
+            eos = json.load(f).get("eos_token_id") or eos
     if eos is None:
         return ()
     return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
@@ -60,6 +60,8 @@ class LM:
         """ids int[B, T] (numpy or nested lists) -> f32[B, T, vocab] numpy. Calls are padded to bucketed
         shapes (right padding, which causal attention never sees) so that new sizes rarely recompile."""
         ids = np.asarray(ids)
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids: expected integer token ids, got dtype {ids.dtype}")
         if ids.ndim != 2:
             raise ValueError(f"ids: expected int[B, T], got shape {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
@@ -86,7 +88,7 @@ def generate(lm: LM, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, t
     temperature 0 is greedy. eos_id: the stop token(s); None uses the model's own (generation_config.json,
     else config.json). Deterministic for a given seed.
     """
-    eos = None if eos_id is None else ((eos_id,) if isinstance(eos_id, int) else tuple(eos_id))
+    eos = None if eos_id is None else tuple(int(e) for e in np.atleast_1d(eos_id))
     out = lm.sampler(lm.params, [list(map(int, p)) for p in prompt_ids], max_new_tokens,
                      sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
                      key=jax.random.key(seed), eos_ids=eos)

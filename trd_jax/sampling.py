@@ -108,12 +108,13 @@ def _top_k_candidates(x: Array, k: int) -> tuple[Array, Array]:
     candidates are gathered and searched (M = V when there are no more than k chunks)."""
     b, v = x.shape
     chunk = _chunk_size(v)
-    ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
     if -(-v // chunk) > k:
         chunks = _as_chunks(x, chunk, -jnp.inf)
         _, best = jax.lax.top_k(jnp.max(chunks, axis=-1), k)  # top_k is cheap over [B, V / chunk]
         x = jnp.take_along_axis(chunks, best[:, :, None], axis=1).reshape(b, -1)
-        ids = jnp.take_along_axis(_as_chunks(ids, chunk, 0), best[:, :, None], axis=1).reshape(b, -1)
+        ids = (best[:, :, None] * chunk + jnp.arange(chunk, dtype=jnp.int32)).reshape(b, -1)
+    else:
+        ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
     keys = _ordered_bits(x)
     thresh = _largest_key_where(keys, lambda ge: jnp.sum(ge, axis=-1, keepdims=True) >= k)
     return jnp.where(keys >= thresh, x, -jnp.inf), ids
@@ -239,7 +240,8 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
         i, head, cache, tok, done, tokens_buf, logp_buf, lengths = state
         slot = prompt_len + i - 1  # where the token emitted at step i-1 goes
         positions = (slot - pad)[:, None]
-        hidden, cache = model(tok[:, None], positions, key_mask, cache=cache, cache_index=slot)
+        model_in = jnp.where(done, 0, tok)[:, None]  # finished rows emit pad_id; the model sees id 0
+        hidden, cache = model(model_in, positions, key_mask, cache=cache, cache_index=slot)
         logits = model.logits(hidden[:, 0], head)
         tok, done, tokens_buf, logp_buf, lengths = emit(i, logits, done, tokens_buf, logp_buf, lengths)
         return i + 1, head, cache, tok, done, tokens_buf, logp_buf, lengths
@@ -311,7 +313,7 @@ class Sampler:
                 raise ValueError(f"prompts[{i}]: empty prompt")
         batch, plen = bucket(len(prompts)), bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
         buffer_len = bucket(max_new_tokens, 8)
-        tokens = np.full((batch, plen), self.pad_id, np.int32)
+        tokens = np.zeros((batch, plen), np.int32)  # padding fed to the model is id 0: pad_id may lie outside the vocabulary
         pad = np.full((batch,), plen - 1, np.int32)  # padding rows: a one-token prompt
         for i, p in enumerate(prompts):
             tokens[i, plen - len(p):] = p

@@ -118,7 +118,7 @@ class ModelConfig:
             rope_llama3_scaling=llama3,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=bool(hf.get("attention_bias", flags["qkv_bias"])),
+            qkv_bias=flags["qkv_bias"],
             qk_norm=flags["qk_norm"],
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             architecture=arch,
@@ -128,6 +128,9 @@ class ModelConfig:
         )
         if hf.get("mlp_bias"):
             raise ValueError(f"{source}: mlp_bias=true is not supported")
+        if flags["model_type"] in ("llama", "qwen3") and hf.get("attention_bias"):
+            # transformers then also adds an o_proj bias, which this decoder does not have
+            raise ValueError(f"{source}: attention_bias=true is not supported for {arch}")
         kw.update(overrides)
         return cls(**kw)
 
@@ -161,13 +164,12 @@ class ModelConfig:
             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
-        if model_type in ("llama", "mistral"):
-            out["attention_bias"] = self.qkv_bias
+        if model_type in ("llama", "qwen3"):
+            out["attention_bias"] = False
+        if model_type == "llama":
             out["mlp_bias"] = False
         if model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
-        if model_type == "qwen3":
-            out["attention_bias"] = False
         if self.rope_llama3_scaling is not None:
             f, lo, hi, orig = self.rope_llama3_scaling
             out["rope_scaling"] = dict(rope_type="llama3", factor=f, low_freq_factor=lo, high_freq_factor=hi,

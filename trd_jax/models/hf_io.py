@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -24,8 +23,6 @@ from safetensors.numpy import save_file
 
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
-
-log = logging.getLogger(__name__)
 
 # Files copied alongside the weights on export when the source folder had them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -112,8 +109,9 @@ def read_hf_tensors(path: str, cfg: ModelConfig) -> Iterator[tuple[tuple, np.nda
     wanted = {mp.hf_name for mp in mappings}
     unused = sorted(n for n in index if n not in wanted and not n.endswith(_IGNORED_SUFFIXES)
                     and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
-    if unused:
-        log.warning("%s: %d tensors not used by %s, e.g. %s", path, len(unused), cfg.architecture, unused[:5])
+    if unused:  # a tensor the decoder would ignore means it would compute another model
+        raise ValueError(f"{index[unused[0]]}: tensor {unused[0]!r} is not used by {cfg.architecture} "
+                         f"as configured ({len(unused)} unused tensors: {unused[:5]})")
     by_file: dict[str, list[_Mapping]] = {}
     for mp in mappings:
         if mp.hf_name not in index:
