@@ -1,0 +1,257 @@
+"""The jitted pure steps of distillation: score (teacher forward, no gradient) and update (student loss,
+gradients, optax update), over sharded parameters.
+
+Data flow of one step, all arrays device-resident:
+
+    score(teacher_params, teacher layout)      -> ScoreOutput(hidden f32[B, R, d_t], logp f32[B, R])
+    update(state, student layout, targets, mask, teacher hidden/head/logp) -> (state, metrics)
+
+The teacher hands the student its final hidden states on the response slice, not its logits: with the
+teacher's lm_head the loss recomputes teacher logits chunk by chunk (losses.fused_divergence), so
+f32[B, R, V] never exists for either model.
+
+Gradient accumulation: batch arrays carry a leading micro-batch axis [M, b, ...]; the update scans the
+micro-batches, normalises every micro-batch loss by the token count of the whole step (a global token
+mean, not a mean of means), and applies the optimizer once. A non-finite loss or gradient leaves the
+parameters and optimizer state untouched and counts the step in `state.skipped`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from trd_jax import losses
+from trd_jax.models.transformer import Transformer
+
+Array = jax.Array
+
+FULL_VOCAB_LOSSES = ("forward_kl", "reverse_kl", "jsd", "forward_kl_clipped", "reverse_kl_topk")
+SAMPLED_TOKEN_LOSSES = ("k1_policy_gradient", "k3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """name: a full-vocabulary divergence (FULL_VOCAB_LOSSES) or a sampled-token estimator
+    (SAMPLED_TOKEN_LOSSES). params: the divergence's own parameters as (key, value) pairs, e.g.
+    (("beta", 0.5),) for jsd or (("clip", 0.1),) for forward_kl_clipped."""
+
+    name: str = "forward_kl"
+    params: tuple[tuple[str, Any], ...] = ()
+    temperature: float = 1.0
+    aggregation: str = "token_mean"
+    chunk_size: int = 512
+    vocab_chunk: int | None = None
+
+    def __post_init__(self):
+        if self.name not in FULL_VOCAB_LOSSES + SAMPLED_TOKEN_LOSSES:
+            raise ValueError(f"loss.name={self.name!r}: expected one of {FULL_VOCAB_LOSSES + SAMPLED_TOKEN_LOSSES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to min_lr_ratio * learning_rate, after global-norm
+    clipping (TRD_SPEC §5 defaults)."""
+
+    learning_rate: float = 5e-6
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.005
+    clip_norm: float = 1.0
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if cfg.warmup_steps else cfg.learning_rate, peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps, decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+class TrainState(NamedTuple):
+    params: Any  # nnx.State of the student's Params
+    opt_state: Any
+    step: Array  # i32[]: optimizer steps applied
+    skipped: Array  # i32[]: steps skipped for a non-finite loss or gradient
+    ema_params: Any = None  # an EMA of params (OPSD's EMA teacher), or None
+
+
+def init_state(params, optimizer: optax.GradientTransformation, *, ema: bool = False) -> TrainState:
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                      jax.tree.map(jnp.copy, params) if ema else None)
+
+
+def state_shardings(params, param_shardings, optimizer: optax.GradientTransformation, mesh, *,
+                    ema: bool = False) -> TrainState:
+    """TrainState of shardings: optimizer moments and the EMA sharded like the parameters."""
+    from trd_jax.sharding import replicated, shardings_like_params
+
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    return TrainState(param_shardings, shardings_like_params(opt_shapes, params, param_shardings, mesh),
+                      replicated(mesh), replicated(mesh), param_shardings if ema else None)
+
+
+def init_sharded_state(params, param_shardings, optimizer: optax.GradientTransformation, mesh, *,
+                       ema: bool = False) -> TrainState:
+    """init_state compiled so that every array is created directly with its sharding."""
+    shardings = state_shardings(params, param_shardings, optimizer, mesh, ema=ema)
+    return jax.jit(functools.partial(init_state, optimizer=optimizer, ema=ema), out_shardings=shardings)(params)
+
+
+class Sequences(NamedTuple):
+    """One side's layout on device: tokens i32[..., L], positions i32[..., L], mask bool[..., L]."""
+
+    tokens: Array
+    positions: Array
+    mask: Array
+
+
+class ScoreOutput(NamedTuple):
+    hidden: Array  # [B, R, d_teacher] final hidden states predicting each response token
+    logp: Array  # f32[B, R] teacher log-probability of each response token (temperature applied)
+
+
+def _response_hidden(model: Transformer, seq: Sequences, context_width: int, response_width: int) -> Array:
+    hidden, _ = model(seq.tokens, seq.positions, seq.mask)
+    return hidden[:, context_width - 1:context_width - 1 + response_width]
+
+
+def score(graphdef, params, seq: Sequences, targets: Array, mask: Array, *, context_width: int,
+          temperature: float = 1.0, chunk_size: int = 512) -> ScoreOutput:
+    """Teacher forward under stop_gradient: hidden states and token log-probs (0 where ~mask) of the
+    response slice. targets i32[B, R], mask bool[B, R]."""
+    params = jax.lax.stop_gradient(params)
+    model: Transformer = nnx.merge(graphdef, params)
+    hidden = _response_hidden(model, seq, context_width, targets.shape[-1])
+    logp = losses.fused_token_logprobs(hidden, model.lm_head_weight(), targets, chunk_size=chunk_size,
+                                       temperature=temperature, mask=mask)
+    return ScoreOutput(hidden, jnp.where(mask, logp, 0.0))
+
+
+class StepMetrics(NamedTuple):
+    loss: Array  # f32[]: the aggregated loss of the step
+    grad_norm: Array  # f32[]: global norm before clipping
+    num_tokens: Array  # i32[]: response tokens in the step
+    skipped: Array  # bool[]: this step was skipped (non-finite)
+    per_token: Array  # f32[M, b, R] per-token divergence values (0 where masked), for diagnostics
+
+
+def _micro_loss(params, graphdef, cfg: LossConfig, seq: Sequences, targets, mask, teacher_hidden, teacher_head,
+                teacher_logp, old_logp, num_tokens, num_rows, context_width):
+    model: Transformer = nnx.merge(graphdef, params)
+    hidden = _response_hidden(model, seq, context_width, targets.shape[-1])
+    extra = dict(cfg.params)
+    if cfg.name in FULL_VOCAB_LOSSES:
+        values = losses.fused_divergence(cfg.name, hidden, model.lm_head_weight(), teacher_hidden, teacher_head,
+                                         chunk_size=cfg.chunk_size, vocab_chunk=cfg.vocab_chunk,
+                                         temperature=cfg.temperature, mask=mask, **extra)
+    else:
+        student_logp = losses.fused_token_logprobs(hidden, model.lm_head_weight(), targets,
+                                                   chunk_size=cfg.chunk_size, temperature=cfg.temperature, mask=mask)
+        if cfg.name == "k1_policy_gradient":
+            values = losses.k1_policy_gradient(student_logp, teacher_logp, old_logp=old_logp, mask=mask, **extra)
+        else:
+            values = losses.k3(student_logp, teacher_logp, mask=mask, **extra)
+    loss = losses.aggregate(values, mask, cfg.aggregation, num_tokens=num_tokens, num_rows=num_rows)
+    return loss, jnp.where(mask, values, 0.0)
+
+
+def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig,
+           seq: Sequences, targets: Array, mask: Array, teacher_hidden: Array | None, teacher_head: Array | None,
+           teacher_logp: Array | None, old_logp: Array | None, *, context_width: int,
+           ema_decay: float = 0.0) -> tuple[TrainState, StepMetrics]:
+    """One optimizer step over M micro-batches: every batch array has shape [M, b, ...]."""
+    num_tokens = jnp.sum(mask).astype(jnp.int32)
+    num_rows = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
+    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+
+    def micro(carry, xs):
+        grads, total = carry
+        seq_m, tgt, msk, th, tl, ol = xs
+        (loss, per_token), g = grad_fn(state.params, graphdef, cfg, seq_m, tgt, msk, th, teacher_head, tl, ol,
+                                       num_tokens, num_rows, context_width)
+        return (jax.tree.map(jnp.add, grads, g), total + loss), per_token
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss), per_token = jax.lax.scan(
+        micro, (zeros, jnp.zeros((), jnp.float32)), (seq, targets, mask, teacher_hidden, teacher_logp, old_logp))
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+
+    def keep_if_ok(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+    params = keep_if_ok(new_params, state.params)
+    ema = state.ema_params
+    if ema is not None:
+        ema = keep_if_ok(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, new_params), ema)
+    new_state = TrainState(params, keep_if_ok(new_opt, state.opt_state), state.step + ok.astype(jnp.int32),
+                           state.skipped + (~ok).astype(jnp.int32), ema)
+    return new_state, StepMetrics(loss, grad_norm, num_tokens, ~ok, per_token)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled entry points with explicit shardings
+
+
+def shardings_of(tree):
+    """The shardings of a placed pytree (e.g. a TrainState built from sharded params: optax states
+    inherit their parameters' shardings), for use as in/out shardings."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def micro_batch_sharding(mesh) -> jax.sharding.NamedSharding:
+    """[M, b, ...] arrays: micro-batch axis replicated, rows over (data, fsdp)."""
+    from trd_jax.sharding import BATCH_AXES
+
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, BATCH_AXES))
+
+
+def to_micro_batches(tree, num_micro: int, mesh):
+    """[B, ...] arrays (host or device) -> [num_micro, B / num_micro, ...] placed for jit_update."""
+    sharding = micro_batch_sharding(mesh)
+
+    def split(x):
+        if x.shape[0] % num_micro:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {num_micro} micro-batches")
+        return jax.device_put(jnp.reshape(x, (num_micro, x.shape[0] // num_micro) + x.shape[1:]), sharding)
+
+    return jax.tree.map(split, tree)
+
+
+def jit_update(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, state_shardings, mesh, *,
+               context_width: int, ema_decay: float = 0.0):
+    """update() compiled for a mesh: the state is donated (replaced in place) and keeps its shardings;
+    batch arrays are split over (data, fsdp). Call as fn(state, seq, targets, mask, teacher_hidden,
+    teacher_head, teacher_logp, old_logp), any teacher/old argument None when the loss does not use it."""
+    batch = micro_batch_sharding(mesh)
+    fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=cfg, context_width=context_width,
+                           ema_decay=ema_decay)
+    return jax.jit(lambda state, seq, targets, mask, th, thead, tl, ol: fn(state, seq=seq, targets=targets, mask=mask,
+                                                                            teacher_hidden=th, teacher_head=thead,
+                                                                            teacher_logp=tl, old_logp=ol),
+                   in_shardings=(state_shardings, batch, batch, batch, batch, None, batch, batch),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def jit_score(graphdef, param_shardings, mesh, *, context_width: int, temperature: float = 1.0,
+              chunk_size: int = 512):
+    """score() compiled for a mesh, on [b, ...] arrays (one micro-batch, or all rows at once)."""
+    from trd_jax.sharding import batch_sharding
+
+    rows = batch_sharding(mesh)
+    fn = functools.partial(score, graphdef, context_width=context_width, temperature=temperature,
+                           chunk_size=chunk_size)
+    return jax.jit(fn, in_shardings=(param_shardings, rows, rows, rows), out_shardings=ScoreOutput(rows, rows))
