@@ -16,7 +16,8 @@ from trd_jax import losses
 from trd_jax.layouts import distill_batch
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
-from trd_jax.steps import (LossConfig, OptimConfig, Sequences, init_state, make_optimizer, score, update)
+from trd_jax.steps import (LossConfig, OptimConfig, Sequences, init_state, make_optimizer, opsd_teacher_params, score,
+                           update)
 
 V = 97
 STUDENT = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -149,6 +150,27 @@ def test_ema_params(setup):
     for e, p0, p1 in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(setup["s_params"]),
                          jax.tree.leaves(new.params)):
         np.testing.assert_allclose(e, 0.75 * p0 + 0.25 * p1, rtol=1e-6, atol=1e-7)
+
+
+def test_opsd_teacher_modes(setup):
+    """initial stays frozen while the student moves; live follows it; ema needs an EMA state."""
+    opt = optax.sgd(1.0)
+    initial = setup["s_params"]
+    state, _ = run_update(setup, LossConfig(chunk_size=4), opt=opt, state=init_state(initial, opt, ema=True),
+                          ema_decay=0.5)
+    leaf = lambda t: jax.tree.leaves(t)[0]  # noqa: E731
+    assert leaf(opsd_teacher_params("initial", state, initial)) is leaf(initial)
+    assert leaf(opsd_teacher_params("live", state, initial)) is leaf(state.params)
+    assert leaf(opsd_teacher_params("ema", state, initial)) is leaf(state.ema_params)
+    assert not np.allclose(leaf(state.params), leaf(initial))
+    with pytest.raises(ValueError, match="ema=True"):
+        opsd_teacher_params("ema", init_state(initial, opt), initial)
+    with pytest.raises(ValueError, match="expected one of"):
+        opsd_teacher_params("frozen", state, initial)
+    # score never differentiates into the teacher: live-teacher gradients stay those of the loss alone
+    g = jax.grad(lambda p: score(setup["s_graph"], p, setup["student"], setup["targets"], setup["mask"],
+                                 context_width=setup["batch"].student.context_width).logp.sum())(initial)
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
 
 
 @pytest.mark.parametrize("name", ["k1_policy_gradient", "k3"])

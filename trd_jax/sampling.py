@@ -256,6 +256,8 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
 # ------------------------------------------------------------------------------------------------
 # Host-side driver
 
+_new_cache = jax.jit(init_cache, static_argnums=(0, 1, 2))  # zeros made on device, not copied from host
+
 
 def bucket(n: int, minimum: int = 1) -> int:
     """Rounds up to the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x): at most
@@ -292,7 +294,7 @@ class Sampler:
         cache, self._cache = self._cache, None
         if cache is None or cache[0].k.shape != (rows, cfg.num_kv_heads, length, cfg.head_dim):
             cache = None  # drop the old buffers before allocating new ones
-            cache = jax.jit(init_cache, static_argnums=(0, 1, 2))(cfg, rows, length)
+            cache = _new_cache(cfg, rows, length)
         return cache
 
     def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
