@@ -1,0 +1,111 @@
+"""Prefix-failure diagnostics (TRD_SPEC §2): how the teacher's next-token distribution behaves along a
+trajectory, measured without materialising f32[B, R, V].
+
+Per response token (device, chunked over positions):
+- entropy H(q_t) of the teacher: grows where the prefix has gone wrong and the teacher hesitates
+  between continuing and repairing;
+- top-2 mass gap q_(1) - q_(2): small when the teacher is bimodal;
+- argmax mismatch: the teacher's most likely token is not the trajectory's token;
+- teacher NLL -log q(y_t): compare on y_o and on y_r (a refined trajectory should be likelier).
+
+Host summaries: means over valid tokens, a profile along the relative position, and the sign-flip
+rate of per-token advantages log q - log p (fragmented gradients flip sign often).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+class TokenStats(NamedTuple):
+    entropy: Array  # f32[B, R]
+    top2_gap: Array  # f32[B, R]
+    argmax_mismatch: Array  # f32[B, R], 0 or 1
+    nll: Array  # f32[B, R]
+
+
+def _chunk_stats(h: Array, head: Array, tok: Array, temperature: float) -> tuple[Array, ...]:
+    """h [C, d], tok [C] -> four f32[C]; top-2 from two max passes (XLA CPU's top_k is slow)."""
+    z = jnp.einsum("cd,dv->cv", h, head, preferred_element_type=jnp.float32) / temperature
+    logq = jax.nn.log_softmax(z, axis=-1)
+    q = jnp.exp(logq)
+    entropy = -jnp.sum(q * logq, axis=-1)
+    iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1)
+    top = jnp.max(z, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(z == top, iota, z.shape[-1]), axis=-1)
+    q1 = jnp.take_along_axis(q, first[:, None], axis=-1)[:, 0]
+    q2 = jnp.max(jnp.where(iota == first[:, None], -1.0, q), axis=-1)
+    nll = -jnp.take_along_axis(logq, tok[:, None], axis=-1)[:, 0]
+    return entropy, q1 - q2, (first != tok).astype(jnp.float32), nll
+
+
+def teacher_token_stats(hidden: Array, head: Array, targets: Array, mask: Array, *, chunk_size: int = 512,
+                        temperature: float = 1.0) -> TokenStats:
+    """hidden [B, R, d] (teacher states predicting each response token), head [d, V], targets i32[B, R],
+    mask bool[B, R] -> TokenStats of f32[B, R], 0 where ~mask. Positions are processed chunk_size at a
+    time so that only [chunk_size, V] logits exist at once."""
+    b, r, d = hidden.shape
+    n = b * r
+    c = max(1, min(chunk_size, n))
+    num = -(-n // c)
+    flat_h = jnp.where(mask[..., None], hidden, 0).reshape(n, d)
+    flat_t = jnp.where(mask, targets, 0).reshape(n)
+    flat_h = jnp.pad(flat_h, ((0, num * c - n), (0, 0))).reshape(num, c, d)
+    flat_t = jnp.pad(flat_t, (0, num * c - n)).reshape(num, c)
+    stats = jax.lax.map(lambda xs: _chunk_stats(xs[0], head, xs[1], temperature), (flat_h, flat_t))
+    return TokenStats(*(jnp.where(mask, s.reshape(-1)[:n].reshape(b, r), 0.0) for s in stats))
+
+
+# ------------------------------------------------------------------------------------------------
+# Host summaries (numpy)
+
+
+def masked_mean(values, mask) -> float:
+    values, mask = np.asarray(values, np.float64), np.asarray(mask, bool)
+    return float(values[mask].mean()) if mask.any() else 0.0
+
+
+def position_profile(values, mask, bins: int = 10) -> list[float]:
+    """Mean of values over valid tokens in each of `bins` equal slices of each row's relative position
+    (token t of a row of length L falls in bin floor(bins * t / L)); empty bins are 0."""
+    values, mask = np.asarray(values, np.float64), np.asarray(mask, bool)
+    lengths = mask.sum(axis=1, keepdims=True)
+    pos = np.cumsum(mask, axis=1) - 1
+    which = np.floor(bins * pos / np.maximum(lengths, 1)).astype(int)
+    out = []
+    for k in range(bins):
+        sel = mask & (which == k)
+        out.append(float(values[sel].mean()) if sel.any() else 0.0)
+    return out
+
+
+def sign_flip_rate(advantages, mask) -> float:
+    """Fraction of consecutive valid token pairs (within a row) whose advantages have opposite signs."""
+    a, m = np.asarray(advantages, np.float64), np.asarray(mask, bool)
+    pairs = m[:, 1:] & m[:, :-1]
+    if not pairs.any():
+        return 0.0
+    flips = np.sign(a[:, 1:]) * np.sign(a[:, :-1]) < 0
+    return float(flips[pairs].mean())
+
+
+def summarize(stats: TokenStats, mask, *, student_logp=None, teacher_logp=None, prefix: str = "",
+              bins: int = 10) -> dict:
+    """Scalar metrics for the JSONL log: means, and the entropy profile along the position."""
+    mask = np.asarray(mask, bool)
+    out = {f"{prefix}teacher_entropy": masked_mean(stats.entropy, mask),
+           f"{prefix}teacher_top2_gap": masked_mean(stats.top2_gap, mask),
+           f"{prefix}teacher_argmax_mismatch": masked_mean(stats.argmax_mismatch, mask),
+           f"{prefix}teacher_nll": masked_mean(stats.nll, mask)}
+    for k, v in enumerate(position_profile(stats.entropy, mask, bins)):
+        out[f"{prefix}teacher_entropy_pos{k}"] = v
+    if student_logp is not None and teacher_logp is not None:
+        adv = np.asarray(teacher_logp, np.float64) - np.asarray(student_logp, np.float64)
+        out[f"{prefix}advantage_sign_flip_rate"] = sign_flip_rate(adv, mask)
+    return out
