@@ -322,8 +322,10 @@ class Sampler:
             pad[i] = plen - len(p)
         shape = (batch, plen, buffer_len, n, sampling, eos_ids)
         if shape not in self._shapes_seen:
+            # The first shape compiles by design; later ones mean the buckets did not absorb a change.
+            (log.warning if self._shapes_seen else log.info)(
+                "sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s eos=%s", *shape)
             self._shapes_seen.add(shape)
-            log.info("sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s eos=%s", *shape)
         if isinstance(key, int):
             key = jax.random.key(key)
         if self._cfg is None:  # the static model config, read once from the graph
