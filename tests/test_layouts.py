@@ -69,3 +69,12 @@ def test_errors_name_the_row():
         distill_batch([[1], []], [[2], [3]])
     with pytest.raises(ValueError, match=r"teacher_contexts: 1 rows, expected 2"):
         distill_batch([[1], [2]], [[2], [3]], [[4]])
+
+
+def test_pad_id_outside_the_vocabulary_never_reaches_the_model():
+    """A tokenizer's pad id may lie outside the embedding: model inputs pad with 0, targets with pad_id."""
+    b = distill_batch(PROMPTS, RESPONSES, CONTEXTS, pad_id=10_000)
+    for layout in (b.student, b.teacher):
+        assert layout.tokens.max() < 100 and (layout.tokens[~layout.mask] == 0).all()
+    assert (b.targets[~b.response_mask] == 10_000).all()
+    assert (b.targets[b.response_mask] < 100).all()

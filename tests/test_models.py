@@ -299,3 +299,14 @@ def test_logical_axis_names():
             names = var.get_metadata().get("out_sharding")
             assert names is not None and len(names) == var.get_value().ndim and set(names) <= axes, (path, names)
         assert sum(int(np.prod(v.get_value().shape)) for _, v in flat) == model.cfg.num_params
+
+
+def test_mistral_export_has_no_sliding_window():
+    """transformers' MistralConfig defaults to a 4096 sliding window; the export must switch it off."""
+    import transformers
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                      num_kv_heads=2, head_dim=8, architecture="MistralForCausalLM")
+    hf = cfg.to_hf_dict()
+    assert hf["sliding_window"] is None
+    assert transformers.MistralConfig(**hf).sliding_window is None

@@ -16,8 +16,9 @@ from trd_jax import losses
 from trd_jax.layouts import distill_batch
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
-from trd_jax.steps import (LossConfig, OptimConfig, Sequences, init_state, make_optimizer, opsd_teacher_params, score,
-                           update)
+from trd_jax.sharding import MeshConfig, make_mesh
+from trd_jax.steps import (LossConfig, OptimConfig, Sequences, init_state, jit_update, make_optimizer,
+                           opsd_teacher_params, score, shardings_of, to_micro_batches, update)
 
 V = 97
 STUDENT = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -74,7 +75,8 @@ def run_update(setup, cfg, m=1, opt=None, state=None, teacher_hidden=None, **kw)
     opt = opt or optax.sgd(1.0)
     state = state or init_state(setup["s_params"], opt)
     th = setup["scored"].hidden if teacher_hidden is None else teacher_hidden
-    fn = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "context_width", "ema_decay"))
+    fn = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "context_width", "ema_decay",
+                                          "teacher_head_source"))
     return fn(state, graphdef=setup["s_graph"], optimizer=opt, cfg=cfg, seq=micro(setup["student"], m),
               targets=micro(setup["targets"], m), mask=micro(setup["mask"], m), teacher_hidden=micro(th, m),
               teacher_head=setup["t_head"], teacher_logp=micro(setup["scored"].logp, m),
@@ -201,3 +203,25 @@ def test_one_device_and_eight_fake_devices_agree():
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "MATCH" in out.stdout, out.stdout
+
+
+def test_donated_step_with_live_teacher_keeps_callers_arrays(setup):
+    """OPSD with the live student as teacher through the donated jit_update: the teacher head is read
+    from the state inside the step (an argument aliasing the donated state would be invalid), the
+    caller's initial params survive the donation, and with the same context the loss is 0."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    opt = optax.sgd(0.1)
+    initial = setup["s_params"]
+    state = init_state(initial, opt)
+    width = setup["batch"].student.context_width
+    scored = score(setup["s_graph"], opsd_teacher_params("live", state, initial), setup["student"], setup["targets"],
+                   setup["mask"], context_width=width)
+    step = jit_update(setup["s_graph"], opt, LossConfig(chunk_size=4), shardings_of(state), mesh,
+                      context_width=width, teacher_head_source="live")
+    seq, targets, mask, hidden, logp = to_micro_batches(
+        (setup["student"], setup["targets"], setup["mask"], scored.hidden, scored.logp), 1, mesh)
+    new, metrics = step(state, seq, targets, mask, hidden, None, logp, None)
+    assert abs(float(metrics.loss)) < 1e-6 and not bool(metrics.skipped)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(initial))  # not donated away
+    with pytest.raises(ValueError, match="0 < ema_decay < 1"):
+        run_update(setup, LossConfig(chunk_size=4), opt=opt, state=init_state(initial, opt, ema=True))

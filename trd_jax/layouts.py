@@ -49,10 +49,11 @@ def _check_rows(name: str, rows: Sequence[Sequence[int]], batch: int, allow_empt
 
 
 def build_layout(contexts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, context_width: int,
-                 response_width: int, pad_id: int = 0, name: str = "contexts") -> Layout:
-    """Left-pads each context to context_width and right-pads each response to response_width."""
+                 response_width: int, name: str = "contexts") -> Layout:
+    """Left-pads each context to context_width and right-pads each response to response_width. Padding
+    in the model input is id 0 (masked anyway): a tokenizer's pad id may lie outside the embedding."""
     b = len(contexts)
-    tokens = np.full((b, context_width + response_width), pad_id, np.int32)
+    tokens = np.zeros((b, context_width + response_width), np.int32)
     mask = np.zeros(tokens.shape, bool)
     for i, (ctx, resp) in enumerate(zip(contexts, responses)):
         if len(ctx) > context_width:
@@ -86,14 +87,12 @@ def distill_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
     r = response_width or bucket(max(max(len(y) for y in responses), 1), 8)
     s_width = student_width or bucket(max(len(x) for x in prompts), 16)
     t_width = teacher_width or bucket(max(len(c) for c in contexts), 16)
-    student = build_layout(prompts, responses, context_width=s_width, response_width=r, pad_id=pad_id,
-                           name="prompts")
-    teacher = build_layout(contexts, responses, context_width=t_width, response_width=r, pad_id=pad_id,
-                           name="teacher_contexts")
-    targets = student.tokens[:, s_width:]
+    student = build_layout(prompts, responses, context_width=s_width, response_width=r, name="prompts")
+    teacher = build_layout(contexts, responses, context_width=t_width, response_width=r, name="teacher_contexts")
     response_mask = student.mask[:, s_width:]
+    targets = np.where(response_mask, student.tokens[:, s_width:], pad_id).astype(np.int32)
     # The invariant the whole distillation rests on: both sides score the same ids at the same r.
-    assert np.array_equal(targets, teacher.tokens[:, t_width:]) and np.array_equal(
+    assert np.array_equal(student.tokens[:, s_width:], teacher.tokens[:, t_width:]) and np.array_equal(
         response_mask, teacher.mask[:, t_width:])
     return DistillBatch(student, teacher, targets.copy(), response_mask.copy())
 

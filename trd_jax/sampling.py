@@ -145,10 +145,12 @@ def _categorical(probs: Array, key: Array) -> Array:
     inside = jnp.take_along_axis(chunks, c[:, None, None], axis=1)[:, 0]  # [B, chunk]
     cdf = jnp.cumsum(inside, axis=-1)
     i = jnp.sum(cdf < rest[:, None], axis=-1)
-    # Rounding can leave `rest` a hair above the chunk's total: fall back to its last nonzero entry.
+    # `rest` is exact only up to an ulp: it can land a hair above the chunk's total or at/below zero.
+    # Clamp to the chunk's first and last nonzero entries so a zero-probability id is never drawn.
     iota = jax.lax.broadcasted_iota(jnp.int32, inside.shape, 1)
+    first = jnp.min(jnp.where(inside > 0, iota, chunk), axis=-1)
     last = jnp.max(jnp.where(inside > 0, iota, 0), axis=-1)
-    return (c * chunk + jnp.minimum(i, last)).astype(jnp.int32)
+    return (c * chunk + jnp.clip(i, first, last)).astype(jnp.int32)
 
 
 def select_tokens(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array, Array]:

@@ -87,8 +87,12 @@ class TrainState(NamedTuple):
 
 
 def init_state(params, optimizer: optax.GradientTransformation, *, ema: bool = False) -> TrainState:
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-                      jax.tree.map(jnp.copy, params) if ema else None)
+    """A fresh state holding a COPY of params: the update step donates the state, and the caller's arrays
+    must stay valid (e.g. as OPSD's frozen initial teacher). The EMA is kept in float32 so that a decay
+    close to 1 is not rounded away in bf16."""
+    ema_params = jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None
+    return TrainState(jax.tree.map(jnp.copy, params), optimizer.init(params), jnp.zeros((), jnp.int32),
+                      jnp.zeros((), jnp.int32), ema_params)
 
 
 def state_shardings(params, param_shardings, optimizer: optax.GradientTransformation, mesh, *,
@@ -135,7 +139,7 @@ class Sequences(NamedTuple):
 
 
 class ScoreOutput(NamedTuple):
-    hidden: Array  # [B, R, d_teacher] final hidden states predicting each response token
+    hidden: Array  # [B, R, d_teacher] final hidden states (compute dtype) predicting each response token
     logp: Array  # f32[B, R] teacher log-probability of each response token (temperature applied)
 
 
@@ -184,11 +188,28 @@ def _micro_loss(params, graphdef, cfg: LossConfig, seq: Sequences, targets, mask
     return loss, jnp.where(mask, values, 0.0)
 
 
+TEACHER_HEAD_SOURCES = ("given", "live", "ema")
+
+
 def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig,
            seq: Sequences, targets: Array, mask: Array, teacher_hidden: Array | None, teacher_head: Array | None,
            teacher_logp: Array | None, old_logp: Array | None, *, context_width: int,
-           ema_decay: float = 0.0) -> tuple[TrainState, StepMetrics]:
-    """One optimizer step over M micro-batches: every batch array has shape [M, b, ...]."""
+           ema_decay: float | None = None, teacher_head_source: str = "given") -> tuple[TrainState, StepMetrics]:
+    """One optimizer step over M micro-batches: every batch array has shape [M, b, ...].
+
+    teacher_head_source: "given" uses the teacher_head argument (a separate teacher, or OPSD's frozen
+    initial weights); "live" / "ema" read the head from the state itself inside the step, because an
+    argument aliasing the donated state would be invalidated by the donation. ema_decay in (0, 1) is
+    required when the state carries an EMA."""
+    if teacher_head_source not in TEACHER_HEAD_SOURCES:
+        raise ValueError(f"teacher_head_source={teacher_head_source!r}: expected one of {TEACHER_HEAD_SOURCES}")
+    if state.ema_params is not None and not (ema_decay is not None and 0.0 < ema_decay < 1.0):
+        raise ValueError(f"ema_decay={ema_decay}: a state with an EMA needs 0 < ema_decay < 1")
+    if teacher_head_source != "given":
+        source = state.params if teacher_head_source == "live" else state.ema_params
+        if source is None:
+            raise ValueError("teacher_head_source='ema' needs a state made with init_state(..., ema=True)")
+        teacher_head = jax.lax.stop_gradient(nnx.merge(graphdef, source).lm_head_weight())
     num_tokens = jnp.sum(mask).astype(jnp.int32)
     num_rows = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
@@ -214,7 +235,8 @@ def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation,
     params = keep_if_ok(new_params, state.params)
     ema = state.ema_params
     if ema is not None:
-        ema = keep_if_ok(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, new_params), ema)
+        ema = keep_if_ok(jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p.astype(e.dtype), ema,
+                                      new_params), ema)
     new_state = TrainState(params, keep_if_ok(new_opt, state.opt_state), state.step + ok.astype(jnp.int32),
                            state.skipped + (~ok).astype(jnp.int32), ema)
     return new_state, StepMetrics(loss, grad_norm, num_tokens, ~ok, per_token)
@@ -250,13 +272,13 @@ def to_micro_batches(tree, num_micro: int, mesh):
 
 
 def jit_update(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, state_shardings, mesh, *,
-               context_width: int, ema_decay: float = 0.0):
+               context_width: int, ema_decay: float | None = None, teacher_head_source: str = "given"):
     """update() compiled for a mesh: the state is donated (replaced in place) and keeps its shardings;
     batch arrays are split over (data, fsdp). Call as fn(state, seq, targets, mask, teacher_hidden,
     teacher_head, teacher_logp, old_logp), any teacher/old argument None when the loss does not use it."""
     batch = micro_batch_sharding(mesh)
     fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=cfg, context_width=context_width,
-                           ema_decay=ema_decay)
+                           ema_decay=ema_decay, teacher_head_source=teacher_head_source)
     return jax.jit(lambda state, seq, targets, mask, th, thead, tl, ol: fn(state, seq=seq, targets=targets, mask=mask,
                                                                             teacher_hidden=th, teacher_head=thead,
                                                                             teacher_logp=tl, old_logp=ol),

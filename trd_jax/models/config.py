@@ -170,6 +170,7 @@ class ModelConfig:
             out["mlp_bias"] = False
         if model_type in ("qwen2", "qwen3"):
             out["use_sliding_window"] = False
+        out["sliding_window"] = None  # transformers' Mistral would otherwise default to a 4096 window
         if self.rope_llama3_scaling is not None:
             f, lo, hi, orig = self.rope_llama3_scaling
             out["rope_scaling"] = dict(rope_type="llama3", factor=f, low_freq_factor=lo, high_freq_factor=hi,

@@ -180,8 +180,9 @@ def save_hf(model: Transformer, path: str, *, dtype: str | None = None, tokenize
     """Writes config.json, generation_config.json and model.safetensors (sharded with an index above
     max_shard_bytes) into `path`; tokenizer files are copied from `tokenizer_dir` when given.
 
-    Files are written into a temporary folder first and moved in at the end, so that a failure leaves
-    whatever `path` held before intact.
+    Files are written into a temporary folder first and moved in only once all are complete, so a failure
+    while writing leaves whatever `path` held before intact; stale shards of an earlier save are removed
+    last.
     """
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
@@ -220,11 +221,13 @@ def save_hf(model: Transformer, path: str, *, dtype: str | None = None, tokenize
             total = sum(a.nbytes for a in tensors.values())
             _write_json(os.path.join(tmp, "model.safetensors.index.json"),
                         {"metadata": {"total_size": total}, "weight_map": weight_map})
-        # Stale weights from an earlier save with another sharding would confuse loaders.
-        for old in glob.glob(os.path.join(path, "model*.safetensors*")):
-            os.remove(old)
-        for name in os.listdir(tmp):
+        new_names = set(os.listdir(tmp))
+        for name in new_names:
             os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        # Only then remove stale weights of an earlier save with another sharding (they would confuse loaders).
+        for old in glob.glob(os.path.join(path, "model*.safetensors*")):
+            if os.path.basename(old) not in new_names:
+                os.remove(old)
     return path
 
 
