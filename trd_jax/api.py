@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Sequence
 
 import jax
@@ -20,28 +18,24 @@ import numpy as np
 from flax import nnx
 
 from trd_jax.models.hf_io import load_hf, save_hf
-from trd_jax.models.transformer import Transformer
+from trd_jax.models.transformer import Transformer, causal_lm_positions
 from trd_jax.sampling import Sampler, SamplingConfig, bucket
+from trd_jax.tokenization import eos_from_generation_config
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _logits(graphdef, params, ids, mask):
     model: Transformer = nnx.merge(graphdef, params)
-    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-    hidden, _ = model(ids, positions, mask)
+    hidden, _ = model(ids, causal_lm_positions(mask), mask)
     return model.logits(hidden)
 
 
 def _generation_eos_ids(path: str | None, model_eos) -> tuple[int, ...]:
     """EOS ids from generation_config.json (what transformers' generate stops on), else config.json."""
-    eos = model_eos
-    file = os.path.join(path, "generation_config.json") if path else None
-    if file and os.path.isfile(file):
-        with open(file) as f:
-            eos = json.load(f).get("eos_token_id") or eos
-    if eos is None:
-        return ()
-    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    eos = eos_from_generation_config(path) if path else []
+    if not eos and model_eos is not None:
+        eos = list(model_eos) if isinstance(model_eos, (list, tuple)) else [model_eos]
+    return tuple(int(e) for e in eos)
 
 
 class LM:

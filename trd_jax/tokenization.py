@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # transformers is imported on first load: importing this module stays cheap
+    from transformers import PreTrainedTokenizerBase
 
 PromptMode = Literal["plain", "chat", "thinking"]
 PROMPT_MODES: tuple[str, ...] = get_args(PromptMode)
@@ -31,7 +32,7 @@ _TOKENIZER_FILES = (
 )
 
 
-def _eos_from_generation_config(path: str) -> list[int]:
+def eos_from_generation_config(path: str) -> list[int]:
     """The ``eos_token_id`` (int, list of ints, or absent/null) of ``path/generation_config.json``."""
     file = os.path.join(path, "generation_config.json")
     if not os.path.isfile(file):
@@ -71,10 +72,12 @@ class Tokenizer:
         if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
             raise ValueError(f"no tokenizer files in {path!r} (looked for {', '.join(_TOKENIZER_FILES)})")
         try:
+            from transformers import AutoTokenizer
+
             hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot load a tokenizer from {path!r}: {e}") from e
-        return cls(hf, extra_eos_ids=_eos_from_generation_config(path), path=path)
+        return cls(hf, extra_eos_ids=eos_from_generation_config(path), path=path)
 
     @property
     def vocab_size(self) -> int:
