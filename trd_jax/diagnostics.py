@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trd_jax.losses import position_chunks, unchunk
+from trd_jax.sampling import first_argmax
+
 Array = jax.Array
 
 
@@ -37,8 +40,7 @@ def _chunk_stats(h: Array, head: Array, tok: Array, temperature: float) -> tuple
     q = jnp.exp(logq)
     entropy = -jnp.sum(q * logq, axis=-1)
     iota = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1)
-    top = jnp.max(z, axis=-1, keepdims=True)
-    first = jnp.min(jnp.where(z == top, iota, z.shape[-1]), axis=-1)
+    first = first_argmax(z)
     q1 = jnp.take_along_axis(q, first[:, None], axis=-1)[:, 0]
     q2 = jnp.max(jnp.where(iota == first[:, None], -1.0, q), axis=-1)
     nll = -jnp.take_along_axis(logq, tok[:, None], axis=-1)[:, 0]
@@ -50,16 +52,9 @@ def teacher_token_stats(hidden: Array, head: Array, targets: Array, mask: Array,
     """hidden [B, R, d] (teacher states predicting each response token), head [d, V], targets i32[B, R],
     mask bool[B, R] -> TokenStats of f32[B, R], 0 where ~mask. Positions are processed chunk_size at a
     time so that only [chunk_size, V] logits exist at once."""
-    b, r, d = hidden.shape
-    n = b * r
-    c = max(1, min(chunk_size, n))
-    num = -(-n // c)
-    flat_h = jnp.where(mask[..., None], hidden, 0).reshape(n, d)
-    flat_t = jnp.where(mask, targets, 0).reshape(n)
-    flat_h = jnp.pad(flat_h, ((0, num * c - n), (0, 0))).reshape(num, c, d)
-    flat_t = jnp.pad(flat_t, (0, num * c - n)).reshape(num, c)
-    stats = jax.lax.map(lambda xs: _chunk_stats(xs[0], head, xs[1], temperature), (flat_h, flat_t))
-    return TokenStats(*(jnp.where(mask, s.reshape(-1)[:n].reshape(b, r), 0.0) for s in stats))
+    chunks = (position_chunks(hidden, mask, chunk_size), position_chunks(targets, mask, chunk_size))
+    stats = jax.lax.map(lambda xs: _chunk_stats(xs[0], head, xs[1], temperature), chunks)
+    return TokenStats(*(jnp.where(mask, unchunk(s, mask.shape), 0.0) for s in stats))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -361,7 +361,7 @@ def _check_fused(hidden: Array, head: Array, temperature, what: str) -> None:
     _check_temperature(temperature)
 
 
-def _position_chunks(x: Array, mask: Array | None, chunk_size: int) -> Array:
+def position_chunks(x: Array, mask: Array | None, chunk_size: int) -> Array:
     """[B, T, ...] -> [num, C, ...]: masked positions zeroed, B * T flattened and zero-padded to num * C."""
     n = x.shape[0] * x.shape[1]
     c = max(1, min(chunk_size, n))
@@ -370,7 +370,8 @@ def _position_chunks(x: Array, mask: Array | None, chunk_size: int) -> Array:
     return jnp.pad(x, [(0, num * c - n)] + [(0, 0)] * (x.ndim - 1)).reshape(num, c, *x.shape[1:])
 
 
-def _unchunk(values: Array, shape: tuple[int, int]) -> Array:
+def unchunk(values: Array, shape: tuple[int, int]) -> Array:
+    """[num, C] -> [B, T]: the inverse of position_chunks for per-position values."""
     return values.reshape(-1)[:shape[0] * shape[1]].reshape(shape)
 
 
@@ -492,11 +493,11 @@ def _fused_terms(terms, hidden: Array, head: Array, target: tuple, *, kind: str,
 
     run.defvjp(fwd, bwd)
     if kind == "teacher":
-        tgt_chunks, tgt_shared = (_position_chunks(_sg(target[0]), mask, chunk_size),), (_sg(target[1]),)
+        tgt_chunks, tgt_shared = (position_chunks(_sg(target[0]), mask, chunk_size),), (_sg(target[1]),)
     else:
-        tgt_chunks, tgt_shared = (_position_chunks(target[0].astype(jnp.int32), mask, chunk_size),), ()
-    raw = run(_position_chunks(hidden, mask, chunk_size), head, tgt_chunks, tgt_shared)
-    return _unchunk(raw, shape)
+        tgt_chunks, tgt_shared = (position_chunks(target[0].astype(jnp.int32), mask, chunk_size),), ()
+    raw = run(position_chunks(hidden, mask, chunk_size), head, tgt_chunks, tgt_shared)
+    return unchunk(raw, shape)
 
 
 def fused_divergence(name: str, student_hidden: Array, student_head: Array, teacher_hidden: Array,
@@ -565,9 +566,9 @@ def _fused_topk(student_hidden, student_head, teacher_hidden, teacher_head, *, k
                                  preferred_element_type=_F32)
         return _topk_reverse_kl(student_top, teacher_top, temperature)
 
-    chunks = tuple(_position_chunks(x, mask, chunk_size) for x in (student_hidden, _sg(teacher_hidden)))
+    chunks = tuple(position_chunks(x, mask, chunk_size) for x in (student_hidden, _sg(teacher_hidden)))
     values = jax.lax.map(jax.checkpoint(lambda xs: chunk(*xs), prevent_cse=False), chunks)
-    return _unchunk(values, student_hidden.shape[:2])
+    return unchunk(values, student_hidden.shape[:2])
 
 
 def _token_terms(logp: Array, logq: Array) -> Array:

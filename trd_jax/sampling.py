@@ -63,7 +63,7 @@ class SampleOutput(NamedTuple):
 # the top-k and top-p thresholds, and max/min reductions for argmax.
 
 
-def _argmax(x: Array) -> Array:
+def first_argmax(x: Array) -> Array:
     """First index of the maximum along the last axis, from two cheap reductions."""
     top = jnp.max(x, axis=-1, keepdims=True)
     iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
@@ -161,7 +161,7 @@ def select_tokens(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array
     weights = jnp.exp(scaled - top)  # unnormalised softmax
     log_norm = top[:, 0] + jnp.log(jnp.sum(weights, axis=-1))
     if cfg.temperature == 0.0:
-        tokens = _argmax(scaled)
+        tokens = first_argmax(scaled)
     else:
         if 0 < cfg.top_k < logits.shape[-1]:
             values, ids = _top_k_candidates(scaled, cfg.top_k)
