@@ -97,9 +97,11 @@ def distill_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
     return DistillBatch(student, teacher, targets.copy(), response_mask.copy())
 
 
+def response_columns(x, context_width: int, response_width: int):
+    """x [B, C + R, ...] -> [B, R, ...]: entry r is column C - 1 + r, the one that predicts response token r."""
+    return x[:, context_width - 1:context_width - 1 + response_width]
+
+
 def response_slice(x, layout: Layout):
-    """x [B, C + R, ...] (hidden states or logits of a layout) -> [B, R, ...]: entry r predicts
-    response token r (columns C - 1 .. C + R - 2)."""
-    c = layout.context_width
-    r = layout.tokens.shape[1] - c
-    return x[:, c - 1:c - 1 + r]
+    """response_columns for one side's layout."""
+    return response_columns(x, layout.context_width, layout.tokens.shape[1] - layout.context_width)

@@ -28,7 +28,9 @@ import optax
 from flax import nnx
 
 from trd_jax import losses
+from trd_jax.layouts import response_columns
 from trd_jax.models.transformer import Transformer
+from trd_jax.sharding import BATCH_AXES, batch_sharding, replicated, shardings_like_params
 
 Array = jax.Array
 
@@ -98,8 +100,6 @@ def init_state(params, optimizer: optax.GradientTransformation, *, ema: bool = F
 def state_shardings(params, param_shardings, optimizer: optax.GradientTransformation, mesh, *,
                     ema: bool = False) -> TrainState:
     """TrainState of shardings: optimizer moments and the EMA sharded like the parameters."""
-    from trd_jax.sharding import replicated, shardings_like_params
-
     opt_shapes = jax.eval_shape(optimizer.init, params)
     return TrainState(param_shardings, shardings_like_params(opt_shapes, params, param_shardings, mesh),
                       replicated(mesh), replicated(mesh), param_shardings if ema else None)
@@ -145,7 +145,7 @@ class ScoreOutput(NamedTuple):
 
 def _response_hidden(model: Transformer, seq: Sequences, context_width: int, response_width: int) -> Array:
     hidden, _ = model(seq.tokens, seq.positions, seq.mask)
-    return hidden[:, context_width - 1:context_width - 1 + response_width]
+    return response_columns(hidden, context_width, response_width)
 
 
 def score(graphdef, params, seq: Sequences, targets: Array, mask: Array, *, context_width: int,
@@ -254,8 +254,6 @@ def shardings_of(tree):
 
 def micro_batch_sharding(mesh) -> jax.sharding.NamedSharding:
     """[M, b, ...] arrays: micro-batch axis replicated, rows over (data, fsdp)."""
-    from trd_jax.sharding import BATCH_AXES
-
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, BATCH_AXES))
 
 
@@ -289,8 +287,6 @@ def jit_update(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfi
 def jit_score(graphdef, param_shardings, mesh, *, context_width: int, temperature: float = 1.0,
               chunk_size: int = 512):
     """score() compiled for a mesh, on [b, ...] arrays (one micro-batch, or all rows at once)."""
-    from trd_jax.sharding import batch_sharding
-
     rows = batch_sharding(mesh)
     fn = functools.partial(score, graphdef, context_width=context_width, temperature=temperature,
                            chunk_size=chunk_size)
