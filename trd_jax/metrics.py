@@ -26,7 +26,8 @@ from typing import Any, Self
 
 import numpy as np
 
-PHASES = ("rollout", "refine", "grade", "score", "update", "eval")  # canonical order; others allowed
+# Canonical order of phases in reports; other names are allowed.
+PHASES = ("rollout", "refine", "grade", "score", "update", "diagnostics", "eval", "checkpoint")
 
 
 # ----------------------------------------------------------------------------------- JSON helpers
@@ -339,6 +340,11 @@ class PhaseTimer:
         if reset:
             self._step_s, self._step_tok = {}, {}
         return out
+
+    def restore(self, totals: Mapping[str, Mapping[str, float]]) -> None:
+        """Continues the cumulative totals of a resumed run (what totals() returned before)."""
+        self._total_s = {k: float(v) for k, v in totals.get("phase_seconds", {}).items()}
+        self._total_tok = {k: int(v) for k, v in totals.get("phase_tokens", {}).items()}
 
     def totals(self) -> dict[str, dict[str, float]]:
         """Cumulative {"phase_seconds": {name: s}, "phase_tokens": {name: n}} for summary.json."""

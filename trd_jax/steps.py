@@ -71,11 +71,15 @@ class OptimConfig:
     clip_norm: float = 1.0
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0 if cfg.warmup_steps else cfg.learning_rate, peak_value=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps, decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1),
         end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(cfg)
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
                        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
 
@@ -224,7 +228,7 @@ def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation,
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, loss), per_token = jax.lax.scan(
         micro, (zeros, jnp.zeros((), jnp.float32)), (seq, targets, mask, teacher_hidden, teacher_logp, old_logp))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,200 @@
+"""End-to-end runs of the host controller with tiny random models on the arithmetic task: every distill
+mode x trajectory with several losses, row accounting, bitwise-exact resume, SIGTERM, config errors."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tiny_run import tiny_config
+from trd_jax.config import ConfigError
+from trd_jax.controller import Trainer, build_model
+from trd_jax.metrics import read_tb_scalars
+from trd_jax.models.hf_io import load_hf
+
+TESTS = os.path.dirname(__file__)
+ROOT = os.path.dirname(TESTS)
+
+
+def _lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _initial_params(trainer):
+    s = trainer.s
+    return nnx.split(build_model(s.student, trainer.tok, s.seed, "student"))[1]
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+CASES = {  # id: (overrides, loss)
+    "opd-y_o-reverse_kl": {"distill.mode": "opd", "distill.trajectory": "y_o", "distill.teacher_context": "vanilla",
+                           "loss.name": "reverse_kl"},
+    "opd-y_r-forward_kl": {"distill.mode": "opd", "distill.trajectory": "y_r", "loss.name": "forward_kl"},
+    "opd-y_r-topk-vanilla": {"distill.mode": "opd", "distill.trajectory": "y_r", "distill.teacher_context": "vanilla",
+                             "loss.name": "reverse_kl_topk", "loss.top_k": 8},
+    "opsd-y_o-jsd": {"distill.mode": "opsd", "distill.trajectory": "y_o", "distill.teacher_context": "vanilla",
+                     "loss.name": "jsd", "train.micro_batches": 2},
+    "opsd-y_r-k1pg-live": {"distill.mode": "opsd", "distill.trajectory": "y_r", "loss.name": "k1_policy_gradient",
+                           "distill.opsd_teacher": "live", "loss.temperature": 1.1},
+    "opsd-y_r-clipped": {"distill.mode": "opsd", "distill.trajectory": "y_r", "loss.name": "forward_kl_clipped"},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_end_to_end(case, tmp_path):
+    overrides = CASES[case]
+    trainer = Trainer(tiny_config(**overrides), str(tmp_path))
+    teacher_before = _leaves(trainer.teacher_params) if trainer.teacher_params is not None else None
+    summary = trainer.run()
+    y_r = overrides["distill.trajectory"] == "y_r"
+
+    # Metrics: one line per step, losses and diagnostics present, every row accounted for.
+    lines = _lines(tmp_path)
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert math.isfinite(m["loss"]) and m["tokens"] > 0 and m["skipped"] == 0
+        assert m["divergence/p50"] <= m["divergence/p95"] <= m["divergence/max"]
+        assert m["rows/total"] == 4 and m["rows/trained"] + m["rows/dropped"] == 4
+        assert 0.0 <= m["accuracy/y_o"] <= 1.0
+        for key in ("diag/y_o/teacher_entropy", "diag/trained/teacher_top2_gap", "diag/trained/teacher_nll",
+                    "diag/trained/advantage_sign_flip_rate", "diag/y_o/teacher_argmax_mismatch"):
+            assert key in m and math.isfinite(m[key])
+        if y_r:
+            assert m["rows/rewrite_ok"] + m["rows/rewrite_empty"] + m["rows/rewrite_capped"] + \
+                m["rows/rewrite_prompt_over_budget"] == 4
+            assert m["rows/rewrite_drop"] == m["rows/dropped"]
+            assert m["rows/rewrite_keep"] + m["rows/fallback_to_y_o"] == m["rows/trained"]
+            assert "accuracy/y_r" in m and 0.0 <= m["capped/y_r"] <= 1.0 and m["phase_tokens/refine"] > 0
+        else:
+            assert "phase_s/refine" not in m and "accuracy/y_r" not in m
+    assert {name for _, name, _ in read_tb_scalars(next((tmp_path / "tb").iterdir()))} >= {"loss", "accuracy/y_o"}
+
+    # Summary: evaluations before and after, per-phase cost.
+    for key in ("initial_eval", "final_eval"):
+        ev = summary[key]
+        assert set(ev) >= {"avg_at_k", "pass_at_k", "k"} and ev["k"] == 2 and 0.0 <= ev["avg_at_k"] <= ev["pass_at_k"]
+    assert summary["steps"] == 2 and summary["status"] == "completed"
+    phases = {"rollout", "grade", "score", "update"} | ({"refine"} if y_r else set())
+    assert phases <= set(summary["phase_seconds"]) and all(summary["phase_seconds"][p] > 0 for p in phases)
+    assert all(summary["phase_tokens"][p] > 0 for p in phases)
+    assert ("refine" in summary["phase_flops"]) == y_r
+    assert summary["rows"]["total"] == 8
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["phase_tokens"] == summary["phase_tokens"]
+    assert (tmp_path / "eval" / "step_000000.md").exists() and (tmp_path / "eval" / "step_000002.json").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["loss"]["name"] == overrides["loss.name"]
+
+    # The student moved; the export is the final student; a frozen teacher did not move.
+    final = _leaves(trainer.state.params)
+    assert any(not np.array_equal(a, b) for a, b in zip(final, _leaves(_initial_params(trainer))))
+    exported = _leaves(nnx.split(load_hf(str(tmp_path / "export")))[1])
+    assert all(np.array_equal(a, b) for a, b in zip(final, exported))
+    if teacher_before is not None:
+        assert all(np.array_equal(a, b) for a, b in zip(teacher_before, _leaves(trainer.teacher_params)))
+
+
+def test_rows_over_budget_are_dropped_or_fall_back_and_counted(tmp_path):
+    # Refine prompts need ~150 tokens: a budget of 60 sends none of them to the teacher.
+    base = {"distill.trajectory": "y_r", "refine.prompt_budget": 60, "train.steps": 1, "eval.initial": False}
+    summary = Trainer(tiny_config(**base, **{"refine.on_prompt_over_budget": "drop"}), str(tmp_path / "d")).run()
+    m = _lines(tmp_path / "d")[0]
+    assert m["rows/dropped"] == 4 and m["rows/refine_prompt_dropped"] == 4 and m["tokens"] == 0 and m["loss"] == 0.0
+    assert summary["rows"]["dropped"] == 4
+    Trainer(tiny_config(**base, **{"refine.on_prompt_over_budget": "fallback"}), str(tmp_path / "f")).run()
+    m = _lines(tmp_path / "f")[0]
+    assert m["rows/fallback_to_y_o"] == 4 and m["rows/trained"] == 4 and m["tokens"] > 0
+    with pytest.raises(ValueError, match=r"refine prompt row 0: \d+ tokens > prompt_budget 60"):
+        Trainer(tiny_config(**base, **{"refine.on_prompt_over_budget": "error"}), str(tmp_path / "e")).run()
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    """OPSD with an EMA teacher, TRD, 2 micro-batches: interrupted after step 2 and resumed, the final state
+    (parameters, optimizer moments, EMA, counters) equals an uninterrupted run's bit for bit."""
+    cfg = tiny_config(**{"distill.mode": "opsd", "distill.opsd_teacher": "ema", "train.steps": 4,
+                         "train.micro_batches": 2, "eval.initial": False})
+    straight = Trainer(cfg, str(tmp_path / "a"))
+    straight.run()
+    first = Trainer(cfg, str(tmp_path / "b"), halt_after=2).run()
+    assert first["status"] == "preempted" and first["steps"] == 2 and first["final_eval"] is None
+    resumed = Trainer(cfg, str(tmp_path / "b"))
+    summary = resumed.run()
+    assert summary["status"] == "completed" and summary["steps"] == 4
+    a, b = _leaves(straight.state), _leaves(resumed.state)
+    assert len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+    assert int(resumed.state.step) == 4
+    assert [m["step"] for m in _lines(tmp_path / "b")] == [1, 2, 3, 4]
+    # The same prompts were drawn: per-step metrics of the resumed part match the uninterrupted run.
+    for x, y in zip(_lines(tmp_path / "a")[2:], _lines(tmp_path / "b")[2:]):
+        assert x["loss"] == y["loss"] and x["accuracy/y_o"] == y["accuracy/y_o"]
+    # Resuming under a different training config is refused, naming the key.
+    with pytest.raises(ConfigError, match="config.optim.learning_rate"):
+        Trainer(tiny_config(**{"distill.mode": "opsd", "distill.opsd_teacher": "ema", "train.steps": 4,
+                               "train.micro_batches": 2, "optim.learning_rate": 0.5}), str(tmp_path / "b"))
+
+
+def _main(workdir, *args, **popen):
+    env = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "trd_jax.main", "--config", os.path.join(TESTS, "tiny_recipe.py"),
+           "--workdir", str(workdir), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def test_sigterm_checkpoints_and_resumes(tmp_path):
+    args = ("--config.train.steps=40", "--config.checkpoint.every=1000", "--config.eval.initial=False")
+    proc = _main(tmp_path, *args)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    stopped = summary["steps"]
+    assert summary["status"] == "preempted" and 2 <= stopped < 40
+    assert [m["step"] for m in _lines(tmp_path)] == list(range(1, stopped + 1))
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [stopped]
+    assert "rerun the same command to resume" in err
+    proc = _main(tmp_path, *args)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+    assert [m["step"] for m in _lines(tmp_path)] == list(range(1, 41))
+    assert "Cost per phase" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.train.stepz=3"], "config.train.stepz: unknown key (did you mean train.steps?)"),
+    (["--config.train.steps=abc"], "--config.train.steps=abc"),
+    (["--config.distill.trajectory=y_o"], "config.distill.teacher_context: 'refine' conditions"),
+    (["--config.train.micro_batches=3"], "config.train.micro_batches: 3 does not divide the 4 rows"),
+    (["--config.refine.on_empty_rewrite=skip"], "config.refine.on_empty_rewrite: must be one of"),
+    (["--config.distill.mode=opsd", "--config.distill.opsd_teacher=ema", "--config.distill.ema_decay=1.0"],
+     "config.distill.ema_decay: 1.0 must be < 1"),
+    (["--config.teacher.source=path"], "config.teacher.path: is empty"),
+    (["--config.task.min_steps=6"], "config.task.min_steps: must be in [1, task.max_steps=5]"),
+])
+def test_config_errors_exit_2_with_one_line(args, message, tmp_path):
+    proc = _main(tmp_path / "run", *args)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()

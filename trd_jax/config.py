@@ -1,0 +1,392 @@
+"""The run configuration: every field with its default and meaning (``base_config``), and the checks that
+turn a ConfigDict into the typed settings the controller uses (``resolve``).
+
+Recipes in configs/ start from ``base_config()`` and change what they need; the command line overrides
+any field with ``--config.section.field=value``. ``resolve`` rejects unknown values, wrong types and
+impossible combinations with a ``ConfigError`` that names the key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from trd_jax.refine import RefineConfig
+from trd_jax.sampling import SamplingConfig
+from trd_jax.sharding import MeshConfig
+from trd_jax.steps import FULL_VOCAB_LOSSES, OPSD_TEACHER_MODES, SAMPLED_TOKEN_LOSSES, LossConfig, OptimConfig
+from trd_jax.tokenization import PROMPT_MODES
+
+LOSSES = FULL_VOCAB_LOSSES + SAMPLED_TOKEN_LOSSES
+# Which config field feeds which keyword parameter of each loss (unambiguous names: "beta" alone would
+# not say which distribution it weighs).
+LOSS_PARAMS: dict[str, dict[str, str]] = {
+    "forward_kl": {}, "reverse_kl": {},
+    "jsd": {"beta": "jsd_beta"},
+    "forward_kl_clipped": {"clip": "kl_clip"},
+    "reverse_kl_topk": {"k": "top_k"},
+    "k1_policy_gradient": {"clip_eps": "pg_clip_eps", "dual_clip": "pg_dual_clip", "clamp": "pg_clamp"},
+    "k3": {"clamp": "k3_clamp"},
+}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``key`` is its dotted path (e.g. "distill.mode")."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config.{key}: {message}")
+        self.key = key
+
+
+def _model_fields() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        source="random",  # "random": initialise from `model` below (tests, toys) | "path": load `path`
+        path="",  # a local Hugging Face folder (config.json + safetensors), for source="path"
+        dtype="float32",  # compute dtype: float32 | bfloat16
+        param_dtype="",  # storage dtype of the parameters; "" = dtype
+        init_seed=-1,  # seed of a random initialisation; -1 derives it from the run seed
+        # Shape of a random initialisation (source="random"); the vocabulary comes from the tokenizer.
+        model=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                   tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=2048),
+    ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field of a run, with its default. Values marked [code-trd] follow TRD_SPEC.md §5."""
+    cfg = ml_collections.ConfigDict()
+    cfg.mode = "train"  # "train": distil, evaluate, export | "eval": evaluate the student only
+    cfg.seed = 0  # root of every random stream: model init, data order, rollouts, evaluation
+
+    # The prompts, reference solutions and grader. "arithmetic": the embedded running-arithmetic task.
+    cfg.task = ml_collections.ConfigDict(dict(
+        name="arithmetic",
+        prompt_mode="chat",  # how x is rendered for the student: plain | chat | thinking (TRD_SPEC §7.5)
+        max_prompt_tokens=2048,  # rendered x longer than this is an error naming the row ([code-trd]: 2048)
+        # arithmetic only: steps per problem, split sizes, and the seed of the problem generator
+        min_steps=3, max_steps=5, train_size=4000, eval_size=64, data_seed=0,
+    ))
+
+    cfg.student = _model_fields()
+    cfg.teacher = _model_fields()  # OPD's separate teacher (must share the student's tokenizer); unused by OPSD
+
+    cfg.distill = ml_collections.ConfigDict(dict(
+        mode="opd",  # "opd": separate frozen teacher | "opsd": the student is its own teacher, shown y*
+        trajectory="y_r",  # "y_r": TRD, distil on the teacher's rewrite | "y_o": token-level baseline on the rollout
+        # Teacher context when scoring: "refine" (the refine prompt that produced y_r; [code-trd]; needs y_r) |
+        # "vanilla" (x for OPD, x + y* for OPSD; the baselines, and [code-ob]'s TRD).
+        teacher_context="refine",
+        opsd_teacher="initial",  # OPSD teacher weights: initial (frozen θ0, TRD_SPEC §7.9) | live | ema
+        ema_decay=0.99,  # per step, for opsd_teacher="ema"
+    ))
+
+    # TRD's refine prompts and what happens to rows that fail a check (trd_jax/refine.py).
+    cfg.refine = ml_collections.ConfigDict(dict(
+        prompt_mode="chat",  # the refine prompt goes through the chat template (TRD_SPEC §7.4)
+        prompt_budget=18432,  # max refine-prompt tokens ([code-trd]: 18432 OPD, 22528 OPSD)
+        rewrite_budget=16384,  # max new tokens of y_r, passed explicitly to the sampler
+        on_prompt_over_budget="drop",  # drop ([code-trd]) | error ([code-ob]) | truncate | fallback (to y_o)
+        on_empty_rewrite="error",  # error (both reference repos) | drop | fallback
+        on_capped_rewrite="keep",  # keep ([code-trd]) | drop | fallback | error
+        truncation_margin=16,  # tokens left free when truncating ([code-trd])
+    ))
+
+    # Student rollouts y_o; the teacher's rewrites use the same sampling settings ([code-trd]).
+    cfg.rollout = ml_collections.ConfigDict(dict(
+        n=1,  # samples per prompt ([code-trd]: 1)
+        max_new_tokens=16384,  # response budget of y_o ([code-trd]: 16384)
+        temperature=0.6, top_k=20, top_p=0.95,  # [code-trd]; top_k 0 and top_p 1.0 disable the filters
+    ))
+
+    cfg.loss = ml_collections.ConfigDict(dict(
+        # forward_kl (TRD, [code-trd]) | reverse_kl | jsd | forward_kl_clipped | reverse_kl_topk |
+        # k1_policy_gradient | k3 (TRD_SPEC §4)
+        name="forward_kl",
+        temperature=1.0,  # softmax temperature inside the loss ([code-trd]: 1.0; OPSD repo: 1.1)
+        chunk_size=512,  # positions per chunk of the fused loss (memory vs. speed)
+        vocab_chunk=0,  # vocabulary tile of the fused loss; 0 = whole vocabulary at once
+        jsd_beta=0.5,  # jsd: weight of the teacher in the mixture M = beta q + (1 - beta) p (OPSD: 0.5)
+        kl_clip=0.1,  # forward_kl_clipped: per-token KL clamped from above ([code-trd]: 0.1)
+        top_k=32,  # reverse_kl_topk: size of the teacher's top-k support (Fu et al.: 32)
+        pg_clip_eps=0.2, pg_dual_clip=3.0, pg_clamp=10.0,  # k1_policy_gradient: PPO clip, dual clip, |k1| clamp
+        k3_clamp=20.0,  # k3: log-ratio clamp
+    ))
+
+    cfg.optim = ml_collections.ConfigDict(dict(
+        learning_rate=5e-6,  # [code-trd] launcher default
+        warmup_ratio=0.1,  # fraction of train.steps spent warming up ([code-trd]: 10%)
+        min_lr_ratio=0.1,  # cosine decays to this fraction of the peak ([code-trd])
+        b1=0.9, b2=0.95, weight_decay=0.005, clip_norm=1.0,  # [code-trd]
+    ))
+
+    cfg.train = ml_collections.ConfigDict(dict(
+        steps=100,  # optimizer steps (the learning-rate schedule spans them)
+        batch_size=8,  # prompts per step; rows = batch_size * rollout.n
+        micro_batches=1,  # gradient accumulation: rows are split into this many micro-batches
+    ))
+
+    cfg.eval = ml_collections.ConfigDict(dict(
+        every=0,  # evaluate every this many steps (0: only before and after training)
+        initial=True,  # evaluate the student before training (summary.json's initial_eval)
+        num_problems=0,  # problems of the eval split (0: all)
+        n=4,  # samples per problem (Avg@n); TRD_SPEC §5 uses 16
+        k=0,  # Pass@k (0: k = n)
+        temperature=0.6, top_k=0, top_p=0.95,  # [code-trd] eval sampling
+        max_new_tokens=16384,
+    ))
+
+    cfg.checkpoint = ml_collections.ConfigDict(dict(
+        every=50,  # save every this many steps (and on SIGTERM and at the end)
+        keep=2,  # newest checkpoints kept
+        async_save=True,  # write in a background thread while training continues
+    ))
+
+    cfg.log = ml_collections.ConfigDict(dict(
+        diagnostics=True,  # prefix-failure diagnostics per step (costs teacher and student forwards; timed apart)
+        progress=True,  # console progress bar on host 0
+    ))
+
+    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices
+
+    cfg.export = ml_collections.ConfigDict(dict(
+        enabled=True,  # write the final student as a Hugging Face folder in workdir/export
+        dtype="",  # "" keeps the parameter dtype
+    ))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolution into typed settings
+
+
+def _choice(cfg, key: str, valid) -> str:
+    value = _get(cfg, key)
+    if value not in valid:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, valid))}")
+    return value
+
+
+def _get(cfg, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _int(cfg, key: str, low: int | None = None) -> int:
+    value = _get(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(key, f"{value!r} is not an integer")
+    if low is not None and value < low:
+        raise ConfigError(key, f"{value} must be >= {low}")
+    return value
+
+
+def _float(cfg, key: str, low: float | None = None, high: float | None = None, *, open_low=False) -> float:
+    value = _get(cfg, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(key, f"{value!r} is not a number")
+    value = float(value)
+    if low is not None and (value <= low if open_low else value < low):
+        raise ConfigError(key, f"{value} must be {'>' if open_low else '>='} {low}")
+    if high is not None and value > high:
+        raise ConfigError(key, f"{value} must be <= {high}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    source: str
+    path: str
+    dtype: str
+    param_dtype: str
+    init_seed: int
+    shape: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated, typed view of a run configuration."""
+
+    seed: int
+    mode: str
+    trajectory: str
+    teacher_context: str
+    opsd_teacher: str
+    ema_decay: float | None
+    student: ModelSource
+    teacher: ModelSource | None
+    refine: RefineConfig
+    rollout: SamplingConfig
+    rollout_n: int
+    rollout_max_new: int
+    eval_sampling: SamplingConfig
+    loss: LossConfig
+    optim: OptimConfig
+    mesh: MeshConfig
+    steps: int
+    batch_size: int
+    micro_batches: int
+    eval_every: int
+    eval_initial: bool
+    eval_problems: int
+    eval_n: int
+    eval_k: int
+    eval_max_new: int
+    save_every: int
+    keep: int
+    async_save: bool
+    diagnostics: bool
+    progress: bool
+    export: bool
+    export_dtype: str
+    prompt_mode: str
+    max_prompt_tokens: int
+
+
+def _model_source(cfg, side: str) -> ModelSource:
+    source = _choice(cfg, f"{side}.source", ("random", "path"))
+    path = _get(cfg, f"{side}.path")
+    if source == "path" and not path:
+        raise ConfigError(f"{side}.path", f"is empty but {side}.source='path'")
+    dtype = _choice(cfg, f"{side}.dtype", ("float32", "bfloat16"))
+    param_dtype = _get(cfg, f"{side}.param_dtype") or dtype
+    if param_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"{side}.param_dtype", f"{param_dtype!r} is not one of float32, bfloat16")
+    shape = {}
+    for name, value in _get(cfg, f"{side}.model").items():
+        key = f"{side}.model.{name}"
+        if name == "tie_word_embeddings":
+            if not isinstance(value, bool):
+                raise ConfigError(key, f"{value!r} is not a bool")
+        elif name == "rope_theta":
+            _float(cfg, key, 0.0, open_low=True)
+        else:
+            _int(cfg, key, 1)
+        shape[name] = value
+    if shape["num_heads"] % shape["num_kv_heads"]:
+        raise ConfigError(f"{side}.model.num_kv_heads", f"{shape['num_kv_heads']} does not divide num_heads "
+                                                        f"{shape['num_heads']}")
+    if shape["head_dim"] % 2:
+        raise ConfigError(f"{side}.model.head_dim", f"{shape['head_dim']} must be even (rotary embeddings)")
+    return ModelSource(source, path, dtype, param_dtype, _int(cfg, f"{side}.init_seed", -1), shape)
+
+
+def _loss(cfg) -> LossConfig:
+    name = _choice(cfg, "loss.name", LOSSES)
+    params = []
+    for param, field in LOSS_PARAMS[name].items():
+        key = f"loss.{field}"
+        if field == "top_k":
+            params.append((param, _int(cfg, key, 1)))
+        elif field == "jsd_beta":
+            params.append((param, _float(cfg, key, 0.0, 1.0)))
+        elif field == "pg_dual_clip":
+            value = _get(cfg, key)
+            if value is not None and _float(cfg, key) <= 1.0:
+                raise ConfigError(key, f"{value} must be > 1 (or None to disable the dual clip)")
+            params.append((param, None if value is None else float(value)))
+        else:
+            params.append((param, _float(cfg, key, 0.0, open_low=True)))
+    vocab_chunk = _int(cfg, "loss.vocab_chunk", 0)
+    return LossConfig(name=name, params=tuple(params), temperature=_float(cfg, "loss.temperature", 0.0, open_low=True),
+                      chunk_size=_int(cfg, "loss.chunk_size", 1), vocab_chunk=vocab_chunk or None)
+
+
+def _sampling(cfg, section: str) -> SamplingConfig:
+    return SamplingConfig(temperature=_float(cfg, f"{section}.temperature", 0.0),
+                          top_k=_int(cfg, f"{section}.top_k", 0),
+                          top_p=_float(cfg, f"{section}.top_p", 0.0, 1.0, open_low=True))
+
+
+def _refine(cfg, mode: str, task_kind: str) -> RefineConfig:
+    fields = {}
+    for f in dataclasses.fields(RefineConfig):
+        if f.name in ("mode", "task"):
+            continue
+        value = _get(cfg, f"refine.{f.name}")
+        if isinstance(f.default, int) and not isinstance(f.default, bool):
+            value = _int(cfg, f"refine.{f.name}")
+        fields[f.name] = value
+    try:
+        return RefineConfig(mode=mode, task=task_kind, **fields)
+    except ValueError as e:  # RefineConfig names its field: "RefineConfig.<field>=..."
+        field = str(e).split("=")[0].removeprefix("RefineConfig.")
+        raise ConfigError(f"refine.{field}", str(e).split(": ", 1)[-1]) from None
+
+
+def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Settings:
+    """Checks every field and combination; returns the typed settings or raises ConfigError."""
+    known = base_config()
+    _check_keys(cfg, known, "")
+    _choice(cfg, "mode", ("train", "eval"))
+    mode = _choice(cfg, "distill.mode", ("opd", "opsd"))
+    trajectory = _choice(cfg, "distill.trajectory", ("y_r", "y_o"))
+    teacher_context = _choice(cfg, "distill.teacher_context", ("refine", "vanilla"))
+    if teacher_context == "refine" and trajectory == "y_o":
+        raise ConfigError("distill.teacher_context", "'refine' conditions the teacher on the refine prompt that "
+                                                     "produced y_r; with trajectory='y_o' use 'vanilla'")
+    opsd_teacher = _choice(cfg, "distill.opsd_teacher", OPSD_TEACHER_MODES)
+    ema_decay = None
+    if mode == "opsd" and opsd_teacher == "ema":
+        ema_decay = _float(cfg, "distill.ema_decay", 0.0, open_low=True)
+        if ema_decay >= 1.0:
+            raise ConfigError("distill.ema_decay", f"{ema_decay} must be < 1")
+    _choice(cfg, "task.prompt_mode", PROMPT_MODES)
+    rollout_n = _int(cfg, "rollout.n", 1)
+    batch_size = _int(cfg, "train.batch_size", 1)
+    micro = _int(cfg, "train.micro_batches", 1)
+    if (batch_size * rollout_n) % micro:
+        raise ConfigError("train.micro_batches", f"{micro} does not divide the {batch_size * rollout_n} rows of a "
+                                                 f"step (train.batch_size * rollout.n)")
+    steps = _int(cfg, "train.steps", 1)
+    warmup = _float(cfg, "optim.warmup_ratio", 0.0, 1.0)
+    optim = OptimConfig(learning_rate=_float(cfg, "optim.learning_rate", 0.0, open_low=True),
+                        warmup_steps=int(round(warmup * steps)), total_steps=steps,
+                        min_lr_ratio=_float(cfg, "optim.min_lr_ratio", 0.0, 1.0),
+                        b1=_float(cfg, "optim.b1", 0.0, 1.0), b2=_float(cfg, "optim.b2", 0.0, 1.0),
+                        weight_decay=_float(cfg, "optim.weight_decay", 0.0),
+                        clip_norm=_float(cfg, "optim.clip_norm", 0.0, open_low=True))
+    eval_n = _int(cfg, "eval.n", 1)
+    eval_k = _int(cfg, "eval.k", 0) or eval_n
+    if eval_k > eval_n:
+        raise ConfigError("eval.k", f"{eval_k} exceeds eval.n={eval_n} samples per problem")
+    mesh_sizes = {}
+    for axis in ("data", "fsdp", "tensor"):
+        size = _int(cfg, f"mesh.{axis}", -1)
+        if size == 0:
+            raise ConfigError(f"mesh.{axis}", "must be -1 or >= 1")
+        mesh_sizes[axis] = size
+    if list(mesh_sizes.values()).count(-1) > 1:
+        raise ConfigError("mesh", "at most one axis may be -1")
+    export_dtype = _get(cfg, "export.dtype")
+    if export_dtype not in ("", "float32", "bfloat16"):
+        raise ConfigError("export.dtype", f"{export_dtype!r} is not one of '', float32, bfloat16")
+    for key in ("eval.initial", "checkpoint.async_save", "log.diagnostics", "log.progress", "export.enabled"):
+        if not isinstance(_get(cfg, key), bool):
+            raise ConfigError(key, f"{_get(cfg, key)!r} is not a bool")
+    return Settings(
+        seed=_int(cfg, "seed", 0), mode=mode, trajectory=trajectory, teacher_context=teacher_context,
+        opsd_teacher=opsd_teacher, ema_decay=ema_decay, student=_model_source(cfg, "student"),
+        teacher=_model_source(cfg, "teacher") if mode == "opd" else None,
+        refine=_refine(cfg, mode, task_kind), rollout=_sampling(cfg, "rollout"), rollout_n=rollout_n,
+        rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1), eval_sampling=_sampling(cfg, "eval"),
+        loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,
+        micro_batches=micro, eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,
+        eval_problems=_int(cfg, "eval.num_problems", 0), eval_n=eval_n, eval_k=eval_k,
+        eval_max_new=_int(cfg, "eval.max_new_tokens", 1), save_every=_int(cfg, "checkpoint.every", 1),
+        keep=_int(cfg, "checkpoint.keep", 1), async_save=cfg.checkpoint.async_save,
+        diagnostics=cfg.log.diagnostics, progress=cfg.log.progress, export=cfg.export.enabled,
+        export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,
+        max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1))
+
+
+def _check_keys(cfg, known, prefix: str) -> None:
+    """Every key of cfg must exist in the base config (a recipe's typo would otherwise be ignored)."""
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(path, "unknown key")
+        if isinstance(cfg[key], ml_collections.ConfigDict) and isinstance(known[key], ml_collections.ConfigDict):
+            _check_keys(cfg[key], known[key], path + ".")

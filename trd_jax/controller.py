@@ -1,0 +1,485 @@
+"""The host controller: the loop around the jitted steps (rollout, refine, score, update), with data,
+grading, metrics, per-phase cost, checkpoints, evaluation and export.
+
+One step (TRD_SPEC §3):
+    prompts (data) -> rollout y_o (student sampler) -> grade y_o
+    -> [TRD] refine prompts -> y_r (teacher sampler) -> validate -> grade y_r
+    -> layouts (student x + y, teacher c + y) -> score (teacher, no grad) -> [diagnostics] -> update
+Every phase is timed (wall seconds after block_until_ready), its tokens counted and its FLOPs estimated,
+so that summary.json shows what refinement costs next to plain OPD.
+
+Determinism: every random stream is a pure function of (seed, step): rollout and refine keys are
+fold_in(train_key, step), eval keys fold_in(eval_key, step), and the data order is a per-epoch
+permutation whose position is checkpointed. A run interrupted and resumed therefore ends with the
+same parameters, bit for bit, as an uninterrupted one (tests/test_controller.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from trd_jax import diagnostics, evaluation, trajectories
+from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
+from trd_jax.config import ConfigError, ModelSource, Settings, resolve
+from trd_jax.data.registry import make_task
+from trd_jax.data.task import PromptIterator
+from trd_jax.layouts import DistillBatch, Layout, distill_batch
+from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
+from trd_jax.models.config import ModelConfig
+from trd_jax.models.hf_io import load_hf, save_hf
+from trd_jax.models.transformer import Transformer
+from trd_jax.reports import COST_PHASES
+from trd_jax.sampling import Sampler
+from trd_jax.sharding import make_mesh, param_shardings
+from trd_jax.steps import (Sequences, init_sharded_state, jit_score, jit_update, learning_rate_schedule,
+                           make_optimizer, to_micro_batches)
+from trd_jax.tokenization import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Sections a resumed run may change: they do not affect the parameters.
+RESUMABLE_CHANGES = ("eval.", "log.", "checkpoint.", "export.")
+
+
+def build_model(src: ModelSource, tokenizer: Tokenizer, seed: int, side: str) -> Transformer:
+    """A model from a local Hugging Face folder, or a random one sized by the config and the tokenizer."""
+    if src.source == "path":
+        try:
+            return load_hf(src.path, dtype=src.dtype, param_dtype=src.param_dtype)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"{side}.path", str(e)) from None
+    shape = dict(src.shape)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=shape["hidden_size"],
+                      intermediate_size=shape["intermediate_size"], num_layers=shape["num_layers"],
+                      num_heads=shape["num_heads"], num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
+                      rope_theta=float(shape["rope_theta"]), tie_word_embeddings=shape["tie_word_embeddings"],
+                      max_position_embeddings=shape["max_position_embeddings"], dtype=src.dtype,
+                      param_dtype=src.param_dtype, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return Transformer(cfg, rngs=nnx.Rngs(src.init_seed if src.init_seed >= 0 else seed))
+
+
+def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+    """A workdir holding a checkpoint resumes only under the same training config (eval, log, checkpoint
+    and export settings may change): otherwise the error names the first differing key."""
+    ckpt_dir, saved = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
+    has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+    if not (has_ckpt and os.path.isfile(saved)):
+        return
+    with open(saved) as f:
+        old = _flat(ml_collections.ConfigDict(json.load(f)))
+    new = _flat(cfg)
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUMABLE_CHANGES) or key == "mode":
+            continue
+        if old.get(key) != new.get(key):
+            raise ConfigError(key, f"{new.get(key)!r} differs from {old.get(key)!r} in the checkpoint's config "
+                                   f"({saved}); resume with the same value, or start in a new workdir")
+
+
+def _seq(layout: Layout) -> Sequences:
+    return Sequences(layout.tokens, layout.positions, layout.mask)
+
+
+@jax.jit
+def _row_sums(mask):
+    return jnp.sum(mask, axis=-1)
+
+
+class Trainer:
+    """Owns one run in `workdir`. `halt_after` stops (checkpointing) once that many steps are done, as a
+    preemption would: the hook tests use to interrupt a run at an exact step."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, halt_after: int | None = None):
+        self.cfg = cfg
+        self.workdir = os.path.abspath(workdir)
+        self.halt_after = halt_after
+        s = resolve(cfg)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.task = make_task(cfg.task, os.path.join(self.workdir, "data"))
+        if self.task.kind != s.refine.task:
+            s = dataclasses.replace(s, refine=dataclasses.replace(s.refine, task=self.task.kind))
+        self.s: Settings = s
+        check_resume_config(self.workdir, cfg)
+        self.host0 = jax.process_index() == 0
+        if self.host0:
+            atomic_write_json(os.path.join(self.workdir, "config.json"), cfg.to_dict())
+        self.tok = Tokenizer.from_dir(self.task.tokenizer_dir)
+        self.mesh = make_mesh(s.mesh)
+        base = jax.random.key(s.seed)
+        self.train_key, self.eval_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
+        self.timer = PhaseTimer()
+        self.counters: dict[str, float] = {}
+        self.evals: list[dict] = []
+        self._score_fns: dict = {}
+        self._update_fns: dict = {}
+        self._warm = False
+        self._stats_fn = jax.jit(diagnostics.teacher_token_stats, static_argnames=("chunk_size", "temperature"))
+        self._head_fn = jax.jit(lambda graphdef, p: nnx.merge(graphdef, p).lm_head_weight(), static_argnums=0)
+        self._setup_models()
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def _setup_models(self) -> None:
+        s, tok = self.s, self.tok
+        student = build_model(s.student, tok, s.seed, "student")
+        if student.cfg.vocab_size < tok.vocab_size:
+            raise ConfigError("student.path",
+                              f"model vocabulary {student.cfg.vocab_size} < tokenizer's {tok.vocab_size}")
+        self.s_graph, params = nnx.split(student)
+        self.s_shardings = param_shardings(params, self.mesh)
+        params = jax.device_put(params, self.s_shardings)
+        self.s_params_count = student.cfg.num_params
+        if s.mode == "opd":
+            teacher = build_model(s.teacher, tok, s.seed + 1, "teacher")
+            if teacher.cfg.vocab_size != student.cfg.vocab_size:
+                # Full-vocabulary and top-k losses compare distributions id by id (TRD_SPEC §7.2).
+                raise ConfigError("teacher.path", f"teacher vocabulary {teacher.cfg.vocab_size} != student's "
+                                                  f"{student.cfg.vocab_size}: they must share one tokenizer")
+            self.t_graph, t_params = nnx.split(teacher)
+            self.t_shardings = param_shardings(t_params, self.mesh)
+            self.teacher_params = jax.device_put(t_params, self.t_shardings)
+            self.t_params_count = teacher.cfg.num_params
+        else:
+            self.t_graph, self.t_shardings, self.t_params_count = self.s_graph, self.s_shardings, self.s_params_count
+            # The frozen initial weights (init_state copies params, so these stay valid).
+            self.teacher_params = params if s.opsd_teacher == "initial" else None
+        self.optimizer = make_optimizer(s.optim)
+        self.lr_schedule = learning_rate_schedule(s.optim)
+        ema = s.mode == "opsd" and s.opsd_teacher == "ema"
+        self.state = init_sharded_state(params, self.s_shardings, self.optimizer, self.mesh, ema=ema)
+        del params
+        self.teacher_head_source = "given" if self.teacher_params is not None else s.opsd_teacher
+        self.fixed_head = (self._head(self.t_graph, self.teacher_params) if self.teacher_params is not None
+                           else None)
+        eos, pad = self.tok.eos_ids, self.tok.pad_id
+        self.rollout_sampler = Sampler(self.s_graph, eos_ids=eos, pad_id=pad)
+        self.refine_sampler = Sampler(self.t_graph, eos_ids=eos, pad_id=pad)
+        self.eval_sampler = Sampler(self.s_graph, eos_ids=eos, pad_id=pad)
+        self.data = PromptIterator(self.task.split("train"), seed=s.seed)
+
+    def _head(self, graphdef, params):
+        return self._head_fn(graphdef, params)
+
+    def _teacher_params(self):
+        """The teacher's weights for this step: a separate model, or OPSD's initial / live / EMA weights."""
+        if self.teacher_params is not None:
+            return self.teacher_params
+        return self.state.params if self.s.opsd_teacher == "live" else self.state.ema_params
+
+    def _checkpoint_tree(self) -> dict:
+        return {"train": self.state, "rng": jax.random.key_data(self.train_key),
+                "teacher_ref": self.teacher_params if self.s.mode == "opsd" else None}
+
+    # ------------------------------------------------------------------------------------------ compiled steps
+
+    def _score(self, side: str, params, layout: Layout, targets, mask):
+        key = (side, layout.context_width)
+        if key not in self._score_fns:
+            graph, shard = (self.t_graph, self.t_shardings) if side == "teacher" else (self.s_graph, self.s_shardings)
+            self._score_fns[key] = jit_score(graph, shard, self.mesh, context_width=layout.context_width,
+                                             temperature=self.s.loss.temperature, chunk_size=self.s.loss.chunk_size)
+        return self._score_fns[key](params, _seq(layout), targets, mask)
+
+    def _update(self, batch: DistillBatch, scored):
+        width = batch.student.context_width
+        if width not in self._update_fns:
+            state_sh = jax.tree.map(lambda x: x.sharding, self.state)
+            self._update_fns[width] = jit_update(self.s_graph, self.optimizer, self.s.loss, state_sh, self.mesh,
+                                                 context_width=width, ema_decay=self.s.ema_decay,
+                                                 teacher_head_source=self.teacher_head_source)
+        seq, targets, mask, hidden, logp = to_micro_batches(
+            (_seq(batch.student), batch.targets, batch.response_mask, scored.hidden, scored.logp),
+            self.s.micro_batches, self.mesh)
+        self.state, metrics = self._update_fns[width](self.state, seq, targets, mask, hidden, self.fixed_head, logp,
+                                                      None)
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def _sample(self, sampler: Sampler, params, prompts, max_new: int, sampling, n: int, key):
+        out = sampler(params, prompts, max_new, sampling=sampling, n=n, key=key)
+        return trajectories.sampled_rows(out.tokens, out.lengths)
+
+    def _count(self, metrics: dict, key: str, value: float) -> None:
+        metrics[f"rows/{key}"] = value
+        self.counters[key] = self.counters.get(key, 0) + value
+
+    def train_step(self, step: int, bar: ProgressBar) -> dict[str, float]:
+        """Runs step `step` (0-based) and returns its metrics."""
+        s, tok, timer = self.s, self.tok, self.timer
+        k_rollout, k_refine = jax.random.split(jax.random.fold_in(self.train_key, step))
+        examples = self.data.next(s.batch_size)
+        n = s.rollout_n
+        metrics: dict[str, float] = {}
+
+        bar.update(step, phase="rollout")
+        with timer.phase("rollout") as span:
+            prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
+            y_o = self._sample(self.rollout_sampler, self.state.params, prompts, s.rollout_max_new, s.rollout, n,
+                               k_rollout)
+            span.tokens = sum(map(len, y_o))
+        row_examples = [ex for ex in examples for _ in range(n)]
+        rows = trajectories.StepRows(row_examples, [prompts[i // n] for i in range(len(y_o))], y_o,
+                                     np.zeros(len(y_o), np.float32),
+                                     trajectories.capped(y_o, tok.eos_ids, s.rollout_max_new))
+        self._add_flops("rollout", self.s_params_count, sum(map(len, rows.prompts)) + sum(map(len, y_o)))
+        with timer.phase("grade") as span:
+            rows.y_o_reward = trajectories.grade(self.task, tok, y_o, row_examples)
+            span.tokens = sum(map(len, y_o))
+
+        teacher_params = self._teacher_params()
+        if s.trajectory == "y_r":
+            bar.update(step, phase="refine")
+            with timer.phase("refine") as span:
+                trajectories.refine(rows, tok, s.refine, lambda ids: self._sample(
+                    self.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.rollout, 1, k_refine))
+                span.tokens = sum(map(len, rows.y_r))
+            sent = rows.refine_prompts.generate_rows
+            self._add_flops("refine", self.t_params_count,
+                            sum(len(rows.refine_prompts.ids[b]) for b in sent) + sum(map(len, rows.y_r)))
+            with timer.phase("grade") as span:
+                rows.y_r_reward = trajectories.grade(self.task, tok, rows.y_r, [row_examples[b] for b in sent])
+                span.tokens = sum(map(len, rows.y_r))
+            self._refine_metrics(rows, metrics)
+        else:
+            trajectories.use_rollouts(rows)
+        vanilla = trajectories.vanilla_contexts(tok, row_examples, rows.prompts, mode=s.mode, task_kind=self.task.kind,
+                                                prompt_mode=s.prompt_mode)
+        trajectories.choose_teacher_contexts(rows, vanilla, s.teacher_context)
+        batch = distill_batch(rows.prompts, rows.responses, rows.teacher_contexts, pad_id=tok.pad_id)
+
+        bar.update(step, phase="score")
+        with timer.phase("score") as span:
+            scored = self._score("teacher", teacher_params, batch.teacher, batch.targets, batch.response_mask)
+            span.block, span.tokens = scored, int(batch.teacher.mask.sum())
+        self._add_flops("score", self.t_params_count, int(batch.teacher.mask.sum()))
+
+        if s.diagnostics:
+            with timer.phase("diagnostics") as span:
+                self._diagnostics(rows, batch, scored, teacher_params, vanilla, metrics)
+
+        bar.update(step, phase="update")
+        lr = float(self.lr_schedule(step))
+        with timer.phase("update") as span:
+            out = self._update(batch, scored)
+            span.block, span.tokens = out, int(batch.student.mask.sum())
+        self._add_flops("update", self.s_params_count, int(batch.student.mask.sum()), kind="train")
+
+        mask = batch.response_mask.reshape(np.shape(out.per_token))
+        metrics.update({"loss": float(out.loss), "grad_norm": float(out.grad_norm), "learning_rate": lr,
+                        "tokens": int(out.num_tokens), "skipped": bool(out.skipped)})
+        metrics.update({f"divergence/{k}": v for k, v in quantiles(out.per_token, mask).items()})
+        metrics.update({"accuracy/y_o": float(rows.y_o_reward.mean()),
+                        "length/y_o": float(np.mean([len(r) for r in y_o])),
+                        "capped/y_o": float(rows.y_o_capped.mean())})
+        self._count(metrics, "total", rows.num_rows)
+        self._count(metrics, "trained", sum(src != "dropped" for src in rows.sources))
+        self._count(metrics, "dropped", sum(src == "dropped" for src in rows.sources))
+        snapshot = timer.snapshot()
+        if self._warm:  # the first step of a process includes compilation: kept out of the steady-state cost
+            for key, value in snapshot.items():
+                if key.startswith("phase_s/"):
+                    self.counters[f"warm_s/{key[8:]}"] = self.counters.get(f"warm_s/{key[8:]}", 0.0) + value
+            self.counters["warm_steps"] = self.counters.get("warm_steps", 0) + 1
+        self._warm = True
+        metrics.update(snapshot)
+        return metrics
+
+    def _add_flops(self, phase: str, num_params: int, tokens: int, kind: str = "forward") -> None:
+        key = f"flops/{phase}"
+        self.counters[key] = self.counters.get(key, 0.0) + estimate_flops(num_params, tokens, kind=kind)
+
+    def _refine_metrics(self, rows: trajectories.StepRows, metrics: dict) -> None:
+        for status, count in rows.refine_prompts.counts.items():
+            self._count(metrics, f"refine_prompt_{status}", count)
+        for reason, count in rows.verdicts.counts.items():
+            self._count(metrics, f"rewrite_{reason}", count)
+        self._count(metrics, "fallback_to_y_o", sum(src == "y_o" for src in rows.sources))
+        lengths = [len(r) for r in rows.y_r]
+        capped = trajectories.capped(rows.y_r, self.tok.eos_ids, self.s.refine.rewrite_budget)
+        metrics.update({"accuracy/y_r": float(rows.y_r_reward.mean()) if lengths else 0.0,
+                        "length/y_r": float(np.mean(lengths)) if lengths else 0.0,
+                        "capped/y_r": float(capped.mean()) if lengths else 0.0,
+                        "length/refine_prompt": float(np.mean(rows.refine_prompts.full_lengths))})
+
+    def _diagnostics(self, rows, batch: DistillBatch, scored, teacher_params, vanilla, metrics: dict) -> None:
+        """Prefix-failure diagnostics (trd_jax/diagnostics.py) on the trained batch and, for TRD, on the
+        rollouts y_o under the vanilla teacher context: what token-level OPD would have trained on."""
+        head = self.fixed_head if self.fixed_head is not None else self._head(self.t_graph, teacher_params)
+
+        def one(b: DistillBatch, teacher_out, prefix: str) -> dict:
+            stats = self._stats_fn(teacher_out.hidden, head, b.targets, b.response_mask,
+                                   chunk_size=self.s.loss.chunk_size, temperature=self.s.loss.temperature)
+            student = self._score("student", self.state.params, b.student, b.targets, b.response_mask)
+            return diagnostics.summarize(jax.device_get(stats), b.response_mask, student_logp=student.logp,
+                                         teacher_logp=teacher_out.logp, prefix=prefix)
+
+        trained = one(batch, scored, "diag/trained/")
+        metrics.update(trained)
+        if self.s.trajectory == "y_o":
+            metrics.update({k.replace("diag/trained/", "diag/y_o/"): v for k, v in trained.items()})
+        else:
+            b_o = distill_batch(rows.prompts, rows.y_o, vanilla, pad_id=self.tok.pad_id)
+            metrics.update(one(b_o, self._score("teacher", teacher_params, b_o.teacher, b_o.targets,
+                                                b_o.response_mask), "diag/y_o/"))
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self, step: int, params=None) -> dict:
+        """Avg@n and Pass@k of the student on the eval split; writes workdir/eval/step_<step>.{json,md}."""
+        s, tok = self.s, self.tok
+        params = self.state.params if params is None else params
+        examples = list(self.task.split("eval"))
+        if s.eval_problems:
+            examples = examples[: s.eval_problems]
+        prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
+        correct, lengths = [], []
+        chunk = max(1, s.batch_size)
+        with self.timer.phase("eval") as span:
+            for c in range(0, len(examples), chunk):
+                key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)
+                rows = self._sample(self.eval_sampler, params, prompts[c:c + chunk], s.eval_max_new, s.eval_sampling,
+                                    s.eval_n, key)
+                exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval_n)]
+                correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval_n) > 0.5)
+                lengths += [len(r) for r in rows]
+            span.tokens = sum(lengths)
+        summary = evaluation.summarize(np.concatenate(correct), s.eval_k, problem_ids=[ex.id for ex in examples])
+        summary.update(step=step, mean_length=float(np.mean(lengths)))
+        if self.host0:
+            evaluation.write_report(os.path.join(self.workdir, "eval"), f"step_{step:06d}", summary, rows=10,
+                                    title=f"{self.task.name}: student at step {step}")
+        brief = {k: summary[k] for k in ("step", "avg_at_k", "pass_at_k", "k", "n", "num_problems", "mean_length")}
+        log.info("eval at step %d: Avg@%d %.2f%%, Pass@%d %.2f%%", step, brief["n"], 100 * brief["avg_at_k"],
+                 brief["k"], 100 * brief["pass_at_k"])
+        return brief
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def _restore(self, ckpt: Checkpointer) -> int:
+        step = ckpt.latest_step()
+        if step is None:
+            return 0
+        tree, meta = ckpt.restore(step, abstract_state=self._checkpoint_tree())
+        self.state = tree["train"]
+        if self.s.mode == "opsd" and self.teacher_params is not None:
+            self.teacher_params = tree["teacher_ref"]
+            self.fixed_head = self._head(self.t_graph, self.teacher_params)
+        self.train_key = jax.random.wrap_key_data(tree["rng"])
+        self.data.restore(meta["data"])
+        self.timer.restore(meta["timer"])
+        self.counters = dict(meta["counters"])
+        self.evals = list(meta["evals"])
+        log.info("resumed from %s at step %d", ckpt.directory, step)
+        return int(meta["step"])
+
+    def _meta(self, step: int) -> dict:
+        return {"step": step, "data": self.data.state(), "timer": self.timer.totals(), "counters": self.counters,
+                "evals": self.evals}
+
+    def run(self) -> dict:
+        """Trains (resuming from the workdir's latest checkpoint), evaluates, exports; returns the summary."""
+        s = self.s
+        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=s.save_every, keep=s.keep,
+                            async_save=s.async_save)
+        writer = MetricsWriter(self.workdir, enabled=self.host0)
+        try:
+            start = self._restore(ckpt)
+            if start == 0 and s.eval_initial and not self.evals:
+                self.evals.append(self.evaluate(0))
+            bar = ProgressBar(s.steps, enabled=self.host0 and s.progress, initial=start)
+            status, done = "completed", start
+            with PreemptionGuard() as guard:
+                for step in range(start, s.steps):
+                    metrics = self.train_step(step, bar)
+                    done = step + 1
+                    stop = multihost_should_stop(guard.requested or done == self.halt_after, done)
+                    with self.timer.phase("checkpoint"):
+                        ckpt.save(done, self._checkpoint_tree(), self._meta(done), force=stop or done == s.steps)
+                    if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+                        self.evals.append(self.evaluate(done))
+                        metrics.update({f"eval/{k}": v for k, v in self.evals[-1].items() if k != "step"})
+                    metrics.update({k: v for k, v in self.timer.snapshot().items() if k.startswith("phase_s/")})
+                    writer.write(done, metrics)
+                    tps = metrics.get("tokens_per_s/rollout")
+                    bar.update(done, phase="done", tokens_per_s=tps)
+                    if stop and done < s.steps:
+                        status = "preempted"
+                        log.warning("stopping at step %d (checkpoint saved); rerun the same command to resume", done)
+                        break
+            bar.close()
+            ckpt.wait()
+            summary = self._finish(done, status)
+        finally:
+            ckpt.close()
+            writer.close()
+        return summary
+
+    def evaluate_only(self) -> dict:
+        """config.mode "eval": the student as loaded (or as of the workdir's latest checkpoint), evaluated."""
+        step = 0
+        if os.path.isdir(os.path.join(self.workdir, "checkpoints")):
+            with Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=1, keep=self.s.keep) as ckpt:
+                step = self._restore(ckpt)
+        result = self.evaluate(step)
+        summary = {"status": "evaluated", "steps": step, "mode": self.s.mode, "trajectory": self.s.trajectory,
+                   "loss": self.s.loss.name, "final_eval": result}
+        if self.host0:
+            atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)
+        return summary
+
+    def _finish(self, done: int, status: str) -> dict:
+        s = self.s
+        final = None
+        if status == "completed":
+            final = next((e for e in self.evals if e["step"] == done), None) or self.evaluate(done)
+            if s.export and self.host0:
+                save_hf(nnx.merge(self.s_graph, self.state.params), os.path.join(self.workdir, "export"),
+                        dtype=s.export_dtype or None, tokenizer_dir=self.task.tokenizer_dir)
+        totals = self.timer.totals()
+        phase_flops = {k.split("/", 1)[1]: v for k, v in self.counters.items() if k.startswith("flops/")}
+        cost_s = {p: totals["phase_seconds"].get(p, 0.0) for p in COST_PHASES}
+        step_s = sum(cost_s.values())
+        warm_steps = int(self.counters.get("warm_steps", 0))
+        warm = {p: self.counters.get(f"warm_s/{p}", 0.0) / warm_steps for p in COST_PHASES} if warm_steps else {}
+        summary = {
+            "status": status, "steps": done, "mode": s.mode, "trajectory": s.trajectory, "loss": s.loss.name,
+            "initial_eval": next((e for e in self.evals if e["step"] == 0), None), "final_eval": final,
+            "evals": self.evals,
+            "phase_seconds": totals["phase_seconds"], "phase_tokens": totals["phase_tokens"],
+            "phase_flops": phase_flops,
+            # Steady state: mean seconds per step over the steps that did not compile (the first of each process).
+            "phase_seconds_per_warm_step": warm, "warm_steps": warm_steps,
+            "cost": {"seconds_per_step": step_s / max(done, 1),
+                     "share_of_step_seconds": {p: (v / step_s if step_s else 0.0) for p, v in cost_s.items()},
+                     "inference_seconds": sum(cost_s[p] for p in ("rollout", "refine", "score")),
+                     "refine_seconds": cost_s["refine"]},
+            "rows": {k: v for k, v in self.counters.items() if not k.startswith(("flops/", "warm_"))},
+        }
+        if self.host0:
+            atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)
+        return summary
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, **kw) -> dict:
+    return Trainer(cfg, workdir, **kw).run()

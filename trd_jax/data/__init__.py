@@ -1,0 +1,1 @@
+"""Tasks (problems, reference solutions, graders, tokenizers) and the checkpointable prompt iterator."""

@@ -1,0 +1,22 @@
+"""Tasks by name, built from the run config's `task` section."""
+
+from __future__ import annotations
+
+import os
+
+from trd_jax.config import ConfigError
+from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask
+
+TASKS = ("arithmetic",)
+
+
+def make_task(task_cfg, directory: str):
+    """The task named by ``task_cfg.name``; files it generates (e.g. a tokenizer) go under ``directory``."""
+    if task_cfg.name != "arithmetic":
+        raise ConfigError("task.name", f"{task_cfg.name!r} is not one of {', '.join(TASKS)}")
+    try:
+        cfg = ArithmeticConfig(min_steps=task_cfg.min_steps, max_steps=task_cfg.max_steps,
+                               train_size=task_cfg.train_size, eval_size=task_cfg.eval_size, seed=task_cfg.data_seed)
+    except ValueError as e:  # "task.<field>=...: message"
+        raise ConfigError(str(e).split("=")[0], str(e).split(": ", 1)[-1]) from None
+    return ArithmeticTask(os.path.join(directory, "arithmetic"), cfg)

@@ -1,0 +1,75 @@
+"""What the training loop needs from a dataset: examples, a grader and a tokenizer folder.
+
+A task is any object with the attributes of :class:`Task`; the controller never looks further. The
+prompt stream over a split is a :class:`PromptIterator`: a deterministic shuffle per epoch whose
+position (epoch, index) is saved with each checkpoint, so a resumed run sees exactly the prompts
+an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    id: str
+    problem: str  # x, the student's prompt text (ends with its answer instruction)
+    answer: str  # a*, for grading only
+    reference: str | None = None  # y*, the reference solution: OPSD's privileged context
+
+
+class Task(Protocol):
+    name: str
+    kind: str  # "math" | "code": which refine templates apply (trd_jax.refine.TASKS)
+    tokenizer_dir: str  # a local folder Tokenizer.from_dir reads
+
+    def split(self, name: str) -> Sequence[Example]:
+        """The examples of split "train" or "eval", in a fixed order."""
+
+    def grade(self, response: str, example: Example) -> float:
+        """1.0 for a correct response (decoded text, special tokens skipped), else 0.0."""
+
+
+class PromptIterator:
+    """Batches of examples from one split, reshuffled every epoch with a seed derived from (seed, epoch);
+    a batch may span two epochs. ``state()`` / ``restore()`` carry the position through checkpoints."""
+
+    def __init__(self, examples: Sequence[Example], *, seed: int, shuffle: bool = True):
+        if not examples:
+            raise ValueError("PromptIterator: the split has no examples")
+        self.examples = examples
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.index = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        n = len(self.examples)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def next(self, size: int) -> list[Example]:
+        out = []
+        while len(out) < size:
+            if self.index == len(self.examples):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            take = min(size - len(out), len(self.examples) - self.index)
+            out += [self.examples[i] for i in self._order[self.index:self.index + take]]
+            self.index += take
+        return out
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "size": len(self.examples), "seed": self.seed}
+
+    def restore(self, state: dict[str, int]) -> None:
+        if state.get("size") != len(self.examples) or state.get("seed") != self.seed:
+            raise ValueError(f"data iterator state {state} does not match this split ({len(self.examples)} "
+                             f"examples, seed {self.seed}): the dataset or data seed changed since the checkpoint")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation(self.epoch)

@@ -1,0 +1,109 @@
+"""Command line: python -m trd_jax.main --config configs/<name>.py --workdir DIR [--config.a.b=value ...]
+
+config.mode "train" distils (resuming from DIR's latest checkpoint), evaluates and exports; "eval" only
+evaluates the student. A bad flag or config value prints one line naming the key and exits with code 2
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_config(), e.g. configs/default.py.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, evals, export, summary.json.")
+
+USAGE_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first --config.<key> override naming a key that no config has, with a suggestion."""
+    import difflib
+
+    from trd_jax.config import base_config
+
+    known = base_config()
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        node = known
+        for depth, part in enumerate(key.split(".")):
+            if not hasattr(node, "keys") or part not in node:
+                options = list(node.keys()) if hasattr(node, "keys") else []
+                near = difflib.get_close_matches(part, options, n=1)
+                prefix = ".".join(key.split(".")[:depth])
+                hint = f" (did you mean {'.'.join(filter(None, [prefix, near[0]]))}?)" if near else ""
+                return f"config.{key}: unknown key{hint}"
+            node = node[part]
+    return None
+
+
+def parse(argv: list[str]):
+    """Parses flags and loads the config file; every problem becomes one line on stderr and exit code 2."""
+    try:
+        FLAGS(argv)
+        cfg = _CONFIG.value
+        if cfg is not None:
+            cfg.keys()  # config_flags reports a config file that failed to load only on first use
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+    except (KeyError, AttributeError) as e:  # an override naming a missing key
+        _fail(_unknown_override(argv) or f"{type(e).__name__}: {e}".replace("\n", " "))
+    except (OSError, TypeError, ValueError, SyntaxError, ImportError) as e:  # the recipe file itself
+        _fail(" ".join(str(e).split()))
+    if _CONFIG.value is None:
+        _fail("--config is required (e.g. --config configs/default.py)")
+    if not _WORKDIR.value:
+        _fail("--workdir is required")
+    return _CONFIG.value, _WORKDIR.value
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, workdir = parse(list(sys.argv if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from trd_jax.config import ConfigError, resolve
+    from trd_jax.distributed import maybe_initialize
+
+    try:
+        resolve(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+    maybe_initialize()
+    import jax
+
+    if jax.process_index() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # host-0-only logging
+
+    from trd_jax.controller import Trainer
+    from trd_jax.reports import print_run_report
+
+    try:
+        trainer = Trainer(cfg, os.path.abspath(workdir))
+        if cfg.mode == "eval":
+            summary = trainer.evaluate_only()
+        else:
+            summary = trainer.run()
+    except ConfigError as e:
+        _fail(str(e))
+    if jax.process_index() == 0:
+        print_run_report(summary, workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

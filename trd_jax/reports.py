@@ -1,0 +1,59 @@
+"""Human-readable views of summary.json: the before/after table and the per-phase inference cost."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from trd_jax.evaluation import compare_table
+
+COST_PHASES = ("rollout", "refine", "grade", "score", "update")
+
+
+def cost_table(summary: Mapping[str, Any]) -> str:
+    """Markdown: per phase, total wall seconds, seconds per step in the steady state (steps that did not
+    compile) and their share of the step, tokens and estimated FLOPs."""
+    seconds, tokens = summary.get("phase_seconds", {}), summary.get("phase_tokens", {})
+    flops = summary.get("phase_flops", {})
+    warm = summary.get("phase_seconds_per_warm_step") or {}
+    steps = max(int(summary.get("steps", 0)), 1)
+    per_step = {p: warm[p] if warm else seconds.get(p, 0.0) / steps for p in COST_PHASES if p in seconds}
+    step_total = sum(per_step.values())
+    lines = ["| phase | seconds | s / step | share of step | tokens | est. FLOPs |", "|---|---|---|---|---|---|"]
+    for p, s in per_step.items():
+        share = f"{100 * s / step_total:.1f}%" if step_total else "-"
+        f = f"{flops[p]:.3g}" if p in flops else "-"
+        lines.append(f"| {p} | {seconds[p]:.2f} | {s:.3f} | {share} | {int(tokens.get(p, 0)):,} | {f} |")
+    total = sum(seconds.get(p, 0.0) for p in per_step)
+    lines.append(f"| **step** | {total:.2f} | {step_total:.3f} | 100% | | |")
+    for p in sorted(set(seconds) - set(COST_PHASES)):
+        lines.append(f"| ({p}, outside the step) | {seconds[p]:.2f} | | | {int(tokens.get(p, 0)):,} | |")
+    note = (f"s / step: mean over {summary.get('warm_steps')} steps without compilation" if warm
+            else "s / step: total / steps (compilation included)")
+    return "\n".join(lines) + f"\n\n{note}.\n"
+
+
+def run_report(summary: Mapping[str, Any]) -> str:
+    parts = [f"## {summary.get('mode', '?').upper()} on {summary.get('trajectory', '?')}, loss "
+             f"{summary.get('loss', '?')}: {summary.get('status', '?')} after {summary.get('steps', 0)} steps", ""]
+    before, after = summary.get("initial_eval"), summary.get("final_eval")
+    if before and after:
+        parts += ["Student on the eval split:", "", compare_table(before, after)]
+    elif after:
+        parts += [f"Student: Avg@{after['n']} {100 * after['avg_at_k']:.2f}%, Pass@{after['k']} "
+                  f"{100 * after['pass_at_k']:.2f}%", ""]
+    extra = summary.get("extra_evals") or {}
+    for name, ev in extra.items():
+        parts.append(f"- {name}: Avg@{ev['n']} {100 * ev['avg_at_k']:.2f}%, "
+                     f"Pass@{ev['k']} {100 * ev['pass_at_k']:.2f}%")
+    if extra:
+        parts.append("")
+    if summary.get("phase_seconds"):
+        parts += ["Cost per phase (inference = rollout + refine + score):", "", cost_table(summary)]
+    return "\n".join(parts)
+
+
+def print_run_report(summary: Mapping[str, Any], workdir: str) -> None:
+    print(run_report(summary))
+    print(f"Details: {os.path.join(workdir, 'summary.json')}, metrics.jsonl, eval/, tb/")

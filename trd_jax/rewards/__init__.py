@@ -1,0 +1,1 @@
+"""Reward functions: graders of model answers (host side)."""

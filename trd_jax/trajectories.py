@@ -1,0 +1,113 @@
+"""Host-side bookkeeping of one step's rows: prompts, rollouts y_o, refine prompts and rewrites y_r, grades,
+and the training trajectory and teacher context chosen for each row.
+
+A step has a fixed number of rows, batch_size * n (n samples per prompt, rows i*n .. i*n + n - 1 for
+prompt i). A row dropped by a refine policy keeps its place with an empty response: its loss mask is
+all false, so it contributes nothing, and the step's array shapes stay the same (no recompile, and no
+branch that could deadlock SPMD programs, TRD_SPEC §7.7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from trd_jax.data.task import Example
+from trd_jax.refine import RefineConfig, RefinePrompts, RewriteVerdicts, build_refine_prompts, select_trajectories
+from trd_jax.refine import validate_rewrites, vanilla_teacher_context
+from trd_jax.tokenization import Tokenizer
+
+
+@dataclasses.dataclass
+class StepRows:
+    examples: list[Example]  # one per row
+    prompts: list[list[int]]  # x ids, one per row
+    y_o: list[list[int]]  # rollouts as sampled (EOS included when emitted)
+    y_o_reward: np.ndarray  # f32[rows]
+    y_o_capped: np.ndarray  # bool[rows]: hit the response budget without EOS
+    refine_prompts: RefinePrompts | None = None
+    verdicts: RewriteVerdicts | None = None
+    y_r: list[list[int]] = dataclasses.field(default_factory=list)  # rewrites, in verdicts.rewrite_index order
+    y_r_reward: np.ndarray | None = None  # f32[len(y_r)]
+    responses: list[list[int]] = dataclasses.field(default_factory=list)  # trained trajectory per row ([] = dropped)
+    sources: list[str] = dataclasses.field(default_factory=list)  # "y_r" | "y_o" | "dropped" per row
+    teacher_contexts: list[list[int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.examples)
+
+
+def encode_prompts(tokenizer: Tokenizer, examples: Sequence[Example], prompt_mode: str, max_tokens: int) -> list[list[int]]:
+    """x ids per example; a prompt over ``max_tokens`` is an error naming the example."""
+    out = []
+    for ex in examples:
+        ids = tokenizer.encode_prompt(ex.problem, prompt_mode)
+        if len(ids) > max_tokens:
+            raise ValueError(f"example {ex.id!r}: prompt of {len(ids)} tokens exceeds task.max_prompt_tokens={max_tokens}")
+        out.append(ids)
+    return out
+
+
+def sampled_rows(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    return [tokens[i, : int(n)].tolist() for i, n in enumerate(lengths)]
+
+
+def grade(task, tokenizer: Tokenizer, rows: Sequence[Sequence[int]], examples: Sequence[Example]) -> np.ndarray:
+    """Rewards of decoded responses (special tokens skipped)."""
+    return np.array([task.grade(tokenizer.decode(r, skip_special_tokens=True), ex) for r, ex in zip(rows, examples)],
+                    np.float32)
+
+
+def capped(rows: Sequence[Sequence[int]], eos_ids: Sequence[int], budget: int) -> np.ndarray:
+    eos = set(eos_ids)
+    return np.array([len(r) >= budget and (not r or r[-1] not in eos) for r in rows], bool)
+
+
+def refine(rows: StepRows, tokenizer: Tokenizer, cfg: RefineConfig,
+           generate: Callable[[list[list[int]]], list[list[int]]]) -> None:
+    """Builds refine prompts from y_o (decoded without special tokens), lets ``generate`` write y_r for the
+    rows sent, validates every rewrite before choosing any trajectory (TRD_SPEC §7.1), and fills
+    rows.refine_prompts / verdicts / y_r / responses / sources."""
+    attempts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows.y_o]
+    prompts = build_refine_prompts(tokenizer, [ex.problem for ex in rows.examples], attempts,
+                                   [ex.reference for ex in rows.examples], cfg)
+    y_r = generate(prompts.generate_ids) if prompts.generate_rows else []
+    verdicts = validate_rewrites(y_r, tokenizer.eos_ids, cfg, tokenizer=tokenizer, prompts=prompts)
+    chosen = select_trajectories(rows.y_o, y_r, verdicts)
+    rows.refine_prompts, rows.verdicts, rows.y_r = prompts, verdicts, y_r
+    picked = iter(zip(chosen.rows, chosen.sources))
+    rows.responses, rows.sources = [], []
+    for kept in chosen.kept:
+        response, source = next(picked) if kept else ([], "dropped")
+        rows.responses.append(response)
+        rows.sources.append(source)
+
+
+def use_rollouts(rows: StepRows) -> None:
+    """Token-level baselines: every row trains on its own y_o."""
+    rows.responses = [list(r) for r in rows.y_o]
+    rows.sources = ["y_o"] * rows.num_rows
+
+
+def vanilla_contexts(tokenizer: Tokenizer, examples: Sequence[Example], prompts: Sequence[list[int]], *, mode: str,
+                     task_kind: str, prompt_mode: str) -> list[list[int]]:
+    """The baselines' teacher context per row: x itself for OPD, x + y* for OPSD."""
+    if mode == "opd":
+        return [list(p) for p in prompts]
+    return [vanilla_teacher_context(ex.problem, ex.reference, mode="opsd", task=task_kind, tokenizer=tokenizer,
+                                    prompt_mode=prompt_mode) for ex in examples]
+
+
+def choose_teacher_contexts(rows: StepRows, vanilla: Sequence[list[int]], teacher_context: str) -> None:
+    """"refine": a row trained on y_r is scored under the refine prompt that produced it ([code-trd]); a row
+    that fell back to y_o (or was dropped) has no usable refine prompt and is scored under the vanilla
+    context. "vanilla": every row under the vanilla context."""
+    rows.teacher_contexts = []
+    for b, source in enumerate(rows.sources):
+        if teacher_context == "refine" and source == "y_r":
+            rows.teacher_contexts.append(list(rows.refine_prompts.ids[b]))
+        else:
+            rows.teacher_contexts.append(list(vanilla[b]))
