@@ -41,13 +41,15 @@ def _leaves(tree):
 CASES = {  # id: (overrides, loss)
     "opd-y_o-reverse_kl": {"distill.mode": "opd", "distill.trajectory": "y_o", "distill.teacher_context": "vanilla",
                            "loss.name": "reverse_kl"},
-    "opd-y_r-forward_kl": {"distill.mode": "opd", "distill.trajectory": "y_r", "loss.name": "forward_kl"},
+    "opd-y_r-forward_kl": {"distill.mode": "opd", "distill.trajectory": "y_r", "loss.name": "forward_kl",
+                           "eval.every": 1},
     "opd-y_r-topk-vanilla": {"distill.mode": "opd", "distill.trajectory": "y_r", "distill.teacher_context": "vanilla",
                              "loss.name": "reverse_kl_topk", "loss.top_k": 8},
     "opsd-y_o-jsd": {"distill.mode": "opsd", "distill.trajectory": "y_o", "distill.teacher_context": "vanilla",
                      "loss.name": "jsd", "train.micro_batches": 2},
     "opsd-y_r-k1pg-live": {"distill.mode": "opsd", "distill.trajectory": "y_r", "loss.name": "k1_policy_gradient",
-                           "distill.opsd_teacher": "live", "loss.temperature": 1.1},
+                           "distill.opsd_teacher": "live", "loss.temperature": 1.1,
+                           "rollout.release_kv_cache": True},
     "opsd-y_r-clipped": {"distill.mode": "opsd", "distill.trajectory": "y_r", "loss.name": "forward_kl_clipped"},
 }
 
@@ -94,6 +96,9 @@ def test_end_to_end(case, tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["phase_tokens"] == summary["phase_tokens"]
     assert (tmp_path / "eval" / "step_000000.md").exists() and (tmp_path / "eval" / "step_000002.json").exists()
+    evaluated = [e["step"] for e in summary["evals"]]
+    assert evaluated == ([0, 1, 2] if overrides.get("eval.every") else [0, 2])
+    assert ("eval/avg_at_k" in lines[0]) == bool(overrides.get("eval.every"))
     assert json.loads((tmp_path / "config.json").read_text())["loss"]["name"] == overrides["loss.name"]
 
     # The student moved; the export is the final student; a frozen teacher did not move.

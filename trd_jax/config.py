@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
         n=1,  # samples per prompt ([code-trd]: 1)
         max_new_tokens=16384,  # response budget of y_o ([code-trd]: 16384)
         temperature=0.6, top_k=20, top_p=0.95,  # [code-trd]; top_k 0 and top_p 1.0 disable the filters
+        # Free the samplers' KV caches before score and update, for accelerators where the caches and the
+        # update's activations do not fit together (costs a re-allocation per step).
+        release_kv_cache=False,
     ))
 
     cfg.loss = ml_collections.ConfigDict(dict(
@@ -221,6 +224,7 @@ class Settings:
     rollout: SamplingConfig
     rollout_n: int
     rollout_max_new: int
+    release_kv_cache: bool
     eval_sampling: SamplingConfig
     loss: LossConfig
     optim: OptimConfig
@@ -363,7 +367,8 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
     export_dtype = _get(cfg, "export.dtype")
     if export_dtype not in ("", "float32", "bfloat16"):
         raise ConfigError("export.dtype", f"{export_dtype!r} is not one of '', float32, bfloat16")
-    for key in ("eval.initial", "checkpoint.async_save", "log.diagnostics", "log.progress", "export.enabled"):
+    for key in ("rollout.release_kv_cache", "eval.initial", "checkpoint.async_save", "log.diagnostics",
+                "log.progress", "export.enabled"):
         if not isinstance(_get(cfg, key), bool):
             raise ConfigError(key, f"{_get(cfg, key)!r} is not a bool")
     return Settings(
@@ -371,7 +376,8 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         opsd_teacher=opsd_teacher, ema_decay=ema_decay, student=_model_source(cfg, "student"),
         teacher=_model_source(cfg, "teacher") if mode == "opd" else None,
         refine=_refine(cfg, mode, task_kind), rollout=_sampling(cfg, "rollout"), rollout_n=rollout_n,
-        rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1), eval_sampling=_sampling(cfg, "eval"),
+        rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1),
+        release_kv_cache=cfg.rollout.release_kv_cache, eval_sampling=_sampling(cfg, "eval"),
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,
         micro_batches=micro, eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,
         eval_problems=_int(cfg, "eval.num_problems", 0), eval_n=eval_n, eval_k=eval_k,

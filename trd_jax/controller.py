@@ -263,6 +263,9 @@ class Trainer:
             self._refine_metrics(rows, metrics)
         else:
             trajectories.use_rollouts(rows)
+        if s.release_kv_cache:
+            self.rollout_sampler.release()
+            self.refine_sampler.release()
         vanilla = trajectories.vanilla_contexts(tok, row_examples, rows.prompts, mode=s.mode, task_kind=self.task.kind,
                                                 prompt_mode=s.prompt_mode)
         trajectories.choose_teacher_contexts(rows, vanilla, s.teacher_context)
@@ -452,7 +455,10 @@ class Trainer:
         s = self.s
         final = None
         if status == "completed":
-            final = next((e for e in self.evals if e["step"] == done), None) or self.evaluate(done)
+            final = next((e for e in self.evals if e["step"] == done), None)
+            if final is None:
+                final = self.evaluate(done)
+                self.evals.append(final)
             if s.export and self.host0:
                 save_hf(nnx.merge(self.s_graph, self.state.params), os.path.join(self.workdir, "export"),
                         dtype=s.export_dtype or None, tokenizer_dir=self.task.tokenizer_dir)
