@@ -1,4 +1,4 @@
-"""End-to-end runs of the host controller with tiny random models on the arithmetic task: every distill
+"""End-to-end runs of the host controller with tiny random models on the running-arithmetic task: every distill
 mode x trajectory with several losses, row accounting, bitwise-exact resume, SIGTERM, config errors."""
 
 import json

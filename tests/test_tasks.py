@@ -1,4 +1,4 @@
-"""The embedded arithmetic task, its tokenizer, the answer extractor and the checkpointable prompt iterator."""
+"""The embedded running-arithmetic task, its tokenizer, the answer extractor and the checkpointable prompt iterator."""
 
 import numpy as np
 import pytest
@@ -21,11 +21,11 @@ def tok(task):
     return Tokenizer.from_dir(task.tokenizer_dir)
 
 
-def _numpy_chain(p: Problem) -> list[int]:
+def _chain(p: Problem) -> list[int]:
     """Independent reference: the running values with Python's own modulo."""
     out, v = [], p.start
     for op, b in p.ops:
-        v = {"+": v + b, "-": v - b, "*": v * b}[op] % 10
+        v = (v + b if op == "+" else v - b) % 10
         out.append(v)
     return out
 
@@ -33,14 +33,13 @@ def _numpy_chain(p: Problem) -> list[int]:
 def test_reference_solutions_are_correct_and_parse(task):
     for ex in list(task.split("train"))[:50] + list(task.split("eval")):
         p = task.problem_of(ex)
-        assert 3 <= len(p.ops) <= 5
-        assert p.values() == _numpy_chain(p)
-        assert ex.answer == str(_numpy_chain(p)[-1])
+        assert 3 <= len(p.ops) <= 5 and all(op in "+-" and 1 <= b <= 2 for op, b in p.ops)
+        assert p.values() == _chain(p) and ex.answer == str(_chain(p)[-1])
         assert task.grade(ex.reference, ex) == 1.0
         assert first_error(ex.reference, p) is None
         steps = parse_steps(ex.reference)
-        assert [c for *_, c in steps] == p.values()
-        assert all(steps[i][0] == steps[i - 1][3] for i in range(1, len(steps)))  # results carried forward
+        assert [s[0] for s in steps] == list(range(1, len(p.ops) + 1)) and [s[4] for s in steps] == p.values()
+        assert all(steps[i][1] == steps[i - 1][4] for i in range(1, len(steps)))  # results carried forward
         assert strip_answer_instruction(ex.problem) != ex.problem  # ends with the boxed instruction
 
 
@@ -54,6 +53,8 @@ def test_splits_are_deterministic_and_disjoint(task, tmp_path):
     assert list(other.split("eval")) != list(task.split("eval"))
     with pytest.raises(ValueError, match="unknown split"):
         task.split("test")
+    with pytest.raises(ValueError, match="task.max_operand=10"):
+        ArithmeticConfig(max_operand=10)
 
 
 def test_flawed_solutions_propagate_the_error(task):
@@ -63,20 +64,22 @@ def test_flawed_solutions_propagate_the_error(task):
         text, step = flawed_solution(p, rng)
         assert step < (len(p.ops) + 1) // 2  # early
         assert first_error(text, p) == step
-        assert task.grade(text, ex) == 0.0  # multipliers are units mod 10: the error reaches the answer
+        assert task.grade(text, ex) == 0.0  # adding mod 10 is a bijection: the error reaches the answer
         steps = parse_steps(text)
         for i in range(step + 1, len(steps)):  # later steps are right *given* the wrong value
-            a, op, b, c = steps[i]
-            assert a == steps[i - 1][3] and c == {"+": a + b, "-": a - b, "*": a * b}[op] % 10
+            _, a, op, b, c = steps[i]
+            assert a == steps[i - 1][4] and c == (a + b if op == "+" else a - b) % 10
 
 
 def test_first_error_finds_missing_and_inconsistent_lines():
-    p = Problem(4, (("+", 7), ("*", 3), ("-", 5)))
+    p = Problem(4, (("+", 2), ("-", 1), ("+", 1)))
     good = solution_text(p)
-    assert good.splitlines()[0] == "4 + 7 = 1" and good.endswith("\\boxed{8}.")
-    assert first_error("4 + 7 = 1\n1 * 3 = 3", p) == 2  # missing line
-    assert first_error("4 + 7 = 1\n2 * 3 = 6\n6 - 5 = 1", p) == 1  # input not carried
-    assert first_error("4 + 8 = 2\n2 * 3 = 6\n6 - 5 = 1", p) == 0  # wrong operand
+    assert good.splitlines()[0] == "Step 1: 4 + 2 = 6" and good.endswith("\\boxed{6}.")
+    assert first_error("Step 1: 4 + 2 = 6\nStep 2: 6 - 1 = 5", p) == 2  # missing line
+    assert first_error("Step 1: 4 + 2 = 6\nStep 2: 7 - 1 = 6\nStep 3: 6 + 1 = 7", p) == 1  # input not carried
+    assert first_error("Step 1: 4 + 1 = 5\nStep 2: 5 - 1 = 4\nStep 3: 4 + 1 = 5", p) == 0  # wrong operand
+    assert first_error("Step 1: 4 + 2 = 6\nStep 3: 6 - 1 = 5\nStep 3: 5 + 1 = 6", p) == 1  # wrong label
+    assert first_error("Step 1: 9 + 2 = 1", Problem(9, (("+", 2),))) is None  # wraps around
     assert first_error("", p) == 0
     assert parse_problem(problem_text(p)) == p
 

@@ -31,7 +31,7 @@ def test_refine_keeps_drops_and_counts_rows(setup):
     cfg = RefineConfig(prompt_budget=512, rewrite_budget=6, on_empty_rewrite="drop", on_capped_rewrite="keep")
     eos = tok.eos_id
     fixed = tok.encode(task.split("train")[0].reference)[:3]
-    outputs = [fixed + [eos], [eos], tok.encode("1 + 2 = 3 4 5")[:6], fixed[:1] + [eos]]
+    outputs = [fixed + [eos], [eos], tok.encode("Step 1: 2 + 1 = 3 4 5")[:6], fixed[:1] + [eos]]
     calls = []
 
     def generate(ids):

@@ -59,13 +59,30 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.mode = "train"  # "train": distil, evaluate, export | "eval": evaluate the student only
     cfg.seed = 0  # root of every random stream: model init, data order, rollouts, evaluation
 
-    # The prompts, reference solutions and grader. "arithmetic": the embedded running-arithmetic task.
+    # The prompts, reference solutions and grader. "arithmetic": the embedded running-arithmetic task (trd_jax/data/arithmetic.py).
     cfg.task = ml_collections.ConfigDict(dict(
         name="arithmetic",
         prompt_mode="chat",  # how x is rendered for the student: plain | chat | thinking (TRD_SPEC §7.5)
         max_prompt_tokens=2048,  # rendered x longer than this is an error naming the row ([code-trd]: 2048)
-        # arithmetic only: steps per problem, split sizes, and the seed of the problem generator
-        min_steps=3, max_steps=5, train_size=4000, eval_size=64, data_seed=0,
+        # arithmetic only: steps per problem, operand range, split sizes, and the seed of the problem generator
+        min_steps=3, max_steps=5, max_operand=2, train_size=4000, eval_size=64, data_seed=0,
+    ))
+
+    # The embedded task's models, trained from scratch by SFT and cached (trd_jax/data/arithmetic_bootstrap.py):
+    # a teacher that solves and rewrites flawed attempts, and a smaller student trained on noisy solutions.
+    cfg.bootstrap = ml_collections.ConfigDict(dict(
+        enabled=False,  # train or reuse them, and use them as student and (OPD) teacher; task "arithmetic" only
+        dir="",  # cache folder; "" = workdir/bootstrap. Reused when every setting below matches
+        teacher_model=dict(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
+                           head_dim=32),
+        student_model=dict(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                           head_dim=24),
+        teacher_solve_steps=300, teacher_mixed_steps=450,  # SFT steps: solving alone, then with refine prompts
+        student_solve_steps=300, student_mixed_steps=200,  # then with OPSD contexts (the reference in context)
+        batch_tokens=4096,  # tokens per SFT batch
+        learning_rate=3e-3,
+        student_noise=0.6,  # fraction of the student's solutions with an early wrong step carried forward
+        seed=0,
     ))
 
     cfg.student = _model_fields()
@@ -90,6 +107,8 @@ def base_config() -> ml_collections.ConfigDict:
         on_empty_rewrite="error",  # error (both reference repos) | drop | fallback
         on_capped_rewrite="keep",  # keep ([code-trd]) | drop | fallback | error
         truncation_margin=16,  # tokens left free when truncating ([code-trd])
+        # Sampling of y_r; -1 takes the rollout's value (both reference repos sample y_r like y_o).
+        temperature=-1.0, top_k=-1, top_p=-1.0,
     ))
 
     # Student rollouts y_o; the teacher's rewrites use the same sampling settings ([code-trd]).
@@ -132,6 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.eval = ml_collections.ConfigDict(dict(
         every=0,  # evaluate every this many steps (0: only before and after training)
         initial=True,  # evaluate the student before training (summary.json's initial_eval)
+        teacher=True,  # evaluate the teacher once, in its vanilla context (summary.json's teacher_eval)
         num_problems=0,  # problems of the eval split (0: all)
         n=4,  # samples per problem (Avg@n); TRD_SPEC §5 uses 16
         k=0,  # Pass@k (0: k = n)
@@ -208,6 +228,32 @@ class ModelSource:
     shape: dict
 
 
+def bootstrap_config(cfg):
+    """The BootstrapConfig of cfg.bootstrap (checked), or None when bootstrapping is off."""
+    if not isinstance(cfg.bootstrap.enabled, bool):
+        raise ConfigError("bootstrap.enabled", f"{cfg.bootstrap.enabled!r} is not a bool")
+    if not cfg.bootstrap.enabled:
+        return None
+    from trd_jax.data.arithmetic_bootstrap import BootstrapConfig, ModelShape
+
+    if cfg.task.name != "arithmetic":
+        raise ConfigError("bootstrap.enabled", f"bootstrapping trains models for the 'arithmetic' task, not "
+                                               f"{cfg.task.name!r}; give student.path / teacher.path instead")
+    shapes = {}
+    for role in ("teacher", "student"):
+        fields = {f.name: _int(cfg, f"bootstrap.{role}_model.{f.name}", 1) for f in dataclasses.fields(ModelShape)}
+        if fields["num_heads"] % fields["num_kv_heads"]:
+            raise ConfigError(f"bootstrap.{role}_model.num_kv_heads", "must divide num_heads")
+        shapes[role] = ModelShape(**fields)
+    steps = {k: _int(cfg, f"bootstrap.{k}", 0) for k in ("teacher_solve_steps", "teacher_mixed_steps",
+                                                         "student_solve_steps", "student_mixed_steps")}
+    return BootstrapConfig(teacher=shapes["teacher"], student=shapes["student"], **steps,
+                           batch_tokens=_int(cfg, "bootstrap.batch_tokens", 64),
+                           learning_rate=_float(cfg, "bootstrap.learning_rate", 0.0, open_low=True),
+                           student_noise=_float(cfg, "bootstrap.student_noise", 0.0, 1.0),
+                           seed=_int(cfg, "bootstrap.seed", 0))
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """The validated, typed view of a run configuration."""
@@ -226,6 +272,7 @@ class Settings:
     rollout_max_new: int
     release_kv_cache: bool
     eval_sampling: SamplingConfig
+    refine_sampling: SamplingConfig
     loss: LossConfig
     optim: OptimConfig
     mesh: MeshConfig
@@ -234,6 +281,7 @@ class Settings:
     micro_batches: int
     eval_every: int
     eval_initial: bool
+    eval_teacher: bool
     eval_problems: int
     eval_n: int
     eval_k: int
@@ -298,6 +346,19 @@ def _loss(cfg) -> LossConfig:
                       chunk_size=_int(cfg, "loss.chunk_size", 1), vocab_chunk=vocab_chunk or None)
 
 
+def _refine_sampling(cfg, rollout: SamplingConfig) -> SamplingConfig:
+    """refine.temperature / top_k / top_p, each -1 meaning the rollout's value."""
+    values = {}
+    for name, default in (("temperature", rollout.temperature), ("top_k", rollout.top_k), ("top_p", rollout.top_p)):
+        value = _get(cfg, f"refine.{name}")
+        values[name] = default if value == -1 else value
+    try:
+        return SamplingConfig(**values)
+    except ValueError as e:  # "SamplingConfig.<field>=...: message"
+        field = str(e).split("=")[0].removeprefix("SamplingConfig.")
+        raise ConfigError(f"refine.{field}", str(e).split(": ", 1)[-1] + " (or -1: the rollout's value)") from None
+
+
 def _sampling(cfg, section: str) -> SamplingConfig:
     return SamplingConfig(temperature=_float(cfg, f"{section}.temperature", 0.0),
                           top_k=_int(cfg, f"{section}.top_k", 0),
@@ -325,6 +386,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
     known = base_config()
     _check_keys(cfg, known, "")
     _choice(cfg, "mode", ("train", "eval"))
+    bootstrap_config(cfg)
     mode = _choice(cfg, "distill.mode", ("opd", "opsd"))
     trajectory = _choice(cfg, "distill.trajectory", ("y_r", "y_o"))
     teacher_context = _choice(cfg, "distill.teacher_context", ("refine", "vanilla"))
@@ -345,6 +407,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         raise ConfigError("train.micro_batches", f"{micro} does not divide the {batch_size * rollout_n} rows of a "
                                                  f"step (train.batch_size * rollout.n)")
     steps = _int(cfg, "train.steps", 1)
+    rollout = _sampling(cfg, "rollout")
     warmup = _float(cfg, "optim.warmup_ratio", 0.0, 1.0)
     optim = OptimConfig(learning_rate=_float(cfg, "optim.learning_rate", 0.0, open_low=True),
                         warmup_steps=int(round(warmup * steps)), total_steps=steps,
@@ -367,7 +430,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
     export_dtype = _get(cfg, "export.dtype")
     if export_dtype not in ("", "float32", "bfloat16"):
         raise ConfigError("export.dtype", f"{export_dtype!r} is not one of '', float32, bfloat16")
-    for key in ("rollout.release_kv_cache", "eval.initial", "checkpoint.async_save", "log.diagnostics",
+    for key in ("rollout.release_kv_cache", "eval.initial", "eval.teacher", "checkpoint.async_save", "log.diagnostics",
                 "log.progress", "export.enabled"):
         if not isinstance(_get(cfg, key), bool):
             raise ConfigError(key, f"{_get(cfg, key)!r} is not a bool")
@@ -375,11 +438,13 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         seed=_int(cfg, "seed", 0), mode=mode, trajectory=trajectory, teacher_context=teacher_context,
         opsd_teacher=opsd_teacher, ema_decay=ema_decay, student=_model_source(cfg, "student"),
         teacher=_model_source(cfg, "teacher") if mode == "opd" else None,
-        refine=_refine(cfg, mode, task_kind), rollout=_sampling(cfg, "rollout"), rollout_n=rollout_n,
+        refine=_refine(cfg, mode, task_kind), rollout=rollout, rollout_n=rollout_n,
+        refine_sampling=_refine_sampling(cfg, rollout),
         rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1),
         release_kv_cache=cfg.rollout.release_kv_cache, eval_sampling=_sampling(cfg, "eval"),
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,
         micro_batches=micro, eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,
+        eval_teacher=cfg.eval.teacher,
         eval_problems=_int(cfg, "eval.num_problems", 0), eval_n=eval_n, eval_k=eval_k,
         eval_max_new=_int(cfg, "eval.max_new_tokens", 1), save_every=_int(cfg, "checkpoint.every", 1),
         keep=_int(cfg, "checkpoint.keep", 1), async_save=cfg.checkpoint.async_save,

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -30,7 +31,8 @@ from flax import nnx
 
 from trd_jax import diagnostics, evaluation, trajectories
 from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
-from trd_jax.config import ConfigError, ModelSource, Settings, resolve
+from trd_jax.config import ConfigError, ModelSource, Settings, bootstrap_config, resolve
+from trd_jax.data.arithmetic_bootstrap import bootstrap
 from trd_jax.data.registry import make_task
 from trd_jax.data.task import PromptIterator
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
@@ -124,6 +126,17 @@ class Trainer:
         if self.host0:
             atomic_write_json(os.path.join(self.workdir, "config.json"), cfg.to_dict())
         self.tok = Tokenizer.from_dir(self.task.tokenizer_dir)
+        self.extra: dict[str, Any] = {}  # JSON results kept across resumes (teacher eval, bootstrap)
+        boot = bootstrap_config(cfg)
+        if boot is not None:
+            start = time.perf_counter()
+            dirs = bootstrap(self.task, self.tok, boot, cfg.bootstrap.dir or os.path.join(self.workdir, "bootstrap"),
+                             prompt_mode=s.prompt_mode, refine_mode=s.refine.prompt_mode)
+            self.extra["bootstrap"] = {"seconds": time.perf_counter() - start, **dirs}
+            s = dataclasses.replace(s, student=dataclasses.replace(s.student, source="path", path=dirs["student"]),
+                                    teacher=s.teacher and dataclasses.replace(s.teacher, source="path",
+                                                                              path=dirs["teacher"]))
+            self.s = s
         self.mesh = make_mesh(s.mesh)
         base = jax.random.key(s.seed)
         self.train_key, self.eval_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
@@ -252,7 +265,7 @@ class Trainer:
             bar.update(step, phase="refine")
             with timer.phase("refine") as span:
                 trajectories.refine(rows, tok, s.refine, lambda ids: self._sample(
-                    self.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.rollout, 1, k_refine))
+                    self.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.refine_sampling, 1, k_refine))
                 span.tokens = sum(map(len, rows.y_r))
             sent = rows.refine_prompts.generate_rows
             self._add_flops("refine", self.t_params_count,
@@ -292,6 +305,7 @@ class Trainer:
         metrics.update({"loss": float(out.loss), "grad_norm": float(out.grad_norm), "learning_rate": lr,
                         "tokens": int(out.num_tokens), "skipped": bool(out.skipped)})
         metrics.update({f"divergence/{k}": v for k, v in quantiles(out.per_token, mask).items()})
+        self._count(metrics, "y_o_correct", float(rows.y_o_reward.sum()))
         metrics.update({"accuracy/y_o": float(rows.y_o_reward.mean()),
                         "length/y_o": float(np.mean([len(r) for r in y_o])),
                         "capped/y_o": float(rows.y_o_capped.mean())})
@@ -319,6 +333,8 @@ class Trainer:
             self._count(metrics, f"rewrite_{reason}", count)
         self._count(metrics, "fallback_to_y_o", sum(src == "y_o" for src in rows.sources))
         lengths = [len(r) for r in rows.y_r]
+        self._count(metrics, "y_r_generated", len(lengths))
+        self._count(metrics, "y_r_correct", float(rows.y_r_reward.sum()))
         capped = trajectories.capped(rows.y_r, self.tok.eos_ids, self.s.refine.rewrite_budget)
         metrics.update({"accuracy/y_r": float(rows.y_r_reward.mean()) if lengths else 0.0,
                         "length/y_r": float(np.mean(lengths)) if lengths else 0.0,
@@ -348,20 +364,29 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ evaluation
 
-    def evaluate(self, step: int, params=None) -> dict:
-        """Avg@n and Pass@k of the student on the eval split; writes workdir/eval/step_<step>.{json,md}."""
+    def evaluate(self, step: int, params=None, *, teacher: bool = False) -> dict:
+        """Avg@n and Pass@k on the eval split; writes workdir/eval/step_<step>.{json,md}. `teacher`: the
+        teacher instead of the student, in its vanilla context (x for OPD; x + y* for OPSD's initial weights),
+        written to workdir/eval/teacher.{json,md}."""
         s, tok = self.s, self.tok
-        params = self.state.params if params is None else params
         examples = list(self.task.split("eval"))
         if s.eval_problems:
             examples = examples[: s.eval_problems]
         prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
+        sampler = self.eval_sampler
+        if teacher:
+            sampler = self.refine_sampler
+            params = self.teacher_params if self.teacher_params is not None else self.state.params
+            prompts = trajectories.vanilla_contexts(tok, examples, prompts, mode=s.mode, task_kind=self.task.kind,
+                                                    prompt_mode=s.prompt_mode)
+        elif params is None:
+            params = self.state.params
         correct, lengths = [], []
         chunk = max(1, s.batch_size)
         with self.timer.phase("eval") as span:
             for c in range(0, len(examples), chunk):
                 key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)
-                rows = self._sample(self.eval_sampler, params, prompts[c:c + chunk], s.eval_max_new, s.eval_sampling,
+                rows = self._sample(sampler, params, prompts[c:c + chunk], s.eval_max_new, s.eval_sampling,
                                     s.eval_n, key)
                 exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval_n)]
                 correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval_n) > 0.5)
@@ -369,12 +394,13 @@ class Trainer:
             span.tokens = sum(lengths)
         summary = evaluation.summarize(np.concatenate(correct), s.eval_k, problem_ids=[ex.id for ex in examples])
         summary.update(step=step, mean_length=float(np.mean(lengths)))
+        who = "teacher" if teacher else "student"
         if self.host0:
-            evaluation.write_report(os.path.join(self.workdir, "eval"), f"step_{step:06d}", summary, rows=10,
-                                    title=f"{self.task.name}: student at step {step}")
+            evaluation.write_report(os.path.join(self.workdir, "eval"), "teacher" if teacher else f"step_{step:06d}",
+                                    summary, rows=10, title=f"{self.task.name}: {who} at step {step}")
         brief = {k: summary[k] for k in ("step", "avg_at_k", "pass_at_k", "k", "n", "num_problems", "mean_length")}
-        log.info("eval at step %d: Avg@%d %.2f%%, Pass@%d %.2f%%", step, brief["n"], 100 * brief["avg_at_k"],
-                 brief["k"], 100 * brief["pass_at_k"])
+        log.info("eval of the %s at step %d: Avg@%d %.2f%%, Pass@%d %.2f%%", who, step, brief["n"],
+                 100 * brief["avg_at_k"], brief["k"], 100 * brief["pass_at_k"])
         return brief
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -393,12 +419,14 @@ class Trainer:
         self.timer.restore(meta["timer"])
         self.counters = dict(meta["counters"])
         self.evals = list(meta["evals"])
+        self.extra = {**dict(meta.get("extra", {})), **({"bootstrap": self.extra["bootstrap"]}
+                                                        if "bootstrap" in self.extra else {})}
         log.info("resumed from %s at step %d", ckpt.directory, step)
         return int(meta["step"])
 
     def _meta(self, step: int) -> dict:
         return {"step": step, "data": self.data.state(), "timer": self.timer.totals(), "counters": self.counters,
-                "evals": self.evals}
+                "evals": self.evals, "extra": self.extra}
 
     def run(self) -> dict:
         """Trains (resuming from the workdir's latest checkpoint), evaluates, exports; returns the summary."""
@@ -410,6 +438,8 @@ class Trainer:
             start = self._restore(ckpt)
             if start == 0 and s.eval_initial and not self.evals:
                 self.evals.append(self.evaluate(0))
+            if s.eval_teacher and "teacher_eval" not in self.extra:
+                self.extra["teacher_eval"] = self.evaluate(start, teacher=True)
             bar = ProgressBar(s.steps, enabled=self.host0 and s.progress, initial=start)
             status, done = "completed", start
             with PreemptionGuard() as guard:
@@ -481,6 +511,11 @@ class Trainer:
                      "inference_seconds": sum(cost_s[p] for p in ("rollout", "refine", "score")),
                      "refine_seconds": cost_s["refine"]},
             "rows": {k: v for k, v in self.counters.items() if not k.startswith(("flops/", "warm_"))},
+            "trajectory_accuracy": {
+                "y_o": self.counters.get("y_o_correct", 0.0) / max(self.counters.get("total", 0), 1),
+                **({"y_r": self.counters.get("y_r_correct", 0.0) / max(self.counters["y_r_generated"], 1)}
+                   if "y_r_generated" in self.counters else {})},
+            **self.extra,
         }
         if self.host0:
             atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)

@@ -43,11 +43,13 @@ def run_report(summary: Mapping[str, Any]) -> str:
     elif after:
         parts += [f"Student: Avg@{after['n']} {100 * after['avg_at_k']:.2f}%, Pass@{after['k']} "
                   f"{100 * after['pass_at_k']:.2f}%", ""]
-    extra = summary.get("extra_evals") or {}
-    for name, ev in extra.items():
-        parts.append(f"- {name}: Avg@{ev['n']} {100 * ev['avg_at_k']:.2f}%, "
-                     f"Pass@{ev['k']} {100 * ev['pass_at_k']:.2f}%")
-    if extra:
+    teacher = summary.get("teacher_eval")
+    if teacher:
+        parts.append(f"- teacher (vanilla context): Avg@{teacher['n']} {100 * teacher['avg_at_k']:.2f}%, "
+                     f"Pass@{teacher['k']} {100 * teacher['pass_at_k']:.2f}%")
+    for name, acc in (summary.get("trajectory_accuracy") or {}).items():
+        parts.append(f"- accuracy of {name} during training: {100 * acc:.2f}%")
+    if teacher or summary.get("trajectory_accuracy"):
         parts.append("")
     if summary.get("phase_seconds"):
         parts += ["Cost per phase (inference = rollout + refine + score):", "", cost_table(summary)]

@@ -1,14 +1,18 @@
-"""The embedded synthetic reasoning task: running arithmetic modulo 10, solved one step per line.
+"""The embedded synthetic reasoning task: running arithmetic modulo 10, one step per line.
 
-    Problem:  Work modulo 10. Start with 4, add 7, multiply by 3, then subtract 5. <boxed instruction>
-    Solution: 4 + 7 = 1
-              1 * 3 = 3
-              3 - 5 = 8
-              The answer is \\boxed{8}.
+    Problem:  Work modulo 10. Start with 8. Step 1: subtract 2. Step 2: add 1. Step 3: add 2. <boxed instruction>
+    Solution: Step 1: 8 - 2 = 6
+              Step 2: 6 + 1 = 7
+              Step 3: 7 + 2 = 9
+              The answer is \\boxed{9}.
 
 Each line carries the previous result forward, so one wrong step makes every later value (and the
-answer) wrong unless the solver repairs it: after a flawed prefix a teacher must choose between
-continuing consistently with the error and fixing it, the two modes of prefix failure (TRD_SPEC §2).
+answer: adding a constant mod 10 is a bijection) wrong unless the solver repairs it. After a flawed
+prefix a teacher must choose between continuing consistently with the error and fixing it: the two
+modes of prefix failure (TRD_SPEC §2). Operands are small (1 .. max_operand) so that a 2-layer model
+trained from scratch learns the task in a few hundred steps on a CPU (general mod-10 arithmetic needs
+thousands: it is learned by "grokking").
+
 The reference solution is OPSD's privileged context; ``flawed_solution`` writes the kind of attempt a
 weak student makes (an early wrong step, then consistent arithmetic), and ``first_error`` finds the
 first wrong step of any attempt.
@@ -29,21 +33,18 @@ from trd_jax.refine import MATH_ANSWER_INSTRUCTION, TRUNCATION_NOTICE, refine_pr
 from trd_jax.rewards.answers import last_boxed
 
 MODULUS = 10
-_PHRASE = {"+": "add {}", "-": "subtract {}", "*": "multiply by {}"}
-_APPLY = {"+": lambda a, b: (a + b) % MODULUS, "-": lambda a, b: (a - b) % MODULUS,
-          "*": lambda a, b: (a * b) % MODULUS}
-# Multipliers are units mod 10 (invertible): a wrong value stays wrong through every later step.
-_MULTIPLIERS = (3, 7, 9)
-_STEP_LINE = re.compile(r"^\s*(\d+) ([+\-*]) (\d+) = (\d+)\s*$")
-_PROBLEM = re.compile(r"Start with (\d+), (.*?)\.\s")
-_OP_PHRASE = re.compile(r"(?:then )?(add|subtract|multiply by) (\d+)")
-_OP_OF = {"add": "+", "subtract": "-", "multiply by": "*"}
+_PHRASE = {"+": "add {}", "-": "subtract {}"}
+_APPLY = {"+": lambda a, b: (a + b) % MODULUS, "-": lambda a, b: (a - b) % MODULUS}
+_STEP_LINE = re.compile(r"^\s*Step (\d+): (\d+) ([+-]) (\d+) = (\d+)\s*$")
+_PROBLEM = re.compile(r"Start with (\d+)\.(.*?)Please")
+_OP_PHRASE = re.compile(r"Step \d+: (add|subtract) (\d+)\.")
+_OP_OF = {"add": "+", "subtract": "-"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
     start: int
-    ops: tuple[tuple[str, int], ...]  # (op in "+-*", operand 1..9)
+    ops: tuple[tuple[str, int], ...]  # (op in "+-", operand)
 
     def values(self) -> list[int]:
         """The running values after each step (the last one is the answer)."""
@@ -55,10 +56,8 @@ class Problem:
 
 
 def problem_text(p: Problem) -> str:
-    phrases = [_PHRASE[op].format(b) for op, b in p.ops]
-    if len(phrases) > 1:
-        phrases[-1] = "then " + phrases[-1]
-    return f"Work modulo {MODULUS}. Start with {p.start}, {', '.join(phrases)}. {MATH_ANSWER_INSTRUCTION}"
+    steps = " ".join(f"Step {i}: {_PHRASE[op].format(b)}." for i, (op, b) in enumerate(p.ops, 1))
+    return f"Work modulo {MODULUS}. Start with {p.start}. {steps} {MATH_ANSWER_INSTRUCTION}"
 
 
 def parse_problem(text: str) -> Problem:
@@ -74,8 +73,8 @@ def solution_text(p: Problem, values: Sequence[int] | None = None) -> str:
     overrides the results written (a flawed solution)."""
     values = p.values() if values is None else list(values)
     lines, prev = [], p.start
-    for (op, b), v in zip(p.ops, values):
-        lines.append(f"{prev} {op} {b} = {v}")
+    for i, ((op, b), v) in enumerate(zip(p.ops, values), 1):
+        lines.append(f"Step {i}: {prev} {op} {b} = {v}")
         prev = v
     lines.append(f"The answer is \\boxed{{{prev}}}.")
     return "\n".join(lines)
@@ -98,21 +97,47 @@ def flawed_solution(p: Problem, rng: np.random.Generator, *, error_step: int | N
     return solution_text(p, values), error_step
 
 
-def parse_steps(text: str) -> list[tuple[int, str, int, int]]:
-    """The ``a op b = c`` lines of a solution, in order."""
-    return [(int(a), op, int(b), int(c)) for a, op, b, c in
+def corrupted_attempt(p: Problem, rng: np.random.Generator) -> str:
+    """A varied wrong attempt, the kind a drifting student writes: a wrong result at any step carried forward,
+    a wrong starting value, a wrong operand, a dropped line, or an attempt cut off mid-way. Refine training
+    on these teaches a teacher to rewrite from the problem instead of copying the attempt."""
+    kind = int(rng.integers(0, 5))
+    n = len(p.ops)
+    if kind == 0:
+        return flawed_solution(p, rng, error_step=int(rng.integers(0, n)))[0]
+    if kind in (1, 2):  # a wrong start or operand: every step is then consistent arithmetic on wrong inputs
+        ops = list(p.ops)
+        start = p.start
+        if kind == 1:
+            start = (start + int(rng.integers(1, MODULUS))) % MODULUS
+        else:
+            i = int(rng.integers(0, n))
+            ops[i] = ("-" if ops[i][0] == "+" else "+", ops[i][1])
+        wrong = Problem(start, tuple(ops))
+        return solution_text(wrong, wrong.values())
+    lines = solution_text(p).splitlines()
+    if kind == 3:  # a step left out
+        del lines[int(rng.integers(0, n))]
+        return "\n".join(lines)
+    cut = int(rng.integers(1, len("\n".join(lines))))  # cut off anywhere
+    return "\n".join(lines)[:cut]
+
+
+def parse_steps(text: str) -> list[tuple[int, int, str, int, int]]:
+    """The ``Step i: a op b = c`` lines of a solution as (i, a, op, b, c), in order."""
+    return [(int(i), int(a), op, int(b), int(c)) for i, a, op, b, c in
             (m.groups() for m in map(_STEP_LINE.match, text.splitlines()) if m)]
 
 
 def first_error(text: str, p: Problem) -> int | None:
-    """Index of the first step that is wrong: a missing line, a line whose input is not the previous
-    correct value, a wrong operator or operand, or a wrong result. None when every step is right (the
-    answer line is not checked here: see ArithmeticTask.grade)."""
+    """Index of the first step that is wrong: a missing or mislabelled line, an input that is not the
+    previous correct value, a wrong operator or operand, or a wrong result. None when every step is right
+    (the answer line is graded separately, by ArithmeticTask.grade)."""
     steps, prev = parse_steps(text), p.start
     for i, (op, b) in enumerate(p.ops):
-        if i >= len(steps) or steps[i] != (prev, op, b, _APPLY[op](prev, b)):
+        if i >= len(steps) or steps[i] != (i + 1, prev, op, b, _APPLY[op](prev, b)):
             return i
-        prev = steps[i][3]
+        prev = steps[i][4]
     return None
 
 
@@ -120,6 +145,7 @@ def first_error(text: str, p: Problem) -> int | None:
 class ArithmeticConfig:
     min_steps: int = 3
     max_steps: int = 5
+    max_operand: int = 2  # operands are 1 .. max_operand (small: learnable from scratch in minutes)
     train_size: int = 4000
     eval_size: int = 64
     seed: int = 0
@@ -127,6 +153,8 @@ class ArithmeticConfig:
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"task.min_steps={self.min_steps}: must be in [1, task.max_steps={self.max_steps}]")
+        if not 1 <= self.max_operand <= MODULUS - 1:
+            raise ValueError(f"task.max_operand={self.max_operand}: must be in [1, {MODULUS - 1}]")
         for name in ("train_size", "eval_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"task.{name}={getattr(self, name)}: must be >= 1")
@@ -134,14 +162,13 @@ class ArithmeticConfig:
 
 def _random_problem(rng: np.random.Generator, cfg: ArithmeticConfig) -> Problem:
     n = int(rng.integers(cfg.min_steps, cfg.max_steps + 1))
-    ops = tuple((op, int(rng.choice(_MULTIPLIERS)) if op == "*" else int(rng.integers(1, MODULUS)))
-                for op in (str(rng.choice(list(_PHRASE))) for _ in range(n)))
+    ops = tuple((str(rng.choice(list(_PHRASE))), int(rng.integers(1, cfg.max_operand + 1))) for _ in range(n))
     return Problem(int(rng.integers(0, MODULUS)), ops)
 
 
 def _tokenizer_corpus() -> list[str]:
     """Every text the task and the refine/vanilla templates can produce, for the vocabulary."""
-    p = Problem(4, (("+", 7), ("*", 3), ("-", 5)))
+    p = Problem(4, (("+", 7), ("-", 5)))
     x, y = problem_text(p), solution_text(p)
     texts = [x, y, TRUNCATION_NOTICE]
     for mode in ("opd", "opsd"):

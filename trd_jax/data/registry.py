@@ -16,7 +16,8 @@ def make_task(task_cfg, directory: str):
         raise ConfigError("task.name", f"{task_cfg.name!r} is not one of {', '.join(TASKS)}")
     try:
         cfg = ArithmeticConfig(min_steps=task_cfg.min_steps, max_steps=task_cfg.max_steps,
-                               train_size=task_cfg.train_size, eval_size=task_cfg.eval_size, seed=task_cfg.data_seed)
+                               max_operand=task_cfg.max_operand, train_size=task_cfg.train_size,
+                               eval_size=task_cfg.eval_size, seed=task_cfg.data_seed)
     except ValueError as e:  # "task.<field>=...: message"
         raise ConfigError(str(e).split("=")[0], str(e).split(": ", 1)[-1]) from None
     return ArithmeticTask(os.path.join(directory, "arithmetic"), cfg)

@@ -1,0 +1,78 @@
+"""SFT (the bootstrap's trainer) and the bootstrap's data mixtures."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask, first_error
+from trd_jax.data.arithmetic_bootstrap import BootstrapConfig, sft_sets
+from trd_jax.models.config import ModelConfig
+from trd_jax.models.transformer import Transformer, causal_lm_positions
+from trd_jax.sft import SFTSet, _batch, sft_loss, train_sft
+from trd_jax.tokenization import Tokenizer
+
+CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                  head_dim=16)
+
+
+def test_sft_loss_matches_a_numpy_reference():
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(0)
+    contexts = [list(rng.integers(1, 40, n)) for n in (3, 7, 5)]
+    responses = [list(rng.integers(1, 40, n)) for n in (4, 1, 6)]
+    s = SFTSet("x", contexts, responses)
+    batch = _batch(s, np.arange(3), (8, 8))
+    loss = float(sft_loss(params, graphdef, *batch, context_width=8))
+    # Reference: each row alone, unpadded, full logits, log-softmax in numpy, next-token NLL of the response.
+    nll = []
+    for ctx, resp in zip(contexts, responses):
+        ids = np.array([ctx + resp])
+        mask = np.ones_like(ids, bool)
+        hidden, _ = model(ids, causal_lm_positions(mask), mask)
+        logits = np.asarray(model.logits(hidden), np.float64)[0]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        nll += [-logp[len(ctx) - 1 + r, tok] for r, tok in enumerate(resp)]
+    np.testing.assert_allclose(loss, np.mean(nll), rtol=1e-5)
+
+
+def test_train_sft_learns_a_mapping():
+    rng = np.random.default_rng(1)
+    contexts = [[int(a), 3] for a in rng.integers(5, 15, 64)]
+    responses = [[c[0] + 10, 2] for c in contexts]  # respond with the context's first token + 10, then "EOS"
+    sets = [SFTSet("shift", contexts, responses)]
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    before = float(sft_loss(nnx.split(model)[1], nnx.split(model)[0], *map(jax.numpy.asarray,
+                                                                           _batch(sets[0], np.arange(64), (16, 8))),
+                            context_width=16))
+    logs = []
+    trained = train_sft(model, sets, steps=120, batch_tokens=512, learning_rate=1e-2, seed=0, warmup_steps=10,
+                        on_log=lambda step, m: logs.append(m["sft_loss/shift"]), log_every=40)
+    g, p = nnx.split(trained)
+    after = float(sft_loss(p, g, *map(jax.numpy.asarray, _batch(sets[0], np.arange(64), (16, 8))), context_width=16))
+    assert after < 0.1 < before and len(logs) == 3 and logs[-1] < logs[0]
+    with pytest.raises(ValueError, match="SFT set 'bad'"):
+        SFTSet("bad", [[1]], [])
+
+
+def test_bootstrap_mixtures(tmp_path):
+    task = ArithmeticTask(str(tmp_path), ArithmeticConfig(train_size=400, eval_size=4))
+    tok = Tokenizer.from_dir(task.tokenizer_dir)
+    cfg = BootstrapConfig(student_noise=0.6)
+    teacher = sft_sets(task, tok, "teacher", cfg)
+    assert [s.name for s in teacher] == ["solve", "refine_opd"]
+    train = list(task.split("train"))
+    for s in teacher:  # the teacher always answers with the reference solution, EOS appended
+        assert s.responses[0] == tok.encode_response(train[0].reference, append_eos=True)
+    refine_text = tok.decode(teacher[1].contexts[0])
+    assert "**Your Initial Solution:**" in refine_text and "**Reference Solution:**" not in refine_text
+    student = {s.name: s for s in sft_sets(task, tok, "student", cfg)}
+    assert set(student) == {"solve_noisy", "vanilla_opsd", "refine_opsd"}
+    texts = [tok.decode(r, skip_special_tokens=True) for r in student["solve_noisy"].responses]
+    flawed = [first_error(t, task.problem_of(ex)) is not None for t, ex in zip(texts, train)]
+    assert 0.5 < np.mean(flawed) < 0.7  # the configured noise, 0.6
+    assert all(task.grade(t, ex) == float(not f) for t, ex, f in zip(texts, train, flawed))
+    assert "**Reference Solution:**" in tok.decode(student["vanilla_opsd"].contexts[0])
+    assert train[0].reference in tok.decode(student["refine_opsd"].contexts[0])
