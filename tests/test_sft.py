@@ -62,10 +62,16 @@ def test_bootstrap_mixtures(tmp_path):
     tok = Tokenizer.from_dir(task.tokenizer_dir)
     cfg = BootstrapConfig(student_noise=0.6)
     teacher = sft_sets(task, tok, "teacher", cfg)
-    assert [s.name for s in teacher] == ["solve", "refine_opd"]
+    assert [s.name for s in teacher] == ["solve", "refine_opd", "after_error"]
     train = list(task.split("train"))
-    for s in teacher:  # the teacher always answers with the reference solution, EOS appended
+    for s in teacher[:2]:  # solving and rewriting answer with the reference solution, EOS appended
         assert s.responses[0] == tok.encode_response(train[0].reference, append_eos=True)
+    # After an error in context: about half repair (right answer), half continue (wrong answer).
+    after = teacher[2]
+    repaired = [task.grade(tok.decode(c + r, skip_special_tokens=True).split("<|assistant|>")[-1], ex)
+                for c, r, ex in zip(after.contexts, after.responses, train)]
+    assert 0.4 < np.mean(repaired) < 0.6
+    assert all(r[-1] == tok.eos_id for r in after.responses)
     refine_text = tok.decode(teacher[1].contexts[0])
     assert "**Your Initial Solution:**" in refine_text and "**Reference Solution:**" not in refine_text
     student = {s.name: s for s in sft_sets(task, tok, "student", cfg)}

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, first_error, flawed_solution,
-                                     parse_problem, parse_steps, problem_text, solution_text)
+from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, continuation_after_error,
+                                     corrupted_attempt, first_error, flawed_solution, parse_problem, parse_steps,
+                                     problem_text, solution_text)
 from trd_jax.data.task import Example, PromptIterator
 from trd_jax.refine import RefineConfig, build_refine_prompts, strip_answer_instruction
 from trd_jax.rewards.answers import last_boxed
@@ -69,6 +70,34 @@ def test_flawed_solutions_propagate_the_error(task):
         for i in range(step + 1, len(steps)):  # later steps are right *given* the wrong value
             _, a, op, b, c = steps[i]
             assert a == steps[i - 1][4] and c == (a + b if op == "+" else a - b) % 10
+
+
+def test_continuations_after_an_error_repair_or_continue(task):
+    rng = np.random.default_rng(1)
+    for ex in list(task.split("train"))[:60]:
+        p = task.problem_of(ex)
+        for repair in (True, False):
+            prefix, rest = continuation_after_error(p, rng, repair=repair)
+            assert prefix.endswith("\n") and not rest.startswith("\n")
+            err = first_error(prefix, p)
+            assert err is not None and err == len(parse_steps(prefix)) - 1  # the prefix ends with the wrong line
+            full = prefix + rest
+            assert task.grade(full, ex) == float(repair)  # repairing reaches the right answer
+            steps = parse_steps(full)
+            nxt = steps[err + 1]
+            if repair:  # the next line starts again from the correct value
+                assert nxt[1] == p.values()[err] and steps[err + 1:] == parse_steps(ex.reference)[err + 1:]
+            else:  # consistent with the wrong value
+                assert nxt[1] == steps[err][4]
+
+
+def test_corrupted_attempts_are_wrong(task):
+    rng = np.random.default_rng(2)
+    for ex in list(task.split("train"))[:200]:
+        p = task.problem_of(ex)
+        attempt = corrupted_attempt(p, rng)
+        # A wrong step, or (a cut after the last step) no answer: never a correct solution.
+        assert first_error(attempt, p) is not None or task.grade(attempt, ex) == 0.0, attempt
 
 
 def test_first_error_finds_missing_and_inconsistent_lines():

@@ -87,6 +87,10 @@ def flawed_solution(p: Problem, rng: np.random.Generator, *, error_step: int | N
     n = len(p.ops)
     if error_step is None:
         error_step = int(rng.integers(0, max(1, (n + 1) // 2)))
+    return solution_text(p, _flawed_values(p, rng, error_step)), error_step
+
+
+def _flawed_values(p: Problem, rng: np.random.Generator, error_step: int) -> list[int]:
     values, prev = [], p.start
     for i, (op, b) in enumerate(p.ops):
         v = _APPLY[op](prev, b)
@@ -94,7 +98,22 @@ def flawed_solution(p: Problem, rng: np.random.Generator, *, error_step: int | N
             v = (v + int(rng.integers(1, MODULUS))) % MODULUS  # any other digit
         values.append(v)
         prev = v
-    return solution_text(p, values), error_step
+    return values
+
+
+def continuation_after_error(p: Problem, rng: np.random.Generator, *, repair: bool) -> tuple[str, str]:
+    """(prefix, continuation): the prefix ends with a line whose result is wrong; the continuation either
+    repairs (the next line starts again from the correct value, and the answer is right) or continues
+    consistently from the wrong value. A teacher trained on both faces, after a flawed prefix, exactly the
+    bimodal choice of prefix failure. Needs at least 2 steps."""
+    if len(p.ops) < 2:
+        raise ValueError("continuation_after_error needs a problem with at least 2 steps")
+    error_step = int(rng.integers(0, len(p.ops) - 1))
+    flawed = solution_text(p, _flawed_values(p, rng, error_step)).split("\n")
+    if not repair:
+        return "\n".join(flawed[:error_step + 1]) + "\n", "\n".join(flawed[error_step + 1:])
+    correct = solution_text(p).split("\n")
+    return "\n".join(flawed[:error_step + 1]) + "\n", "\n".join(correct[error_step + 1:])
 
 
 def corrupted_attempt(p: Problem, rng: np.random.Generator) -> str:

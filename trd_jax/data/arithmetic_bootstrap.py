@@ -23,7 +23,7 @@ import time
 import numpy as np
 from flax import nnx
 
-from trd_jax.data.arithmetic import ArithmeticTask, corrupted_attempt, flawed_solution
+from trd_jax.data.arithmetic import ArithmeticTask, continuation_after_error, corrupted_attempt, flawed_solution
 from trd_jax.metrics import atomic_write_json
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.hf_io import save_hf
@@ -54,10 +54,14 @@ class BootstrapConfig:
     teacher_solve_steps: int = 300
     teacher_mixed_steps: int = 450
     student_solve_steps: int = 300
-    student_mixed_steps: int = 200
+    student_mixed_steps: int = 400
     batch_tokens: int = 4096  # tokens per SFT batch (rows = this // padded row width)
     learning_rate: float = 3e-3
     student_noise: float = 0.6  # fraction of the student's solve targets that are flawed
+    # The teacher also learns to go on after a flawed prefix: repairing (this fraction) or continuing
+    # consistently with the error, like a real model that sometimes backtracks. This is what makes its
+    # next-token distribution after a wrong step bimodal (TRD_SPEC §2).
+    repair_fraction: float = 0.5
     seed: int = 0
 
 
@@ -87,7 +91,13 @@ def sft_sets(task: ArithmeticTask, tok: Tokenizer, role: str, cfg: BootstrapConf
     if role == "teacher":
         refine = [tok.encode_prompt(refine_prompt_text(ex.problem, _attempt(task, ex, rng, 0.7, varied=True),
                                                        mode="opd", task="math"), refine_mode) for ex in train]
-        return [SFTSet("solve", x, correct, 1.0), SFTSet("refine_opd", refine, correct, 1.0)]
+        prefixes, continuations = [], []
+        for ex, ids in zip(train, x):
+            prefix, rest = continuation_after_error(task.problem_of(ex), rng, repair=rng.random() < cfg.repair_fraction)
+            prefixes.append(ids + tok.encode(prefix))
+            continuations.append(tok.encode_response(rest, append_eos=True))
+        return [SFTSet("solve", x, correct, 1.0), SFTSet("refine_opd", refine, correct, 1.0),
+                SFTSet("after_error", prefixes, continuations, 0.5)]
     noisy = [tok.encode_response(_attempt(task, ex, rng, cfg.student_noise), append_eos=True) for ex in train]
     vanilla = [vanilla_teacher_context(ex.problem, ex.reference, mode="opsd", task="math", tokenizer=tok,
                                        prompt_mode=prompt_mode) for ex in train]
