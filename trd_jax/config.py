@@ -78,13 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
         student_model=dict(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=24),
         teacher_solve_steps=300, teacher_mixed_steps=450,  # SFT steps: solving alone, then with refine prompts
-        student_solve_steps=300, student_mixed_steps=400,  # then with OPSD contexts (the reference in context)
+        student_solve_steps=300, student_mixed_steps=200,  # then with OPSD contexts (the reference in context)
         batch_tokens=4096,  # tokens per SFT batch
         learning_rate=3e-3,
         student_noise=0.6,  # fraction of the student's solutions with an early wrong step carried forward
-        # After a flawed prefix the teacher learned to repair (this fraction) or to continue consistently:
-        # its next-token distribution there is the bimodal mixture of prefix failure.
-        repair_fraction=0.5,
+        # > 0: the teacher also learns to repair (this fraction) or continue after a flawed prefix, so that
+        # its next-token distribution there is the bimodal mixture of prefix failure (costs rewrite accuracy).
+        repair_fraction=0.0,
         seed=0,
     ))
 

@@ -52,12 +52,12 @@ def _teacher_tokens(trainer, prompts, responses, contexts):
     return stats, adv, batch.response_mask
 
 
-def measure(workdir: str, setting: str, prompts: int, seed: int) -> dict:
+def measure(workdir: str, setting: str, prompts: int, seed: int, repair_fraction: float) -> dict:
     from trd_jax.controller import Trainer
 
     cfg = method_config("trd", setting, seed)
     apply_overrides(cfg, {"bootstrap.dir": os.path.join(workdir, "bootstrap"), "log.progress": False,
-                          "train.batch_size": prompts})
+                          "train.batch_size": prompts, "bootstrap.repair_fraction": repair_fraction})
     trainer = Trainer(cfg, os.path.join(workdir, f"prefix_failure_{setting}"))
     tok, task, s = trainer.tok, trainer.task, trainer.s
     examples = trainer.data.next(prompts)
@@ -72,20 +72,27 @@ def measure(workdir: str, setting: str, prompts: int, seed: int) -> dict:
                                             prompt_mode=s.prompt_mode)
     stats, adv_o, mask_o = _teacher_tokens(trainer, x, y_o, vanilla)
     newline = tok.encode("\n")[0]
-    by_offset = {"flawed": {d: {"entropy": [], "top2_gap": []} for d in OFFSETS}}
-    correct_lines = {"entropy": [], "top2_gap": []}
+    # Per line: the largest entropy and the smallest top-2 gap over its tokens. The choice between
+    # repairing and continuing falls on one token per line (the carried value), which a mean over the
+    # line's ~9 tokens would dilute.
+    keys = ("entropy", "top2_gap")
+    by_offset = {"flawed": {d: {k: [] for k in keys} for d in OFFSETS}}
+    correct_lines = {k: [] for k in keys}
     for b, err in enumerate(errors):
         lines = _line_index(y_o[b], newline)
         n = len(y_o[b])
         ent, gap = stats.entropy[b, :n], stats.top2_gap[b, :n]
-        if err is None:
-            correct_lines["entropy"] += list(ent)
-            correct_lines["top2_gap"] += list(gap)
-            continue
-        for d in OFFSETS:
-            sel = lines == err + d
-            by_offset["flawed"][d]["entropy"] += list(ent[sel])
-            by_offset["flawed"][d]["top2_gap"] += list(gap[sel])
+        for line in np.unique(lines):
+            sel = lines == line
+            worst = {"entropy": float(ent[sel].max()), "top2_gap": float(gap[sel].min())}
+            if err is None:
+                target = correct_lines
+            elif line - err in by_offset["flawed"]:
+                target = by_offset["flawed"][line - err]
+            else:
+                continue
+            for k in keys:
+                target[k].append(worst[k])
     # TRD: the teacher rewrites the same rollouts; sign flips of per-token advantages on y_o and on y_r.
     trajectories.refine(rows, tok, s.refine, lambda ids: trainer._sample(
         trainer.refine_sampler, trainer._teacher_params(), ids, s.refine.rewrite_budget, s.refine_sampling, 1, key_r))
@@ -116,13 +123,13 @@ def report(results: list[dict]) -> str:
     for r in results:
         lines += [f"## {r['setting'].upper()}: {r['rollouts']} student rollouts, {r['flawed']} with a wrong step "
                   f"(accuracy y_o {100 * r['accuracy_y_o']:.1f}%, y_r {100 * r['accuracy_y_r']:.1f}%)", "",
-                  "Teacher (vanilla context) on y_o, mean per token of each line relative to the first wrong step "
-                  "(0 = the line with the error):", "",
-                  "| line | teacher entropy (nats) | top-2 mass gap |", "|---|---|---|"]
+                  "Teacher (vanilla context) on y_o, per line relative to the first wrong step (0 = the line with "
+                  "the error): the line's largest token entropy and smallest top-2 mass gap, averaged over rollouts:",
+                  "", "| line | max teacher entropy (nats) | min top-2 mass gap |", "|---|---|---|"]
         for d, m in r["by_offset"].items():
             lines.append(f"| {d:+d} | {m['entropy']:.3f} | {m['top2_gap']:.3f} |")
         c = r["correct"]
-        lines += [f"| rollouts without error (all lines) | {c['entropy']:.3f} | {c['top2_gap']:.3f} |", "",
+        lines += [f"| rollouts without error (every line) | {c['entropy']:.3f} | {c['top2_gap']:.3f} |", "",
                   "Sign-flip rate of per-token advantages log q - log p (consecutive tokens of opposite sign):", "",
                   "| trajectory | sign flips |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in r["sign_flips"].items()]
@@ -159,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="opd,opsd")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repair-fraction", type=float, default=0.0,
+                        help="bootstrap a teacher that repairs this fraction of flawed prefixes (0: the default)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results = [measure(args.workdir, s, args.prompts, args.seed) for s in args.settings.split(",")]
+    results = [measure(args.workdir, s, args.prompts, args.seed, args.repair_fraction)
+               for s in args.settings.split(",")]
     text = report(results)
     with open(os.path.join(args.workdir, "prefix_failure.md"), "w") as f:
         f.write(text)
