@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 from trd_jax.config import base_config
@@ -45,6 +47,20 @@ METHODS: dict[str, dict[str, object]] = {
     "jsd0.5": {"loss.name": "jsd", "loss.jsd_beta": 0.5},
 }
 BASELINE_DEFAULTS = {"distill.trajectory": "y_o", "distill.teacher_context": "vanilla"}
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """["key=value", ...] from a command line; values parsed as JSON when they can be (numbers, booleans)."""
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, object]) -> ml_collections.ConfigDict:

@@ -25,7 +25,7 @@ import numpy as np
 from trd_jax import diagnostics, trajectories
 from trd_jax.data.arithmetic import first_error
 from trd_jax.layouts import distill_batch
-from trd_jax.recipes import apply_overrides, method_config
+from trd_jax.recipes import apply_overrides, method_config, parse_overrides
 
 OFFSETS = range(-2, 4)  # lines relative to the first wrong step
 
@@ -52,12 +52,14 @@ def _teacher_tokens(trainer, prompts, responses, contexts):
     return stats, adv, batch.response_mask
 
 
-def measure(workdir: str, setting: str, prompts: int, seed: int, repair_fraction: float) -> dict:
+def measure(workdir: str, setting: str, prompts: int, seed: int, repair_fraction: float,
+            overrides: dict | None = None) -> dict:
     from trd_jax.controller import Trainer
 
     cfg = method_config("trd", setting, seed)
     apply_overrides(cfg, {"bootstrap.dir": os.path.join(workdir, "bootstrap"), "log.progress": False,
-                          "train.batch_size": prompts, "bootstrap.repair_fraction": repair_fraction})
+                          "train.batch_size": prompts, "bootstrap.repair_fraction": repair_fraction,
+                          **(overrides or {})})
     trainer = Trainer(cfg, os.path.join(workdir, f"prefix_failure_{setting}"))
     tok, task, s = trainer.tok, trainer.task, trainer.s
     examples = trainer.data.next(prompts)
@@ -168,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repair-fraction", type=float, default=0.0,
                         help="bootstrap a teacher that repairs this fraction of flawed prefixes (0: the default)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set bootstrap.teacher_mixed_steps=900 (value parsed as JSON)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results = [measure(args.workdir, s, args.prompts, args.seed, args.repair_fraction)
+    overrides = parse_overrides(args.set)
+    results = [measure(args.workdir, s, args.prompts, args.seed, args.repair_fraction, overrides)
                for s in args.settings.split(",")]
     text = report(results)
     with open(os.path.join(args.workdir, "prefix_failure.md"), "w") as f:

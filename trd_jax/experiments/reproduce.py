@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from trd_jax.recipes import METHODS, apply_overrides, default_config, method_config
+from trd_jax.recipes import METHODS, apply_overrides, default_config, method_config, parse_overrides
 
 log = logging.getLogger("reproduce")
 SETTINGS = ("opd", "opsd")
@@ -173,13 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name}: unknown {bad}; choose from {', '.join(valid)}")
     if args.seeds < 1 or args.steps < 1:
         parser.error("--seeds and --steps must be >= 1")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("absl", "jax", "orbax", "trd_jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
