@@ -91,9 +91,6 @@ def distill_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
     teacher = build_layout(contexts, responses, context_width=t_width, response_width=r, name="teacher_contexts")
     response_mask = student.mask[:, s_width:]
     targets = np.where(response_mask, student.tokens[:, s_width:], pad_id).astype(np.int32)
-    # The invariant the whole distillation rests on: both sides score the same ids at the same r.
-    assert np.array_equal(student.tokens[:, s_width:], teacher.tokens[:, t_width:]) and np.array_equal(
-        response_mask, teacher.mask[:, t_width:])
     return DistillBatch(student, teacher, targets.copy(), response_mask.copy())
 
 
