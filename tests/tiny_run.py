@@ -1,6 +1,7 @@
 """A run configuration small enough for tests: a 2-layer d=32 student, 4 prompts per step, short budgets."""
 
 from trd_jax.config import base_config
+from trd_jax.recipes import apply_overrides
 
 
 def tiny_config(**overrides):
@@ -19,10 +20,4 @@ def tiny_config(**overrides):
     cfg.loss.chunk_size = 16
     cfg.checkpoint.update(every=1, keep=3)
     cfg.log.progress = False
-    for key, value in overrides.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return cfg
+    return apply_overrides(cfg, overrides)

@@ -40,6 +40,13 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def config_error(section: str, error: ValueError, note: str = "") -> ConfigError:
+    """A settings dataclass's ValueError "<Class or section>.<field>=<value>: <message>" as a ConfigError on
+    "<section>.<field>"."""
+    head, _, message = str(error).partition(": ")
+    return ConfigError(f"{section}.{head.split('=')[0].split('.')[-1]}", message + note)
+
+
 def _model_fields() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         source="random",  # "random": initialise from `model` below (tests, toys) | "path": load `path`
@@ -358,9 +365,8 @@ def _refine_sampling(cfg, rollout: SamplingConfig) -> SamplingConfig:
         values[name] = default if value == -1 else value
     try:
         return SamplingConfig(**values)
-    except ValueError as e:  # "SamplingConfig.<field>=...: message"
-        field = str(e).split("=")[0].removeprefix("SamplingConfig.")
-        raise ConfigError(f"refine.{field}", str(e).split(": ", 1)[-1] + " (or -1: the rollout's value)") from None
+    except ValueError as e:
+        raise config_error("refine", e, " (or -1: the rollout's value)") from None
 
 
 def _sampling(cfg, section: str) -> SamplingConfig:
@@ -380,9 +386,8 @@ def _refine(cfg, mode: str, task_kind: str) -> RefineConfig:
         fields[f.name] = value
     try:
         return RefineConfig(mode=mode, task=task_kind, **fields)
-    except ValueError as e:  # RefineConfig names its field: "RefineConfig.<field>=..."
-        field = str(e).split("=")[0].removeprefix("RefineConfig.")
-        raise ConfigError(f"refine.{field}", str(e).split(": ", 1)[-1]) from None
+    except ValueError as e:
+        raise config_error("refine", e) from None
 
 
 def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Settings:

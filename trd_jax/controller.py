@@ -37,9 +37,8 @@ from trd_jax.data.registry import make_task
 from trd_jax.data.task import PromptIterator
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
-from trd_jax.models.config import ModelConfig
 from trd_jax.models.hf_io import load_hf, save_hf
-from trd_jax.models.transformer import Transformer
+from trd_jax.models.transformer import Transformer, init_for_tokenizer
 from trd_jax.reports import COST_PHASES
 from trd_jax.sampling import Sampler
 from trd_jax.sharding import make_mesh, param_shardings
@@ -60,14 +59,9 @@ def build_model(src: ModelSource, tokenizer: Tokenizer, seed: int, side: str) ->
             return load_hf(src.path, dtype=src.dtype, param_dtype=src.param_dtype)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"{side}.path", str(e)) from None
-    shape = dict(src.shape)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=shape["hidden_size"],
-                      intermediate_size=shape["intermediate_size"], num_layers=shape["num_layers"],
-                      num_heads=shape["num_heads"], num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
-                      rope_theta=float(shape["rope_theta"]), tie_word_embeddings=shape["tie_word_embeddings"],
-                      max_position_embeddings=shape["max_position_embeddings"], dtype=src.dtype,
-                      param_dtype=src.param_dtype, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    return Transformer(cfg, rngs=nnx.Rngs(src.init_seed if src.init_seed >= 0 else seed))
+    fields = {**src.shape, "rope_theta": float(src.shape["rope_theta"])}
+    return init_for_tokenizer(tokenizer, seed=src.init_seed if src.init_seed >= 0 else seed, dtype=src.dtype,
+                              param_dtype=src.param_dtype, **fields)
 
 
 def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

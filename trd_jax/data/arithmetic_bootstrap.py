@@ -21,13 +21,11 @@ import os
 import time
 
 import numpy as np
-from flax import nnx
 
 from trd_jax.data.arithmetic import ArithmeticTask, continuation_after_error, corrupted_attempt, flawed_solution
 from trd_jax.metrics import atomic_write_json
-from trd_jax.models.config import ModelConfig
 from trd_jax.models.hf_io import save_hf
-from trd_jax.models.transformer import Transformer
+from trd_jax.models.transformer import Transformer, init_for_tokenizer
 from trd_jax.refine import refine_prompt_text, vanilla_teacher_context
 from trd_jax.sft import SFTSet, train_sft
 from trd_jax.tokenization import Tokenizer
@@ -68,9 +66,8 @@ class BootstrapConfig:
 
 
 def _model(shape: ModelShape, tok: Tokenizer, seed: int) -> Transformer:
-    cfg = ModelConfig(vocab_size=tok.vocab_size, max_position_embeddings=1024, tie_word_embeddings=True,
-                      eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **dataclasses.asdict(shape))
-    return Transformer(cfg, rngs=nnx.Rngs(seed))
+    return init_for_tokenizer(tok, seed=seed, max_position_embeddings=1024, tie_word_embeddings=True,
+                              **dataclasses.asdict(shape))
 
 
 def _attempt(task: ArithmeticTask, ex, rng: np.random.Generator, p_flawed: float, *, varied: bool = False) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from trd_jax.config import ConfigError
+from trd_jax.config import ConfigError, config_error
 from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask
 
 TASKS = ("arithmetic",)
@@ -18,6 +18,6 @@ def make_task(task_cfg, directory: str):
         cfg = ArithmeticConfig(min_steps=task_cfg.min_steps, max_steps=task_cfg.max_steps,
                                max_operand=task_cfg.max_operand, train_size=task_cfg.train_size,
                                eval_size=task_cfg.eval_size, seed=task_cfg.data_seed)
-    except ValueError as e:  # "task.<field>=...: message"
-        raise ConfigError(str(e).split("=")[0], str(e).split(": ", 1)[-1]) from None
+    except ValueError as e:
+        raise config_error("task", e) from None
     return ArithmeticTask(os.path.join(directory, "arithmetic"), cfg)

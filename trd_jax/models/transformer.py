@@ -209,6 +209,14 @@ class Transformer(nnx.Module):
         return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
 
 
+def init_for_tokenizer(tokenizer, *, seed: int, **fields) -> Transformer:
+    """A randomly initialised model whose vocabulary, EOS and pad ids are the tokenizer's (anything with
+    vocab_size, eos_id and pad_id); ``fields`` are the other ModelConfig fields."""
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                      **fields)
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
 def causal_lm_positions(mask: Array) -> Array:
     """Positions of the valid tokens of each row (padding anywhere): cumsum(mask) - 1, clipped at 0."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
