@@ -84,14 +84,15 @@ def base_config() -> ml_collections.ConfigDict:
                            head_dim=32),
         student_model=dict(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=24),
-        teacher_solve_steps=300, teacher_mixed_steps=450,  # SFT steps: solving alone, then with refine prompts
-        student_solve_steps=300, student_mixed_steps=200,  # then with OPSD contexts (the reference in context)
+        teacher_solve_steps=300, teacher_mixed_steps=1000,  # SFT steps: solving alone, then with refine prompts
+        student_solve_steps=300, student_mixed_steps=800,  # then with OPSD contexts (the reference in context)
         batch_tokens=4096,  # tokens per SFT batch
         learning_rate=3e-3,
-        student_noise=0.6,  # fraction of the student's solutions with an early wrong step carried forward
-        # > 0: the teacher also learns to repair (this fraction) or continue after a flawed prefix, so that
-        # its next-token distribution there is the bimodal mixture of prefix failure (costs rewrite accuracy).
-        repair_fraction=0.0,
+        student_noise=0.8,  # fraction of the student's solutions with an early wrong step carried forward
+        student_reference_weight=4.0,  # sampling weight of the OPSD context x + y* -> y* (noisy solutions: 2)
+        # The teacher also learns to repair (this fraction) or continue after a flawed prefix, so that its
+        # next-token distribution there is the bimodal mixture of prefix failure (0: it always continues).
+        repair_fraction=0.5,
         seed=0,
     ))
 
@@ -261,6 +262,7 @@ def bootstrap_config(cfg):
                            batch_tokens=_int(cfg, "bootstrap.batch_tokens", 64),
                            learning_rate=_float(cfg, "bootstrap.learning_rate", 0.0, open_low=True),
                            student_noise=_float(cfg, "bootstrap.student_noise", 0.0, 1.0),
+                           student_reference_weight=_float(cfg, "bootstrap.student_reference_weight", 0.0),
                            repair_fraction=_float(cfg, "bootstrap.repair_fraction", 0.0, 1.0),
                            seed=_int(cfg, "bootstrap.seed", 0))
 

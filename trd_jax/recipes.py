@@ -39,6 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
 METHODS: dict[str, dict[str, object]] = {
     "trd": {"distill.trajectory": "y_r", "distill.teacher_context": "vanilla", "loss.name": "forward_kl"},
     "trd_refine_context": {"distill.trajectory": "y_r", "distill.teacher_context": "refine", "loss.name": "forward_kl"},
+    # [code-ob]'s TRD trains y_r with its OPD loss, the sampled-token k1 reverse KL in PG form (TRD_SPEC §3).
+    "trd_k1_pg": {"distill.trajectory": "y_r", "distill.teacher_context": "vanilla", "loss.name": "k1_policy_gradient"},
+    # Full reverse KL on y_r: mode-seeking, it can pick one mode of a bimodal teacher instead of averaging.
+    "trd_reverse_kl": {"distill.trajectory": "y_r", "distill.teacher_context": "vanilla", "loss.name": "reverse_kl"},
     "reverse_kl_k1_pg": {"loss.name": "k1_policy_gradient"},
     "reverse_kl": {"loss.name": "reverse_kl"},
     "forward_kl": {"loss.name": "forward_kl"},
