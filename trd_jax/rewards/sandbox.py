@@ -1,0 +1,650 @@
+"""Run untrusted Python (model-written code) in a contained child process. Linux only.
+
+Layers, outermost first (see ``SANDBOX_GUARANTEES`` below for what they do and do not promise):
+
+1. Namespaces (when this machine allows them; otherwise ``run_program`` refuses unless
+   ``SandboxConfig.allow_unsandboxed``): a new network namespace (no interface but a downed loopback:
+   no network at all), PID namespace (the program sees only its own processes and the whole tree dies
+   with it), IPC namespace, and mount namespace in which the whole filesystem is read-only, /tmp,
+   /var/tmp, /run, /root and /home are empty, /dev holds only null/zero/full/random/urandom, and the
+   working directory is a private size-bounded tmpfs.
+2. Credentials: when the parent is root the program runs as ``sandbox_uid`` (nobody); the program
+   never keeps a capability (it execs as a non-root uid of its user namespace, with no_new_privs).
+3. Resource limits (setrlimit in the child before exec): CPU seconds, address space, file size,
+   processes (counted per sandbox: each sandbox gets a fresh user namespace, whose process count starts
+   at zero), open files, no core dumps; a wall-clock timeout kills the whole process group.
+4. A scrubbed environment (PATH, LANG, HOME and TMPDIR only) and Python's isolated mode (-I -S -B).
+5. An audit hook (sys.addaudithook, ``SandboxConfig.audit_hook``) refusing process creation, sockets,
+   ctypes and writes outside the working directory. Audit hooks can be bypassed by determined code, so
+   this is a second layer that turns likely mistakes into clean failures, not the containment.
+
+This file is also the launcher: the parent runs ``python -I -S -B sandbox.py --launch SPEC``, a fresh
+single-threaded interpreter that builds the sandbox and then execs the program. (Doing this in a
+``preexec_fn`` would run Python code in a fork of a multi-threaded parent - ``run_many`` uses threads -,
+which can deadlock.) So the module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import resource
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+STATUSES = ("ok", "failed", "timeout", "killed", "memory", "error")
+# Exit code of the prelude when the program dies of MemoryError (Python would exit 1 like any error).
+MEMORY_EXIT_CODE = 86
+# Directories replaced by an empty read-only tmpfs in the sandbox: scratch space shared with other
+# processes (and the sockets of /run), and home directories (credentials, tokens, caches).
+DEFAULT_HIDDEN_PATHS = ("/tmp", "/var/tmp", "/run", "/root", "/home")
+NOBODY_UID = 65534
+_PROGRAM_NAME = "main.py"
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+
+SANDBOX_GUARANTEES = """\
+Guaranteed with namespaces (the default; run_program refuses without them):
+- no network: the program's network namespace has only a downed loopback interface (TCP/UDP to any
+  host, the parent's loopback included, fails), abstract unix sockets are per namespace, and the
+  directories holding path unix sockets (/run, /tmp) are hidden;
+- no write outside its working directory: every mount is read-only and nosuid (the program cannot undo
+  this: it holds no capability), the working directory is a private tmpfs of disk_mb MiB that vanishes
+  with the sandbox, /tmp, /var/tmp, /run, /root, /home (and hidden_paths) are empty, /dev has only
+  null, zero, full, random, urandom;
+- no secrets from the parent: the environment is PATH, LANG, HOME, TMPDIR only; /proc is the program's
+  own PID namespace (no /proc/<parent>/environ); home directories are hidden;
+- bounded resources: wall time (timeout_s, then SIGKILL of the whole tree: the PID namespace dies with
+  its first process, which the launcher's death kills), CPU time per process (cpu_s), address space
+  per process (memory_mb), file size (file_size_mb), processes and threads of the program together
+  (max_processes), open files (max_open_files), no core dumps;
+- no privilege: as root the program runs as sandbox_uid; it ends up with no capability and with
+  no_new_privs (setuid binaries do not elevate).
+Not guaranteed:
+- kernel bugs: namespaces and rlimits are not a VM; there is no seccomp filter;
+- files readable by the sandbox uid outside the hidden paths stay readable (e.g. /etc, /usr, /work),
+  and so do /sys and the system-wide parts of /proc (hardware, load); /proc is writable as it is for any
+  unprivileged process (its own entries);
+- kernel keyrings: the session keyring is inherited from the parent (unreachable from the standard
+  library without ctypes, which the audit hook refuses);
+- memory is limited per process, so the total is at most max_processes * memory_mb; CPU time likewise;
+- with allow_unsandboxed=True and no namespaces: no network isolation, no read-only filesystem, no
+  hidden paths; a process that calls setsid() escapes the group kill; a parent running as root that
+  cannot hand the interpreter to sandbox_uid runs the program as root (where RLIMIT_NPROC is void);
+  only the rlimits, the environment scrub and the (bypassable) audit hook remain.
+"""
+
+
+class SandboxUnavailableError(RuntimeError):
+    """The machine cannot build the namespaces and the caller did not allow running without them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxConfig:
+    timeout_s: float = 10.0  # wall clock, then SIGKILL of the whole process tree
+    cpu_s: float = 10.0  # CPU seconds per process (RLIMIT_CPU, rounded up)
+    memory_mb: int = 1024  # address space per process (RLIMIT_AS)
+    file_size_mb: int = 16  # largest file the program may write (RLIMIT_FSIZE)
+    disk_mb: int = 64  # size of the private working directory (tmpfs; with namespaces only)
+    max_processes: int = 32  # processes and threads of the program, itself included (RLIMIT_NPROC)
+    max_open_files: int = 64  # RLIMIT_NOFILE
+    output_limit_bytes: int = 1 << 20  # stdout and stderr are each cut to this many bytes
+    audit_hook: bool = True  # the second-layer audit hook (see the module docstring)
+    # Emptied in the sandbox (absolute paths). The interpreter's installation is shown again when it lies
+    # inside one; outside them, every directory above it must be enterable by the program's uid.
+    hidden_paths: tuple[str, ...] = DEFAULT_HIDDEN_PATHS
+    sandbox_uid: int = NOBODY_UID  # the uid the program runs as when the parent is root
+    # Without namespaces the program would have the network and a writable filesystem: refuse unless set.
+    allow_unsandboxed: bool = False
+
+    def __post_init__(self):
+        for name in ("timeout_s", "cpu_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"SandboxConfig.{name}={value!r}: must be a number > 0")
+        # memory_mb >= 64: the interpreter itself needs some tens of MiB of address space to start.
+        for name, low in (("memory_mb", 64), ("file_size_mb", 1), ("disk_mb", 1), ("max_processes", 1),
+                          ("max_open_files", 16), ("output_limit_bytes", 1), ("sandbox_uid", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"SandboxConfig.{name}={value!r}: must be an int >= {low}")
+        for name in ("audit_hook", "allow_unsandboxed"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SandboxConfig.{name}={getattr(self, name)!r}: must be a bool")
+        paths = self.hidden_paths
+        if not isinstance(paths, (tuple, list)) or not all(isinstance(p, str) and os.path.isabs(p) and p != "/"
+                                                            for p in paths):
+            raise ValueError(f"SandboxConfig.hidden_paths={paths!r}: must be a tuple of absolute paths other than /")
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxResult:
+    # ok: exit 0 | failed: other exit code | timeout: wall clock or CPU limit | killed: a signal |
+    # memory: MemoryError | error: the sandbox could not be built (see `error`)
+    status: str
+    returncode: int  # negative: killed by that signal
+    stdout: str
+    stderr: str
+    wall_s: float
+    truncated: bool  # stdout or stderr was cut to output_limit_bytes
+    isolated: bool  # ran inside the namespaces (False only with allow_unsandboxed)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent side
+
+
+@functools.lru_cache(maxsize=1)
+def probe_isolation() -> tuple[bool, str]:
+    """(whether this machine can build the sandbox's namespaces, why not). Runs a trivial program once."""
+    result = _execute("pass", SandboxConfig(timeout_s=30.0), None, isolate=True)
+    if result.ok:
+        return True, ""
+    return False, result.error or f"{result.status}: {result.stderr.strip()[-500:]}"
+
+
+def run_program(source: str, config: SandboxConfig | None = None, stdin: str | bytes | None = None) -> SandboxResult:
+    """Run the Python program ``source`` (stdin: text or bytes fed to it) in the sandbox."""
+    config = config or SandboxConfig()
+    available, reason = probe_isolation()
+    if not available and not config.allow_unsandboxed:
+        raise SandboxUnavailableError(
+            f"cannot create the sandbox's namespaces here ({reason}); refusing to run untrusted code with "
+            "network access and a writable filesystem. Set SandboxConfig.allow_unsandboxed=True to run anyway.")
+    return _execute(source, config, stdin, isolate=available)
+
+
+def run_many(sources: Sequence[str], config: SandboxConfig | None = None,
+             stdins: Sequence[str | bytes | None] | None = None, max_workers: int | None = None) -> list[SandboxResult]:
+    """``run_program`` over many programs, at most ``max_workers`` (default: the CPU count) at a time;
+    results in the order of ``sources``."""
+    from concurrent.futures import ThreadPoolExecutor  # only the parent needs it (the launcher imports this file)
+
+    if stdins is not None and len(stdins) != len(sources):
+        raise ValueError(f"run_many: stdins has {len(stdins)} entries for {len(sources)} sources")
+    if max_workers is not None and max_workers < 1:
+        raise ValueError(f"run_many: max_workers={max_workers!r}: must be >= 1")
+    if not sources:
+        return []
+    config = config or SandboxConfig()
+    probe_isolation()  # once, before the threads (and its refusal raises here, not in a worker)
+    inputs = stdins if stdins is not None else [None] * len(sources)
+    # Threads suffice: each one only waits on its child process.
+    with ThreadPoolExecutor(max_workers=max_workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda job: run_program(job[0], config, job[1]), zip(sources, inputs)))
+
+
+def _interpreter() -> tuple[str, list[str]]:
+    """The real interpreter binary (a venv's python is a symlink to it; -I -S needs no venv) and the
+    directories the sandbox must show for it to start: its installation prefix(es)."""
+    python = os.path.realpath(sys.executable)
+    dirs = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix), os.path.dirname(python)})
+    # Keep only the outermost (a directory inside another is shown with it).
+    return python, [d for d in dirs if not any(d != o and d.startswith(o.rstrip("/") + "/") for o in dirs)]
+
+
+def _execute(source: str, config: SandboxConfig, stdin: str | bytes | None, isolate: bool) -> SandboxResult:
+    python, exposed = _interpreter()
+    workdir = tempfile.mkdtemp(prefix="trd-sandbox-")
+    status_read, status_write = os.pipe()  # the launcher's setup errors (closed unread on a good exec)
+    try:
+        with open(os.path.join(workdir, _PROGRAM_NAME), "w", encoding="utf-8") as f:
+            f.write(source)
+        stdin_path = os.path.join(workdir, ".stdin")
+        with open(stdin_path, "wb") as f:
+            f.write(stdin.encode("utf-8") if isinstance(stdin, str) else stdin or b"")
+        if os.geteuid() == 0:  # the program runs as sandbox_uid: give it its directory
+            for path in (workdir, os.path.join(workdir, _PROGRAM_NAME)):
+                os.chown(path, config.sandbox_uid, config.sandbox_uid)
+        spec = dict(isolate=isolate, workdir=workdir, python=python, exposed=exposed,
+                    hidden=list(config.hidden_paths), uid=config.sandbox_uid, status_fd=status_write,
+                    cpu_s=math.ceil(config.cpu_s), memory_mb=config.memory_mb, file_size_mb=config.file_size_mb,
+                    disk_mb=config.disk_mb, max_processes=config.max_processes,
+                    max_open_files=config.max_open_files, audit_hook=config.audit_hook)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
+        start = time.monotonic()
+        with open(stdin_path, "rb") as stdin_file:
+            proc = subprocess.Popen(
+                [python, "-I", "-S", "-B", os.path.abspath(__file__), "--launch", json.dumps(spec)],
+                stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=env,
+                start_new_session=True, close_fds=True, pass_fds=(status_write,))
+        os.close(status_write)
+        status_write = -1
+        try:
+            stdout, stderr, truncated, timed_out = _collect(proc, start + config.timeout_s, config.output_limit_bytes)
+        finally:
+            # Stragglers (or everything, if collecting failed). Before the wait: the group cannot be
+            # recycled while its leader, the launcher, is unreaped.
+            _kill_group(proc.pid)
+            returncode = proc.wait()
+        wall_s = time.monotonic() - start
+        setup_error = _read_all(status_read).decode("utf-8", "replace")
+    finally:
+        for fd in (status_read, status_write):
+            if fd >= 0:
+                os.close(fd)
+        _remove_tree(workdir)
+    return SandboxResult(status=_status(setup_error, timed_out, returncode), returncode=returncode,
+                         stdout=stdout.decode("utf-8", "replace"), stderr=stderr.decode("utf-8", "replace"),
+                         wall_s=wall_s, truncated=truncated, isolated=isolate, error=setup_error)
+
+
+def _status(setup_error: str, timed_out: bool, returncode: int) -> str:
+    if setup_error:
+        return "error"
+    if timed_out or returncode == -signal.SIGXCPU:  # SIGXCPU: RLIMIT_CPU reached
+        return "timeout"
+    if returncode < 0:
+        return "killed"
+    if returncode == MEMORY_EXIT_CODE:
+        return "memory"
+    return "ok" if returncode == 0 else "failed"
+
+
+def _collect(proc: subprocess.Popen, deadline: float, limit: int) -> tuple[bytes, bytes, bool, bool]:
+    """Read stdout and stderr until the process exits (plus a short grace for what is still in the
+    pipes) or the deadline passes; keep the first ``limit`` bytes of each and drop the rest, so that a
+    program printing forever costs no memory. Returns (stdout, stderr, truncated, timed_out)."""
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    buffers = {out_fd: bytearray(), err_fd: bytearray()}
+    truncated = exited = False
+    exit_fd = os.pidfd_open(proc.pid)  # readable once the launcher exits; does not reap it
+    try:
+        with selectors.DefaultSelector() as selector:
+            for fd in (out_fd, err_fd, exit_fd):
+                selector.register(fd, selectors.EVENT_READ)
+            end = deadline
+            while len(selector.get_map()) > 0:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                for key, _ in selector.select(remaining):
+                    if key.fd == exit_fd:
+                        # What it wrote is in the pipes by now; the grace bounds the wait for processes
+                        # that outlive it holding the pipes (possible only unsandboxed).
+                        exited = True
+                        end = min(deadline, time.monotonic() + 0.5)
+                        selector.unregister(exit_fd)
+                        continue
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        selector.unregister(key.fd)
+                        continue
+                    buffer = buffers[key.fd]
+                    room = max(limit - len(buffer), 0)
+                    truncated |= len(chunk) > room
+                    buffer += chunk[:room]
+    finally:
+        os.close(exit_fd)
+    if not exited:
+        _kill_group(proc.pid)
+    proc.stdout.close()
+    proc.stderr.close()
+    return bytes(buffers[out_fd]), bytes(buffers[err_fd]), truncated, not exited
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)  # every writer is gone by now; never block on a surprise
+    data = b""
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            data += chunk
+    except BlockingIOError:
+        pass
+    return data
+
+
+def _remove_tree(path: str) -> None:
+    def make_writable_and_retry(func, failed_path, _exc):
+        # A program may leave a directory without write or search permission (unsandboxed runs).
+        try:
+            os.chmod(os.path.dirname(failed_path), 0o700)
+            os.chmod(failed_path, 0o700)
+            func(failed_path)
+        except OSError:
+            pass
+
+    # The same handler serves both keywords (it ignores its third argument); onerror is deprecated in 3.12.
+    key = "onexc" if sys.version_info >= (3, 12) else "onerror"
+    shutil.rmtree(path, **{key: make_writable_and_retry})
+
+
+# ------------------------------------------------------------------------------------------------
+# The program's prelude: run by the sandboxed interpreter (``-c``) before the program. argv:
+# [-c, "1" to install the audit hook | "0", program path].
+
+_PRELUDE = r'''
+import os, sys
+
+def _install_audit_hook():
+    root = os.path.realpath(os.getcwd())
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    denied = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
+              "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "socket.connect", "socket.bind",
+              "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "ctypes.dlopen", "ctypes.dlsym",
+              "ctypes.cdata", "sys.remote_exec"}
+    # Events that modify a path: the index(es) of the path argument(s).
+    path_events = {"os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1),
+                   "os.symlink": (1,), "os.link": (1,), "os.chmod": (0,), "os.chown": (0,),
+                   "os.truncate": (0,), "os.utime": (0,), "shutil.rmtree": (0,), "os.mknod": (0,)}
+
+    def inside(path):
+        if isinstance(path, int):  # an already open descriptor
+            return True
+        real = os.path.realpath(os.path.join(root, os.fsdecode(path)))
+        return real == root or real.startswith(root + os.sep) or real == "/dev/null"
+
+    def hook(event, args):
+        if event in denied:
+            raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "open" and args[2] & write_flags and not inside(args[0]):
+            raise PermissionError(f"sandbox: writing {args[0]!r} is not allowed")
+        for i in path_events.get(event, ()):
+            if args[i] is not None and not inside(args[i]):
+                raise PermissionError(f"sandbox: {event} on {args[i]!r} is not allowed")
+
+    sys.addaudithook(hook)
+
+def _exit(code=None):
+    raise SystemExit(code)
+
+import builtins
+builtins.exit = builtins.quit = _exit  # normally set by the site module, which -S skips
+if sys.argv[1] == "1":
+    _install_audit_hook()
+_path = sys.argv[2]
+sys.argv = [_path]
+with open(_path, encoding="utf-8") as _f:
+    _code = compile(_f.read(), _path, "exec")
+try:
+    exec(_code, {"__name__": "__main__", "__file__": _path, "__builtins__": __builtins__})
+except MemoryError:
+    os.write(2, b"MemoryError\n")
+    os._exit(MEMORY_EXIT_CODE)
+'''.replace("MEMORY_EXIT_CODE", str(MEMORY_EXIT_CODE))
+
+
+# ------------------------------------------------------------------------------------------------
+# Launcher: ``python -I -S -B sandbox.py --launch SPEC``, a fresh single-threaded interpreter (the
+# parent's session leader). Isolated, it enters the namespaces and forks an init (PID 1 of the new PID
+# namespace), which builds the filesystem, drops privileges, sets the limits, forks the program, reaps
+# every process and reports the program's wait status; when the init exits the kernel kills whatever is
+# left in the namespace. (The program is not PID 1 itself because PID 1 ignores signals it has no
+# handler for, SIGXCPU and its own kill() included.) Unsandboxed, the launcher's child is the program.
+# The launcher exits the way the program did, so the parent sees the program's status. Setup errors go
+# to the status pipe; a good exec closes it unwritten.
+
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = (
+    0x00020000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _AT_RECURSIVE, _AT_FDCWD = 0x1, 0x2, 0x8000, -100
+_SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and aarch64 (the unified syscall table)
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 1, 4, 38
+
+
+class _Libc:
+    """The few libc calls Python 3.11's os module lacks (unshare, mount, mount_setattr, prctl)."""
+
+    def __init__(self):
+        import ctypes  # launcher only
+
+        self._ctypes = ctypes
+        self._libc = ctypes.CDLL(None, use_errno=True)
+
+    def _check(self, result: int, what: str) -> None:
+        if result < 0:
+            err = self._ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def unshare(self, flags: int) -> None:
+        self._check(self._libc.unshare(flags), f"unshare({flags:#x})")
+
+    def mount(self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+        def enc(text: str | None) -> bytes | None:
+            return None if text is None else text.encode()
+
+        self._check(self._libc.mount(enc(source), enc(target), enc(fstype), self._ctypes.c_ulong(flags), enc(data)),
+                    f"mount {fstype or source} on {target}")
+
+    def mount_setattr(self, path: str, set_attr: int, clear_attr: int, recursive: bool) -> None:
+        c = self._ctypes
+        attr = (c.c_uint64 * 4)(set_attr, clear_attr, 0, 0)  # struct mount_attr
+        self._check(self._libc.syscall(c.c_long(_SYS_MOUNT_SETATTR), c.c_long(_AT_FDCWD), path.encode(),
+                                       c.c_long(_AT_RECURSIVE if recursive else 0), c.byref(attr),
+                                       c.c_size_t(c.sizeof(attr))), f"mount_setattr {path}")
+
+    def prctl(self, option: int, value: int) -> None:
+        c = self._ctypes
+        self._check(self._libc.prctl(option, c.c_ulong(value), c.c_ulong(0), c.c_ulong(0), c.c_ulong(0)),
+                    f"prctl({option})")
+
+
+def _launch(spec: dict) -> None:
+    status_fd = spec["status_fd"]
+    isolate = spec["isolate"]
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # it may re-raise the program's fatal signal
+        libc = _Libc()
+        uid = spec["uid"] if os.geteuid() == 0 else None  # the program's uid when we are root
+        if isolate and uid is not None:
+            # Root builds every namespace but the user one (so its mounts belong to the initial user
+            # namespace: the unprivileged program cannot undo them); the init drops to `uid`.
+            libc.unshare(_CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWPID)
+        elif isolate:
+            # Unprivileged: a user namespace gives the capabilities to build the others. Our uid maps to
+            # itself (not to 0), so the exec'd program has no capability left.
+            real_uid, real_gid = os.geteuid(), os.getegid()
+            libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWPID)
+            _write_id_maps(real_uid, real_gid)
+        elif uid is not None and not _can_run_as(uid, spec):
+            uid = None  # unsandboxed root whose interpreter the uid cannot reach: stays root (documented)
+        report_read, report_write = os.pipe()  # the init's report of the program's wait status
+        pid = os.fork()
+    except BaseException as e:  # noqa: BLE001 - everything goes to the parent
+        _report_and_exit(status_fd, f"sandbox launcher: {e!r}")
+    if pid == 0:
+        try:
+            os.close(report_read)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher killed (timeout) -> all dies
+            if isolate:
+                _run_init(spec, libc, uid, report_write)
+            else:
+                _drop_privileges(uid)
+                _set_limits(spec, charged=_count_tasks(os.getuid(), os.getpid()))
+                _exec_program(spec, libc)
+        except BaseException as e:  # noqa: BLE001
+            _report_and_exit(status_fd, f"sandbox setup: {e!r}")
+    os.close(status_fd)
+    os.close(report_write)
+    _, wait_status = os.waitpid(pid, 0)
+    with os.fdopen(report_read, "rb") as f:
+        report = f.read()
+    _exit_like(int(report) if report else wait_status)
+
+
+def _exit_like(wait_status: int) -> None:
+    """Exit the way a process with this wait status did (its signal, or its exit code)."""
+    if os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default is not to terminate
+    os._exit(os.waitstatus_to_exitcode(wait_status))
+
+
+def _report_and_exit(status_fd: int, message: str) -> None:
+    try:
+        os.write(status_fd, message.encode("utf-8", "replace") or b"?")
+    finally:
+        os._exit(127)
+
+
+def _write_id_maps(uid: int, gid: int) -> None:
+    # An unprivileged process may map only its own ids, and only after denying setgroups.
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _can_run_as(uid: int, spec: dict) -> bool:
+    """Whether `uid` can start the interpreter (unsandboxed root only: with namespaces the mount setup
+    shows the interpreter to it wherever it is installed)."""
+    os.setegid(uid)
+    os.seteuid(uid)
+    try:
+        return os.access(spec["python"], os.X_OK, effective_ids=True) and all(
+            os.access(d, os.R_OK | os.X_OK, effective_ids=True) for d in spec["exposed"])
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+def _drop_privileges(uid: int | None) -> None:
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+
+
+def _run_init(spec: dict, libc: _Libc, uid: int | None, report_fd: int) -> None:
+    """PID 1 of the sandbox's PID namespace: build it, run the program, report its wait status."""
+    # RLIMIT_NPROC counts a uid's processes per user namespace. Unprivileged, the launcher made one and
+    # counts in it with this init (2). As root, count what `uid` already runs on the host, in case no
+    # user namespace of our own can be made below (the count is racy but bounded).
+    charged = 2 if uid is None else _count_tasks(uid, os.getpid())
+    _build_filesystem(spec, libc, *((os.geteuid(), os.getegid()) if uid is None else (uid, uid)))
+    if uid is not None:
+        _drop_privileges(uid)
+        # A user namespace of our own, so that this sandbox's process count starts at zero whatever
+        # other sandboxes, all running as `uid`, do; this init counts 1 in it.
+        try:
+            libc.prctl(_PR_SET_DUMPABLE, 1)  # the uid change left /proc/self (uid_map) to root
+            libc.unshare(_CLONE_NEWUSER)
+            _write_id_maps(uid, uid)
+            charged = 1
+        except OSError:
+            pass  # keep the host-wide count
+    _set_limits(spec, charged)
+    program = os.fork()
+    if program == 0:
+        os.close(report_fd)
+        _exec_program(spec, libc)
+    os.close(spec["status_fd"])
+    while True:  # reap every process (orphans come to PID 1) until the program itself exits
+        pid, wait_status = os.wait()
+        if pid == program:
+            break
+    os.write(report_fd, str(wait_status).encode())
+    os._exit(0)
+
+
+def _set_limits(spec: dict, charged: int) -> None:
+    """The program's resource limits (`charged`: processes already counted against RLIMIT_NPROC that
+    are not the program's)."""
+    nproc = spec["max_processes"] + charged
+    cpu, mib = spec["cpu_s"], 1 << 20
+    for limit, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)),  # SIGXCPU first, SIGKILL a second later
+                         (resource.RLIMIT_AS, (spec["memory_mb"] * mib,) * 2),
+                         (resource.RLIMIT_FSIZE, (spec["file_size_mb"] * mib,) * 2),
+                         (resource.RLIMIT_NOFILE, (spec["max_open_files"],) * 2),
+                         (resource.RLIMIT_CORE, (0, 0)),
+                         (resource.RLIMIT_NPROC, (nproc, nproc))):
+        resource.setrlimit(limit, value)
+
+
+def _exec_program(spec: dict, libc: _Libc) -> None:
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries do not elevate
+    os.set_inheritable(spec["status_fd"], False)  # closed by a good exec: the parent reads EOF
+    python = spec["python"]
+    try:
+        os.execve(python, [python, "-I", "-S", "-B", "-c", _PRELUDE, "1" if spec["audit_hook"] else "0",
+                           _PROGRAM_NAME], dict(os.environ))
+    except OSError as e:
+        # Typically a directory above the interpreter that the uid cannot enter (and that hidden_paths
+        # does not cover: the sandbox re-shows the interpreter only inside the hidden paths).
+        raise OSError(e.errno, f"cannot execute {python} as uid {os.getuid()}: {e.strerror}") from None
+
+
+def _count_tasks(uid: int, exclude: int) -> int:
+    """Processes and threads owned by `uid` (what RLIMIT_NPROC counts), but process `exclude`."""
+    count = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != exclude:
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{name}/task"))
+            except OSError:
+                pass  # exited meanwhile
+    return count
+
+
+def _build_filesystem(spec: dict, libc: _Libc, uid: int, gid: int) -> None:
+    """In the new mount namespace: everything read-only, the hidden paths and /dev emptied, the
+    interpreter shown, a private tmpfs as the working directory, /proc of our PID namespace."""
+    workdir, hidden = spec["workdir"], [p for p in spec["hidden"] if os.path.isdir(p) and not os.path.islink(p)]
+    libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount propagates to the host
+    with open(_PROGRAM_NAME, "rb") as f:  # the cwd is the host's working directory, still visible
+        program = f.read()
+    # Descriptors of what gets covered below, to bind it back (binding needs a mount of this namespace,
+    # so they are opened here, not before the unshare).
+    exposed = {d: os.open(d, os.O_PATH) for d in spec["exposed"] if _is_under(d, hidden + ["/dev"])}
+    devices = {name: os.open(f"/dev/{name}", os.O_PATH) for name in _DEVICES}
+    # /proc of this PID namespace: the program sees its own processes only (no parent environ).
+    libc.mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    for path in hidden:
+        libc.mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=1m,mode=0755")
+    libc.mount("tmpfs", "/dev", "tmpfs", _MS_NOSUID | _MS_NOEXEC, "size=64k,mode=0755")
+    for name, fd in devices.items():
+        os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+        libc.mount(f"/proc/self/fd/{fd}", f"/dev/{name}", None, _MS_BIND)
+        os.close(fd)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"/dev/{name}")
+    os.mkdir("/dev/shm")
+    for path, fd in exposed.items():
+        os.makedirs(path, exist_ok=True)  # inside one of our tmpfs
+        libc.mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+        os.close(fd)
+    os.makedirs(workdir, exist_ok=True)
+    libc.mount("tmpfs", workdir, "tmpfs", _MS_NOSUID | _MS_NODEV,
+               f"size={spec['disk_mb']}m,mode=0700,uid={uid},gid={gid}")
+    libc.mount_setattr("/", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, recursive=True)
+    libc.mount_setattr(workdir, 0, _MOUNT_ATTR_RDONLY, recursive=False)
+    # /proc stays writable: a process writes its own uid_map there (the program cannot write more than
+    # any unprivileged process can, in its own PID namespace).
+    libc.mount_setattr("/proc", 0, _MOUNT_ATTR_RDONLY, recursive=False)
+    os.chdir(workdir)
+    fd = os.open(_PROGRAM_NAME, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+    os.write(fd, program)
+    os.close(fd)
+    os.chown(_PROGRAM_NAME, uid, gid)
+
+
+def _is_under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--launch"]:
+    _launch(json.loads(sys.argv[2]))
