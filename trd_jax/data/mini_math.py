@@ -1,0 +1,80 @@
+"""A small grade-school math set with reference solutions, generated deterministically and written as
+DeepScaleR-style JSONL (problem, answer, solution): the local data of the SmolLM2 recipe, which a 135M
+model partly solves, so that OPSD and TRD have both right and wrong rollouts to learn from.
+
+    python -m trd_jax.data.mini_math --out DIR [--train 256 --eval 32 --seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+
+def _problem(rng: np.random.Generator) -> dict[str, str]:
+    kind = int(rng.integers(4))
+    a, b, c = (int(v) for v in rng.integers(2, 20, size=3))
+    if kind == 0:
+        problem = f"Tom has {a} apples. He buys {b} more apples. How many apples does Tom have now?"
+        steps, answer = [f"Tom starts with {a} apples and buys {b} more, so he has {a} + {b} = {a + b} apples."], a + b
+    elif kind == 1:
+        a = a + b  # no negative answers
+        problem = f"A box holds {a} pens. {b} pens are taken out. How many pens are left in the box?"
+        steps, answer = [f"{b} of the {a} pens are taken out, so {a} - {b} = {a - b} pens are left."], a - b
+    elif kind == 2:
+        problem = f"A notebook costs {a} dollars. How much do {b} notebooks cost, in dollars?"
+        steps, answer = [f"Each notebook costs {a} dollars, so {b} notebooks cost {b} * {a} = {a * b} dollars."], a * b
+    else:
+        problem = (f"Anna reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday she reads {c} pages "
+                   "more than on Tuesday. How many pages does she read in the three days?")
+        steps = [f"On Wednesday she reads {b} + {c} = {b + c} pages.",
+                 f"In total she reads {a} + {b} + {b + c} = {a + 2 * b + c} pages."]
+        answer = a + 2 * b + c
+    solution = " ".join(steps) + f" The answer is $\\boxed{{{answer}}}$."
+    return {"problem": problem, "answer": str(answer), "solution": solution}
+
+
+def generate(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:
+    """`n` distinct problems, none of them in `exclude` (problem texts)."""
+    rng = np.random.default_rng(seed)
+    rows, seen = [], set(exclude)
+    while len(rows) < n:
+        row = _problem(rng)
+        if row["problem"] not in seen:
+            seen.add(row["problem"])
+            rows.append(row)
+    return rows
+
+
+def write(out: str, *, train: int = 256, eval: int = 32, seed: int = 0) -> dict[str, str]:
+    """Writes out/train.jsonl and out/eval.jsonl (disjoint problems); returns their paths."""
+    os.makedirs(out, exist_ok=True)
+    paths, seen = {}, set()
+    for split, n, s in (("train", train, seed * 2), ("eval", eval, seed * 2 + 1)):
+        rows = generate(n, s, exclude=seen)  # eval problems never appear in train
+        seen |= {r["problem"] for r in rows}
+        paths[split] = os.path.join(out, f"{split}.jsonl")
+        tmp = paths[split] + ".tmp"
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, paths[split])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=256)
+    p.add_argument("--eval", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    print(json.dumps(write(a.out, train=a.train, eval=a.eval, seed=a.seed)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
