@@ -8,7 +8,7 @@ Uses the embedded task's bootstrap (DIR/bootstrap, trained if missing). For each
 first wrong step is located by the task's checker; the teacher (vanilla context) scores every token, and
 its entropy and top-2 mass gap are averaged per line, relative to the line of the first wrong step.
 The advantage sign-flip rate (consecutive tokens whose log q - log p change sign) is compared on y_o and
-on the rewrites y_r of the same rows (teacher conditioned on the refine prompt, as TRD trains).
+on the rewrites y_r of the same rows, scored in the teacher context the default TRD run uses (vanilla).
 Writes DIR/prefix_failure.md and DIR/prefix_failure.png.
 """
 
@@ -52,14 +52,12 @@ def _teacher_tokens(trainer, prompts, responses, contexts):
     return stats, adv, batch.response_mask
 
 
-def measure(workdir: str, setting: str, prompts: int, seed: int, repair_fraction: float,
-            overrides: dict | None = None) -> dict:
+def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict | None = None) -> dict:
     from trd_jax.controller import Trainer
 
     cfg = method_config("trd", setting, seed)
     apply_overrides(cfg, {"bootstrap.dir": os.path.join(workdir, "bootstrap"), "log.progress": False,
-                          "train.batch_size": prompts, "bootstrap.repair_fraction": repair_fraction,
-                          **(overrides or {})})
+                          "train.batch_size": prompts, **(overrides or {})})
     trainer = Trainer(cfg, os.path.join(workdir, f"prefix_failure_{setting}"))
     tok, task, s = trainer.tok, trainer.task, trainer.s
     examples = trainer.data.next(prompts)
@@ -100,7 +98,7 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, repair_fraction
         trainer.refine_sampler, trainer._teacher_params(), ids, s.refine.rewrite_budget, s.refine_sampling, 1, key_r))
     rows.y_r_reward = trajectories.grade(task, tok, rows.y_r, [examples[b] for b in rows.refine_prompts.generate_rows])
     kept = [b for b, src in enumerate(rows.sources) if src == "y_r"]
-    trajectories.choose_teacher_contexts(rows, vanilla, "refine")
+    trajectories.choose_teacher_contexts(rows, vanilla, s.teacher_context)  # as the TRD run trains
     _, adv_r, mask_r = _teacher_tokens(trainer, [x[b] for b in kept], [rows.responses[b] for b in kept],
                                        [rows.teacher_contexts[b] for b in kept])
     flawed = np.array([e is not None for e in errors])
@@ -148,7 +146,8 @@ def plot(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for r in results:
         offsets = list(r["by_offset"])
-        for ax, key, label in ((axes[0], "entropy", "teacher entropy (nats)"), (axes[1], "top2_gap", "top-2 gap")):
+        for ax, key, label in ((axes[0], "entropy", "largest token entropy of the line (nats)"),
+                                (axes[1], "top2_gap", "smallest top-2 mass gap of the line")):
             ax.plot(offsets, [r["by_offset"][d][key] for d in offsets], marker="o",
                     label=f"{r['setting']}: rollouts with an error")
             ax.axhline(r["correct"][key], ls="--", color=ax.lines[-1].get_color(),
@@ -168,14 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="opd,opsd")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repair-fraction", type=float, default=0.0,
-                        help="bootstrap a teacher that repairs this fraction of flawed prefixes (0: the default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set bootstrap.teacher_mixed_steps=900 (value parsed as JSON)")
+                        help="config override, e.g. --set bootstrap.repair_fraction=0 (a teacher that never repairs; JSON value)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     overrides = parse_overrides(args.set)
-    results = [measure(args.workdir, s, args.prompts, args.seed, args.repair_fraction, overrides)
+    results = [measure(args.workdir, s, args.prompts, args.seed, overrides)
                for s in args.settings.split(",")]
     text = report(results)
     with open(os.path.join(args.workdir, "prefix_failure.md"), "w") as f:
