@@ -12,7 +12,8 @@ the reproduction (trd_jax.recipes.METHODS); meshes for a TPU v5p-8, a TPU v5e-16
               jsd0.5 | trd_refine_context | trd_k1_pg | trd_reverse_kl   (default trd)
     HARDWARE  v5p-8 | v5e-16 | h100x8         (default h100x8)
 
-e.g. configs/qwen3.py:opsd,4b,trd,v5p-8. Models and data are local folders and files (no hub downloads).
+e.g. configs/qwen3.py:opsd,4b,trd,v5p-8. Here "trd" is [code-trd]'s TRD: forward KL on y_r, scored by the
+teacher under the refine prompt. Models and data are local folders and files (no hub downloads).
 Sources: [code-trd] = the TRD authors' launcher (TRD_SPEC §5); where it differs, [code-ob] or [opsd] is named.
 """
 
@@ -53,8 +54,9 @@ def get_config(spec: str = ""):
     cfg = base_config()
     cfg.task.update(
         name="math",  # DeepScaleR-Preview (problem / answer / solution) [code-trd]; DAPO-Math-17k [code-ob]
-        prompt_mode="chat",
-        max_prompt_tokens=2048,  # [code-trd]
+        # [code-trd] rolls out through the Qwen3 thinking template; Qwen3-4B-Instruct-2507 has no thinking mode.
+        prompt_mode="thinking" if student == "1.7b" else "chat",
+        max_prompt_tokens=2048,  # longer problems are skipped (counted), as [code-trd] drops them
         grade_timeout_s=5.0, grade_workers=8,
     )
     for side in ("student", "teacher"):
@@ -80,4 +82,9 @@ def get_config(spec: str = ""):
     # LoRA r 64, α 128 on q/k/v/o/gate/up/down [code-trd] comes with LoRA support; until then full fine-tuning.
     apply_overrides(cfg, dict(BASELINE_DEFAULTS))
     apply_overrides(cfg, METHODS[method])
+    if method == "trd":
+        # [code-trd] (the paper's code) scores y_r with the teacher under the refine prompt that produced it.
+        # The embedded task's "trd" scores in the vanilla context ([code-ob]) because there the refine
+        # context hurt (README); --config.distill.teacher_context=vanilla gives that here.
+        cfg.distill.teacher_context = "refine"
     return cfg

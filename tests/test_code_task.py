@@ -67,6 +67,17 @@ def test_code_task_grades_references_and_wrong_programs_in_the_sandbox(tmp_path,
     assert task.stats == {"passed": 3, "failed": 4}
 
 
+def test_code_task_with_train_and_eval_files(tmp_path, tokenizer_dir, eval_file):
+    train = _write(tmp_path / "train.jsonl", [{"task_id": i, "text": f"Write f{i}().", "test_list": [
+        f"assert f{i}() == {i}"], "code": f"def f{i}():\n    return {i}\n"} for i in range(5)])
+    task = make_task(_cfg(name="code", train_files=train, eval_files=eval_file, tokenizer=tokenizer_dir),
+                     str(tmp_path))
+    assert task.dirs["train"] != task.dirs["eval"]
+    batch = task.prompt_iterator(seed=1).next(7)  # crosses an epoch
+    assert len(batch) == 7 and all(ex.problem.endswith(CODE_ANSWER_INSTRUCTION) for ex in batch)
+    assert task.grade_batch([f"```python\n{ex.reference}\n```" for ex in batch], batch).tolist() == [1.0] * 7
+
+
 def test_code_task_refuses_without_a_sandbox_unless_allowed(tmp_path, tokenizer_dir, eval_file, monkeypatch):
     monkeypatch.setattr(code_task_module, "probe_isolation", lambda: (False, "simulated: no user namespaces"))
     with pytest.raises(ConfigError, match="task.allow_unsandboxed: no sandbox on this machine"):

@@ -67,8 +67,12 @@ def test_math_task_from_user_files_and_grain_order(tmp_path, tokenizer_dir):
         assert [ex.id for ex in again.next(30)] == after
         assert sorted(first + after[:14]) == sorted(ex.id for ex in task.split("train"))  # one epoch = each once
         assert first != [ex.id for ex in task.prompt_iterator(seed=8).next(6)]
-        # Built once: a second task over the same files reuses the datasets.
-        assert make_task(cfg, str(tmp_path / "work")).eval_dir == task.eval_dir
+        # Built once: a second task over the same files reuses the datasets; edited files get a fresh build.
+        assert make_task(cfg, str(tmp_path / "work")).dirs == task.dirs
+        with open(tmp_path / "aime.jsonl", "a") as f:
+            f.write(json.dumps({"question": "What is 1 + 1?", "final_answer": "2"}) + "\n")
+        again = make_task(cfg, str(tmp_path / "work"))
+        assert again.dirs["eval"] != task.dirs["eval"] and len(again.split("eval")) == 11
     finally:
         task.close()
 
@@ -78,6 +82,9 @@ def test_math_task_errors_name_the_key_file_and_row(tmp_path, tokenizer_dir):
         make_task(_task_cfg(name="math", tokenizer=tokenizer_dir), str(tmp_path))
     with pytest.raises(ConfigError, match="task.tokenizer"):
         make_task(_task_cfg(name="math", eval_files="x.jsonl", tokenizer=str(tmp_path)), str(tmp_path))
+    with pytest.raises(ConfigError, match="task.eval_files: no file matches"):  # a glob too
+        make_task(_task_cfg(name="math", eval_files=str(tmp_path / "*" / "none*.jsonl"), tokenizer=tokenizer_dir),
+                  str(tmp_path))
     with pytest.raises(ConfigError, match="task.eval_files: no file matches"):
         make_task(_task_cfg(name="math", eval_files=str(tmp_path / "none.jsonl"), tokenizer=tokenizer_dir),
                   str(tmp_path))
@@ -124,15 +131,35 @@ def test_eval_config_evaluates_a_run_checkpoint(mini_math_run, tokenizer_dir, tm
     spec.loader.exec_module(module)
     cfg = module.get_config()
     cfg.model.path = run_dir  # the alias of student.path that the command line uses
-    apply_overrides(cfg, {"task.name": "mini_math", "task.tokenizer": tokenizer_dir, "task.eval_size": 4,
-                          "eval.n": 2, "eval.max_new_tokens": 8, "log.progress": False})
+    # No task.tokenizer: a run's tokenizer comes with it (run_dir/student_model).
+    apply_overrides(cfg, {"task.name": "mini_math", "task.eval_size": 4, "eval.n": 2, "eval.max_new_tokens": 8,
+                          "log.progress": False})
     assert cfg.student.path == run_dir
     summary = Trainer(cfg, str(tmp_path / "eval")).evaluate_only()
-    assert summary["status"] == "evaluated" and summary["model"] == run_dir
+    assert summary["status"] == "evaluated" and summary["model"] == run_dir and summary["steps"] == 2
     assert summary["final_eval"]["n"] == 2 and summary["final_eval"]["num_problems"] == 4
-    assert os.path.isfile(tmp_path / "eval" / "eval" / "step_000000.md")
+    assert os.path.isfile(tmp_path / "eval" / "eval" / "step_000002.md")  # named after the checkpoint's step
+    with open(tmp_path / "eval" / "config.json") as f:
+        assert "model" not in json.load(f)  # the alias is not written twice
     # The checkpoint's student is the run's final student (its export), bit for bit.
     ids = np.array([[3, 4, 5, 6]])
     student, step = load_run_student(run_dir)
     assert step == 2
     np.testing.assert_array_equal(LM(student).logits(ids), load_model(os.path.join(run_dir, "export")).logits(ids))
+
+
+def test_training_prompts_over_the_limit_are_skipped_and_counted(tmp_path, tokenizer_dir):
+    task = make_task(_task_cfg(name="mini_math", train_size=40, eval_size=4, tokenizer=tokenizer_dir), str(tmp_path))
+    try:
+        long_ids = {ex.id for ex in task.split("train") if "Wednesday" in ex.problem}
+        assert 0 < len(long_ids) < 40
+        task.set_filter(lambda ex: "Wednesday" not in ex.problem)  # as the trainer's token-length check
+        it = task.prompt_iterator(seed=0)
+        seen = [ex.id for ex in it.next(80)]
+        assert not set(seen) & long_ids and len(seen) == 80
+        assert task.stats["skipped_train_examples"] >= len(long_ids)
+        task.set_filter(lambda ex: False)
+        with pytest.raises(ValueError, match="no training example is usable"):
+            task.prompt_iterator(seed=0).next(1)
+    finally:
+        task.close()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from trd_jax.config import resolve
+from trd_jax.config import ConfigError, base_config, resolve
 from trd_jax.recipes import METHODS, default_config, method_config, parse_overrides
 
 
@@ -46,8 +46,7 @@ def test_qwen3_recipes_resolve_with_the_paper_values(setting, hardware, devices)
     qwen3 = _config_module("qwen3")
     for student in ("1.7b", "4b"):
         for method in METHODS:
-            cfg = qwen3.get_config(f"{setting},{student},{method},{hardware}")
-            cfg.student.path = cfg.teacher.path = "/models/x"
+            cfg = _with_paths(qwen3.get_config(f"{setting},{student},{method},{hardware}"))
             s = resolve(cfg)
             assert s.mode == setting and s.trajectory == ("y_r" if method.startswith("trd") else "y_o")
             assert (s.teacher is None) == (setting == "opsd")
@@ -56,6 +55,8 @@ def test_qwen3_recipes_resolve_with_the_paper_values(setting, hardware, devices)
             assert s.rollout.temperature == 0.6 and s.rollout.top_k == 20 and s.rollout_max_new == 16384
             assert cfg.mesh.fsdp == devices and 128 % (s.micro_batches * devices) == 0  # one row per device
             assert s.student.dtype == "bfloat16"
+            assert s.teacher_context == ("refine" if method in ("trd", "trd_refine_context") else "vanilla")
+            assert s.prompt_mode == ("thinking" if student == "1.7b" else "chat")
 
 
 def test_qwen3_recipe_rejects_unknown_parts():
@@ -69,13 +70,28 @@ def test_qwen3_recipe_rejects_unknown_parts():
 
 def _with_paths(cfg):
     cfg.student.path = cfg.teacher.path = "/models/x"
+    cfg.task.train_files, cfg.task.eval_files = "/data/deepscaler.json", "/data/aime24.jsonl"
     return cfg
 
 
 def test_eval_and_smollm2_configs_resolve():
     cfg = _config_module("eval").get_config()
     cfg.model.path = "/models/x"
+    cfg.task.update(name="math", eval_files="/data/aime24.jsonl")  # no training set needed to evaluate
     s = resolve(cfg)
     assert cfg.mode == "eval" and s.student.path == "/models/x" and s.eval_n == 16
     s = resolve(_config_module("smollm2_opsd_trd").get_config())
     assert s.mode == "opsd" and s.trajectory == "y_r" and s.student.source == "smollm2"
+
+
+def test_task_fields_are_checked():
+    cfg = base_config()
+    for key, value, message in (("grade_timeout_s", -1.0, "must be >"), ("grade_workers", 0, "must be >="),
+                                ("dataset_name", "a/b", "use letters"), ("name", "mathh", "is not one of")):
+        bad = base_config()
+        bad.task[key] = value
+        with pytest.raises(ConfigError, match=f"config.task.{key}: .*{message}"):
+            resolve(bad)
+    cfg.task.name = "math"
+    with pytest.raises(ConfigError, match="config.task.train_files: is empty"):
+        resolve(cfg)

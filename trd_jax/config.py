@@ -9,6 +9,7 @@ impossible combinations with a ``ConfigError`` that names the key, before any wo
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import ml_collections
@@ -434,6 +435,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         if ema_decay >= 1.0:
             raise ConfigError("distill.ema_decay", f"{ema_decay} must be < 1")
     _choice(cfg, "task.prompt_mode", PROMPT_MODES)
+    _check_task(cfg)
     rollout_n = _int(cfg, "rollout.n", 1)
     batch_size = _int(cfg, "train.batch_size", 1)
     micro = _int(cfg, "train.micro_batches", 1)
@@ -485,6 +487,27 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         diagnostics=cfg.log.diagnostics, progress=cfg.log.progress, export=cfg.export.enabled,
         export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,
         max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1))
+
+
+def _check_task(cfg) -> None:
+    """The real-data task fields (trd_jax/data/registry.py uses them)."""
+    _choice(cfg, "task.name", ("arithmetic", "math", "mini_math", "code"))
+    _float(cfg, "task.grade_timeout_s", 0.0, open_low=True)
+    _int(cfg, "task.grade_workers", 1)
+    _float(cfg, "task.code_timeout_s", 0.0, open_low=True)
+    _int(cfg, "task.code_memory_mb", 64)
+    for key in ("task.train_files", "task.eval_files", "task.data_dir", "task.tokenizer"):
+        if not isinstance(_get(cfg, key), str):
+            raise ConfigError(key, f"{_get(cfg, key)!r} is not a string")
+    if not isinstance(cfg.task.allow_unsandboxed, bool):
+        raise ConfigError("task.allow_unsandboxed", f"{cfg.task.allow_unsandboxed!r} is not a bool")
+    name = _get(cfg, "task.dataset_name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError("task.dataset_name", f"{name!r}: use letters, digits, '_', '.', '-'")
+    if cfg.mode == "train" and cfg.task.name in ("math", "code") and not cfg.task.train_files:
+        raise ConfigError("task.train_files", "is empty: training needs a training set (a local file or glob)")
+    if cfg.task.name in ("math", "code") and not cfg.task.eval_files:
+        raise ConfigError("task.eval_files", "is empty: give the evaluation set (a local file or glob)")
 
 
 def _check_keys(cfg, known, prefix: str) -> None:

@@ -40,7 +40,7 @@ from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.models.transformer import Transformer, init_for_tokenizer
 from trd_jax.reports import COST_PHASES
-from trd_jax.run_checkpoint import is_run_dir, load_run_student, write_model_card
+from trd_jax.run_checkpoint import MODEL_DIR, checkpoint_steps, is_run_dir, load_run_student, write_model_card
 from trd_jax.sampling import Sampler
 from trd_jax.sharding import make_mesh, param_shardings
 from trd_jax.steps import (Sequences, init_sharded_state, jit_score, jit_update, learning_rate_schedule,
@@ -65,6 +65,25 @@ def build_model(src: ModelSource, tokenizer: Tokenizer, seed: int, side: str) ->
     fields = {**src.shape, "rope_theta": float(src.shape["rope_theta"])}
     return init_for_tokenizer(tokenizer, seed=src.init_seed if src.init_seed >= 0 else seed, dtype=src.dtype,
                               param_dtype=src.param_dtype, **fields)
+
+
+def _tokenizer_home(student: ModelSource) -> str:
+    """Where a real-data task finds its tokenizer by default: the student's folder (a run's student_model)."""
+    if student.source != "path":
+        return ""
+    return os.path.join(student.path, MODEL_DIR) if is_run_dir(student.path) else student.path
+
+
+def _make_task_once(task_cfg, directory: str, student_dir: str):
+    """The task; with several processes, process 0 builds its files first and the others then reuse them
+    (they would otherwise write the same dataset folders at once)."""
+    if jax.process_count() == 1:
+        return make_task(task_cfg, directory, student_dir=student_dir)
+    from jax.experimental import multihost_utils
+
+    task = make_task(task_cfg, directory, student_dir=student_dir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("task-files-built")
+    return task or make_task(task_cfg, directory, student_dir=student_dir)
 
 
 def _convert_smollm2(s: Settings, workdir: str) -> Settings:
@@ -141,16 +160,19 @@ class Trainer:
         self.halt_after = halt_after
         s = resolve(cfg)
         os.makedirs(self.workdir, exist_ok=True)
+        self.evaluating = cfg.mode == "eval"
         s = _convert_smollm2(s, self.workdir)
-        self.task = make_task(cfg.task, os.path.join(self.workdir, "data"),
-                              student_dir=s.student.path if s.student.source == "path" else "")
+        self.task = _make_task_once(cfg.task, os.path.join(self.workdir, "data"), _tokenizer_home(s.student))
         if self.task.kind != s.refine.task:
             s = dataclasses.replace(s, refine=dataclasses.replace(s.refine, task=self.task.kind))
         self.s: Settings = s
-        check_resume_config(self.workdir, cfg)
+        if not self.evaluating:  # an eval workdir holds no training state to resume
+            check_resume_config(self.workdir, cfg)
         self.host0 = jax.process_index() == 0
         if self.host0:
-            atomic_write_json(os.path.join(self.workdir, "config.json"), cfg.to_dict())
+            # configs/eval.py's `model` is the student section under another name: written once.
+            atomic_write_json(os.path.join(self.workdir, "config.json"),
+                              {k: v for k, v in cfg.to_dict().items() if k != "model"})
         self.tok = Tokenizer.from_dir(self.task.tokenizer_dir)
         self.extra: dict[str, Any] = {}  # JSON results kept across resumes (teacher eval, bootstrap)
         boot = bootstrap_config(cfg)
@@ -190,6 +212,12 @@ class Trainer:
         self.s_shardings = param_shardings(params, self.mesh)
         params = jax.device_put(params, self.s_shardings)
         self.s_params_count = student.cfg.num_params
+        if self.evaluating:  # the student alone: no teacher, no optimizer state
+            self.t_graph, self.t_shardings, self.t_params_count = self.s_graph, self.s_shardings, self.s_params_count
+            self.teacher_params, self.state, self.eval_params = None, None, params
+            self.eval_sampler = Sampler(self.s_graph, eos_ids=self.tok.eos_ids, pad_id=self.tok.pad_id)
+            self.data = None
+            return
         if s.mode == "opd":
             teacher = build_model(s.teacher, tok, s.seed + 1, "teacher")
             if teacher.cfg.vocab_size != student.cfg.vocab_size:
@@ -216,9 +244,14 @@ class Trainer:
         self.rollout_sampler = Sampler(self.s_graph, eos_ids=eos, pad_id=pad)
         self.refine_sampler = Sampler(self.t_graph, eos_ids=eos, pad_id=pad)
         self.eval_sampler = Sampler(self.s_graph, eos_ids=eos, pad_id=pad)
-        # Local datasets stream through grain; generated tasks hold their examples in memory.
-        self.data = (self.task.prompt_iterator(s.seed) if hasattr(self.task, "prompt_iterator")
-                     else PromptIterator(self.task.split("train"), seed=s.seed)) if self.cfg.mode == "train" else None
+        # Local datasets stream through grain (skipping prompts over task.max_prompt_tokens, counted, as
+        # [code-trd] drops them); generated tasks hold their examples in memory.
+        if hasattr(self.task, "prompt_iterator"):
+            self.task.set_filter(lambda ex: len(self.tok.encode_prompt(ex.problem, s.prompt_mode))
+                                 <= s.max_prompt_tokens)
+            self.data = self.task.prompt_iterator(s.seed)
+        else:
+            self.data = PromptIterator(self.task.split("train"), seed=s.seed)
 
     def _head(self, graphdef, params):
         return self._head_fn(graphdef, params)
@@ -410,7 +443,7 @@ class Trainer:
             prompts = trajectories.vanilla_contexts(tok, examples, prompts, mode=s.mode, task_kind=self.task.kind,
                                                     prompt_mode=s.prompt_mode)
         elif params is None:
-            params = self.state.params
+            params = self.eval_params if self.evaluating else self.state.params
         correct, lengths = [], []
         chunk = max(1, s.batch_size)
         with self.timer.phase("eval") as span:
@@ -497,20 +530,28 @@ class Trainer:
         finally:
             ckpt.close()
             writer.close()
+            self.task_close()
         return summary
 
     def evaluate_only(self) -> dict:
-        """config.mode "eval": the student as loaded (or as of the workdir's latest checkpoint), evaluated."""
-        step = 0
-        if os.path.isdir(os.path.join(self.workdir, "checkpoints")):
-            with Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=1, keep=self.s.keep) as ckpt:
-                step = self._restore(ckpt)
-        result = self.evaluate(step)
-        summary = {"status": "evaluated", "steps": step, "model": self.s.student.path or "random",
-                   "task": self.task.name, "final_eval": result, **self._grading()}
+        """config.mode "eval": the student (student.path, alias model.path: a Hugging Face folder or a run's
+        workdir, then its latest checkpoint) evaluated on the task's eval split."""
+        src = self.s.student
+        step = checkpoint_steps(src.path)[-1] if src.source == "path" and is_run_dir(src.path) else 0
+        try:
+            result = self.evaluate(step)
+        finally:
+            self.task_close()
+        summary = {"status": "evaluated", "steps": step, "model": src.path or "random", "task": self.task.name,
+                   "final_eval": result, **self._grading()}
         if self.host0:
             atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)
         return summary
+
+    def task_close(self) -> None:
+        """Stops the task's grading workers (a later grade starts them again)."""
+        if hasattr(self.task, "close"):
+            self.task.close()
 
     def _grading(self) -> dict:
         """Answers per grading status (math: exact, match, timeout, ...), for tasks that count them."""

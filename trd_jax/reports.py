@@ -34,7 +34,18 @@ def cost_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines) + f"\n\n{note}.\n"
 
 
+def eval_report(summary: Mapping[str, Any]) -> str:
+    """config.mode "eval": the model, its checkpoint step and its accuracy."""
+    ev = summary["final_eval"]
+    return "\n".join([
+        f"## {summary.get('model')} (step {summary.get('steps', 0)}) on {summary.get('task')}", "",
+        f"Avg@{ev['n']} {100 * ev['avg_at_k']:.2f}%, Pass@{ev['k']} {100 * ev['pass_at_k']:.2f}% over "
+        f"{ev['num_problems']} problems (mean length {ev['mean_length']:.0f} tokens)", ""])
+
+
 def run_report(summary: Mapping[str, Any]) -> str:
+    if summary.get("status") == "evaluated":
+        return eval_report(summary)
     parts = [f"## {summary.get('mode', '?').upper()} on {summary.get('trajectory', '?')}, loss "
              f"{summary.get('loss', '?')}: {summary.get('status', '?')} after {summary.get('steps', 0)} steps", ""]
     before, after = summary.get("initial_eval"), summary.get("final_eval")
@@ -58,4 +69,5 @@ def run_report(summary: Mapping[str, Any]) -> str:
 
 def print_run_report(summary: Mapping[str, Any], workdir: str) -> None:
     print(run_report(summary))
-    print(f"Details: {os.path.join(workdir, 'summary.json')}, metrics.jsonl, eval/, tb/")
+    extra = "eval/" if summary.get("status") == "evaluated" else "metrics.jsonl, eval/, tb/"
+    print(f"Details: {os.path.join(workdir, 'summary.json')}, {extra}")

@@ -14,6 +14,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -77,14 +78,13 @@ def load_run_student(path: str, *, step: int | None = None, dtype: str = "float3
     # The checkpoint holds the params in the dtype they were trained in; restore that, then cast.
     saved = ocp.PyTreeCheckpointer().metadata(os.path.join(path, CHECKPOINT_DIR, str(step), "state"))
     saved_tree = saved.item_metadata.tree if hasattr(saved, "item_metadata") else saved.tree
-    target = {"train": {"params": jax.tree.map(
-        lambda meta: jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype,
-                                          sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-        saved_tree["train"]["params"])}}
+    # Restored into host memory (numpy), on every process alike: the caller places the params with its own
+    # shardings, so no single device has to hold the whole model.
+    target = {"train": {"params": jax.tree.map(lambda meta: np.zeros((), meta.dtype), saved_tree["train"]["params"])}}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     restored = ocp.PyTreeCheckpointer().restore(
         os.path.join(path, CHECKPOINT_DIR, str(step), "state"),
-        args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                    restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        args=ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=restore_args))
     values = jax.tree.map(lambda a: jnp.asarray(a, cfg.param_dtype), _unwrap(restored["train"]["params"]))
     nnx.replace_by_pure_dict(abstract, values)
     return nnx.merge(graphdef, abstract), step

@@ -57,10 +57,14 @@ def write(out: str, *, train: int = 256, eval: int = 32, seed: int = 0) -> dict[
         rows = generate(n, s, exclude=seen)  # eval problems never appear in train
         seen |= {r["problem"] for r in rows}
         paths[split] = os.path.join(out, f"{split}.jsonl")
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        if os.path.isfile(paths[split]):
+            with open(paths[split]) as f:
+                if f.read() == text:
+                    continue  # unchanged: keep the file (and its time), so its built dataset is reused
         tmp = paths[split] + ".tmp"
         with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            f.write(text)
         os.replace(tmp, paths[split])
     return paths
 

@@ -37,22 +37,11 @@ def make_task(task_cfg, directory: str, *, student_dir: str = ""):
 
         files = write(os.path.join(directory, "mini_math"), train=task_cfg.train_size, eval=task_cfg.eval_size,
                       seed=task_cfg.data_seed)
-    if not files["eval"]:
-        raise ConfigError("task.eval_files", "is empty: give the evaluation set (a local file or glob)")
     if name == "code":
         from trd_jax.data.code_task import make_code_task
 
         return make_code_task(task_cfg, files, data_dir, tokenizer)
-    from trd_jax.data.math_task import MathTask, build_split
+    from trd_jax.data.math_task import MathTask
 
-    dirs = {}
-    for split, builder in (("train", "math_train"), ("eval", "math_eval")):
-        if not files[split]:
-            continue
-        try:
-            dirs[split] = build_split(builder, files[split], name=task_cfg.dataset_name, data_dir=data_dir,
-                                      split=split, field=f"task.{split}_files")
-        except ValueError as e:
-            raise ConfigError(f"task.{split}_files", " ".join(str(e).split())) from None
-    return MathTask(name, train_dir=dirs.get("train"), eval_dir=dirs["eval"], tokenizer_dir=tokenizer,
+    return MathTask(name, files, data_dir=data_dir, dataset_name=task_cfg.dataset_name, tokenizer_dir=tokenizer,
                     timeout_s=task_cfg.grade_timeout_s, workers=task_cfg.grade_workers)
