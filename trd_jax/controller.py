@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from trd_jax import diagnostics, evaluation, trajectories
+from trd_jax import diagnostics, evaluation, multihost, trajectories
 from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
 from trd_jax.config import ConfigError, ModelSource, Settings, bootstrap_config, resolve
 from trd_jax.data.arithmetic_bootstrap import bootstrap
@@ -42,7 +42,7 @@ from trd_jax.models.transformer import Transformer, init_for_tokenizer
 from trd_jax.reports import COST_PHASES
 from trd_jax.run_checkpoint import MODEL_DIR, checkpoint_steps, is_run_dir, load_run_student, write_model_card
 from trd_jax.sampling import Sampler
-from trd_jax.sharding import make_mesh, param_shardings
+from trd_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from trd_jax.steps import (Sequences, init_sharded_state, jit_score, jit_update, learning_rate_schedule,
                            make_optimizer, to_micro_batches)
 from trd_jax.tokenization import Tokenizer
@@ -77,13 +77,7 @@ def _tokenizer_home(student: ModelSource) -> str:
 def _make_task_once(task_cfg, directory: str, student_dir: str):
     """The task; with several processes, process 0 builds its files first and the others then reuse them
     (they would otherwise write the same dataset folders at once)."""
-    if jax.process_count() == 1:
-        return make_task(task_cfg, directory, student_dir=student_dir)
-    from jax.experimental import multihost_utils
-
-    task = make_task(task_cfg, directory, student_dir=student_dir) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("task-files-built")
-    return task or make_task(task_cfg, directory, student_dir=student_dir)
+    return multihost.process0_first("task-files-built", lambda: make_task(task_cfg, directory, student_dir=student_dir))
 
 
 def _convert_smollm2(s: Settings, workdir: str) -> Settings:
@@ -178,8 +172,10 @@ class Trainer:
         boot = bootstrap_config(cfg)
         if boot is not None:
             start = time.perf_counter()
-            dirs = bootstrap(self.task, self.tok, boot, cfg.bootstrap.dir or os.path.join(self.workdir, "bootstrap"),
-                             prompt_mode=s.prompt_mode, refine_mode=s.refine.prompt_mode)
+            # Several processes: process 0 trains and writes the models, the others then reuse its folders.
+            dirs = multihost.process0_first("bootstrap-written", lambda: bootstrap(
+                self.task, self.tok, boot, cfg.bootstrap.dir or os.path.join(self.workdir, "bootstrap"),
+                prompt_mode=s.prompt_mode, refine_mode=s.refine.prompt_mode))
             self.extra["bootstrap"] = {"seconds": time.perf_counter() - start, **dirs}
             s = dataclasses.replace(s, student=dataclasses.replace(s.student, source="path", path=dirs["student"]),
                                     teacher=s.teacher and dataclasses.replace(s.teacher, source="path",
@@ -188,6 +184,9 @@ class Trainer:
         self.mesh = make_mesh(s.mesh)
         base = jax.random.key(s.seed)
         self.train_key, self.eval_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
+        if multihost.multi_process():  # the same keys on every process, as arrays replicated over the mesh
+            self.train_key, self.eval_key = (multihost.to_global(k, replicated(self.mesh))
+                                             for k in (self.train_key, self.eval_key))
         self.timer = PhaseTimer()
         self.counters: dict[str, float] = {}
         self.evals: list[dict] = []
@@ -274,7 +273,10 @@ class Trainer:
             graph, shard = (self.t_graph, self.t_shardings) if side == "teacher" else (self.s_graph, self.s_shardings)
             self._score_fns[key] = jit_score(graph, shard, self.mesh, context_width=layout.context_width,
                                              temperature=self.s.loss.temperature, chunk_size=self.s.loss.chunk_size)
-        return self._score_fns[key](params, _seq(layout), targets, mask)
+        args = (_seq(layout), targets, mask)
+        if multihost.multi_process():  # host rows, the same on every process -> global arrays split over rows
+            args = jax.tree.map(lambda x: multihost.to_global(x, batch_sharding(self.mesh, np.ndim(x))), args)
+        return self._score_fns[key](params, *args)
 
     def _update(self, batch: DistillBatch, scored):
         width = batch.student.context_width
@@ -367,7 +369,7 @@ class Trainer:
         mask = batch.response_mask.reshape(np.shape(out.per_token))
         metrics.update({"loss": float(out.loss), "grad_norm": float(out.grad_norm), "learning_rate": lr,
                         "tokens": int(out.num_tokens), "skipped": bool(out.skipped)})
-        metrics.update({f"divergence/{k}": v for k, v in quantiles(out.per_token, mask).items()})
+        metrics.update({f"divergence/{k}": v for k, v in quantiles(multihost.to_host(out.per_token), mask).items()})
         self._count(metrics, "y_o_correct", float(rows.y_o_reward.sum()))
         metrics.update({"accuracy/y_o": float(rows.y_o_reward.mean()),
                         "length/y_o": float(np.mean([len(r) for r in y_o])),
@@ -410,11 +412,15 @@ class Trainer:
         head = self.fixed_head if self.fixed_head is not None else self._head(self.t_graph, teacher_params)
 
         def one(b: DistillBatch, teacher_out, prefix: str) -> dict:
-            stats = self._stats_fn(teacher_out.hidden, head, b.targets, b.response_mask,
+            targets, mask = b.targets, b.response_mask
+            if multihost.multi_process():
+                targets, mask = (multihost.to_global(x, batch_sharding(self.mesh)) for x in (targets, mask))
+            stats = self._stats_fn(teacher_out.hidden, head, targets, mask,
                                    chunk_size=self.s.loss.chunk_size, temperature=self.s.loss.temperature)
             student = self._score("student", self.state.params, b.student, b.targets, b.response_mask)
-            return diagnostics.summarize(jax.device_get(stats), b.response_mask, student_logp=student.logp,
-                                         teacher_logp=teacher_out.logp, prefix=prefix)
+            return diagnostics.summarize(multihost.host_tree(stats), b.response_mask,
+                                         student_logp=multihost.to_host(student.logp),
+                                         teacher_logp=multihost.to_host(teacher_out.logp), prefix=prefix)
 
         trained = one(batch, scored, "diag/trained/")
         metrics.update(trained)
@@ -566,9 +572,12 @@ class Trainer:
             if final is None:
                 final = self.evaluate(done)
                 self.evals.append(final)
+            # Several processes: the parameters are gathered (a collective, on every process), then written by one.
+            params = multihost.host_tree(self.state.params) if s.export and multihost.multi_process() else None
             if s.export and self.host0:
-                save_hf(nnx.merge(self.s_graph, self.state.params), os.path.join(self.workdir, "export"),
-                        dtype=s.export_dtype or None, tokenizer_dir=self.task.tokenizer_dir)
+                save_hf(nnx.merge(self.s_graph, params if params is not None else self.state.params),
+                        os.path.join(self.workdir, "export"), dtype=s.export_dtype or None,
+                        tokenizer_dir=self.task.tokenizer_dir)
         totals = self.timer.totals()
         phase_flops = {k.split("/", 1)[1]: v for k, v in self.counters.items() if k.startswith("flops/")}
         cost_s = {p: totals["phase_seconds"].get(p, 0.0) for p in COST_PHASES}

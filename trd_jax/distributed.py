@@ -28,6 +28,11 @@ def maybe_initialize() -> bool:
     if not multi_process_environment():
         return False
     env = os.environ
+    if jax.config.jax_cpu_collectives_implementation is None:
+        # Cross-process collectives of CPU devices (tests, CPU clusters); they only affect the CPU backend.
+        # gloo is JAX's default; a choice already made (e.g. "mpi", by flag or JAX_CPU_COLLECTIVES_IMPLEMENTATION)
+        # is kept.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if env.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                                    num_processes=int(env["JAX_NUM_PROCESSES"]),

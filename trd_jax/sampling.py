@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trd_jax import multihost
 from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
 
 log = logging.getLogger(__name__)
@@ -287,16 +288,23 @@ class Sampler:
         # decode, so that steady-state sampling allocates no cache. release() frees it.
         self._cache: KVCache | None = None
         self._cfg = None
+        self._global_cache_fns: dict = {}  # several processes: the cache made replicated over the mesh
 
     def release(self) -> None:
         """Frees the cached KV buffers (e.g. before a memory-hungry update step on an accelerator)."""
         self._cache = None
 
-    def _cache_for(self, cfg, rows: int, length: int) -> KVCache:
+    def _cache_for(self, cfg, rows: int, length: int, replicated=None) -> KVCache:
         cache, self._cache = self._cache, None
         if cache is None or cache[0].k.shape != (rows, cfg.num_kv_heads, length, cfg.head_dim):
             cache = None  # drop the old buffers before allocating new ones
-            cache = _new_cache(cfg, rows, length)
+            if replicated is None:
+                cache = _new_cache(cfg, rows, length)
+            else:
+                if replicated not in self._global_cache_fns:
+                    self._global_cache_fns[replicated] = jax.jit(init_cache, static_argnums=(0, 1, 2),
+                                                                 out_shardings=replicated)
+                cache = self._global_cache_fns[replicated](cfg, rows, length)
         return cache
 
     def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -333,12 +341,19 @@ class Sampler:
         if self._cfg is None:  # the static model config, read once from the graph
             self._cfg = nnx.merge(self.graphdef, params).cfg
         cfg = self._cfg
-        cache = self._cache_for(cfg, batch * n, plen + buffer_len)
-        cache, logits = prefill(self.graphdef, params, cache, jnp.asarray(tokens), jnp.asarray(pad), n=n)
-        out, self._cache = decode(self.graphdef, params, cache, logits, jnp.asarray(np.repeat(pad, n)), key,
-                                  jnp.int32(max_new_tokens), jnp.int32(self.pad_id), prompt_len=plen,
+        # Several processes: every process holds the same prompts and key; they become arrays replicated over
+        # the parameters' mesh (every device samples the whole batch; the parameters stay sharded).
+        replicated = multihost.replicated_like(params) if multihost.multi_process() else None
+        put = jnp.asarray if replicated is None else (lambda x: multihost.to_global(x, replicated))
+        if replicated is not None:
+            key = multihost.to_global(key, replicated)
+        cache = self._cache_for(cfg, batch * n, plen + buffer_len, replicated)
+        cache, logits = prefill(self.graphdef, params, cache, put(tokens), put(pad), n=n)
+        out, self._cache = decode(self.graphdef, params, cache, logits, put(np.repeat(pad, n)), key,
+                                  put(np.int32(max_new_tokens)), put(np.int32(self.pad_id)), prompt_len=plen,
                                   buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids)
         rows = len(prompts) * n
-        lengths = np.asarray(out.lengths)[:rows]
+        lengths = multihost.to_host(out.lengths)[:rows]
         width = max(int(lengths.max()), 1)
-        return SampleOutput(np.asarray(out.tokens)[:rows, :width], np.asarray(out.logprobs)[:rows, :width], lengths)
+        tokens, logprobs = multihost.to_host(out.tokens), multihost.to_host(out.logprobs)
+        return SampleOutput(tokens[:rows, :width], logprobs[:rows, :width], lengths)

@@ -24,10 +24,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from trd_jax import losses
+from trd_jax import losses, multihost
 from trd_jax.layouts import response_columns
 from trd_jax.models.transformer import Transformer
 from trd_jax.sharding import BATCH_AXES, batch_sharding, replicated, shardings_like_params
@@ -268,7 +269,10 @@ def to_micro_batches(tree, num_micro: int, mesh):
     def split(x):
         if x.shape[0] % num_micro:
             raise ValueError(f"batch of {x.shape[0]} rows does not split into {num_micro} micro-batches")
-        return jax.device_put(jnp.reshape(x, (num_micro, x.shape[0] // num_micro) + x.shape[1:]), sharding)
+        shape = (num_micro, x.shape[0] // num_micro) + x.shape[1:]
+        if multihost.multi_process() and not isinstance(x, jax.Array):  # host rows, the same on every process
+            return multihost.to_global(np.reshape(x, shape), sharding)
+        return jax.device_put(jnp.reshape(x, shape), sharding)
 
     return jax.tree.map(split, tree)
 
