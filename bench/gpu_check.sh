@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue: scale-out and proof of speed): the rollout and update benchmarks on a
+# ~0.5B random model in bf16, tokens/s against transformers' generate and MFU against the card's peak.
+# Runs with the machine's own jax / flax / optax / torch / transformers and this checkout on PYTHONPATH;
+# output also goes to $OUT/gpu_check.log when OUT is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+log="${OUT:-/tmp}/gpu_check.log"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
+  python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+  python3 bench/gpu_check.py "$@"
+} 2>&1 | tee "$log"
