@@ -345,6 +345,10 @@ def test_bad_input(tiny_lms):
             generate(lm, [[1, 2]], bad)
     with pytest.raises(ValueError, match="n="):
         lm.sampler(lm.params, [[1]], 4, n=0)
+    with pytest.raises(ValueError, match="max_rows="):
+        lm.sampler(lm.params, [[1]], 4, max_rows=-1)
+    with pytest.raises(ValueError, match=r"prompts\[1\]: 3 tokens exceed max_prompt_len=2"):
+        lm.sampler(lm.params, [[1], [1, 2, 3]], 4, max_prompt_len=2)
     for kw in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError, match="SamplingConfig"):
             SamplingConfig(**kw)

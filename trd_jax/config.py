@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from trd_jax.models.config import REMAT
 from trd_jax.refine import RefineConfig
 from trd_jax.sampling import SamplingConfig
 from trd_jax.sharding import MeshConfig
@@ -154,6 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
         # Free the samplers' KV caches before score and update, for accelerators where the caches and the
         # update's activations do not fit together (costs a re-allocation per step).
         release_kv_cache=False,
+        # Rows per sampler call for rollout, refine and evaluation (0: all of a call's rows at once): rows are
+        # sampled in groups of at most this many, one KV cache of this many rows reused by every group. The
+        # draws stay those of one call (same tokens; log-probs up to float rounding on another batch shape).
+        max_rows_per_call=0,
     ))
 
     cfg.loss = ml_collections.ConfigDict(dict(
@@ -181,6 +186,11 @@ def base_config() -> ml_collections.ConfigDict:
         steps=100,  # optimizer steps (the learning-rate schedule spans them)
         batch_size=8,  # prompts per step; rows = batch_size * rollout.n
         micro_batches=1,  # gradient accumulation: rows are split into this many micro-batches
+        # Rematerialisation of each student decoder layer in the update (activation memory vs. compute):
+        # "none" keeps every activation for the backward pass | "full" keeps only each layer's input and
+        # recomputes the layer (about one more forward) | "dots" also keeps the projection matmuls' outputs and
+        # recomputes attention and the elementwise ops. Samplers and the teacher are unaffected.
+        remat="none",
     ))
 
     cfg.eval = ml_collections.ConfigDict(dict(
@@ -308,6 +318,7 @@ class Settings:
     rollout_n: int
     rollout_max_new: int
     release_kv_cache: bool
+    max_rows_per_call: int
     eval_sampling: SamplingConfig
     refine_sampling: SamplingConfig
     loss: LossConfig
@@ -316,6 +327,7 @@ class Settings:
     steps: int
     batch_size: int
     micro_batches: int
+    remat: str  # ModelConfig.remat of the student model the update runs
     eval_every: int
     eval_initial: bool
     eval_teacher: bool
@@ -443,6 +455,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         raise ConfigError("train.micro_batches", f"{micro} does not divide the {batch_size * rollout_n} rows of a "
                                                  f"step (train.batch_size * rollout.n)")
     steps = _int(cfg, "train.steps", 1)
+    remat = _choice(cfg, "train.remat", REMAT)
     rollout = _sampling(cfg, "rollout")
     warmup = _float(cfg, "optim.warmup_ratio", 0.0, 1.0)
     optim = OptimConfig(learning_rate=_float(cfg, "optim.learning_rate", 0.0, open_low=True),
@@ -477,9 +490,10 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         refine=_refine(cfg, mode, task_kind), rollout=rollout, rollout_n=rollout_n,
         refine_sampling=_refine_sampling(cfg, rollout),
         rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1),
-        release_kv_cache=cfg.rollout.release_kv_cache, eval_sampling=_sampling(cfg, "eval"),
+        release_kv_cache=cfg.rollout.release_kv_cache, max_rows_per_call=_int(cfg, "rollout.max_rows_per_call", 0),
+        eval_sampling=_sampling(cfg, "eval"),
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,
-        micro_batches=micro, eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,
+        micro_batches=micro, remat=remat, eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,
         eval_teacher=cfg.eval.teacher,
         eval_problems=_int(cfg, "eval.num_problems", 0), eval_n=eval_n, eval_k=eval_k,
         eval_max_new=_int(cfg, "eval.max_new_tokens", 1), save_every=_int(cfg, "checkpoint.every", 1),

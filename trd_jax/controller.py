@@ -31,14 +31,14 @@ from flax import nnx
 
 from trd_jax import diagnostics, evaluation, multihost, trajectories
 from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
-from trd_jax.config import ConfigError, ModelSource, Settings, bootstrap_config, resolve
+from trd_jax.config import ConfigError, ModelSource, Settings, base_config, bootstrap_config, resolve
 from trd_jax.data.arithmetic_bootstrap import bootstrap
 from trd_jax.data.registry import make_task
 from trd_jax.data.task import PromptIterator
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
 from trd_jax.models.hf_io import load_hf, save_hf
-from trd_jax.models.transformer import Transformer, init_for_tokenizer
+from trd_jax.models.transformer import Transformer, init_for_tokenizer, with_remat
 from trd_jax.reports import COST_PHASES
 from trd_jax.run_checkpoint import MODEL_DIR, checkpoint_steps, is_run_dir, load_run_student, write_model_card
 from trd_jax.sampling import Sampler
@@ -127,9 +127,12 @@ def check_resume_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     with open(saved) as f:
         old = _flat(ml_collections.ConfigDict(json.load(f)))
     new = _flat(cfg)
+    defaults = _flat(base_config())
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUMABLE_CHANGES) or key == "mode":
             continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # a key added to the config since the checkpoint, at its default
         if old.get(key) != new.get(key):
             raise ConfigError(key, f"{new.get(key)!r} differs from {old.get(key)!r} in the checkpoint's config "
                                    f"({saved}); resume with the same value, or start in a new workdir")
@@ -201,7 +204,7 @@ class Trainer:
 
     def _setup_models(self) -> None:
         s, tok = self.s, self.tok
-        student = build_model(s.student, tok, s.seed, "student")
+        student = with_remat(build_model(s.student, tok, s.seed, "student"), s.remat)  # train.remat
         if student.cfg.vocab_size < tok.vocab_size:
             raise ConfigError("student.path",
                               f"model vocabulary {student.cfg.vocab_size} < tokenizer's {tok.vocab_size}")
@@ -294,8 +297,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
 
-    def _sample(self, sampler: Sampler, params, prompts, max_new: int, sampling, n: int, key):
-        out = sampler(params, prompts, max_new, sampling=sampling, n=n, key=key)
+    def _sample(self, sampler: Sampler, params, prompts, max_new: int, sampling, n: int, key,
+                max_prompt_len: int | None = None):
+        """max_prompt_len: the longest prompt the phase allows (caps the sampler's prompt bucket and cache);
+        rows go through the sampler at most rollout.max_rows_per_call at a time."""
+        out = sampler(params, prompts, max_new, sampling=sampling, n=n, key=key, max_prompt_len=max_prompt_len,
+                      max_rows=self.s.max_rows_per_call)
         return trajectories.sampled_rows(out.tokens, out.lengths)
 
     def _count(self, metrics: dict, key: str, value: float) -> None:
@@ -314,8 +321,10 @@ class Trainer:
         with timer.phase("rollout") as span:
             prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
             y_o = self._sample(self.rollout_sampler, self.state.params, prompts, s.rollout_max_new, s.rollout, n,
-                               k_rollout)
+                               k_rollout, s.max_prompt_tokens)
             span.tokens = sum(map(len, y_o))
+        if s.release_kv_cache:  # each sampler's cache is freed as its phase ends
+            self.rollout_sampler.release()
         row_examples = [ex for ex in examples for _ in range(n)]
         rows = trajectories.StepRows(row_examples, [prompts[i // n] for i in range(len(y_o))], y_o,
                                      np.zeros(len(y_o), np.float32),
@@ -330,8 +339,11 @@ class Trainer:
             bar.update(step, phase="refine")
             with timer.phase("refine") as span:
                 trajectories.refine(rows, tok, s.refine, lambda ids: self._sample(
-                    self.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.refine_sampling, 1, k_refine))
+                    self.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.refine_sampling, 1, k_refine,
+                    s.refine.prompt_budget))
                 span.tokens = sum(map(len, rows.y_r))
+            if s.release_kv_cache:
+                self.refine_sampler.release()
             sent = rows.refine_prompts.generate_rows
             self._add_flops("refine", self.t_params_count,
                             sum(len(rows.refine_prompts.ids[b]) for b in sent) + sum(map(len, rows.y_r)))
@@ -341,9 +353,6 @@ class Trainer:
             self._refine_metrics(rows, metrics)
         else:
             trajectories.use_rollouts(rows)
-        if s.release_kv_cache:
-            self.rollout_sampler.release()
-            self.refine_sampler.release()
         vanilla = trajectories.vanilla_contexts(tok, row_examples, rows.prompts, mode=s.mode, task_kind=self.task.kind,
                                                 prompt_mode=s.prompt_mode)
         trajectories.choose_teacher_contexts(rows, vanilla, s.teacher_context)
@@ -442,24 +451,29 @@ class Trainer:
         if s.eval_problems:
             examples = examples[: s.eval_problems]
         prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
-        sampler = self.eval_sampler
+        sampler, max_prompt_len = self.eval_sampler, s.max_prompt_tokens
         if teacher:
             sampler = self.refine_sampler
             params = self.teacher_params if self.teacher_params is not None else self.state.params
             prompts = trajectories.vanilla_contexts(tok, examples, prompts, mode=s.mode, task_kind=self.task.kind,
                                                     prompt_mode=s.prompt_mode)
+            if s.mode != "opd":  # OPSD's vanilla context x + y* has no configured bound
+                max_prompt_len = None
         elif params is None:
             params = self.eval_params if self.evaluating else self.state.params
         correct, lengths = [], []
         chunk = max(1, s.batch_size)
         with self.timer.phase("eval") as span:
-            for c in range(0, len(examples), chunk):
-                key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)
-                rows = self._sample(sampler, params, prompts[c:c + chunk], s.eval_max_new, s.eval_sampling,
-                                    s.eval_n, key)
-                exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval_n)]
-                correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval_n) > 0.5)
-                lengths += [len(r) for r in rows]
+            try:
+                for c in range(0, len(examples), chunk):
+                    key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)
+                    rows = self._sample(sampler, params, prompts[c:c + chunk], s.eval_max_new, s.eval_sampling,
+                                        s.eval_n, key, max_prompt_len)
+                    exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval_n)]
+                    correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval_n) > 0.5)
+                    lengths += [len(r) for r in rows]
+            finally:
+                sampler.release()  # evaluations are rare: their cache (eval, or teacher eval's) is not kept
             span.tokens = sum(lengths)
         summary = evaluation.summarize(np.concatenate(correct), s.eval_k, problem_ids=[ex.id for ex in examples])
         summary.update(step=step, mean_length=float(np.mean(lengths)))

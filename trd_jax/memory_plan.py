@@ -19,9 +19,10 @@ What a step holds, in the controller's order (trd_jax/controller.py):
                 the update
     update      one micro-batch's activations, gradients, the fused loss's chunk buffers, AdamW temporaries
 
-Options that model code the repository does not have yet (``PlanOptions``) say which change would make a
-recipe fit: rematerialisation, a flash attention, a sharded KV cache, sampling / scoring in row groups and
-releasing caches as soon as their phase ends. Their defaults describe the code as it is.
+``PlanOptions`` carries the rematerialisation of the update (the config's ``train.remat``) and the model code
+the repository does not have yet, which a plan may propose to make a recipe fit: a flash attention, a sharded KV
+cache, sampling / scoring in row groups and releasing caches as soon as their phase ends. Their defaults describe
+the code as it is.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
-from trd_jax.models.config import ModelConfig
+from trd_jax.models.config import REMAT, ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.sampling import bucket
 from trd_jax.sharding import DEFAULT_RULES, MESH_AXES, MeshConfig, logical_to_spec, shardings_like_params
@@ -119,7 +120,6 @@ def model_from_path(path: str, *, dtype: str, param_dtype: str) -> ModelConfig:
 # Options: what the code does today, and the changes a plan may propose
 
 
-REMAT = ("none", "full", "dots")
 ATTENTION = ("materialized", "flash")
 KV_CACHE = ("replicated", "sharded")
 
@@ -128,9 +128,9 @@ KV_CACHE = ("replicated", "sharded")
 class PlanOptions:
     """Everything but the run config that decides memory. Defaults are the code as it is."""
 
-    # Rematerialisation of each decoder layer in the update's backward pass. The model has none today
-    # (transformer.py's layers are plain calls): "none". "full": nnx.remat per layer, only the layer input
-    # is saved. "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, which saves the
+    # Rematerialisation of each decoder layer in the update's backward pass: the config's train.remat
+    # (ModelConfig.remat, transformer.py). "none": every activation kept. "full": nnx.remat per layer, only the
+    # layer input is saved. "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, which saves the
     # projection matmuls' outputs and recomputes attention (plain dots_saveable would also keep the
     # [heads, T, S] score matrices, the very thing remat should drop).
     remat: str = "none"
@@ -721,14 +721,16 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
 # What to change when it does not fit
 #
 # Config changes come first (the user can make them today), each kept only if it lowers the peak. Then the
-# code changes PlanOptions models are searched exhaustively (a few thousand plans of arithmetic) for the
-# cheapest combination that fits: least implementation effort, then the most rows per sampler and score
-# call (throughput), then the least recomputation, then the lowest peak.
+# code changes PlanOptions models, with train.remat among them, are searched exhaustively (a few thousand plans
+# of arithmetic) for the cheapest combination that fits: least implementation effort, then the most rows per
+# sampler and score call (throughput), then the least recomputation, then the lowest peak. A remat found there
+# is proposed as the config change it is (train.remat).
 
 
 @dataclasses.dataclass(frozen=True)
 class Change:
-    """One proposed change: `config` overrides (dotted keys) or `options` (code the repository lacks)."""
+    """One proposed change: `config` overrides (dotted keys) or `options` (code the repository lacks).
+    train.remat is a config override that sets PlanOptions.remat."""
 
     label: str
     config: tuple[tuple[str, Any], ...] = ()
@@ -743,9 +745,9 @@ class Change:
 # release_early: free a sampler's cache after its phase (a line per phase in the controller);
 # sampler/score rows: loop over row groups in Trainer._sample / _score and concatenate;
 # kv_cache sharded: Sampler creates the cache and places prompts with batch shardings;
-# remat: nnx.remat around each decoder layer behind a config switch (memory_plan.RematLayer);
+# remat: none, a config switch (train.remat; its recomputation is costed apart, in _option_cost);
 # flash: a blockwise attention kernel per backend (cuDNN / Pallas) in Attention.
-EFFORT = {"release_early": 1, "sampler_rows": 2, "score_rows": 2, "kv_cache": 3, "remat": 3, "attention": 5}
+EFFORT = {"remat": 0, "release_early": 1, "sampler_rows": 2, "score_rows": 2, "kv_cache": 3, "attention": 5}
 _ROWS_PER_DEVICE = (64, 32, 16, 8, 4, 2, 1)
 
 
@@ -784,6 +786,8 @@ def apply_change(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, i
             work = dataclasses.replace(work, micro_batches=value)
         elif key == "loss.chunk_size":
             work = dataclasses.replace(work, loss=dataclasses.replace(work.loss, chunk_size=value))
+        elif key == "train.remat":
+            options = dataclasses.replace(options, remat=value)
         elif section == "mesh":
             mesh = {**mesh, field: value}
         else:
@@ -817,7 +821,7 @@ def _option_grid(work: Workload, mesh: dict[str, int], start: PlanOptions) -> It
 
 
 def _option_changes(start: PlanOptions, end: PlanOptions) -> list[Change]:
-    """The code changes from `start` to `end`, in order of effort."""
+    """The changes from `start` to `end`, in order of effort: code changes, and train.remat as config."""
     labels = {"release_early": "free each sampler cache when its phase ends",
               "sampler_rows": "sample {} rows per call", "score_rows": "score {} rows per call",
               "kv_cache": "{} sampler KV caches (rows over the batch axes)", "remat": "remat each decoder layer ({})",
@@ -826,7 +830,10 @@ def _option_changes(start: PlanOptions, end: PlanOptions) -> list[Change]:
     for name in sorted(EFFORT, key=EFFORT.get):
         value = getattr(end, name)
         if value != getattr(start, name):
-            out.append(Change(labels[name].format(value), options=((name, value),)))
+            if name == "remat":
+                out.append(Change(labels[name].format(value), config=(("train.remat", value),)))
+            else:
+                out.append(Change(labels[name].format(value), options=((name, value),)))
     return out
 
 
@@ -904,43 +911,20 @@ def suggest(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int], 
 # Validation: the update step compiled for a small model
 
 
-class RematLayer(nnx.Module):
-    """A decoder layer under nnx.remat: the model change that a `train.remat` option would make inside
-    Transformer.__init__ (wrap each layer) — used here to compile the remat variants for validation."""
-
-    def __init__(self, layer: nnx.Module, policy: str):
-        self.layer = layer
-        self.policy = policy
-
-    def __call__(self, x, cos, sin, mask, cache, cache_index):
-        if cache is not None:  # sampling needs no gradient: run the layer as is
-            return self.layer(x, cos, sin, mask, cache, cache_index)
-        policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.policy == "dots" else None
-
-        def call(layer, x, cos, sin, mask):
-            return layer(x, cos, sin, mask, None, 0)[0]
-
-        return nnx.remat(call, policy=policy, prevent_cse=True)(self.layer, x, cos, sin, mask), None
-
-
-def with_remat(model: Transformer, policy: str) -> Transformer:
-    if policy != "none":
-        model.layers = nnx.List([RematLayer(layer, policy) for layer in model.layers])
-    return model
-
-
 def compiled_update_temp(student: ModelConfig, *, rows: int, context: int, response: int, loss: LossConfig,
-                         teacher_hidden: int, remat: str = "none", micro_batches: int = 2) -> dict[str, int]:
+                         teacher_hidden: int, remat: str | None = None, micro_batches: int = 2) -> dict[str, int]:
     """XLA's memory_analysis of steps.update compiled (not run) on the default backend for abstract inputs:
     `micro_batches` micro-batches of `rows` rows. Two micro-batches by default: with one, XLA inlines the
-    scan and its CPU scheduler then ignores rematerialisation.
+    scan and its CPU scheduler then ignores rematerialisation. `remat`: the model's ModelConfig.remat
+    (transformer.py), None keeping student.remat.
 
     Run it under XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false (``measure_in_subprocess``):
     XLA:CPU's default scheduler favours concurrency and places recomputation beside the forward pass, so
     remat would not lower the peak at all; TPU and GPU schedulers are memory-aware."""
     from trd_jax.steps import Sequences, init_state, update
 
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: with_remat(Transformer(student, rngs=nnx.Rngs(0)), remat)))
+    student = student if remat is None else student.replace(remat=remat)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(student, rngs=nnx.Rngs(0))))
     optimizer = make_optimizer(OptimConfig())
     state = jax.eval_shape(functools.partial(init_state, optimizer=optimizer), params)
     spec, length, dt = jax.ShapeDtypeStruct, context + response, jnp.dtype(student.dtype)
@@ -967,8 +951,8 @@ MEASURE_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 def measure_in_subprocess(cases: Iterable[dict[str, Any]], timeout: float = 600.0) -> list[dict[str, int]]:
     """compiled_update_temp for each case ({"model": ModelConfig fields, "rows", "context", "response",
-    "chunk_size", "teacher_hidden", "remat"}) in one fresh CPU process with MEASURE_FLAGS (XLA reads its
-    flags once per process)."""
+    "chunk_size", "teacher_hidden", and optionally "remat", else the model's own remat field}) in one fresh
+    CPU process with MEASURE_FLAGS (XLA reads its flags once per process)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + MEASURE_FLAGS).strip())
     out = subprocess.run([sys.executable, "-m", "trd_jax.memory_plan"], input=json.dumps(list(cases)), env=env,
@@ -985,7 +969,7 @@ def _measure_main() -> None:
         results.append(compiled_update_temp(cfg, rows=case["rows"], context=case["context"],
                                             response=case["response"],
                                             loss=LossConfig(chunk_size=case.get("chunk_size", 512)),
-                                            teacher_hidden=case["teacher_hidden"], remat=case.get("remat", "none")))
+                                            teacher_hidden=case["teacher_hidden"], remat=case.get("remat")))
     print(json.dumps(results))
 
 

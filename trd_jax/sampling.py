@@ -4,7 +4,16 @@ Prompts of different lengths share a batch left-padded to a common length P, so 
 next key/value at the same cache slot (one dynamic_update_slice per layer, in place) while each row
 keeps its own RoPE positions (slot - pad). The loop stops when every row has emitted an EOS id or
 `max_new_tokens` is reached. Batch, prompt length and the new-token buffer are rounded up to buckets
-so that steady-state calls reuse compiled code.
+so that steady-state calls reuse compiled code; the prompt bucket never exceeds the caller's
+`max_prompt_len` (a refine prompt budget of 18432 stays 18432 instead of rounding to 24576).
+
+Memory (Sampler.__call__): `max_rows` samples the rows in groups of at most that many rows, one static
+cache of group size reused by every group; on a single-process mesh the cache is sharded over the batch
+axes (data, fsdp) where they divide its rows, and over kv heads on `tensor` where that divides them;
+release() frees it. None of this changes a row's draws (only float rounding of another batch shape,
+never the tokens in tests): a row's uniform for step i is element r of
+uniform(fold_in(key, i), (R, 1)), R the whole call's padded row count and r its row index in the
+whole call, whatever group the row is computed in (see _row_uniforms).
 
 Outputs per row: `tokens` i32[N] (pad_id after the end), `logprobs` f32[N] and `length` (tokens
 emitted, EOS included). `logprobs` are log-probabilities of the emitted token under the tempered,
@@ -24,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trd_jax import multihost
 from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
+from trd_jax.sharding import BATCH_AXES
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -130,15 +141,27 @@ def _top_p_mask(probs: Array, top_p: float) -> Array:
     return keys >= thresh
 
 
-def _categorical(probs: Array, key: Array) -> Array:
+def _row_uniforms(key: Array, b: int, row_offset: Array | None = None, total_rows: int = 0) -> Array:
+    """f32[b, 1] in [0, 1): uniform(key, (b, 1)), or with a row offset rows [row_offset, row_offset + b) of
+    uniform(key, (total_rows, 1)) (rows past total_rows, padding, get 1.0). A batch computed in groups thus
+    draws exactly the numbers a single call over all total_rows rows draws, whatever the PRNG
+    implementation's partitioning (the table costs total_rows numbers per step, nothing next to a vocabulary)."""
+    if row_offset is None:
+        return jax.random.uniform(key, (b, 1))
+    table = jnp.concatenate([jax.random.uniform(key, (total_rows, 1)), jnp.ones((b, 1), jnp.float32)])
+    return jax.lax.dynamic_slice_in_dim(table, row_offset, b, axis=0)
+
+
+def _categorical(probs: Array, key: Array, row_offset: Array | None = None, total_rows: int = 0) -> Array:
     """One draw per row from unnormalised probs f32[B, V] >= 0 by inverse CDF: one uniform per row
-    (instead of a Gumbel per entry), a cumulative sum over chunk totals, then within one chunk."""
+    (instead of a Gumbel per entry), a cumulative sum over chunk totals, then within one chunk.
+    row_offset / total_rows: see _row_uniforms."""
     b, v = probs.shape
     chunk = _chunk_size(v)
     chunks = _as_chunks(probs, chunk, 0.0)
     totals = jnp.sum(chunks, axis=-1)  # [B, C]
     ends = jnp.cumsum(totals, axis=-1)
-    u = 1.0 - jax.random.uniform(key, (b, 1))  # (0, 1]: a zero-probability entry is never drawn
+    u = 1.0 - _row_uniforms(key, b, row_offset, total_rows)  # (0, 1]: a zero-probability entry is never drawn
     target = u * ends[:, -1:]
     c = jnp.minimum(jnp.sum(ends < target, axis=-1), ends.shape[1] - 1)
     rest = target[:, 0] - (jnp.take_along_axis(ends, c[:, None], axis=1)[:, 0]
@@ -154,8 +177,11 @@ def _categorical(probs: Array, key: Array) -> Array:
     return (c * chunk + jnp.clip(i, first, last)).astype(jnp.int32)
 
 
-def select_tokens(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array, Array]:
-    """logits f32[B, V] -> (tokens i32[B], log-probs f32[B] under softmax(logits / temperature))."""
+def select_tokens(logits: Array, key: Array, cfg: SamplingConfig, *, row_offset: Array | None = None,
+                  total_rows: int = 0) -> tuple[Array, Array]:
+    """logits f32[B, V] -> (tokens i32[B], log-probs f32[B] under softmax(logits / temperature)).
+    row_offset / total_rows: the rows are rows [row_offset, row_offset + B) of a batch of total_rows rows
+    (their draws are that batch's; see _row_uniforms)."""
     logits = logits.astype(jnp.float32)
     scaled = logits if cfg.temperature == 0.0 else logits / cfg.temperature
     top = jnp.max(scaled, axis=-1, keepdims=True)
@@ -171,7 +197,7 @@ def select_tokens(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array
             ids = None
         if cfg.top_p < 1.0:
             weights = jnp.where(_top_p_mask(weights, cfg.top_p), weights, 0.0)
-        tokens = _categorical(weights, key)
+        tokens = _categorical(weights, key, row_offset, total_rows)
         if ids is not None:
             tokens = jnp.take_along_axis(ids, tokens[:, None], axis=-1)[:, 0]
     chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
@@ -182,14 +208,20 @@ def select_tokens(logits: Array, key: Array, cfg: SamplingConfig) -> tuple[Array
 # Jitted steps
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "n"), donate_argnames=("cache",))
-def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: int) -> tuple[KVCache, Array]:
+def _constrain(cache: KVCache, sharding) -> KVCache:
+    return cache if sharding is None else jax.lax.with_sharding_constraint(cache, sharding)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "cache_sharding"), donate_argnames=("cache",))
+def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: int,
+            cache_sharding=None) -> tuple[KVCache, Array]:
     """Writes the prompts' keys and values into slots [0, P) of the donated cache.
 
     prompts i32[B, P] left-padded, pad i32[B], cache [B*n, kv_heads, S, head_dim] -> (cache, logits
     f32[B*n, V] of the last prompt position). Each prompt runs once; its keys and values are repeated
     for its n samples. Slots >= P keep stale values from earlier calls: decode overwrites each slot
-    before any query can see it.
+    before any query can see it. cache_sharding: the cache's sharding, kept on the result (None: as
+    the compiler propagates it).
     """
     model: Transformer = nnx.merge(graphdef, params)
     b, p = prompts.shape
@@ -204,24 +236,32 @@ def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: 
         return jax.lax.dynamic_update_slice(full, part.astype(full.dtype), (0, 0, 0, 0))
 
     cache = tuple(LayerCache(put(c.k, pc.k), put(c.v, pc.v)) for c, pc in zip(cache, prompt_cache))
-    return cache, (jnp.repeat(logits, n, axis=0) if n > 1 else logits)
+    return _constrain(cache, cache_sharding), (jnp.repeat(logits, n, axis=0) if n > 1 else logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
+                                             "total_rows", "cache_sharding"),
                    donate_argnames=("cache",))
 def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array, max_new_tokens: Array,
-           pad_id: Array, *, prompt_len: int, buffer_len: int, sampling: SamplingConfig,
-           eos_ids: tuple[int, ...]) -> tuple[SampleOutput, KVCache]:
+           pad_id: Array, live: Array | None = None, row_offset: Array | None = None, *, prompt_len: int,
+           buffer_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], total_rows: int = 0,
+           cache_sharding=None) -> tuple[SampleOutput, KVCache]:
     """Samples up to max_new_tokens (<= buffer_len) tokens per row after the prefilled cache; returns
-    the outputs and the cache (donated in, handed back for the next call)."""
+    the outputs and the cache (donated in, handed back for the next call).
+
+    live bool[B] (None: all): rows that are not live (batch padding) count as finished from the start,
+    so that they never keep the loop running; they emit pad_id and length 0. row_offset i32[] with
+    total_rows > 0: these B rows are rows [row_offset, row_offset + B) of a call of total_rows rows, and
+    draw that call's numbers (select_tokens)."""
     model: Transformer = nnx.merge(graphdef, params)
     b = logits.shape[0]
     cache_len = cache[0].k.shape[2]
     key_mask = jnp.arange(cache_len)[None, :] >= pad[:, None]  # left padding stays masked
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    rows = dict(row_offset=row_offset, total_rows=total_rows) if total_rows else {}
 
     def emit(i, logits, done, tokens_buf, logp_buf, lengths):
-        tok, logp = select_tokens(logits, jax.random.fold_in(key, i), sampling)
+        tok, logp = select_tokens(logits, jax.random.fold_in(key, i), sampling, **rows)
         tok = jnp.where(done, pad_id, tok)
         logp = jnp.where(done, 0.0, logp)
         tokens_buf = jax.lax.dynamic_update_slice(tokens_buf, tok[:, None], (0, i))
@@ -232,8 +272,8 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
 
     tokens_buf = jnp.zeros((b, buffer_len), jnp.int32) + pad_id
     logp_buf = jnp.zeros((b, buffer_len), jnp.float32)
-    tok, done, tokens_buf, logp_buf, lengths = emit(
-        0, logits, jnp.zeros((b,), bool), tokens_buf, logp_buf, jnp.zeros((b,), jnp.int32))
+    done = jnp.zeros((b,), bool) if live is None else ~live
+    tok, done, tokens_buf, logp_buf, lengths = emit(0, logits, done, tokens_buf, logp_buf, jnp.zeros((b,), jnp.int32))
 
     def cond(state):
         i, _, _, _, done, *_ = state
@@ -245,6 +285,7 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
         positions = (slot - pad)[:, None]
         model_in = jnp.where(done, 0, tok)[:, None]  # finished rows emit pad_id; the model sees id 0
         hidden, cache = model(model_in, positions, key_mask, cache=cache, cache_index=slot)
+        cache = _constrain(cache, cache_sharding)
         logits = model.logits(hidden[:, 0], head)
         tok, done, tokens_buf, logp_buf, lengths = emit(i, logits, done, tokens_buf, logp_buf, lengths)
         return i + 1, head, cache, tok, done, tokens_buf, logp_buf, lengths
@@ -274,45 +315,105 @@ def bucket(n: int, minimum: int = 1) -> int:
     return p
 
 
+def row_groups(num_prompts: int, n: int, max_rows: int) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+    """How a call of num_prompts prompts x n samples runs in calls of at most max_rows rows (0: one call).
+
+    Returns (batch, samples, groups): every call has `batch` prompt slots x `samples` samples per prompt,
+    and each group is (first prompt, prompts, offset, rows): its prompts, the index of its first row among
+    the whole call's rows (prompt i's sample s is row i * n + s) and how many of its leading rows are real
+    (the rest is padding, discarded). One call: batch = bucket(num_prompts), as without groups. Groups:
+    max_rows // n prompts per call (every call the same shape, so that one cache serves them all), or, with
+    max_rows < n, one prompt and max_rows of its samples per call."""
+    if max_rows <= 0 or num_prompts * n <= max_rows:
+        return bucket(num_prompts), n, [(0, num_prompts, 0, num_prompts * n)]
+    if max_rows >= n:
+        per = max_rows // n
+        return per, n, [(p, min(per, num_prompts - p), p * n, min(per, num_prompts - p) * n)
+                        for p in range(0, num_prompts, per)]
+    return 1, max_rows, [(i, 1, i * n + j, min(max_rows, n - j)) for i in range(num_prompts)
+                         for j in range(0, n, max_rows)]
+
+
+def cache_sharding(params, num_kv_heads: int, rows: int) -> NamedSharding | None:
+    """The KV cache's sharding over the mesh that `params` lie on: rows over the batch axes (data, fsdp) when
+    their product divides `rows`, kv heads over `tensor` when it divides them; None (the cache as the
+    compiler places it, i.e. every device holding every row) when neither applies or the parameters carry
+    no NamedSharding."""
+    leaves = jax.tree.leaves(params)
+    sharding = getattr(leaves[0], "sharding", None) if leaves else None
+    if not isinstance(sharding, NamedSharding):
+        return None
+    mesh = sharding.mesh
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    tensor = mesh.shape.get("tensor", 1)
+    rows_axis = axes if shards > 1 and rows % shards == 0 else None
+    heads_axis = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
+    if rows_axis is None and heads_axis is None:
+        return None
+    return NamedSharding(mesh, P(rows_axis, heads_axis, None, None))
+
+
 class Sampler:
     """Compiles and runs generation for one model graph; parameters are passed per call so that a
-    training loop can sample from its live weights without copies."""
+    training loop can sample from its live weights without copies.
 
-    def __init__(self, graphdef, *, eos_ids: Sequence[int] = (), pad_id: int = 0, min_prompt_bucket: int = 16):
+    shard_cache: on a single-process mesh, shard the KV cache (cache_sharding) and place the prompts over
+    the batch axes; False keeps today's placement (the compiler's choice: the cache on every device)."""
+
+    def __init__(self, graphdef, *, eos_ids: Sequence[int] = (), pad_id: int = 0, min_prompt_bucket: int = 16,
+                 shard_cache: bool = True):
         self.graphdef = graphdef
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
         self.min_prompt_bucket = min_prompt_bucket
+        self.shard_cache = shard_cache
         self._shapes_seen: set = set()
-        # The static KV cache, kept between calls of the same shape and donated through prefill and
-        # decode, so that steady-state sampling allocates no cache. release() frees it.
+        # The static KV cache, kept between calls (and row groups) of the same shape and donated through
+        # prefill and decode, so that steady-state sampling allocates no cache. release() frees it.
         self._cache: KVCache | None = None
+        self._cache_placement = None  # the sharding it was made with (None: _new_cache's default)
         self._cfg = None
-        self._global_cache_fns: dict = {}  # several processes: the cache made replicated over the mesh
+        self._cache_fns: dict = {}  # sharding -> init_cache jitted with those out_shardings
 
     def release(self) -> None:
         """Frees the cached KV buffers (e.g. before a memory-hungry update step on an accelerator)."""
         self._cache = None
 
-    def _cache_for(self, cfg, rows: int, length: int, replicated=None) -> KVCache:
+    @property
+    def holds_cache(self) -> bool:
+        return self._cache is not None
+
+    def _cache_for(self, cfg, rows: int, length: int, sharding=None) -> KVCache:
         cache, self._cache = self._cache, None
-        if cache is None or cache[0].k.shape != (rows, cfg.num_kv_heads, length, cfg.head_dim):
+        if (cache is None or cache[0].k.shape != (rows, cfg.num_kv_heads, length, cfg.head_dim)
+                or self._cache_placement != sharding):
             cache = None  # drop the old buffers before allocating new ones
-            if replicated is None:
+            if sharding is None:
                 cache = _new_cache(cfg, rows, length)
             else:
-                if replicated not in self._global_cache_fns:
-                    self._global_cache_fns[replicated] = jax.jit(init_cache, static_argnums=(0, 1, 2),
-                                                                 out_shardings=replicated)
-                cache = self._global_cache_fns[replicated](cfg, rows, length)
+                if sharding not in self._cache_fns:
+                    self._cache_fns[sharding] = jax.jit(init_cache, static_argnums=(0, 1, 2), out_shardings=sharding)
+                cache = self._cache_fns[sharding](cfg, rows, length)
+            self._cache_placement = sharding
         return cache
 
     def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
-                 eos_ids: Sequence[int] | None = None) -> SampleOutput:
+                 eos_ids: Sequence[int] | None = None, max_prompt_len: int | None = None,
+                 max_rows: int = 0) -> SampleOutput:
         """prompts: token id lists of any lengths. Returns numpy arrays for len(prompts) * n rows, the
         n samples of prompt i in rows i*n .. i*n + n - 1, tokens cut to the longest row. eos_ids
-        overrides the sampler's stop tokens for this call (an empty tuple: never stop early)."""
+        overrides the sampler's stop tokens for this call (an empty tuple: never stop early).
+
+        max_prompt_len: the longest prompt the caller allows (a refine prompt budget, task.max_prompt_tokens):
+        the prompt bucket, and so the cache, never exceeds it; a longer prompt is an error.
+        max_rows: sample at most this many rows per compiled call (0: all at once), in groups (row_groups)
+        that reuse one cache of max_rows rows. Every row draws the same random numbers as in one call over
+        all rows (same key, see _row_uniforms): the same tokens as the one call, log-probs equal up to the
+        backend's rounding on another batch shape (tests/test_sampler_memory.py). A cache
+        sharded over the batch axes likewise (each device multiplies fewer rows; fsdp-sharded parameters are
+        gathered instead of reduced in partial sums). max_rows=0 on one device is the code as before."""
         eos_ids = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         if not prompts:
             raise ValueError("prompts: empty batch")
@@ -320,22 +421,23 @@ class Sampler:
             raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
         if n < 1:
             raise ValueError(f"n={n}: must be >= 1")
+        if max_rows < 0:
+            raise ValueError(f"max_rows={max_rows}: must be >= 0 (0: all rows at once)")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}]: empty prompt")
-        batch, plen = bucket(len(prompts)), bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
+        longest = max(len(p) for p in prompts)
+        plen = bucket(longest, self.min_prompt_bucket)
+        if max_prompt_len is not None:
+            if longest > max_prompt_len:
+                i = next(i for i, p in enumerate(prompts) if len(p) > max_prompt_len)
+                raise ValueError(f"prompts[{i}]: {len(prompts[i])} tokens exceed max_prompt_len={max_prompt_len}")
+            plen = min(plen, max_prompt_len)
         buffer_len = bucket(max_new_tokens, 8)
-        tokens = np.zeros((batch, plen), np.int32)  # padding fed to the model is id 0: pad_id may lie outside the vocabulary
-        pad = np.full((batch,), plen - 1, np.int32)  # padding rows: a one-token prompt
-        for i, p in enumerate(prompts):
-            tokens[i, plen - len(p):] = p
-            pad[i] = plen - len(p)
-        shape = (batch, plen, buffer_len, n, sampling, eos_ids)
-        if shape not in self._shapes_seen:
-            # The first shape compiles by design; later ones mean the buckets did not absorb a change.
-            (log.warning if self._shapes_seen else log.info)(
-                "sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s eos=%s", *shape)
-            self._shapes_seen.add(shape)
+        batch, samples, groups = row_groups(len(prompts), n, max_rows)
+        # Several groups: each draws its rows' numbers from the one call's table (bucket(prompts) * n rows).
+        total_rows = bucket(len(prompts)) * n if len(groups) > 1 else 0
+        rows_per_call = batch * samples
         if isinstance(key, int):
             key = jax.random.key(key)
         if self._cfg is None:  # the static model config, read once from the graph
@@ -344,16 +446,47 @@ class Sampler:
         # Several processes: every process holds the same prompts and key; they become arrays replicated over
         # the parameters' mesh (every device samples the whole batch; the parameters stay sharded).
         replicated = multihost.replicated_like(params) if multihost.multi_process() else None
-        put = jnp.asarray if replicated is None else (lambda x: multihost.to_global(x, replicated))
+        sharding = (cache_sharding(params, cfg.num_kv_heads, rows_per_call)
+                    if replicated is None and self.shard_cache else None)
         if replicated is not None:
-            key = multihost.to_global(key, replicated)
-        cache = self._cache_for(cfg, batch * n, plen + buffer_len, replicated)
-        cache, logits = prefill(self.graphdef, params, cache, put(tokens), put(pad), n=n)
-        out, self._cache = decode(self.graphdef, params, cache, logits, put(np.repeat(pad, n)), key,
-                                  put(np.int32(max_new_tokens)), put(np.int32(self.pad_id)), prompt_len=plen,
-                                  buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids)
-        rows = len(prompts) * n
-        lengths = multihost.to_host(out.lengths)[:rows]
+            put_prompts = put_rows = put_one = lambda x: multihost.to_global(x, replicated)
+        elif sharding is not None:
+            mesh, rows_axis = sharding.mesh, sharding.spec[0]
+            whole = NamedSharding(mesh, P())
+            shards = int(np.prod([mesh.shape[a] for a in rows_axis])) if rows_axis is not None else 1
+            prompt_axis = rows_axis if shards > 1 and batch % shards == 0 else None
+            put_prompts = lambda x: jax.device_put(x, NamedSharding(mesh, P(prompt_axis, *([None] * (x.ndim - 1)))))
+            put_rows = lambda x: jax.device_put(x, NamedSharding(mesh, P(rows_axis)))
+            put_one = lambda x: jax.device_put(x, whole)
+        else:
+            put_prompts = put_rows = put_one = jnp.asarray
+        if replicated is not None or sharding is not None:
+            key = put_one(key)
+        shape = (batch, plen, buffer_len, samples, sampling, eos_ids)
+        if shape not in self._shapes_seen:
+            # The first shape compiles by design; later ones mean the buckets did not absorb a change.
+            (log.warning if self._shapes_seen else log.info)(
+                "sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s eos=%s", *shape)
+            self._shapes_seen.add(shape)
+        max_new, pad_id = put_one(np.int32(max_new_tokens)), put_one(np.int32(self.pad_id))
+        outs = []
+        for first, count, offset, keep in groups:
+            tokens = np.zeros((batch, plen), np.int32)  # padding fed to the model is id 0: pad_id may lie outside the vocabulary
+            pad = np.full((batch,), plen - 1, np.int32)  # padding rows: a one-token prompt
+            for i, p in enumerate(prompts[first:first + count]):
+                tokens[i, plen - len(p):] = p
+                pad[i] = plen - len(p)
+            live = np.arange(rows_per_call) < keep
+            cache = self._cache_for(cfg, rows_per_call, plen + buffer_len, replicated or sharding)
+            cache, logits = prefill(self.graphdef, params, cache, put_prompts(tokens), put_prompts(pad), n=samples,
+                                    cache_sharding=sharding)
+            out, self._cache = decode(self.graphdef, params, cache, logits, put_rows(np.repeat(pad, samples)), key,
+                                      max_new, pad_id, put_rows(live),
+                                      put_one(np.int32(offset)) if total_rows else None, prompt_len=plen,
+                                      buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids,
+                                      total_rows=total_rows, cache_sharding=sharding)
+            outs.append((out, keep))
+        parts = [[multihost.to_host(x)[:keep] for x in out] for out, keep in outs]
+        tokens, logprobs, lengths = (np.concatenate(xs) if len(xs) > 1 else xs[0] for xs in zip(*parts))
         width = max(int(lengths.max()), 1)
-        tokens, logprobs = multihost.to_host(out.tokens), multihost.to_host(out.logprobs)
-        return SampleOutput(tokens[:rows, :width], logprobs[:rows, :width], lengths)
+        return SampleOutput(tokens[:, :width], logprobs[:, :width], lengths)

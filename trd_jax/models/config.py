@@ -17,6 +17,11 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each decoder layer in a forward without a KV cache (the training / scoring forward), for
+# the backward pass: "none" keeps every activation autodiff needs; "full" keeps only each layer's input and
+# recomputes the layer; "dots" also keeps the outputs of the weight matmuls
+# (jax.checkpoint_policies.dots_with_no_batch_dims_saveable) and recomputes the rest, attention scores included.
+REMAT = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +50,16 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # How the model is run, not what it is: never written to nor read from config.json. A jit static like the
+    # other fields, so changing it compiles anew.
+    remat: str = "none"  # one of REMAT
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: expected one of {DTYPES}")
+        if self.remat not in REMAT:
+            raise ValueError(f"ModelConfig.remat={self.remat!r}: expected one of {REMAT}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -71,7 +81,8 @@ class ModelConfig:
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":
-        """Reads a transformers config dict; raises ValueError naming the field and `source`."""
+        """Reads a transformers config dict; raises ValueError naming the field and `source`. `overrides`: other
+        fields (dtype, param_dtype, remat), which a config.json never sets."""
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:

@@ -14,6 +14,10 @@ Without a cache the keys are the T input positions (S == T). With a cache of len
 and values are written at slots [cache_index, cache_index + T) and the queries attend over all S
 slots. Either way query t sits at slot cache_index + t and sees slot s iff s <= cache_index + t and
 key_mask[b, s]: causal by slot, padding masked by key_mask (left or right padding both work).
+
+Without a cache each layer runs under nnx.remat when cfg.remat is "full" or "dots" (``with_remat``): the
+update's backward pass then recomputes activations instead of keeping them. Forward-only calls (scoring)
+lower to the same computation, since jax.checkpoint only acts under differentiation.
 """
 
 from __future__ import annotations
@@ -168,6 +172,21 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attn_norm(x)), cache
 
 
+def _layer_without_cache(layer: DecoderLayer, x, cos, sin, mask):
+    return layer(x, cos, sin, mask, None, 0)[0]
+
+
+# ModelConfig.remat -> the decoder layer under nnx.remat (jax.checkpoint): the backward pass recomputes what the
+# policy does not save. "full" saves only the layer's inputs; "dots" also the outputs of matmuls without batch
+# dimensions (the q/k/v/o and MLP projections), so attention (scores, softmax) and the elementwise ops are
+# recomputed. prevent_cse keeps XLA from merging the recomputation back into the forward pass.
+_REMAT_LAYER = {
+    "full": nnx.remat(_layer_without_cache, prevent_cse=True),
+    "dots": nnx.remat(_layer_without_cache, prevent_cse=True,
+                      policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+}
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
@@ -189,6 +208,11 @@ class Transformer(nnx.Module):
         num_slots = key_mask.shape[1]
         query_slot = cache_index + jnp.arange(t)
         mask = (jnp.arange(num_slots)[None, :] <= query_slot[:, None])[None] & key_mask[:, None, :]  # [B,T,S]
+        if cache is None and self.cfg.remat != "none":  # training / scoring forward: remat each layer
+            remat_layer = _REMAT_LAYER[self.cfg.remat]
+            for layer in self.layers:
+                x = remat_layer(layer, x, cos, sin, mask)
+            return self.final_norm(x), None
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
@@ -207,6 +231,19 @@ class Transformer(nnx.Module):
         loop materialises the tied embedding's transpose once rather than every step)."""
         head = self.lm_head_weight() if head is None else head
         return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+
+
+def with_remat(model: Transformer, remat: str) -> Transformer:
+    """`model` with cfg.remat set to `remat` (one of models.config.REMAT), in place (the parameters are
+    untouched; every module holding the config gets the new one) and returned. The config is part of the graph
+    definition, so nnx.split gives a new jit static and the steps compile anew."""
+    if model.cfg.remat == remat:
+        return model
+    cfg = model.cfg.replace(remat=remat)  # validates
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and isinstance(getattr(node, "cfg", None), ModelConfig):
+            node.cfg = cfg
+    return model
 
 
 def init_for_tokenizer(tokenizer, *, seed: int, **fields) -> Transformer:

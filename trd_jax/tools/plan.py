@@ -13,9 +13,9 @@ a config.json), else student.path / teacher.path when they hold a config.json, e
 (configs/qwen3.py: its STUDENT and the Qwen3-8B teacher), else the config's random shape. The accelerator and
 the device count default to the recipe's HARDWARE (configs/qwen3.py: h100x8, v5p-8, v5e-16).
 
---remat, --attention, --kv-cache, --sampler-rows, --score-rows and --release-early model code changes the
-repository does not have yet; their defaults describe the code as it is. Exit status: 0 fits, 1 does not
-fit, 2 usage or config error.
+--remat overrides the config's train.remat (its default). --attention, --kv-cache, --sampler-rows, --score-rows
+and --release-early model code changes the repository does not have yet; their defaults describe the code as it
+is. Exit status: 0 fits, 1 does not fit, 2 usage or config error.
 """
 
 from __future__ import annotations
@@ -209,7 +209,8 @@ def format_plan(plan: mp.Plan, title: str, *, exact: bool = False) -> str:
     widths += (f", student layout {w.prompt} + {w.response}, teacher layout {w.teacher_ctx} + {w.response}, "
                f"eval {w.eval_rows} rows x ({w.eval_prompt} + {w.eval_new})")
     lines.append(widths)
-    lines.append(f"code     remat {o.remat}, attention {o.attention}, KV cache {o.kv_cache}, sampler rows/call "
+    lines.append(f"remat    {o.remat} (train.remat) in the update's backward pass")
+    lines.append(f"code     attention {o.attention}, KV cache {o.kv_cache}, sampler rows/call "
                  f"{o.sampler_rows or 'all'}, score rows/call {o.score_rows or 'all'}, "
                  f"{'early cache release' if o.release_early else 'caches released as the controller does today'}")
     for note in w.notes:
@@ -251,8 +252,8 @@ def format_plan(plan: mp.Plan, title: str, *, exact: bool = False) -> str:
 def format_suggestions(applied: list[tuple[mp.Change, int]], final: mp.Plan) -> str:
     if not applied:
         return "to fit   no modelled change makes it fit (fewer rows per step or shorter budgets, or more devices)"
-    lines = [("to fit   config changes first, then the code changes (the repository lacks them) with the least "
-              "effort and throughput loss; listed by impact")]
+    lines = [("to fit   config changes first, then the code changes (the repository lacks them) and train.remat, with "
+              "the least effort and throughput loss; listed by impact")]
     for i, (change, peak) in enumerate(applied, 1):
         if change.needs_code:
             flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in change.options)
@@ -293,7 +294,7 @@ def build(argv: Sequence[str]):
     parser.add_argument("--devices", type=int, help="devices of the mesh (default: the recipe's hardware)")
     parser.add_argument("--model-config", default="", help="student=NAME_OR_PATH,teacher=NAME_OR_PATH")
     parser.add_argument("--vocab", type=int, help="vocabulary of randomly initialised models")
-    parser.add_argument("--remat", choices=mp.REMAT, default="none")
+    parser.add_argument("--remat", choices=mp.REMAT, help="rematerialisation (default: the config's train.remat)")
     parser.add_argument("--attention", choices=mp.ATTENTION, default="materialized")
     parser.add_argument("--kv-cache", choices=mp.KV_CACHE, default="replicated")
     parser.add_argument("--sampler-rows", type=int, default=0, help="rows per sampler call (0: all at once)")
@@ -329,7 +330,7 @@ def build(argv: Sequence[str]):
     devices = args.devices or (hardware[1] if hardware and not args.accelerator else None)
     try:
         mesh = mp.mesh_sizes(settings.mesh, devices)
-        options = mp.PlanOptions(remat=args.remat, attention=args.attention, kv_cache=args.kv_cache,
+        options = mp.PlanOptions(remat=args.remat or settings.remat, attention=args.attention, kv_cache=args.kv_cache,
                                  sampler_rows=args.sampler_rows, score_rows=args.score_rows,
                                  release_early=args.release_early, headroom=args.headroom)
     except ValueError as e:
