@@ -14,6 +14,8 @@
 set -euo pipefail
 
 PROG=launch/gpu_env.sh
+# shellcheck source=launch/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
   cat <<'EOF'
@@ -42,39 +44,11 @@ Example, two machines:
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
-
-# Quote one word for a POSIX shell, leaving plain words bare.
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  else
-    local sq="'" esc="'\\''"
-    printf "'%s'" "${s//$sq/$esc}"
-  fi
-}
-
 COORDINATOR="" NUM="" PID="" LOCAL_IDS="" DRY_RUN=0
 COMMAND=()
 ARGS=("$@")
 i=0
 ARG="" VAL=""
-take_value() {  # the value of the flag in $ARG: '--flag=value' or the next word (not a flag)
-  if [[ $ARG == *=* ]]; then
-    VAL=${ARG#*=}
-  else
-    i=$((i + 1))
-    ((i < ${#ARGS[@]})) || die "$1 needs a value"
-    VAL=${ARGS[$i]}
-    [[ $VAL != --* ]] || die "$1 needs a value (got '$VAL')"
-  fi
-  [[ -n $VAL ]] || die "$1 needs a non-empty value"
-}
 
 while ((i < ${#ARGS[@]})); do
   ARG=${ARGS[$i]}

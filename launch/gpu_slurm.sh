@@ -11,6 +11,8 @@
 set -euo pipefail
 
 PROG=launch/gpu_slurm.sh
+# shellcheck source=launch/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
@@ -56,33 +58,7 @@ Example
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
-
-# Quote one word for a POSIX shell, leaving plain words bare (readable dry-run output and script).
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--[A-Za-z0-9.-]+=)(.+)$ ]]; then  # --flag='value', same word, easier to read
-    printf '%s' "${BASH_REMATCH[1]}"
-    q "${BASH_REMATCH[2]}"
-  else
-    local sq="'" esc="'\\''"
-    printf "'%s'" "${s//$sq/$esc}"
-  fi
-}
-
 DRY_RUN=0
-run_cmd() {  # print a command (quoted, one line), then run it unless --dry-run
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(q "$w")"; done
-  printf '%s\n' "$out"
-  if ((DRY_RUN == 0)); then "$@"; fi
-}
 
 # ------------------------------------------------------------------------------------------ arguments
 NODES="" GPUS="" PARTITION="" TIME=24:00:00 ACCOUNT="" JOB_NAME=trd_jax CPUS="" EXCLUSIVE=1 PORT=12321
@@ -92,17 +68,6 @@ OVERRIDES=() ENVS=() SBATCH_OPTS=() PASSTHROUGH=()
 ARGS=("$@")
 i=0
 ARG="" VAL=""
-take_value() {  # the value of the flag in $ARG: '--flag=value' or the next word (not a flag)
-  if [[ $ARG == *=* ]]; then
-    VAL=${ARG#*=}
-  else
-    i=$((i + 1))
-    ((i < ${#ARGS[@]})) || die "$1 needs a value"
-    VAL=${ARGS[$i]}
-    [[ $VAL != --* ]] || die "$1 needs a value (got '$VAL')"
-  fi
-  [[ -n $VAL ]] || die "$1 needs a non-empty value"
-}
 no_value() { [[ $ARG != *=* ]] || die "$1 takes no value"; }
 
 while ((i < ${#ARGS[@]})); do

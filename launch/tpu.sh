@@ -10,6 +10,8 @@
 set -euo pipefail
 
 PROG=launch/tpu.sh
+# shellcheck source=launch/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 usage() {
@@ -78,35 +80,7 @@ Examples
 EOF
 }
 
-die() {
-  echo "$PROG: error: $*" >&2
-  echo "Run '$PROG --help' for usage." >&2
-  exit 2
-}
-
-# Quote one word for a POSIX shell, leaving plain words bare so that dry-run output stays readable and can
-# be pasted back into a shell.
-q() {
-  local s=$1
-  if [[ -n $s && $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$s"
-  elif [[ $s =~ ^(--[A-Za-z0-9.-]+=)(.+)$ ]]; then  # --flag='value', same word, easier to read
-    printf '%s' "${BASH_REMATCH[1]}"
-    q "${BASH_REMATCH[2]}"
-  else
-    local sq="'" esc="'\\''"
-    printf "'%s'" "${s//$sq/$esc}"
-  fi
-}
-
 DRY_RUN=0
-# Print a command (quoted, one line), then run it unless --dry-run.
-run_cmd() {
-  local out="" w
-  for w in "$@"; do out+="${out:+ }$(q "$w")"; done
-  printf '%s\n' "$out"
-  if ((DRY_RUN == 0)); then "$@"; fi
-}
 note() { printf '# %s\n' "$*"; }  # information lines: '#' so that the output stays a valid shell script
 
 # ------------------------------------------------------------------------------------------ TPU catalogue
@@ -191,17 +165,6 @@ ARGS=("$@")
 i=0
 ARG="" VAL=""
 # The value of the flag in $ARG: '--flag=value' or the next word (which must not look like a flag).
-take_value() {
-  if [[ $ARG == *=* ]]; then
-    VAL=${ARG#*=}
-  else
-    i=$((i + 1))
-    ((i < ${#ARGS[@]})) || die "$1 needs a value"
-    VAL=${ARGS[$i]}
-    [[ $VAL != --* ]] || die "$1 needs a value (got '$VAL')"
-  fi
-  [[ -n $VAL ]] || die "$1 needs a non-empty value"
-}
 no_value() { [[ $ARG != *=* ]] || die "$1 takes no value"; }
 
 while ((i < ${#ARGS[@]})); do
