@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -31,7 +30,7 @@ from trd_jax.models.config import ModelConfig  # noqa: E402
 from trd_jax.models.transformer import Transformer  # noqa: E402
 from trd_jax.sampling import Sampler, SamplingConfig  # noqa: E402
 from trd_jax.steps import LossConfig, OptimConfig, Sequences, init_state, make_optimizer, update  # noqa: E402
-from update_step import model_flops  # noqa: E402
+from update_step import median_seconds, model_flops  # noqa: E402
 
 # bf16 dense tensor-core peaks (FLOP/s) from the vendors' data sheets (sparsity not counted).
 PEAKS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12, "B200": 2250e12}
@@ -46,16 +45,6 @@ def peak_flops() -> tuple[float, str]:
         if name in kind:
             return value, kind
     return float("nan"), kind
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def model_config() -> ModelConfig:

@@ -108,27 +108,6 @@ def string_list(record: Record, alias: str, value: Any, *, allow_empty: bool = F
     return value
 
 
-def last_boxed(solution: str) -> str | None:
-    r"""The contents of the last ``\boxed{...}`` (or ``\fbox{...}``) in ``solution``, braces balanced;
-    None when there is none or it is unterminated."""
-    start = max(solution.rfind("\\boxed"), solution.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = solution.find("{", start)
-    # only whitespace may separate the command from its brace ("\boxed {x}"); "\boxed 5" has no braces
-    if i < 0 or solution[start:i].split("\\", 1)[1].strip() not in ("boxed", "fbox"):
-        return None
-    depth = 0
-    for j in range(i, len(solution)):
-        if solution[j] == "{":
-            depth += 1
-        elif solution[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return solution[i + 1:j].strip()
-    return None
-
-
 def _short(value: Any, limit: int = 60) -> str:
     r = repr(value)
     return r if len(r) <= limit else r[:limit] + "..."

@@ -18,6 +18,7 @@ from typing import Any
 from trd_jax.data.builders import fields
 from trd_jax.data.builders.base import LocalFilesBuilder
 from trd_jax.data.builders.files import Record
+from trd_jax.rewards.answers import last_boxed
 
 PROBLEM_FIELDS = ("problem", "question", "Problem", "Question", "prompt")
 ANSWER_FIELDS = ("answer", "Answer", "final_answer", "ground_truth", "reward_model.ground_truth",
@@ -72,7 +73,7 @@ def parse_math_row(record: Record, *, strip_dapo: bool = True) -> dict[str, str]
     if found is not None:
         answer = fields.text(record, found[0], found[1], allow_int=True).strip()
     else:
-        boxed = fields.last_boxed(reference)
+        boxed = last_boxed(reference)
         if not boxed:
             raise record.error("answer", f"missing (looked for {', '.join(ANSWER_FIELDS)}, then for a "
                                          f"\\boxed{{...}} in {', '.join(REFERENCE_FIELDS)})")
