@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from trd_jax.models.config import REMAT
+from trd_jax.models.config import ATTENTION, REMAT
 from trd_jax.refine import RefineConfig
 from trd_jax.sampling import SamplingConfig
 from trd_jax.sharding import MeshConfig
@@ -60,6 +60,12 @@ def _model_fields() -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype: float32 | bfloat16
         param_dtype="",  # storage dtype of the parameters; "" = dtype
         init_seed=-1,  # seed of a random initialisation; -1 derives it from the run seed
+        # Attention kernel of training, scoring and prefill (decode is always dense): "dense" materialises f32
+        # scores [rows, heads, T, S] | "blockwise": flash attention in plain JAX, O(T) memory, in tiles of
+        # attention_block x attention_block (what a 16k-token recipe needs; on CPU and short sequences dense is
+        # as fast or faster).
+        attention="dense",
+        attention_block=512,
         # Shape of a random initialisation (source="random"); the vocabulary comes from the tokenizer.
         model=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                    tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=2048),
@@ -271,6 +277,8 @@ class ModelSource:
     param_dtype: str
     init_seed: int
     shape: dict
+    attention: str = "dense"  # ModelConfig.attention
+    attention_block: int = 512
 
 
 def bootstrap_config(cfg):
@@ -371,7 +379,8 @@ def _model_source(cfg, side: str) -> ModelSource:
                                                         f"{shape['num_heads']}")
     if shape["head_dim"] % 2:
         raise ConfigError(f"{side}.model.head_dim", f"{shape['head_dim']} must be even (rotary embeddings)")
-    return ModelSource(source, path, dtype, param_dtype, _int(cfg, f"{side}.init_seed", -1), shape)
+    return ModelSource(source, path, dtype, param_dtype, _int(cfg, f"{side}.init_seed", -1), shape,
+                       _choice(cfg, f"{side}.attention", ATTENTION), _int(cfg, f"{side}.attention_block", 1))
 
 
 def _loss(cfg) -> LossConfig:

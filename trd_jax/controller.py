@@ -38,7 +38,7 @@ from trd_jax.data.task import PromptIterator
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
 from trd_jax.models.hf_io import load_hf, save_hf
-from trd_jax.models.transformer import Transformer, init_for_tokenizer, with_remat
+from trd_jax.models.transformer import Transformer, init_for_tokenizer, with_remat, with_runtime
 from trd_jax.reports import COST_PHASES
 from trd_jax.run_checkpoint import MODEL_DIR, checkpoint_steps, is_run_dir, load_run_student, write_model_card
 from trd_jax.sampling import Sampler
@@ -54,7 +54,13 @@ RESUMABLE_CHANGES = ("eval.", "log.", "checkpoint.", "export.")
 
 
 def build_model(src: ModelSource, tokenizer: Tokenizer, seed: int, side: str) -> Transformer:
-    """A model from a local Hugging Face folder, or a random one sized by the config and the tokenizer."""
+    """A model from a local Hugging Face folder, or a random one sized by the config and the tokenizer, running
+    the config's attention kernel."""
+    return with_runtime(_load_model(src, tokenizer, seed, side), attention=src.attention,
+                        attention_block=src.attention_block)
+
+
+def _load_model(src: ModelSource, tokenizer: Tokenizer, seed: int, side: str) -> Transformer:
     if src.source == "path":
         try:
             if is_run_dir(src.path):  # a trd_jax workdir: its latest checkpoint

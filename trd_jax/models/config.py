@@ -22,6 +22,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # recomputes the layer; "dots" also keeps the outputs of the weight matmuls
 # (jax.checkpoint_policies.dots_with_no_batch_dims_saveable) and recomputes the rest, attention scores included.
 REMAT = ("none", "full", "dots")
+# Attention kernel of every forward over more than one query (training, scoring, prefill; decode's single query
+# is always dense): "dense" materialises f32 scores [B, heads, T, S]; "blockwise" is flash attention in plain JAX
+# (models/attention.py), O(T) memory per head, in tiles of attention_block queries x attention_block keys.
+ATTENTION = ("dense", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,8 @@ class ModelConfig:
     # How the model is run, not what it is: never written to nor read from config.json. A jit static like the
     # other fields, so changing it compiles anew.
     remat: str = "none"  # one of REMAT
+    attention: str = "dense"  # one of ATTENTION
+    attention_block: int = 512  # blockwise: queries and keys per tile
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):
@@ -60,6 +66,10 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}: expected one of {DTYPES}")
         if self.remat not in REMAT:
             raise ValueError(f"ModelConfig.remat={self.remat!r}: expected one of {REMAT}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTION}")
+        if self.attention_block < 1:
+            raise ValueError(f"ModelConfig.attention_block={self.attention_block} must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -82,7 +92,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":
         """Reads a transformers config dict; raises ValueError naming the field and `source`. `overrides`: other
-        fields (dtype, param_dtype, remat), which a config.json never sets."""
+        fields (dtype, param_dtype, remat, attention), which a config.json never sets."""
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:

@@ -15,6 +15,9 @@ and values are written at slots [cache_index, cache_index + T) and the queries a
 slots. Either way query t sits at slot cache_index + t and sees slot s iff s <= cache_index + t and
 key_mask[b, s]: causal by slot, padding masked by key_mask (left or right padding both work).
 
+cfg.attention picks the kernel of every call with more than one query (models/attention.py): "dense" builds the
+[B, T, S] mask and f32 scores; "blockwise" (flash attention) never does. Decode's single query is always dense.
+
 Without a cache each layer runs under nnx.remat when cfg.remat is "full" or "dots" (``with_remat``): the
 update's backward pass then recomputes activations instead of keeping them. Forward-only calls (scoring)
 lower to the same computation, since jax.checkpoint only acts under differentiation.
@@ -30,10 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trd_jax.models import attention
 from trd_jax.models.config import ModelConfig
 
 Array = jax.Array
-_MASKED = -1e30  # finite, so that fully masked rows (padding queries) give a uniform softmax, not NaN
+
+
+class Mask(NamedTuple):
+    """Who sees whom: query t sits at slot query_start + t and sees slot s iff s <= query_start + t and
+    key_mask[b, s]. `dense` is that as bool[B, T, S] for the dense kernel, None for the blockwise one."""
+
+    key_mask: Array  # bool[B, S]
+    query_start: Array  # i32[]
+    dense: Array | None
 
 
 class LayerCache(NamedTuple):
@@ -136,10 +148,11 @@ class Attention(nnx.Module):
             k, v = cache.k.astype(dt), cache.v.astype(dt)
         # q grouped by the kv head it shares: head h = kv_head * groups + g (HF's repeat_kv order).
         q = q.reshape(b, t, kvh, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
-        scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores * (1.0 / math.sqrt(cfg.head_dim)), _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+        if mask.dense is not None:
+            out = attention.dense_attention(q, k, v, mask.dense)
+        else:
+            out = attention.blockwise_attention(q, k, v, mask.key_mask, mask.query_start,
+                                                block_q=cfg.attention_block, block_k=cfg.attention_block)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
         return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), cache
 
@@ -205,9 +218,9 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.cfg))
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        num_slots = key_mask.shape[1]
-        query_slot = cache_index + jnp.arange(t)
-        mask = (jnp.arange(num_slots)[None, :] <= query_slot[:, None])[None] & key_mask[:, None, :]  # [B,T,S]
+        blockwise = self.cfg.attention == "blockwise" and t > 1
+        mask = Mask(key_mask, jnp.asarray(cache_index, jnp.int32),
+                    None if blockwise else attention.dense_mask(key_mask, cache_index, t))
         if cache is None and self.cfg.remat != "none":  # training / scoring forward: remat each layer
             remat_layer = _REMAT_LAYER[self.cfg.remat]
             for layer in self.layers:
@@ -233,17 +246,22 @@ class Transformer(nnx.Module):
         return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
 
 
-def with_remat(model: Transformer, remat: str) -> Transformer:
-    """`model` with cfg.remat set to `remat` (one of models.config.REMAT), in place (the parameters are
-    untouched; every module holding the config gets the new one) and returned. The config is part of the graph
-    definition, so nnx.split gives a new jit static and the steps compile anew."""
-    if model.cfg.remat == remat:
+def with_runtime(model: Transformer, **fields) -> Transformer:
+    """`model` with the ModelConfig fields that say how it runs (remat, attention, attention_block) set, in place
+    (the parameters are untouched; every module holding the config gets the new one) and returned. The config
+    is part of the graph definition, so nnx.split gives a new jit static and the steps compile anew."""
+    cfg = model.cfg.replace(**fields)  # validates
+    if cfg == model.cfg:
         return model
-    cfg = model.cfg.replace(remat=remat)  # validates
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module) and isinstance(getattr(node, "cfg", None), ModelConfig):
             node.cfg = cfg
     return model
+
+
+def with_remat(model: Transformer, remat: str) -> Transformer:
+    """with_runtime for remat (one of models.config.REMAT) alone."""
+    return with_runtime(model, remat=remat)
 
 
 def init_for_tokenizer(tokenizer, *, seed: int, **fields) -> Transformer:
