@@ -197,6 +197,10 @@ def base_config() -> ml_collections.ConfigDict:
         # recomputes the layer (about one more forward) | "dots" also keeps the projection matmuls' outputs and
         # recomputes attention and the elementwise ops. Samplers and the teacher are unaffected.
         remat="none",
+        # Rows per scoring forward (the teacher's targets, and the diagnostics' forwards; 0: all of a step's rows
+        # at once): the forward's activations scale with it, the ScoreOutput kept for the update does not. A
+        # last group short of it is padded with masked copies, so every group has one compiled shape.
+        max_score_rows=0,
     ))
 
     cfg.eval = ml_collections.ConfigDict(dict(
@@ -327,6 +331,7 @@ class Settings:
     rollout_max_new: int
     release_kv_cache: bool
     max_rows_per_call: int
+    max_score_rows: int
     eval_sampling: SamplingConfig
     refine_sampling: SamplingConfig
     loss: LossConfig
@@ -500,6 +505,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         refine_sampling=_refine_sampling(cfg, rollout),
         rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1),
         release_kv_cache=cfg.rollout.release_kv_cache, max_rows_per_call=_int(cfg, "rollout.max_rows_per_call", 0),
+        max_score_rows=_int(cfg, "train.max_score_rows", 0),
         eval_sampling=_sampling(cfg, "eval"),
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,
         micro_batches=micro, remat=remat, eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,

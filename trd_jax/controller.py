@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from trd_jax import diagnostics, evaluation, multihost, trajectories
+from trd_jax import diagnostics, evaluation, multihost, row_groups, trajectories
 from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
 from trd_jax.config import ConfigError, ModelSource, Settings, base_config, bootstrap_config, resolve
 from trd_jax.data.arithmetic_bootstrap import bootstrap
@@ -191,6 +191,9 @@ class Trainer:
                                                                               path=dirs["teacher"]))
             self.s = s
         self.mesh = make_mesh(s.mesh)
+        if s.max_score_rows % row_groups.batch_shards(self.mesh):
+            raise ConfigError("train.max_score_rows", f"{s.max_score_rows} is not a multiple of the mesh's "
+                                                      f"{row_groups.batch_shards(self.mesh)} batch shards (data x fsdp)")
         base = jax.random.key(s.seed)
         self.train_key, self.eval_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
         if multihost.multi_process():  # the same keys on every process, as arrays replicated over the mesh
@@ -283,9 +286,17 @@ class Trainer:
             self._score_fns[key] = jit_score(graph, shard, self.mesh, context_width=layout.context_width,
                                              temperature=self.s.loss.temperature, chunk_size=self.s.loss.chunk_size)
         args = (_seq(layout), targets, mask)
+        rows = np.shape(targets)[0]
+        if not self.s.max_score_rows or self.s.max_score_rows >= rows:
+            return self._score_fns[key](params, *self._score_args(args))
+        # train.max_score_rows: the forward's activations scale with the group, the output is assembled in place
+        return row_groups.run_in_groups(lambda part: self._score_fns[key](params, *part), args, -1, rows=rows,
+                                        group=self.s.max_score_rows, mesh=self.mesh, place=self._score_args)
+
+    def _score_args(self, args):
         if multihost.multi_process():  # host rows, the same on every process -> global arrays split over rows
-            args = jax.tree.map(lambda x: multihost.to_global(x, batch_sharding(self.mesh, np.ndim(x))), args)
-        return self._score_fns[key](params, *args)
+            return jax.tree.map(lambda x: multihost.to_global(x, batch_sharding(self.mesh, np.ndim(x))), args)
+        return args
 
     def _update(self, batch: DistillBatch, scored):
         width = batch.student.context_width
