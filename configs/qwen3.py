@@ -24,10 +24,15 @@ from trd_jax.recipes import BASELINE_DEFAULTS, METHODS, apply_overrides
 # optimizer state sharded over every device; the 8B teacher in bf16 is 16 GB, more than a v5e chip holds),
 # and micro-batches of one sequence per device accumulate to the step's 128 ([code-trd]: per-GPU batch
 # 1 x grad_accum 16 x 8 GPUs).
+# Memory (python -m trd_jax.tools.plan --config configs/qwen3.py:...): rows per sampler call (rollout, refine,
+# eval) and per scoring forward, so that 16k-token rollouts and 40k-token refine contexts fit beside the
+# weights; the 4B student's update also recomputes attention (remat "dots"). The planner's figures per
+# combination are in the README.
 HARDWARE = {
-    "h100x8": dict(devices=8, micro_batches=16),  # 80 GB per GPU
-    "v5p-8": dict(devices=4, micro_batches=32),  # 4 chips (megacore), 95 GB HBM each
-    "v5e-16": dict(devices=16, micro_batches=8),  # 16 chips, 16 GB HBM each
+    "h100x8": dict(devices=8, micro_batches=16, sampler_rows=32, score_rows=64),  # 80 GB per GPU
+    "v5p-8": dict(devices=4, micro_batches=32, sampler_rows=16, score_rows=32),  # 4 chips (megacore), 95 GB each
+    # 16 chips, 16 GB HBM each: full remat, and even then the 4B student does not fit (the planner says by how much)
+    "v5e-16": dict(devices=16, micro_batches=8, sampler_rows=16, score_rows=16, remat="full"),
 }
 STUDENTS = ("1.7b", "4b")
 
@@ -60,12 +65,14 @@ def get_config(spec: str = ""):
         grade_timeout_s=5.0, grade_workers=8,
     )
     for side in ("student", "teacher"):
-        # bf16 parameters and compute [code-trd]; the paths are the user's local folders.
-        cfg[side].update(source="path", dtype="bfloat16", param_dtype="bfloat16")
+        # bf16 parameters and compute [code-trd]; the paths are the user's local folders. Blockwise (flash)
+        # attention: dense scores of a 40k-token refine context alone would be tens of GiB per row and layer.
+        cfg[side].update(source="path", dtype="bfloat16", param_dtype="bfloat16", attention="blockwise")
     cfg.distill.update(mode=setting, opsd_teacher="initial")  # OPSD: frozen θ0 [code-trd]
     # Rollouts: T 0.6, top_p 0.95, top_k 20, n = 1, 16384 new tokens [code-trd]
     cfg.rollout.update(n=1, max_new_tokens=16384, temperature=0.6, top_k=20, top_p=0.95,
-                       release_kv_cache=True)  # the KV caches of 16k-token rollouts do not fit beside the update
+                       release_kv_cache=True,  # the KV caches of 16k-token rollouts do not fit beside the update
+                       max_rows_per_call=hw["sampler_rows"])
     # Refine prompt <= 18432 (OPD) / 22528 (OPSD) tokens, y_r <= 16384 [code-trd]
     cfg.refine.update(prompt_budget=18432 if setting == "opd" else 22528, rewrite_budget=16384,
                       on_prompt_over_budget="drop", on_empty_rewrite="error", on_capped_rewrite="keep")
@@ -74,7 +81,8 @@ def get_config(spec: str = ""):
     cfg.optim.update(learning_rate=5e-6, b1=0.9, b2=0.95, weight_decay=0.005, warmup_ratio=0.1, min_lr_ratio=0.1,
                      clip_norm=1.0)
     # 128 sequences per step, 1 epoch of DeepScaleR-Preview (40,315 problems) = 315 steps [code-trd]
-    cfg.train.update(steps=315, batch_size=128, micro_batches=hw["micro_batches"])
+    cfg.train.update(steps=315, batch_size=128, micro_batches=hw["micro_batches"], max_score_rows=hw["score_rows"],
+                     remat=hw.get("remat", "dots" if student == "4b" else "none"))
     # Avg@16 / Pass@16 at T 0.6, top_p 0.95, top_k off, up to 38912 new tokens [code-trd]
     cfg.eval.update(every=50, n=16, k=16, temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=38912)
     cfg.checkpoint.update(every=25, keep=2, async_save=True)

@@ -11,18 +11,19 @@ jitted update step of a small model with XLA's ``memory_analysis`` so that tests
 What a step holds, in the controller's order (trd_jax/controller.py):
 
     persistent  student params + AdamW mu, nu + (EMA) + teacher params (OPD) or OPSD's frozen initial copy
-    rollout     the student sampler's KV cache [rows, kv_heads, prompt + max_new, head_dim] per layer, and
-                the prefill's transients
+    rollout     the student sampler's KV cache [rows, kv_heads, prompt + max_new, head_dim] per layer (rows of
+                one call: rollout.max_rows_per_call), and the prefill's transients
     refine      the teacher sampler's cache [rows, kv_heads, refine prompt + rewrite budget, head_dim] per
-                layer; the rollout cache is still held (rollout.release_kv_cache frees both after refine)
-    score       the teacher forward over all rows (no gradient) -> hidden [rows, R, d_teacher], held until
-                the update
+                layer; the rollout cache is still held unless rollout.release_kv_cache freed it after rollout
+    score       the teacher forward over train.max_score_rows rows at a time (no gradient) -> hidden
+                [rows, R, d_teacher] of all rows, held until the update
     update      one micro-batch's activations, gradients, the fused loss's chunk buffers, AdamW temporaries
 
-``PlanOptions`` carries the rematerialisation of the update (the config's ``train.remat``) and the model code
-the repository does not have yet, which a plan may propose to make a recipe fit: a flash attention, a sharded KV
-cache, sampling / scoring in row groups and releasing caches as soon as their phase ends. Their defaults describe
-the code as it is.
+Every memory option is a config key, and ``suggest`` proposes config changes only: the attention kernel of each
+model (student/teacher.attention: dense or blockwise), train.remat, rows per sampler call
+(rollout.max_rows_per_call) and per scoring call (train.max_score_rows), freeing each sampler's cache as its
+phase ends (rollout.release_kv_cache), bf16, the mesh and micro-batches. ``PlanOptions`` carries the ones that
+are not model shapes.
 """
 
 from __future__ import annotations
@@ -120,13 +121,13 @@ def model_from_path(path: str, *, dtype: str, param_dtype: str) -> ModelConfig:
 # Options: what the code does today, and the changes a plan may propose
 
 
-ATTENTION = ("materialized", "flash")
 KV_CACHE = ("replicated", "sharded")
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanOptions:
-    """Everything but the run config that decides memory. Defaults are the code as it is."""
+    """Everything but the workload and the model shapes (whose ModelConfig.attention picks the kernel) that
+    decides memory; options_from_settings reads them from a run config."""
 
     # Rematerialisation of each decoder layer in the update's backward pass: the config's train.remat
     # (ModelConfig.remat, transformer.py). "none": every activation kept. "full": nnx.remat per layer, only the
@@ -134,32 +135,28 @@ class PlanOptions:
     # projection matmuls' outputs and recomputes attention (plain dots_saveable would also keep the
     # [heads, T, S] score matrices, the very thing remat should drop).
     remat: str = "none"
-    # "materialized": Attention builds f32 scores [rows, heads, T, S] (transformer.py today). "flash": a
-    # blockwise kernel (jax.nn.dot_product_attention with cuDNN, or Pallas splash attention on TPU) keeps
-    # O(T) per head: the output and a log-sum-exp.
-    attention: str = "materialized"
-    # Sampler KV caches: "replicated" is today's Sampler (jax.jit(init_cache) without out_shardings, and the
-    # prompts unsharded, so every device holds every row); "sharded" splits rows over (data, fsdp) and kv
-    # heads over tensor.
-    kv_cache: str = "replicated"
-    sampler_rows: int = 0  # rows per sampler call (rollout, refine, eval); 0: all of a step's rows at once
-    score_rows: int = 0  # rows per score call; 0: all of a step's rows at once (jit_score today)
-    # Free each sampler's cache when its phase ends (rollout's before refine, eval's after evaluating).
-    # Today rollout.release_kv_cache frees rollout and refine caches after refine, and the eval cache is kept.
-    release_early: bool = False
+    # Sampler KV caches: "sharded" splits rows over (data, fsdp) and kv heads over tensor (Sampler, where they
+    # divide the rows of a call); "replicated": every device holds every row (Sampler(shard_cache=False)).
+    kv_cache: str = "sharded"
+    sampler_rows: int = 0  # rollout.max_rows_per_call: rows per sampler call; 0: all of a call's rows at once
+    score_rows: int = 0  # train.max_score_rows: rows per scoring forward; 0: all of a step's rows at once
     # Issue 8 (LoRA): the base weights stay frozen and are shared by the student and OPSD's initial teacher,
     # so the frozen copy disappears. Only that hook is modelled; adapters' own optimizer state is not.
     lora: bool = False
     headroom: float = 0.10  # fraction of the accelerator kept free for the runtime, fragmentation, code
 
     def __post_init__(self):
-        for name, valid in (("remat", REMAT), ("attention", ATTENTION), ("kv_cache", KV_CACHE)):
+        for name, valid in (("remat", REMAT), ("kv_cache", KV_CACHE)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"PlanOptions.{name}={getattr(self, name)!r}: expected one of {valid}")
         if self.sampler_rows < 0 or self.score_rows < 0:
             raise ValueError("PlanOptions.sampler_rows and score_rows must be >= 0")
-        if not 0.0 <= self.headroom < 1.0:
-            raise ValueError(f"PlanOptions.headroom={self.headroom}: must be in [0, 1)")
+
+
+def options_from_settings(s, **overrides) -> PlanOptions:
+    """The PlanOptions a run config (config.Settings) sets; `overrides`: PlanOptions fields."""
+    fields = dict(remat=s.remat, sampler_rows=s.max_rows_per_call, score_rows=s.max_score_rows)
+    return PlanOptions(**{**fields, **overrides})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,22 +272,27 @@ def _b(cfg: ModelConfig) -> int:
     return jnp.dtype(cfg.dtype).itemsize
 
 
-def layer_residuals(cfg: ModelConfig, tokens: int, entries: int, attention: str) -> int:
+def _tile(cfg: ModelConfig, rows: int, queries: int, keys: int) -> int:
+    """Score entries of one blockwise tile: rows x heads x block_q x block_k."""
+    return rows * cfg.num_heads * min(cfg.attention_block, queries) * min(cfg.attention_block, keys)
+
+
+def layer_residuals(cfg: ModelConfig, tokens: int, entries: int) -> int:
     """Bytes autodiff keeps for the backward pass of one layer without remat."""
     d, m, h, k, hd, b = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          _b(cfg))
     per_token = b * (4 * d + 2 * (h + 2 * k) * hd + h * hd + 3 * m)
-    if attention == "flash":  # a flash kernel saves its output (counted above) and a f32 log-sum-exp per head
+    if cfg.attention == "blockwise":  # the custom VJP saves the output (counted above) and a f32 log-sum-exp
         return tokens * (per_token + _F32 * h)
     return tokens * per_token + entries * (_F32 + b)
 
 
-def layer_saved(cfg: ModelConfig, tokens: int, entries: int, remat: str, attention: str) -> int:
+def layer_saved(cfg: ModelConfig, tokens: int, entries: int, remat: str) -> int:
     """Bytes kept per layer between the forward and the backward pass under a remat policy."""
     d, m, h, k, hd, b = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          _b(cfg))
     if remat == "none":
-        return layer_residuals(cfg, tokens, entries, attention)
+        return layer_residuals(cfg, tokens, entries)
     if remat == "full":  # the layer input only
         return tokens * b * d
     # dots: the input and the outputs of the matmuls without batch dimensions that the backward reads: q, k,
@@ -299,19 +301,23 @@ def layer_saved(cfg: ModelConfig, tokens: int, entries: int, remat: str, attenti
     return tokens * b * (2 * d + (h + 2 * k) * hd + 2 * m)
 
 
-def layer_backward(cfg: ModelConfig, tokens: int, entries: int, remat: str, attention: str) -> int:
-    """Transient bytes of one layer's backward: cotangents, plus the recomputed residuals under remat."""
+def layer_backward(cfg: ModelConfig, tokens: int, entries: int, remat: str, tile: int = 0) -> int:
+    """Transient bytes of one layer's backward: cotangents, plus the recomputed residuals under remat. `tile`:
+    score entries of one blockwise tile (the backward holds scores, p, dp and ds of one tile, and f32 dq, dk,
+    dv accumulators)."""
     d, m, h, k, hd, b = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          _b(cfg))
     work = tokens * b * (2 * d + (h + 2 * k) * hd + 2 * m)
-    if attention == "materialized":
+    if cfg.attention == "dense":
         work += entries * 2 * _F32
-    recompute = 0 if remat == "none" else layer_residuals(cfg, tokens, entries, attention) - layer_saved(
-        cfg, tokens, entries, remat, attention)
+    else:
+        work += tile * 4 * _F32 + tokens * _F32 * (h + 2 * k) * hd
+    recompute = 0 if remat == "none" else layer_residuals(cfg, tokens, entries) - layer_saved(
+        cfg, tokens, entries, remat)
     return work + max(recompute, 0)
 
 
-def forward_transient(cfg: ModelConfig, rows: int, length: int, attention: str, keys: int | None = None) -> int:
+def forward_transient(cfg: ModelConfig, rows: int, length: int, keys: int | None = None) -> int:
     """Peak bytes of a forward pass without gradient (score, prefill) over rows x length tokens attending to
     `keys` slots (default length): the widest layer's live set plus the model-level arrays."""
     d, m, h, k, hd, b = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
@@ -319,15 +325,18 @@ def forward_transient(cfg: ModelConfig, rows: int, length: int, attention: str, 
     keys = length if keys is None else keys
     tokens = rows * length
     live = tokens * b * (2 * d + 2 * (h + 2 * k) * hd + h * hd)
-    attn = tokens * _F32 * h if attention == "flash" else rows * h * length * keys * (2 * _F32 + b)
+    if cfg.attention == "blockwise":  # log-sum-exp per query, one tile's scores / probabilities and accumulator
+        attn = tokens * _F32 * h + _tile(cfg, rows, length, keys) * 3 * _F32
+    else:
+        attn = rows * h * length * keys * (2 * _F32 + b)
     mlp = tokens * b * 3 * m
-    return live + max(attn, mlp) + _model_level(cfg, rows, length, keys, attention)
+    return live + max(attn, mlp) + _model_level(cfg, rows, length, keys)
 
 
-def _model_level(cfg: ModelConfig, rows: int, length: int, keys: int, attention: str) -> int:
-    """Embeddings, residual stream, final norm, rope tables and the boolean mask [rows, T, S]."""
+def _model_level(cfg: ModelConfig, rows: int, length: int, keys: int) -> int:
+    """Embeddings, residual stream, final norm, rope tables and (dense) the boolean mask [rows, T, S]."""
     tokens = rows * length
-    mask = rows * length * keys if attention == "materialized" else 0
+    mask = rows * length * keys if cfg.attention == "dense" else 0
     return tokens * (3 * cfg.hidden_size * _b(cfg) + cfg.head_dim * _F32) + mask
 
 
@@ -378,15 +387,15 @@ class UpdateBreakdown:
 
 def update_activations(student: ModelConfig, *, rows: int, context: int, response: int, loss: LossConfig,
                        teacher_hidden: int, params_bytes: int, remat: str = "none",
-                       attention: str = "materialized", gathered: int = 0) -> UpdateBreakdown:
+                       gathered: int = 0) -> UpdateBreakdown:
     """Analytical transient memory of steps.update for one micro-batch of `rows` rows on one device, each
     context + response tokens; `params_bytes`: the student's parameters per device."""
     length = context + response
     tokens, entries = rows * length, rows * student.num_heads * length * length
     return UpdateBreakdown(
-        saved=student.num_layers * layer_saved(student, tokens, entries, remat, attention),
-        layer_backward=layer_backward(student, tokens, entries, remat, attention),
-        model_level=_model_level(student, rows, length, length, attention),
+        saved=student.num_layers * layer_saved(student, tokens, entries, remat),
+        layer_backward=layer_backward(student, tokens, entries, remat, _tile(student, rows, length, length)),
+        model_level=_model_level(student, rows, length, length),
         loss=loss_buffers(student, teacher_hidden, rows, response, loss),
         gradients=2 * params_bytes,
         # clipping scales, adam's new moments and the update before they alias into the donated state
@@ -454,7 +463,6 @@ class Workload:
     eval_rows: int  # rows of one eval sampler call
     eval_prompt: int
     eval_new: int
-    eval_during_training: bool  # an eval runs before training or every few steps: its cache is then held
     eval_teacher: bool  # the teacher is evaluated once before training, on the refine sampler
     teacher_eval_ctx: int  # bucketed vanilla context of the teacher's evaluation
     release_kv_cache: bool
@@ -491,7 +499,7 @@ def workload_from_settings(s) -> Workload:
                     micro_batches=s.micro_batches, prompt=prompt, max_new=max_new, refine_prompt=refine_prompt,
                     rewrite=rewrite, response=response, teacher_ctx=teacher_ctx, eval_rows=eval_rows,
                     eval_prompt=prompt, eval_new=bucket(s.eval_max_new, 8),
-                    eval_during_training=s.eval_initial or s.eval_every > 0, eval_teacher=s.eval_teacher,
+                    eval_teacher=s.eval_teacher,
                     teacher_eval_ctx=prompt if s.mode == "opd" else refine_prompt,
                     release_kv_cache=s.release_kv_cache, diagnostics=s.diagnostics, loss=s.loss, notes=tuple(notes))
 
@@ -600,7 +608,7 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
         prompt_rows = max(1, per_device_rows // n)
         head = sharded_bytes((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), mesh, _b(cfg))
         prefill = (kv_cache_bytes(cfg, prompt_rows, prompt, kv_shards=kv_heads_div)
-                   + forward_transient(cfg, prompt_rows, prompt, options.attention))
+                   + forward_transient(cfg, prompt_rows, prompt))
         return [Item("prefill (prompt cache + one forward)", prefill, f"{prompt_rows} prompts x {prompt} tokens"),
                 Item("decode temporaries", decode_transient(cfg, per_device_rows, head))]
 
@@ -608,44 +616,36 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
     refine_cache = cache(teacher, work.rows, work.refine_prompt + work.rewrite) if work.trajectory == "y_r" else 0
     eval_cache = cache(student, work.eval_rows, work.eval_prompt + work.eval_new)
     teacher_eval_cache = cache(teacher, work.eval_rows, work.teacher_eval_ctx + work.eval_new)
-    cache_note = ("replicated: every device holds every row (Sampler today)" if options.kv_cache == "replicated"
+    cache_note = ("replicated: every device holds every row" if options.kv_cache == "replicated"
                   else f"rows over {batch_shards} (data, fsdp) shards")
     rows_note = f"{call_rows(work.rows)} rows per call"
 
-    # Which caches are still held in each phase (controller.train_step / evaluate).
-    held_eval = [Item("eval sampler cache (held since the last evaluation)", eval_cache, "evaluate() never "
-                      "releases it")] if work.eval_during_training and not options.release_early else []
-    keep_between_steps = not work.release_kv_cache and not options.release_early
+    # Which caches are still held in each phase (controller.train_step / evaluate). Evaluations free their
+    # caches when they end; rollout.release_kv_cache frees the rollout cache after rollout and the refine cache
+    # after refine, and without it both stay allocated between steps.
+    keep_between_steps = not work.release_kv_cache
 
     phases = []
     rollout = [Item("rollout KV cache (student)", rollout_cache,
                     f"{rows_note} x ({work.prompt} + {work.max_new}), {cache_note}")]
     rollout += sampler_transient(student, work.rows, work.prompt, work.n)
-    # The refine sampler's cache during a rollout: the last step's (release_kv_cache=False) or, in the first
-    # step, the teacher evaluation's (nothing releases it before the first step's refine).
-    refine_sampler_held = []
     if keep_between_steps and refine_cache:
-        refine_sampler_held.append(Item("refine KV cache (held from the last step)", refine_cache))
-    if work.eval_teacher and not options.release_early:
-        refine_sampler_held.append(Item("teacher eval KV cache (held into the first step)", teacher_eval_cache))
-    if refine_sampler_held:
-        rollout.append(max(refine_sampler_held, key=lambda i: i.bytes))
-    phases.append(Phase("rollout", tuple(rollout + held_eval)))
+        rollout.append(Item("refine KV cache (held from the last step)", refine_cache))
+    phases.append(Phase("rollout", tuple(rollout)))
 
     if work.trajectory == "y_r":
         refine = [Item("refine KV cache (teacher)", refine_cache,
                        f"{rows_note} x ({work.refine_prompt} + {work.rewrite}), {cache_note}")]
         refine += sampler_transient(teacher, work.rows, work.refine_prompt, 1)
-        if not options.release_early:
-            refine.append(Item("rollout KV cache (held until after refine)", rollout_cache))
-        phases.append(Phase("refine", tuple(refine + held_eval)))
+        if keep_between_steps:
+            refine.append(Item("rollout KV cache (held: release_kv_cache=False)", rollout_cache))
+        phases.append(Phase("refine", tuple(refine)))
 
     held_after = []
     if keep_between_steps:
         held_after = [Item("rollout KV cache (kept: release_kv_cache=False)", rollout_cache)]
         if refine_cache:
             held_after.append(Item("refine KV cache (kept: release_kv_cache=False)", refine_cache))
-    held_after += held_eval
 
     # ---- score: the teacher forward over all rows (or score_rows at a time)
     t_gather = (2 * (t_state or s_state).layer_params_total // max(1, mesh["tensor"]) if param_shards > 1 else 0)
@@ -657,7 +657,7 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
     score_loss = LossConfig(name="k3", chunk_size=work.loss.chunk_size, vocab_chunk=work.loss.vocab_chunk)
     t_head_full = teacher.hidden_size * teacher.vocab_size * _b(teacher) if param_shards > 1 else 0
     score = [Item("teacher forward (no gradient)",
-                  forward_transient(teacher, score_rows, work.teacher_ctx + work.response, options.attention),
+                  forward_transient(teacher, score_rows, work.teacher_ctx + work.response),
                   f"{score_rows} rows x ({work.teacher_ctx} + {work.response}) per device"),
              Item("token log-probs (fused, one chunk)", loss_buffers(teacher, 0, score_rows, work.response,
                                                                      score_loss) - teacher.hidden_size *
@@ -665,13 +665,16 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
              Item("gathered weights (2 layers + lm_head)", t_gather + t_head_full),
              Item("ScoreOutput (hidden + logp, all rows)", scored, f"[rows, {work.response}, "
                                                                     f"{teacher.hidden_size}] {teacher.dtype}")]
+    if score_rows < rows_dev:  # a group's output until row_groups writes it into the ScoreOutput
+        score.append(Item("one group's output", scored * score_rows // rows_dev,
+                          f"train.max_score_rows={options.score_rows}"))
     phases.append(Phase("score", tuple(score + held_after)))
 
     if work.diagnostics:
         # _diagnostics: the student scored on all rows, and for TRD the teacher again on y_o's vanilla layout.
         vanilla_ctx = work.prompt if work.mode == "opd" else work.teacher_ctx
-        student_fwd = forward_transient(student, score_rows, work.prompt + work.response, options.attention)
-        teacher_fwd = (forward_transient(teacher, score_rows, vanilla_ctx + work.max_new, options.attention)
+        student_fwd = forward_transient(student, score_rows, work.prompt + work.response)
+        teacher_fwd = (forward_transient(teacher, score_rows, vanilla_ctx + work.max_new)
                        if work.trajectory == "y_r" else 0)
         diag = [Item("diagnostics forwards (student; teacher on y_o)", max(student_fwd, teacher_fwd),
                      "log.diagnostics"),
@@ -690,7 +693,7 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
     s_head_full = student.hidden_size * student.vocab_size * _b(student) if param_shards > 1 else 0
     update = update_activations(student, rows=micro_dev, context=work.prompt, response=work.response,
                                 loss=work.loss, teacher_hidden=teacher.hidden_size, params_bytes=s_state.params,
-                                remat=options.remat, attention=options.attention,
+                                remat=options.remat,
                                 gathered=s_gather + s_head_full + t_head_full)
     batch_arrays = rows_dev * ((work.prompt + work.response) * (4 + 4 + 1) + work.response * (4 + 1 + 4))
     upd = [Item("update transients (one micro-batch)", update.total,
@@ -699,18 +702,17 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
            Item("batch arrays (tokens, positions, masks, targets)", batch_arrays)]
     phases.append(Phase("update", tuple(upd + held_after)))
 
-    # ---- evaluation (between steps): the student's eval sampler
+    # ---- evaluation (between steps): the student's eval sampler; its cache is freed when it ends
     ev = [Item("eval KV cache (student)", eval_cache, f"{call_rows(work.eval_rows)} rows per call x "
                                                       f"({work.eval_prompt} + {work.eval_new}), {cache_note}")]
     ev += sampler_transient(student, work.eval_rows, work.eval_prompt, 1)
-    if keep_between_steps:
-        ev += [i for i in held_after if "eval" not in i.name]
+    ev += held_after
     phases.append(Phase("eval", tuple(ev)))
     if work.eval_teacher:  # once, before training: the refine sampler on the vanilla contexts
         phases.append(Phase("teacher eval", tuple(
             [Item("teacher eval KV cache", teacher_eval_cache, f"{call_rows(work.eval_rows)} rows per call x "
                                                               f"({work.teacher_eval_ctx} + {work.eval_new})")]
-            + sampler_transient(teacher, work.eval_rows, work.teacher_eval_ctx, 1) + held_eval)))
+            + sampler_transient(teacher, work.eval_rows, work.teacher_eval_ctx, 1))))
 
     return Plan(workload=work, models=models, mesh=mesh, accelerator=accelerator, options=options,
                 student_state=s_state, teacher_state=t_state, persistent=tuple(persistent), phases=tuple(phases),
@@ -720,35 +722,24 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
 # ------------------------------------------------------------------------------------------------
 # What to change when it does not fit
 #
-# Config changes come first (the user can make them today), each kept only if it lowers the peak. Then the
-# code changes PlanOptions models, with train.remat among them, are searched exhaustively (a few thousand plans
-# of arithmetic) for the cheapest combination that fits: least implementation effort, then the most rows per
-# sampler and score call (throughput), then the least recomputation, then the lowest peak. A remat found there
-# is proposed as the config change it is (train.remat).
+# Every change is a config change. The simple ones come first (each kept only if it lowers the peak): free the
+# sampler caches as their phases end, bf16, everything over fsdp, one row per device per micro-batch, smaller
+# loss chunks. Then the combinations of train.remat, blockwise attention and rows per sampler / scoring call are
+# searched exhaustively (a few hundred plans of arithmetic) for the one that fits with the least throughput
+# lost: fewest halvings of the rows per call, least recomputation, dense attention where it fits; then the
+# lowest peak.
 
 
 @dataclasses.dataclass(frozen=True)
 class Change:
-    """One proposed change: `config` overrides (dotted keys) or `options` (code the repository lacks).
-    train.remat is a config override that sets PlanOptions.remat."""
+    """One proposed change: config overrides (dotted keys, as --config.KEY=VALUE takes them)."""
 
     label: str
     config: tuple[tuple[str, Any], ...] = ()
-    options: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def needs_code(self) -> bool:
-        return bool(self.options)
 
 
-# Rough implementation effort of each code change, used to rank combinations (not a schedule):
-# release_early: free a sampler's cache after its phase (a line per phase in the controller);
-# sampler/score rows: loop over row groups in Trainer._sample / _score and concatenate;
-# kv_cache sharded: Sampler creates the cache and places prompts with batch shardings;
-# remat: none, a config switch (train.remat; its recomputation is costed apart, in _option_cost);
-# flash: a blockwise attention kernel per backend (cuDNN / Pallas) in Attention.
-EFFORT = {"remat": 0, "release_early": 1, "sampler_rows": 2, "score_rows": 2, "kv_cache": 3, "attention": 5}
 _ROWS_PER_DEVICE = (64, 32, 16, 8, 4, 2, 1)
+_BLOCKWISE = (("student.attention", "blockwise"), ("teacher.attention", "blockwise"))
 
 
 def config_changes(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]) -> list[Change]:
@@ -756,7 +747,7 @@ def config_changes(work: Workload, models: dict[str, ModelInfo], mesh: dict[str,
     out: list[Change] = []
     batch_shards = mesh["data"] * mesh["fsdp"]
     if not work.release_kv_cache:
-        out.append(Change("free the sampler caches before score and update", (("rollout.release_kv_cache", True),)))
+        out.append(Change("free each sampler cache when its phase ends", (("rollout.release_kv_cache", True),)))
     for side, info in models.items():
         cfg = info.config
         if cfg.dtype != "bfloat16" or cfg.param_dtype != "bfloat16":
@@ -777,9 +768,10 @@ def apply_change(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, i
                  change: Change) -> tuple[Workload, dict[str, ModelInfo], dict[str, int], PlanOptions]:
     for key, value in change.config:
         section, _, field = key.partition(".")
-        if section in ("student", "teacher") and section in models:
-            info = models[section]
-            models = {**models, section: dataclasses.replace(info, config=info.config.replace(**{field: value}))}
+        if section in ("student", "teacher"):  # OPSD has no teacher model: its keys change nothing
+            if section in models:
+                info = models[section]
+                models = {**models, section: dataclasses.replace(info, config=info.config.replace(**{field: value}))}
         elif key == "rollout.release_kv_cache":
             work = dataclasses.replace(work, release_kv_cache=value)
         elif key == "train.micro_batches":
@@ -788,11 +780,15 @@ def apply_change(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, i
             work = dataclasses.replace(work, loss=dataclasses.replace(work.loss, chunk_size=value))
         elif key == "train.remat":
             options = dataclasses.replace(options, remat=value)
+        elif key == "rollout.max_rows_per_call":
+            options = dataclasses.replace(options, sampler_rows=value)
+        elif key == "train.max_score_rows":
+            options = dataclasses.replace(options, score_rows=value)
         elif section == "mesh":
             mesh = {**mesh, field: value}
         else:
             raise ValueError(f"apply_change: {key} is not modelled")
-    return work, models, mesh, dataclasses.replace(options, **dict(change.options))
+    return work, models, mesh, options
 
 
 def _fewer_rows(current: int, shards: int, rows: int) -> list[int]:
@@ -800,54 +796,46 @@ def _fewer_rows(current: int, shards: int, rows: int) -> list[int]:
     return [r * shards for r in _ROWS_PER_DEVICE if r * shards < rows and (not current or r * shards < current)]
 
 
-def _option_grid(work: Workload, mesh: dict[str, int], start: PlanOptions) -> Iterable[PlanOptions]:
-    """Every combination of code changes at least as aggressive as `start` (a flag already given stays)."""
+def _search_space(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int],
+                  start: PlanOptions) -> Iterable[list[Change]]:
+    """Every combination of remat, blockwise attention and rows per sampler / scoring call at least as lean as
+    `start`, as the config changes that make it (the first: none)."""
     batch_shards = mesh["data"] * mesh["fsdp"]
+    shards = batch_shards if start.kv_cache == "sharded" else 1
     remats = ("none", "dots", "full")[("none", "dots", "full").index(start.remat):]  # by decreasing memory
-    attentions = [start.attention] + (["flash"] if start.attention == "materialized" else [])
-    kvs = [start.kv_cache] + (["sharded"] if start.kv_cache == "replicated" else [])
-    releases = [start.release_early] + ([True] if not start.release_early else [])
+    dense = any(info.config.attention == "dense" for info in models.values())
+    samplers = [start.sampler_rows] + _fewer_rows(start.sampler_rows, shards, work.rows)
+    scores = [start.score_rows] + _fewer_rows(start.score_rows, batch_shards, work.rows)
     for remat in remats:
-        for attention in attentions:
-            for kv in kvs:
-                shards = batch_shards if kv == "sharded" else 1
-                samplers = [start.sampler_rows] + _fewer_rows(start.sampler_rows, shards, work.rows)
-                scores = [start.score_rows] + _fewer_rows(start.score_rows, batch_shards, work.rows)
-                for release in releases:
-                    for sampler in dict.fromkeys(samplers):
-                        for score in dict.fromkeys(scores):
-                            yield dataclasses.replace(start, remat=remat, attention=attention, kv_cache=kv,
-                                                      release_early=release, sampler_rows=sampler, score_rows=score)
+        for blockwise in (False, True) if dense else (False,):
+            for sampler in dict.fromkeys(samplers):
+                for score in dict.fromkeys(scores):
+                    changes = []
+                    if blockwise:
+                        changes.append(Change("blockwise (flash) attention", _BLOCKWISE))
+                    if sampler != start.sampler_rows:
+                        changes.append(Change(f"sample {sampler} rows per call",
+                                              (("rollout.max_rows_per_call", sampler),)))
+                    if score != start.score_rows:
+                        changes.append(Change(f"score {score} rows per call", (("train.max_score_rows", score),)))
+                    if remat != start.remat:
+                        changes.append(Change(f"remat each decoder layer ({remat})", (("train.remat", remat),)))
+                    yield changes
 
 
-def _option_changes(start: PlanOptions, end: PlanOptions) -> list[Change]:
-    """The changes from `start` to `end`, in order of effort: code changes, and train.remat as config."""
-    labels = {"release_early": "free each sampler cache when its phase ends",
-              "sampler_rows": "sample {} rows per call", "score_rows": "score {} rows per call",
-              "kv_cache": "{} sampler KV caches (rows over the batch axes)", "remat": "remat each decoder layer ({})",
-              "attention": "{} attention"}
-    out = []
-    for name in sorted(EFFORT, key=EFFORT.get):
-        value = getattr(end, name)
-        if value != getattr(start, name):
-            if name == "remat":
-                out.append(Change(labels[name].format(value), config=(("train.remat", value),)))
-            else:
-                out.append(Change(labels[name].format(value), options=((name, value),)))
-    return out
-
-
-def _option_cost(start: PlanOptions, opts: PlanOptions, plan: Plan, rows: int, batch_shards: int) -> tuple:
-    """Effort of the code changes plus throughput lost: one point per halving of the rows a device samples
-    usefully per call (a replicated sampler repeats every row on every device), half a point per halving of
-    the rows it scores per call, and the recomputation of remat (full 1, dots 0.5); ties: the lower peak."""
-    effort = sum(w for name, w in EFFORT.items() if getattr(opts, name) != getattr(start, name))
-    ideal = rows / batch_shards  # every row sampled once, all at once
-    sampler_useful = (opts.sampler_rows or rows) / batch_shards
-    score_per_device = (opts.score_rows or rows) / batch_shards
-    recompute = {"none": 0.0, "dots": 0.5, "full": 1.0}[opts.remat]
-    return (effort + math.log2(ideal / sampler_useful) + 0.5 * math.log2(ideal / score_per_device) + recompute,
-            plan.peak_bytes)
+def _throughput_cost(work: Workload, mesh: dict[str, int], options: PlanOptions, changes: list[Change],
+                     plan: Plan) -> tuple:
+    """Throughput lost: one point per halving of the rows a device samples per call, half a point per halving
+    of the rows it scores per call, the recomputation of remat (full 1, dots 0.5) and a quarter point for
+    blockwise attention where dense would fit (plain-JAX tiles are slower than a fused kernel); ties: the lower
+    peak."""
+    rows, batch_shards = work.rows, mesh["data"] * mesh["fsdp"]
+    ideal = rows / batch_shards
+    sampler = (options.sampler_rows or rows) / batch_shards
+    score = (options.score_rows or rows) / batch_shards
+    recompute = {"none": 0.0, "dots": 0.5, "full": 1.0}[options.remat]
+    blockwise = 0.25 if any(c.config == _BLOCKWISE for c in changes) else 0.0
+    return (math.log2(ideal / sampler) + 0.5 * math.log2(ideal / score) + recompute + blockwise, plan.peak_bytes)
 
 
 def suggest(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int], accelerator: Accelerator,
@@ -877,20 +865,20 @@ def suggest(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int], 
     applied: list[Change] = []
     state, plan = greedy_config((work, models, mesh, options), applied)
     if not plan.fits:
-        batch_shards = state[2]["data"] * state[2]["fsdp"]
         best = None
-        for opts in _option_grid(state[0], state[2], state[3]):
-            trial_plan = make_plan(state[0], state[1], state[2], accelerator, opts)
-            key = ((0,) + _option_cost(state[3], opts, trial_plan, state[0].rows, batch_shards) if trial_plan.fits
+        for changes in _search_space(state[0], state[1], state[2], state[3]):
+            trial = state
+            for change in changes:
+                trial = apply_change(*trial, change)
+            trial_plan = plan_of(trial)
+            key = ((0,) + _throughput_cost(trial[0], trial[2], trial[3], changes, trial_plan) if trial_plan.fits
                    else (1, trial_plan.peak_bytes))
             if best is None or key < best[0]:
-                best = (key, opts, trial_plan)
-        code = _option_changes(state[3], best[1])
-        applied += code
-        state = (state[0], state[1], state[2], best[1])
-        state, plan = greedy_config(state, applied)
-    if plan.fits:  # drop config changes the code changes made unnecessary
-        for change in [c for c in applied if not c.needs_code]:
+                best = (key, changes, trial)
+        applied += best[1]
+        state, plan = greedy_config(best[2], applied)
+    if plan.fits:  # drop changes that later ones made unnecessary
+        for change in list(applied):
             rest = [c for c in applied if c is not change]
             st = (work, models, mesh, options)
             for c in rest:

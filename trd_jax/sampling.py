@@ -8,8 +8,8 @@ so that steady-state calls reuse compiled code; the prompt bucket never exceeds 
 `max_prompt_len` (a refine prompt budget of 18432 stays 18432 instead of rounding to 24576).
 
 Memory (Sampler.__call__): `max_rows` samples the rows in groups of at most that many rows, one static
-cache of group size reused by every group; on a single-process mesh the cache is sharded over the batch
-axes (data, fsdp) where they divide its rows, and over kv heads on `tensor` where that divides them;
+cache of group size reused by every group; the cache is sharded over the batch axes (data, fsdp) where
+they divide its rows (with several processes too: each process's devices sample their own rows), and over kv heads on `tensor` where that divides them;
 release() frees it. None of this changes a row's draws (only float rounding of another batch shape,
 never the tokens in tests): a row's uniform for step i is element r of
 uniform(fold_in(key, i), (R, 1)), R the whole call's padded row count and r its row index in the
@@ -358,8 +358,9 @@ class Sampler:
     """Compiles and runs generation for one model graph; parameters are passed per call so that a
     training loop can sample from its live weights without copies.
 
-    shard_cache: on a single-process mesh, shard the KV cache (cache_sharding) and place the prompts over
-    the batch axes; False keeps today's placement (the compiler's choice: the cache on every device)."""
+    shard_cache: shard the KV cache (cache_sharding) and place the prompts over the batch axes, on one or
+    several processes; False leaves the placement to the compiler (every device holds the cache of every
+    row)."""
 
     def __init__(self, graphdef, *, eos_ids: Sequence[int] = (), pad_id: int = 0, min_prompt_bucket: int = 16,
                  shard_cache: bool = True):
@@ -443,21 +444,23 @@ class Sampler:
         if self._cfg is None:  # the static model config, read once from the graph
             self._cfg = nnx.merge(self.graphdef, params).cfg
         cfg = self._cfg
-        # Several processes: every process holds the same prompts and key; they become arrays replicated over
-        # the parameters' mesh (every device samples the whole batch; the parameters stay sharded).
-        replicated = multihost.replicated_like(params) if multihost.multi_process() else None
-        sharding = (cache_sharding(params, cfg.num_kv_heads, rows_per_call)
-                    if replicated is None and self.shard_cache else None)
+        # The cache sharded over the batch axes (cache_sharding): each device samples its own rows. With several
+        # processes every process holds the same prompts and key, and each becomes the part of a global array
+        # its devices own; where the cache cannot be sharded, arrays replicated over the parameters' mesh
+        # (every device samples the whole batch; the parameters stay sharded).
+        multi = multihost.multi_process()
+        sharding = cache_sharding(params, cfg.num_kv_heads, rows_per_call) if self.shard_cache else None
+        replicated = multihost.replicated_like(params) if multi and sharding is None else None
         if replicated is not None:
             put_prompts = put_rows = put_one = lambda x: multihost.to_global(x, replicated)
         elif sharding is not None:
             mesh, rows_axis = sharding.mesh, sharding.spec[0]
-            whole = NamedSharding(mesh, P())
+            place = multihost.to_global if multi else jax.device_put
             shards = int(np.prod([mesh.shape[a] for a in rows_axis])) if rows_axis is not None else 1
             prompt_axis = rows_axis if shards > 1 and batch % shards == 0 else None
-            put_prompts = lambda x: jax.device_put(x, NamedSharding(mesh, P(prompt_axis, *([None] * (x.ndim - 1)))))
-            put_rows = lambda x: jax.device_put(x, NamedSharding(mesh, P(rows_axis)))
-            put_one = lambda x: jax.device_put(x, whole)
+            put_prompts = lambda x: place(x, NamedSharding(mesh, P(prompt_axis, *([None] * (x.ndim - 1)))))
+            put_rows = lambda x: place(x, NamedSharding(mesh, P(rows_axis)))
+            put_one = lambda x: place(x, NamedSharding(mesh, P()))
         else:
             put_prompts = put_rows = put_one = jnp.asarray
         if replicated is not None or sharding is not None:

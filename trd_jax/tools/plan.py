@@ -4,18 +4,19 @@ activations, the peak phase, and whether it fits an accelerator (the computation
     python -m trd_jax.tools.plan --config configs/qwen3.py:opd,1.7b,trd,v5p-8 [--config.x=y ...]
         [--accelerator h100-80gb|h200|a100-80gb|a100-40gb|v4|v5p|v5e|v6e] [--devices N]
         [--model-config student=PATH_OR_NAME,teacher=PATH_OR_NAME] [--vocab N]
-        [--remat none|full|dots] [--attention materialized|flash] [--kv-cache replicated|sharded]
-        [--sampler-rows N] [--score-rows N] [--release-early] [--headroom 0.1] [--validate] [--no-suggest]
-        [--bytes]
+        [--remat none|full|dots] [--attention dense|blockwise] [--kv-cache replicated|sharded]
+        [--headroom 0.1] [--validate] [--no-suggest] [--bytes]
 
 Models: --model-config (a built-in name: qwen3-1.7b, qwen3-4b, qwen3-8b, smollm2-135m; a Hugging Face folder or
 a config.json), else student.path / teacher.path when they hold a config.json, else the models a recipe names
 (configs/qwen3.py: its STUDENT and the Qwen3-8B teacher), else the config's random shape. The accelerator and
 the device count default to the recipe's HARDWARE (configs/qwen3.py: h100x8, v5p-8, v5e-16).
 
---remat overrides the config's train.remat (its default). --attention, --kv-cache, --sampler-rows, --score-rows
-and --release-early model code changes the repository does not have yet; their defaults describe the code as it
-is. Exit status: 0 fits, 1 does not fit, 2 usage or config error.
+Every memory option is read from the config (train.remat, student/teacher.attention, rollout.max_rows_per_call,
+train.max_score_rows, rollout.release_kv_cache, ...; change them with --config.KEY=VALUE as for a run).
+--remat and --attention are shorthands (--attention sets both models). --kv-cache replicated plans a sampler
+that does not shard its cache (Sampler(shard_cache=False)). When the plan does not fit, the config changes that make it fit
+are listed. Exit status: 0 fits, 1 does not fit, 2 usage or config error.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sys
 from typing import Any, Sequence
 
 from trd_jax import memory_plan as mp
+from trd_jax.models.config import ATTENTION
 
 USAGE_ERROR, DOES_NOT_FIT = 2, 1
 UNSET = "<not set: the planner reads no files>"  # stands in for a recipe's empty paths when resolving it
@@ -163,6 +165,8 @@ def resolve_models(cfg, settings, defaults: dict[str, str], given: dict[str, str
             if isinstance(e, PlanError):
                 raise
             raise PlanError(f"{side}: {e}") from None
+        config = models[side].config.replace(attention=src.attention, attention_block=src.attention_block)
+        models[side] = dataclasses.replace(models[side], config=config)
     return models, notes
 
 
@@ -210,9 +214,10 @@ def format_plan(plan: mp.Plan, title: str, *, exact: bool = False) -> str:
                f"eval {w.eval_rows} rows x ({w.eval_prompt} + {w.eval_new})")
     lines.append(widths)
     lines.append(f"remat    {o.remat} (train.remat) in the update's backward pass")
-    lines.append(f"code     attention {o.attention}, KV cache {o.kv_cache}, sampler rows/call "
-                 f"{o.sampler_rows or 'all'}, score rows/call {o.score_rows or 'all'}, "
-                 f"{'early cache release' if o.release_early else 'caches released as the controller does today'}")
+    kernels = "/".join(plan.models[side].config.attention for side in plan.models)
+    lines.append(f"options  attention {kernels} ({'/'.join(plan.models)}), KV cache {o.kv_cache}, sampler rows/call "
+                 f"{o.sampler_rows or 'all'}, score rows/call {o.score_rows or 'all'}, sampler caches "
+                 f"{'freed as their phase ends' if w.release_kv_cache else 'kept between steps'}")
     for note in w.notes:
         lines.append(f"note     {note}")
     lines += ["", f"{'per device':<54}{'bytes' if exact else 'GiB':>{18 if exact else 12}}", "persistent (every phase)"]
@@ -228,7 +233,7 @@ def format_plan(plan: mp.Plan, title: str, *, exact: bool = False) -> str:
     logits = mp.full_logits_bytes(s.vocab_size, dev_rows, w.response)
     width = s.vocab_size if w.loss.vocab_chunk is None else w.loss.vocab_chunk
     lines += ["", (f"update step, one micro-batch ({dev_rows} rows x {w.prompt + w.response} tokens per device, "
-                   f"remat {o.remat}, attention {o.attention})"),
+                   f"remat {o.remat}, attention {s.attention})"),
               row(f"saved activations ({s.num_layers} layers)", u.saved),
               row("one layer's backward (cotangents + recompute)", u.layer_backward),
               row("embeddings, rope tables, mask, final hidden", u.model_level),
@@ -252,14 +257,9 @@ def format_plan(plan: mp.Plan, title: str, *, exact: bool = False) -> str:
 def format_suggestions(applied: list[tuple[mp.Change, int]], final: mp.Plan) -> str:
     if not applied:
         return "to fit   no modelled change makes it fit (fewer rows per step or shorter budgets, or more devices)"
-    lines = [("to fit   config changes first, then the code changes (the repository lacks them) and train.remat, with "
-              "the least effort and throughput loss; listed by impact")]
+    lines = ["to fit   these config changes, with the least throughput lost; listed by impact"]
     for i, (change, peak) in enumerate(applied, 1):
-        if change.needs_code:
-            flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in change.options)
-            how = f"[code] planner {flags}"
-        else:
-            how = "[config] " + " ".join(f"--config.{k}={v}" for k, v in change.config)
+        how = " ".join(f"--config.{k}={v}" for k, v in change.config)
         lines.append(f"  {i}. {change.label}: {how}  -> peak {gib(peak)} GiB")
     status = "fits" if final.fits else "still does not fit"
     lines.append(f"  => peak {final.peak_phase.name} {gib(final.peak_bytes)} GiB of {gib(final.usable_bytes)} GiB "
@@ -295,11 +295,10 @@ def build(argv: Sequence[str]):
     parser.add_argument("--model-config", default="", help="student=NAME_OR_PATH,teacher=NAME_OR_PATH")
     parser.add_argument("--vocab", type=int, help="vocabulary of randomly initialised models")
     parser.add_argument("--remat", choices=mp.REMAT, help="rematerialisation (default: the config's train.remat)")
-    parser.add_argument("--attention", choices=mp.ATTENTION, default="materialized")
-    parser.add_argument("--kv-cache", choices=mp.KV_CACHE, default="replicated")
-    parser.add_argument("--sampler-rows", type=int, default=0, help="rows per sampler call (0: all at once)")
-    parser.add_argument("--score-rows", type=int, default=0, help="rows per score call (0: all at once)")
-    parser.add_argument("--release-early", action="store_true", help="free each sampler cache when its phase ends")
+    parser.add_argument("--attention", choices=ATTENTION,
+                        help="attention kernel of both models (default: student/teacher.attention)")
+    parser.add_argument("--kv-cache", choices=mp.KV_CACHE,
+                        help="KV cache placement (default: sharded over the batch axes, as the Sampler does)")
     parser.add_argument("--headroom", type=float, default=0.10, help="fraction of the memory kept free")
     parser.add_argument("--validate", action="store_true",
                         help="also compile a small update step on this CPU and compare with the estimate")
@@ -310,6 +309,10 @@ def build(argv: Sequence[str]):
     from trd_jax.config import ConfigError, resolve
 
     cfg, path, spec, module = load_config(args.config)
+    if args.attention:  # shorthands first: a --config.KEY=VALUE given as well wins
+        cfg.student.attention = cfg.teacher.attention = args.attention
+    if args.remat:
+        cfg.train.remat = args.remat
     apply_cli_overrides(cfg, rest)
     # Memory depends on neither data nor weights: a recipe planned before its files exist still resolves.
     for key in ("train_files", "eval_files"):
@@ -330,9 +333,8 @@ def build(argv: Sequence[str]):
     devices = args.devices or (hardware[1] if hardware and not args.accelerator else None)
     try:
         mesh = mp.mesh_sizes(settings.mesh, devices)
-        options = mp.PlanOptions(remat=args.remat or settings.remat, attention=args.attention, kv_cache=args.kv_cache,
-                                 sampler_rows=args.sampler_rows, score_rows=args.score_rows,
-                                 release_early=args.release_early, headroom=args.headroom)
+        overrides = {"kv_cache": args.kv_cache} if args.kv_cache else {}
+        options = mp.options_from_settings(settings, headroom=args.headroom, **overrides)
     except ValueError as e:
         raise PlanError(str(e)) from None
     models, notes = resolve_models(cfg, settings, defaults, parse_model_args(args.model_config), args.vocab)
