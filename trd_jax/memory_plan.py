@@ -603,13 +603,16 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
         return kv_cache_bytes(cfg, _ceil_div(call_rows(rows), kv_rows_div), length, kv_shards=kv_heads_div)
 
     def sampler_transient(cfg: ModelConfig, rows: int, prompt: int, n: int) -> list[Item]:
-        """prefill: a prompt-sized cache of its own plus one forward over the prompts; decode: vocab buffers."""
+        """prefill: one forward over the prompts (and, unless it writes the full cache directly, a prompt-sized
+        cache of its own); decode: vocab buffers."""
         per_device_rows = _ceil_div(call_rows(rows), kv_rows_div)
         prompt_rows = max(1, per_device_rows // n)
         head = sharded_bytes((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), mesh, _b(cfg))
-        prefill = (kv_cache_bytes(cfg, prompt_rows, prompt, kv_shards=kv_heads_div)
-                   + forward_transient(cfg, prompt_rows, prompt))
-        return [Item("prefill (prompt cache + one forward)", prefill, f"{prompt_rows} prompts x {prompt} tokens"),
+        direct = n == 1 and cfg.attention == "blockwise"  # sampling.prefill writes into the full cache
+        prompt_cache = 0 if direct else kv_cache_bytes(cfg, prompt_rows, prompt, kv_shards=kv_heads_div)
+        prefill = prompt_cache + forward_transient(cfg, prompt_rows, prompt)
+        label = "prefill (one forward)" if direct else "prefill (prompt cache + one forward)"
+        return [Item(label, prefill, f"{prompt_rows} prompts x {prompt} tokens"),
                 Item("decode temporaries", decode_transient(cfg, per_device_rows, head))]
 
     rollout_cache = cache(student, work.rows, work.prompt + work.max_new)

@@ -215,7 +215,8 @@ def _constrain(cache: KVCache, sharding) -> KVCache:
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "cache_sharding"), donate_argnames=("cache",))
 def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: int,
             cache_sharding=None) -> tuple[KVCache, Array]:
-    """Writes the prompts' keys and values into slots [0, P) of the donated cache.
+    """Writes the prompts' keys and values into slots [0, P) of the donated cache (directly with n == 1 and
+    blockwise attention; otherwise through a prompt-sized cache whose rows are repeated n times).
 
     prompts i32[B, P] left-padded, pad i32[B], cache [B*n, kv_heads, S, head_dim] -> (cache, logits
     f32[B*n, V] of the last prompt position). Each prompt runs once; its keys and values are repeated
@@ -228,6 +229,12 @@ def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: 
     slots = jnp.arange(p)
     key_mask = slots[None, :] >= pad[:, None]
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
+    if n == 1 and model.cfg.attention == "blockwise":
+        # Straight into the full cache: no prompt-sized copy. The prompt's queries never see slots >= P (causal),
+        # and blockwise attention skips those key tiles, so attending "over S slots" costs nothing extra.
+        full_mask = jnp.pad(key_mask, ((0, 0), (0, cache[0].k.shape[2] - p)), constant_values=True)
+        hidden, cache = model(prompts, positions, full_mask, cache=cache, cache_index=0)
+        return _constrain(cache, cache_sharding), model.logits(hidden[:, -1])
     hidden, prompt_cache = model(prompts, positions, key_mask, cache=init_cache(model.cfg, b, p), cache_index=0)
     logits = model.logits(hidden[:, -1])
 
