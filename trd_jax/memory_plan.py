@@ -118,7 +118,7 @@ def model_from_path(path: str, *, dtype: str, param_dtype: str) -> ModelConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Options: what the code does today, and the changes a plan may propose
+# Options: the config settings that decide memory besides the model shapes
 
 
 KV_CACHE = ("replicated", "sharded")
