@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from trd_jax.models.config import ModelConfig
+from trd_jax.models.lora import adapted
 
 Array = jax.Array
 _MASKED = -1e30  # finite, so that fully masked rows (padding queries) give a uniform softmax, not NaN
@@ -120,6 +121,7 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+        q, k, v = adapted(self, "q", x, q), adapted(self, "k", x, k), adapted(self, "v", x, v)  # LoRA, if any
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -141,7 +143,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), cache
+        return adapted(self, "o", out, jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))), cache
 
 
 class MLP(nnx.Module):
@@ -154,8 +156,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
-        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+        gate = jax.nn.silu(adapted(self, "gate", x, x @ self.gate_proj[...].astype(dt)))
+        h = gate * adapted(self, "up", x, x @ self.up_proj[...].astype(dt))
+        return adapted(self, "down", h, h @ self.down_proj[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):
