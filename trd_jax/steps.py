@@ -155,7 +155,11 @@ class ScoreOutput(NamedTuple):
 
 def merged_model(graphdef, params, frozen=None) -> Transformer:
     """The model of `params`, plus the frozen base weights under LoRA (then `params` are the adapters)."""
-    return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+    if frozen is None:
+        return nnx.merge(graphdef, params)
+    # nnx.merge reuses the states' Variables; the base's come from outside a value_and_grad trace, where
+    # nnx.remat could not update them: tree.map makes new ones (over the same arrays) in the current trace.
+    return nnx.merge(graphdef, params, jax.tree.map(lambda x: x, frozen))
 
 
 def _response_hidden(model: Transformer, seq: Sequences, context_width: int, response_width: int) -> Array:
