@@ -210,6 +210,10 @@ def format_plan(plan: mp.Plan, title: str, *, exact: bool = False) -> str:
                f"eval {w.eval_rows} rows x ({w.eval_prompt} + {w.eval_new})")
     lines.append(widths)
     lines.append(f"remat    {o.remat} (train.remat) in the update's backward pass")
+    st = plan.student_state
+    lines.append(f"lora     r={o.lora.rank} alpha={o.lora.alpha:g} on {','.join(o.lora.targets)}: {st.trainable_params:,} "
+                 f"trainable parameters ({st.trainable_params / st.num_params:.2%} of the model), the base frozen"
+                 if o.lora else "lora     off: full fine-tuning (lora.enabled)")
     lines.append(f"code     attention {o.attention}, KV cache {o.kv_cache}, sampler rows/call "
                  f"{o.sampler_rows or 'all'}, score rows/call {o.score_rows or 'all'}, "
                  f"{'early cache release' if o.release_early else 'caches released as the controller does today'}")
@@ -332,7 +336,7 @@ def build(argv: Sequence[str]):
         mesh = mp.mesh_sizes(settings.mesh, devices)
         options = mp.PlanOptions(remat=args.remat or settings.remat, attention=args.attention, kv_cache=args.kv_cache,
                                  sampler_rows=args.sampler_rows, score_rows=args.score_rows,
-                                 release_early=args.release_early, headroom=args.headroom)
+                                 release_early=args.release_early, headroom=args.headroom, lora=settings.lora)
     except ValueError as e:
         raise PlanError(str(e)) from None
     models, notes = resolve_models(cfg, settings, defaults, parse_model_args(args.model_config), args.vocab)
