@@ -79,7 +79,10 @@ def get_config(spec: str = ""):
     cfg.eval.update(every=50, n=16, k=16, temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=38912)
     cfg.checkpoint.update(every=25, keep=2, async_save=True)
     cfg.mesh.update(data=1, fsdp=hw["devices"], tensor=1)
-    # LoRA r 64, α 128 on q/k/v/o/gate/up/down [code-trd] comes with LoRA support; until then full fine-tuning.
+    # LoRA r 64, α 128 on q/k/v/o/gate/up/down, no dropout [code-trd] (its lr 5e-6 above is for LoRA): the bf16
+    # base stays frozen, the adapters train in float32, and OPSD's initial teacher is that base with the adapters
+    # off (no second copy). --config.lora.enabled=false fine-tunes every weight instead.
+    cfg.lora.update(enabled=True, rank=64, alpha=128.0, targets="q,k,v,o,gate,up,down", dropout=0.0)
     apply_overrides(cfg, dict(BASELINE_DEFAULTS))
     apply_overrides(cfg, METHODS[method])
     if method == "trd":
