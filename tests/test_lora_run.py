@@ -9,6 +9,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -95,6 +96,11 @@ def test_checkpoint_exports_and_run_student(lora_run):
     # The base is saved once beside the model card; checkpoints hold the adapters and their optimizer state.
     assert (workdir / "student_model" / "lora.json").exists()
     assert (workdir / "student_model" / "model.safetensors").exists()
+    saved = ocp.PyTreeCheckpointer().metadata(str(workdir / "checkpoints" / "2" / "state"))
+    saved = saved.item_metadata.tree if hasattr(saved, "item_metadata") else saved.tree
+    paths = ["/".join(map(str, k)) for k, _ in jax.tree_util.tree_flatten_with_path(saved["train"]["params"])[0]]
+    assert paths and all("_lora" in p for p in paths)  # no base weights in the checkpoint
+    assert not jax.tree.leaves(saved.get("teacher_ref"))  # nor a teacher copy
     merged = lora.merge_lora(nnx.merge(trainer.s_graph, trainer.state.params, trainer.base_params))
     expected = _leaves(nnx.split(merged)[1])
     run_student, step = load_run_student(str(workdir))

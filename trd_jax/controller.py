@@ -231,9 +231,7 @@ class Trainer:
         # LoRA: the frozen base, shared by the student and OPSD's initial teacher (None: full fine-tuning)
         self.base_params = self.base_shardings = None
         if lora_cfg is not None:
-            self._setup_lora(student, lora_cfg)
-            params = self._adapters
-            del self._adapters
+            params = self._setup_lora(student, lora_cfg)
         else:
             self.s_graph, params = nnx.split(student)
             self.s_shardings = self.trainable_shardings = param_shardings(params, self.mesh)
@@ -290,9 +288,9 @@ class Trainer:
         else:
             self.data = PromptIterator(self.task.split("train"), seed=s.seed)
 
-    def _setup_lora(self, student: Transformer, cfg: lora.LoRAConfig) -> None:
+    def _setup_lora(self, student: Transformer, cfg: lora.LoRAConfig):
         """Adapters on `student`: self.s_graph is the adapted graph, self.plain_graph the base without adapters,
-        self.base_params the frozen base (placed once, never donated) and self._adapters the trainable state."""
+        self.base_params the frozen base (placed once, never donated); returns the adapters, placed."""
         self.plain_graph, _ = nnx.split(student)
         key = jax.random.fold_in(jax.random.key(self.s.seed), 2)  # 0, 1: train and eval keys
         lora.add_lora(student, cfg, rngs=nnx.Rngs(params=key))
@@ -301,8 +299,8 @@ class Trainer:
         self.trainable_shardings = param_shardings(adapters, self.mesh)
         self.s_shardings = param_shardings(nnx.merge_state(base, adapters), self.mesh)
         self.base_params = jax.device_put(base, self.base_shardings)
-        self._adapters = jax.device_put(adapters, self.trainable_shardings)
         self.s_params_count += lora.num_params(adapters)
+        return jax.device_put(adapters, self.trainable_shardings)
 
     def _head(self, graphdef, params):
         return self._head_fn(graphdef, params)

@@ -3,7 +3,8 @@ families: GQA, RoPE (with Llama-3 scaling), RMSNorm, SwiGLU, tied or untied embe
 bias (Qwen2) and q/k RMSNorm (Qwen3).
 
 Every parameter carries logical axis names (`out_sharding` metadata, never applied eagerly) from
-{vocab, embed, heads, kv_heads, head_dim, mlp}; sharding.py maps them onto a device mesh.
+{vocab, embed, heads, kv_heads, head_dim, mlp}; sharding.py maps them onto a device mesh. The projections
+may carry LoRA adapters (models/lora.py), which `adapted` adds where a module has them.
 
 One call signature serves training, scoring, prefill and decode:
 
