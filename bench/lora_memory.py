@@ -22,7 +22,6 @@ import gc
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from trd_jax import memory_plan as mp
