@@ -89,7 +89,7 @@ def rollout_transformers(batch: int, prompt: int, new: int, repeats: int) -> flo
         assert out.shape == (batch, prompt + new)
 
     seconds = median_seconds(run, repeats)
-    del model
+    model = None  # drop the reference so that empty_cache frees the weights
     torch.cuda.empty_cache()
     return batch * new / seconds
 

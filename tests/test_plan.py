@@ -9,6 +9,7 @@ import pytest
 from trd_jax import memory_plan as mp
 from trd_jax.config import base_config, resolve
 from trd_jax.models.config import ModelConfig
+from trd_jax.models.lora import LoRAConfig
 from trd_jax.steps import LossConfig
 from trd_jax.tools import plan as cli
 
@@ -70,6 +71,46 @@ def test_a_dimension_the_mesh_does_not_divide_stays_replicated():
     odd = SMALL.replace(hidden_size=60)  # 60 % 8 != 0: the rules leave "embed" unsharded
     state = mp.state_bytes(odd, tuple(sorted(dict(data=1, fsdp=8, tensor=1).items())), False)
     assert state.params == state.params_total
+
+
+# LoRA rank 8 on all seven projections of SMALL: rank x (fan_in + fan_out) per projection.
+R = 8
+LORA_PER_LAYER = R * ((D + H * HD) + 2 * (D + K * HD) + (H * HD + D) + 2 * (D + M) + (M + D))
+# Per device under fsdp: the adapter matrices with an "embed" axis (A of q, k, v, gate, up; B of o, down) shard
+# like their base matrices; the others (rank x heads, mlp) are replicated on a mesh without a tensor axis.
+LORA_EMBED_PER_LAYER = R * (5 * D + 2 * D)
+
+
+def test_lora_adapter_and_optimizer_bytes_by_hand():
+    assert LORA_PER_LAYER == 8_192
+    lora = LoRAConfig(rank=R, alpha=16.0)
+    adapters = LAYERS * LORA_PER_LAYER
+    counters = 2 * 4
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        state = mp.state_bytes(SMALL.replace(param_dtype=dtype), tuple(sorted(one_device().items())), True, lora)
+        assert state.trainable_params == adapters == 16_384 and state.num_params == HAND_PARAMS
+        assert state.trainable == adapters * 4  # float32 adapters whatever the base's dtype
+        assert state.params == HAND_PARAMS * size + adapters * 4
+        assert state.optimizer == 2 * adapters * 4 + counters  # AdamW on the adapters alone
+    sharded = mp.state_bytes(SMALL, tuple(sorted(dict(data=1, fsdp=4, tensor=1).items())), True, lora)
+    per_device = LAYERS * (LORA_EMBED_PER_LAYER // 4 + LORA_PER_LAYER - LORA_EMBED_PER_LAYER)
+    assert sharded.trainable == per_device * 4 and sharded.optimizer == 2 * per_device * 4 + counters
+
+
+def test_lora_opsd_plan_drops_the_teacher_copy_and_base_moments():
+    work = _workload(**{"distill.mode": "opsd", "distill.opsd_teacher": "initial"})
+    models = {"student": mp.ModelInfo(SMALL, "test")}
+    mesh, acc = one_device(), mp.ACCELERATORS["v5e"]
+    full = mp.make_plan(work, models, mesh, acc)
+    lora = mp.make_plan(work, models, mesh, acc, mp.PlanOptions(lora=LoRAConfig(rank=R, alpha=16.0)))
+    items = {i.name: i.bytes for i in lora.persistent}
+    adapters = LAYERS * LORA_PER_LAYER * 4
+    assert items["OPSD frozen initial copy"] == 0 and items["LoRA adapters"] == adapters
+    assert items["student base parameters (frozen)"] == HAND_PARAMS * 4
+    assert items["optimizer state"] == 2 * adapters + 8
+    # full fine-tuning: parameters + two moments + the frozen copy; LoRA: base + adapters + their moments
+    assert full.persistent_bytes - lora.persistent_bytes == 3 * HAND_PARAMS * 4 - 3 * adapters
+    assert lora.update.gradients == 2 * adapters and full.update.gradients == 2 * HAND_PARAMS * 4
 
 
 def test_kv_cache_bytes_by_hand():
@@ -181,8 +222,8 @@ def test_fit_verdict_and_headroom():
 
 def test_cli_qwen3_opd_1_7b_trd_v5p_8(capsys):
     """The recipe as configured (blockwise attention, 16 rows per sampler call, 32 per scoring forward) fits a
-    v5p-8; the figures are checked by hand."""
-    code = cli.main(["--config", "configs/qwen3.py:opd,1.7b,trd,v5p-8"])
+    v5p-8; the figures are checked by hand (full fine-tuning here; LoRA below)."""
+    code = cli.main(["--config", "configs/qwen3.py:opd,1.7b,trd,v5p-8", "--config.lora.enabled=false"])
     out = capsys.readouterr().out
     assert code == 0 and "-> FITS" in out, out[-3000:]
     assert "TPU v5p: 95.00 GiB" in out and "data=1 fsdp=4 tensor=1: 4 devices" in out
@@ -207,6 +248,20 @@ def test_cli_suggests_the_config_that_fits(capsys):
     flags = [f for line in suggested for f in line.split(": ", 1)[1].split("  -> ")[0].split()]
     assert cli.main(["--config", "configs/qwen3.py:opd,1.7b,trd,v5p-8", *lean, *flags]) == 0
     assert "-> FITS" in capsys.readouterr().out
+
+
+def test_cli_qwen3_recipe_plans_lora(capsys):
+    """configs/qwen3.py trains LoRA r 64 on all seven projections: the plan holds the bf16 base, float32
+    adapters and their moments, and OPSD's initial teacher adds no copy."""
+    cli.main(["--config", "configs/qwen3.py:opsd,1.7b,trd,v5p-8", "--no-suggest"])
+    out = capsys.readouterr().out
+    d, h, k, hd, m, layers = 2048, 16, 8, 128, 6144, 28
+    adapters = layers * 64 * ((d + h * hd) + 2 * (d + k * hd) + (h * hd + d) + 3 * (d + m))
+    assert adapters == 69_730_304 and f"{adapters:,} trainable parameters" in out
+    base = 1_720_574_976 * 2 / 4 / 2**30  # bf16, every matrix sharded over 4
+    assert f"student base parameters (frozen){'':<20}{base:>12.2f}" in out
+    assert f"OPSD frozen initial copy{'':<28}{0:>12.2f}" in out
+    assert "AdamW mu + nu in float32, adapters only" in out
 
 
 @pytest.mark.parametrize("spec", [f"{s},{m},trd,{hw}" for s in ("opd", "opsd") for m in ("1.7b", "4b")

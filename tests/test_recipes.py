@@ -21,6 +21,7 @@ def test_default_is_trd_with_bootstrap():
     cfg = default_config()
     s = resolve(cfg)
     assert cfg.bootstrap.enabled and s.trajectory == "y_r" and s.loss.name == "forward_kl" and s.mode == "opd"
+    assert s.lora is None  # full fine-tuning of the small from-scratch models, as before LoRA existed
 
 
 def test_parse_overrides():
@@ -57,6 +58,9 @@ def test_qwen3_recipes_resolve_with_the_paper_values(setting, hardware, devices)
             assert s.student.dtype == "bfloat16"
             assert s.teacher_context == ("refine" if method in ("trd", "trd_refine_context") else "vanilla")
             assert s.prompt_mode == ("thinking" if student == "1.7b" else "chat")
+            # LoRA r 64, alpha 128 on all seven projections [code-trd]
+            assert s.lora is not None and (s.lora.rank, s.lora.alpha, s.lora.dropout) == (64, 128.0, 0.0)
+            assert s.lora.targets == ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def test_qwen3_recipe_rejects_unknown_parts():
@@ -80,8 +84,10 @@ def test_eval_and_smollm2_configs_resolve():
     cfg.task.update(name="math", eval_files="/data/aime24.jsonl")  # no training set needed to evaluate
     s = resolve(cfg)
     assert cfg.mode == "eval" and s.student.path == "/models/x" and s.eval_n == 16
+    assert s.lora is None  # evaluation loads a run's student merged
     s = resolve(_config_module("smollm2_opsd_trd").get_config())
     assert s.mode == "opsd" and s.trajectory == "y_r" and s.student.source == "smollm2"
+    assert s.lora is not None and (s.lora.rank, s.lora.alpha) == (64, 128.0) and len(s.lora.targets) == 7
 
 
 def test_task_fields_are_checked():

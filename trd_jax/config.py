@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from trd_jax.models.config import ATTENTION, REMAT
+from trd_jax.models.lora import TARGETS as LORA_TARGETS, LoRAConfig
 from trd_jax.refine import RefineConfig
 from trd_jax.sampling import SamplingConfig
 from trd_jax.sharding import MeshConfig
@@ -203,6 +204,17 @@ def base_config() -> ml_collections.ConfigDict:
         max_score_rows=0,
     ))
 
+    # Low-rank adapters on the student (trd_jax/models/lora.py): only the adapters are trained and held in the
+    # optimizer state; the base weights stay frozen, and OPSD's initial teacher is that base with the adapters
+    # off (no second copy). The export adds the adapters in PEFT's format (workdir/export_adapter).
+    cfg.lora = ml_collections.ConfigDict(dict(
+        enabled=False,  # off: full fine-tuning. [code-trd] trains LoRA (configs/qwen3.py turns it on)
+        rank=64, alpha=128.0,  # [code-trd]: r 64, alpha 128; the adapter output is scaled by alpha / rank
+        targets="q,k,v,o,gate,up,down",  # comma-separated subset of the projections ([code-trd]: all seven)
+        dropout=0.0,  # dropout on the adapters' input during the update
+        use_rslora=False,  # scale by alpha / sqrt(rank) instead (rank-stabilised LoRA)
+    ))
+
     cfg.eval = ml_collections.ConfigDict(dict(
         every=0,  # evaluate every this many steps (0: only before and after training)
         initial=True,  # evaluate the student before training (summary.json's initial_eval)
@@ -341,6 +353,7 @@ class Settings:
     batch_size: int
     micro_batches: int
     remat: str  # ModelConfig.remat of the student model the update runs
+    lora: LoRAConfig | None  # the student's adapters; None: full fine-tuning
     eval_every: int
     eval_initial: bool
     eval_teacher: bool
@@ -386,6 +399,31 @@ def _model_source(cfg, side: str) -> ModelSource:
         raise ConfigError(f"{side}.model.head_dim", f"{shape['head_dim']} must be even (rotary embeddings)")
     return ModelSource(source, path, dtype, param_dtype, _int(cfg, f"{side}.init_seed", -1), shape,
                        _choice(cfg, f"{side}.attention", ATTENTION), _int(cfg, f"{side}.attention_block", 1))
+
+
+def _lora(cfg) -> LoRAConfig | None:
+    if not isinstance(cfg.lora.enabled, bool):
+        raise ConfigError("lora.enabled", f"{cfg.lora.enabled!r} is not a bool")
+    if not isinstance(cfg.lora.use_rslora, bool):
+        raise ConfigError("lora.use_rslora", f"{cfg.lora.use_rslora!r} is not a bool")
+    rank = _int(cfg, "lora.rank", 1)
+    alpha = _float(cfg, "lora.alpha", 0.0, open_low=True)
+    dropout = _float(cfg, "lora.dropout", 0.0)
+    if dropout >= 1.0:
+        raise ConfigError("lora.dropout", f"{dropout} must be < 1")
+    text = _get(cfg, "lora.targets")
+    targets = [t.strip() for t in text.split(",")] if isinstance(text, str) else None
+    if not targets or not all(targets):
+        raise ConfigError("lora.targets", f"{text!r}: expected a comma-separated subset of {','.join(LORA_TARGETS)}")
+    for target in targets:
+        if target not in LORA_TARGETS:
+            raise ConfigError("lora.targets", f"{target!r} is not one of {', '.join(LORA_TARGETS)}")
+    if len(set(targets)) != len(targets):
+        raise ConfigError("lora.targets", f"{text!r} names a projection twice")
+    if not cfg.lora.enabled:
+        return None
+    return LoRAConfig(rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout,
+                      use_rslora=cfg.lora.use_rslora)
 
 
 def _loss(cfg) -> LossConfig:
@@ -508,7 +546,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         max_score_rows=_int(cfg, "train.max_score_rows", 0),
         eval_sampling=_sampling(cfg, "eval"),
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,
-        micro_batches=micro, remat=remat, eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,
+        micro_batches=micro, remat=remat, lora=_lora(cfg), eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,
         eval_teacher=cfg.eval.teacher,
         eval_problems=_int(cfg, "eval.num_problems", 0), eval_n=eval_n, eval_k=eval_k,
         eval_max_new=_int(cfg, "eval.max_new_tokens", 1), save_every=_int(cfg, "checkpoint.every", 1),

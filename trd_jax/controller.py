@@ -37,10 +37,13 @@ from trd_jax.data.registry import make_task
 from trd_jax.data.task import PromptIterator
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
+from trd_jax.models import lora
 from trd_jax.models.hf_io import load_hf, save_hf
+from trd_jax.models.peft_io import save_peft_adapter
 from trd_jax.models.transformer import Transformer, init_for_tokenizer, with_remat, with_runtime
 from trd_jax.reports import COST_PHASES
-from trd_jax.run_checkpoint import MODEL_DIR, checkpoint_steps, is_run_dir, load_run_student, write_model_card
+from trd_jax.run_checkpoint import (MODEL_DIR, checkpoint_steps, clear_lora_base, is_run_dir, load_lora_base,
+                                    load_run_student, run_lora_config, write_lora_base, write_model_card)
 from trd_jax.sampling import Sampler
 from trd_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from trd_jax.steps import (Sequences, init_sharded_state, jit_score, jit_update, learning_rate_schedule,
@@ -213,16 +216,35 @@ class Trainer:
 
     def _setup_models(self) -> None:
         s, tok = self.s, self.tok
-        student = with_remat(build_model(s.student, tok, s.seed, "student"), s.remat)  # train.remat
+        lora_cfg = None if self.evaluating else s.lora
+        ckpt_dir = os.path.join(self.workdir, "checkpoints")
+        resuming = os.path.isdir(ckpt_dir) and bool(checkpoint_steps(self.workdir))
+        if lora_cfg is not None and resuming:  # the base this run's adapters were trained on, saved at its start
+            if run_lora_config(self.workdir) != lora_cfg:
+                raise ConfigError("lora.enabled", f"{self.workdir}/{MODEL_DIR} holds no LoRA base matching the "
+                                                  "checkpoints; start in a new workdir")
+            student = load_lora_base(self.workdir, dtype=s.student.dtype, param_dtype=s.student.param_dtype)
+        else:
+            student = build_model(s.student, tok, s.seed, "student")
+        student = with_remat(student, s.remat)  # train.remat
         if student.cfg.vocab_size < tok.vocab_size:
             raise ConfigError("student.path",
                               f"model vocabulary {student.cfg.vocab_size} < tokenizer's {tok.vocab_size}")
         if self.host0:
             write_model_card(self.workdir, student.cfg, self.task.tokenizer_dir)
-        self.s_graph, params = nnx.split(student)
-        self.s_shardings = param_shardings(params, self.mesh)
-        params = jax.device_put(params, self.s_shardings)
+            if not resuming and not self.evaluating:
+                clear_lora_base(self.workdir)  # a LoRA base left by an earlier start of a new run
+                if lora_cfg is not None:  # saved once: checkpoints then hold the adapters alone
+                    write_lora_base(self.workdir, student, lora_cfg, self.task.tokenizer_dir)
         self.s_params_count = student.cfg.num_params
+        # LoRA: the frozen base, shared by the student and OPSD's initial teacher (None: full fine-tuning)
+        self.base_params = self.base_shardings = None
+        if lora_cfg is not None:
+            params = self._setup_lora(student, lora_cfg)
+        else:
+            self.s_graph, params = nnx.split(student)
+            self.s_shardings = self.trainable_shardings = param_shardings(params, self.mesh)
+            params = jax.device_put(params, self.s_shardings)
         if self.evaluating:  # the student alone: no teacher, no optimizer state
             self.t_graph, self.t_shardings, self.t_params_count = self.s_graph, self.s_shardings, self.s_params_count
             self.teacher_params, self.state, self.eval_params = None, None, params
@@ -239,6 +261,11 @@ class Trainer:
             self.t_shardings = param_shardings(t_params, self.mesh)
             self.teacher_params = jax.device_put(t_params, self.t_shardings)
             self.t_params_count = teacher.cfg.num_params
+        elif lora_cfg is not None and s.opsd_teacher == "initial":
+            # θ0 with the adapters off (TRD_SPEC §7.9): the plain graph over the student's own base buffers.
+            self.t_graph, self.t_shardings = self.plain_graph, self.base_shardings
+            self.t_params_count = student.cfg.num_params
+            self.teacher_params = self.base_params
         else:
             self.t_graph, self.t_shardings, self.t_params_count = self.s_graph, self.s_shardings, self.s_params_count
             # The frozen initial weights (init_state copies params, so these stay valid).
@@ -246,7 +273,7 @@ class Trainer:
         self.optimizer = make_optimizer(s.optim)
         self.lr_schedule = learning_rate_schedule(s.optim)
         ema = s.mode == "opsd" and s.opsd_teacher == "ema"
-        self.state = init_sharded_state(params, self.s_shardings, self.optimizer, self.mesh, ema=ema)
+        self.state = init_sharded_state(params, self.trainable_shardings, self.optimizer, self.mesh, ema=ema)
         del params
         self.teacher_head_source = "given" if self.teacher_params is not None else s.opsd_teacher
         self.fixed_head = (self._head(self.t_graph, self.teacher_params) if self.teacher_params is not None
@@ -255,6 +282,12 @@ class Trainer:
         self.rollout_sampler = Sampler(self.s_graph, eos_ids=eos, pad_id=pad)
         self.refine_sampler = Sampler(self.t_graph, eos_ids=eos, pad_id=pad)
         self.eval_sampler = Sampler(self.s_graph, eos_ids=eos, pad_id=pad)
+        self.memory = self._persistent_bytes()
+        if self.host0 and lora_cfg is not None:
+            log.info("LoRA r=%d alpha=%g on %s: %s trainable parameters (%.2f%% of %s); persistent bytes %s",
+                     lora_cfg.rank, lora_cfg.alpha, ",".join(lora_cfg.targets), f"{self.memory['trainable_params']:,}",
+                     100 * self.memory["trainable_params"] / student.cfg.num_params, f"{student.cfg.num_params:,}",
+                     self.memory["bytes"])
         # Local datasets stream through grain (skipping prompts over task.max_prompt_tokens, counted, as
         # [code-trd] drops them); generated tasks hold their examples in memory.
         if hasattr(self.task, "prompt_iterator"):
@@ -264,18 +297,61 @@ class Trainer:
         else:
             self.data = PromptIterator(self.task.split("train"), seed=s.seed)
 
+    def _setup_lora(self, student: Transformer, cfg: lora.LoRAConfig):
+        """Adapters on `student`: self.s_graph is the adapted graph, self.plain_graph the base without adapters,
+        self.base_params the frozen base (placed once, never donated); returns the adapters, placed."""
+        self.plain_graph, _ = nnx.split(student)
+        key = jax.random.fold_in(jax.random.key(self.s.seed), 2)  # 0, 1: train and eval keys
+        lora.add_lora(student, cfg, rngs=nnx.Rngs(params=key))
+        self.s_graph, adapters, base = lora.split_lora(student)
+        self.base_shardings = param_shardings(base, self.mesh)
+        self.trainable_shardings = param_shardings(adapters, self.mesh)
+        self.s_shardings = param_shardings(nnx.merge_state(base, adapters), self.mesh)
+        self.base_params = jax.device_put(base, self.base_shardings)
+        self.s_params_count += lora.num_params(adapters)
+        return jax.device_put(adapters, self.trainable_shardings)
+
     def _head(self, graphdef, params):
         return self._head_fn(graphdef, params)
+
+    def _student_params(self):
+        """The student's weights as one state (sampling, scoring, evaluation): under LoRA the frozen base and the
+        adapters side by side, the same buffers (nnx.merge_state copies nothing)."""
+        if self.base_params is None:
+            return self.eval_params if self.evaluating else self.state.params
+        return nnx.merge_state(self.base_params, self.state.params)
 
     def _teacher_params(self):
         """The teacher's weights for this step: a separate model, or OPSD's initial / live / EMA weights."""
         if self.teacher_params is not None:
             return self.teacher_params
-        return self.state.params if self.s.opsd_teacher == "live" else self.state.ema_params
+        if self.s.opsd_teacher == "live":
+            return self._student_params()
+        ema = self.state.ema_params
+        return ema if self.base_params is None else nnx.merge_state(self.base_params, ema)
+
+    def _persistent_bytes(self) -> dict:
+        """What the run keeps on its devices between steps, in logical bytes (all devices together), each buffer
+        counted once: under LoRA, OPSD's initial teacher is the student's base and adds nothing."""
+        groups = {"trainable": self.state.params, "frozen_base": self.base_params, "optimizer": self.state.opt_state,
+                  "ema": self.state.ema_params, "teacher": self.teacher_params, "teacher_head": self.fixed_head}
+        seen, out = set(), {}
+        for name, tree in groups.items():
+            out[name] = 0
+            for x in jax.tree.leaves(tree):
+                if id(x) not in seen:
+                    seen.add(id(x))
+                    out[name] += x.size * x.dtype.itemsize
+        out["total"] = sum(out.values())
+        shared = self.teacher_params is not None and out["teacher"] == 0
+        return {"bytes": out, "trainable_params": lora.num_params(self.state.params),
+                "teacher_shares_student_weights": shared}
 
     def _checkpoint_tree(self) -> dict:
+        # Under LoRA the initial teacher is the base, which workdir/student_model holds (run_checkpoint).
+        frozen_copy = self.s.mode == "opsd" and self.base_params is None
         return {"train": self.state, "rng": jax.random.key_data(self.train_key),
-                "teacher_ref": self.teacher_params if self.s.mode == "opsd" else None}
+                "teacher_ref": self.teacher_params if frozen_copy else None}
 
     # ------------------------------------------------------------------------------------------ compiled steps
 
@@ -298,18 +374,19 @@ class Trainer:
             return jax.tree.map(lambda x: multihost.to_global(x, batch_sharding(self.mesh, np.ndim(x))), args)
         return args
 
-    def _update(self, batch: DistillBatch, scored):
+    def _update(self, batch: DistillBatch, scored, dropout_key=None):
         width = batch.student.context_width
         if width not in self._update_fns:
             state_sh = jax.tree.map(lambda x: x.sharding, self.state)
             self._update_fns[width] = jit_update(self.s_graph, self.optimizer, self.s.loss, state_sh, self.mesh,
                                                  context_width=width, ema_decay=self.s.ema_decay,
-                                                 teacher_head_source=self.teacher_head_source)
+                                                 teacher_head_source=self.teacher_head_source,
+                                                 frozen_shardings=self.base_shardings)
         seq, targets, mask, hidden, logp = to_micro_batches(
             (_seq(batch.student), batch.targets, batch.response_mask, scored.hidden, scored.logp),
             self.s.micro_batches, self.mesh)
         self.state, metrics = self._update_fns[width](self.state, seq, targets, mask, hidden, self.fixed_head, logp,
-                                                      None)
+                                                      None, self.base_params, dropout_key)
         return metrics
 
     # ------------------------------------------------------------------------------------------ one step
@@ -337,7 +414,7 @@ class Trainer:
         bar.update(step, phase="rollout")
         with timer.phase("rollout") as span:
             prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
-            y_o = self._sample(self.rollout_sampler, self.state.params, prompts, s.rollout_max_new, s.rollout, n,
+            y_o = self._sample(self.rollout_sampler, self._student_params(), prompts, s.rollout_max_new, s.rollout, n,
                                k_rollout, s.max_prompt_tokens)
             span.tokens = sum(map(len, y_o))
         if s.release_kv_cache:  # each sampler's cache is freed as its phase ends
@@ -387,8 +464,11 @@ class Trainer:
 
         bar.update(step, phase="update")
         lr = float(self.lr_schedule(step))
+        dropout_key = None
+        if s.lora is not None and s.lora.dropout > 0:  # its own stream: the rollout and refine keys stay as they were
+            dropout_key = jax.random.fold_in(jax.random.fold_in(self.train_key, step), 2)
         with timer.phase("update") as span:
-            out = self._update(batch, scored)
+            out = self._update(batch, scored, dropout_key)
             span.block, span.tokens = out, int(batch.student.mask.sum())
         self._add_flops("update", self.s_params_count, int(batch.student.mask.sum()), kind="train")
 
@@ -443,7 +523,7 @@ class Trainer:
                 targets, mask = (multihost.to_global(x, batch_sharding(self.mesh)) for x in (targets, mask))
             stats = self._stats_fn(teacher_out.hidden, head, targets, mask,
                                    chunk_size=self.s.loss.chunk_size, temperature=self.s.loss.temperature)
-            student = self._score("student", self.state.params, b.student, b.targets, b.response_mask)
+            student = self._score("student", self._student_params(), b.student, b.targets, b.response_mask)
             return diagnostics.summarize(multihost.host_tree(stats), b.response_mask,
                                          student_logp=multihost.to_host(student.logp),
                                          teacher_logp=multihost.to_host(teacher_out.logp), prefix=prefix)
@@ -471,13 +551,13 @@ class Trainer:
         sampler, max_prompt_len = self.eval_sampler, s.max_prompt_tokens
         if teacher:
             sampler = self.refine_sampler
-            params = self.teacher_params if self.teacher_params is not None else self.state.params
+            params = self.teacher_params if self.teacher_params is not None else self._student_params()
             prompts = trajectories.vanilla_contexts(tok, examples, prompts, mode=s.mode, task_kind=self.task.kind,
                                                     prompt_mode=s.prompt_mode)
             if s.mode != "opd":  # OPSD's vanilla context x + y* has no configured bound
                 max_prompt_len = None
         elif params is None:
-            params = self.eval_params if self.evaluating else self.state.params
+            params = self._student_params()
         correct, lengths = [], []
         chunk = max(1, s.batch_size)
         with self.timer.phase("eval") as span:
@@ -511,7 +591,7 @@ class Trainer:
             return 0
         tree, meta = ckpt.restore(step, abstract_state=self._checkpoint_tree())
         self.state = tree["train"]
-        if self.s.mode == "opsd" and self.teacher_params is not None:
+        if self.s.mode == "opsd" and self.teacher_params is not None and self.base_params is None:
             self.teacher_params = tree["teacher_ref"]
             self.fixed_head = self._head(self.t_graph, self.teacher_params)
         self.train_key = jax.random.wrap_key_data(tree["rng"])
@@ -603,12 +683,8 @@ class Trainer:
             if final is None:
                 final = self.evaluate(done)
                 self.evals.append(final)
-            # Several processes: the parameters are gathered (a collective, on every process), then written by one.
-            params = multihost.host_tree(self.state.params) if s.export and multihost.multi_process() else None
-            if s.export and self.host0:
-                save_hf(nnx.merge(self.s_graph, params if params is not None else self.state.params),
-                        os.path.join(self.workdir, "export"), dtype=s.export_dtype or None,
-                        tokenizer_dir=self.task.tokenizer_dir)
+            if s.export:
+                self._export()
         totals = self.timer.totals()
         phase_flops = {k.split("/", 1)[1]: v for k, v in self.counters.items() if k.startswith("flops/")}
         cost_s = {p: totals["phase_seconds"].get(p, 0.0) for p in COST_PHASES}
@@ -632,12 +708,37 @@ class Trainer:
                 "y_o": self.counters.get("y_o_correct", 0.0) / max(self.counters.get("total", 0), 1),
                 **({"y_r": self.counters.get("y_r_correct", 0.0) / max(self.counters["y_r_generated"], 1)}
                    if "y_r_generated" in self.counters else {})},
+            "memory": self.memory,
             **self._grading(),
             **self.extra,
         }
         if self.host0:
             atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)
         return summary
+
+    def _export(self) -> None:
+        """workdir/export: the final student as a Hugging Face folder (under LoRA: the adapters merged into the
+        base); and under LoRA workdir/export_adapter: the adapters alone in PEFT's format."""
+        s = self.s
+        params, base = self.state.params, self.base_params
+        if multihost.multi_process():  # gathered (a collective, on every process), then written by one
+            params = multihost.host_tree(params)
+            base = None if base is None else multihost.host_tree(base)
+        if not self.host0:
+            return
+        out = os.path.join(self.workdir, "export")
+        if base is None:
+            save_hf(nnx.merge(self.s_graph, params), out, dtype=s.export_dtype or None,
+                    tokenizer_dir=self.task.tokenizer_dir)
+            return
+        model = nnx.merge(self.s_graph, params, base)
+        save_hf(lora.merge_lora(model), out, dtype=s.export_dtype or None, tokenizer_dir=self.task.tokenizer_dir)
+        # The base the adapters apply to: the user's model folder, else the copy this run saved.
+        src = s.student
+        base_dir = (src.path if src.source == "path" and not is_run_dir(src.path)
+                    else os.path.join(self.workdir, MODEL_DIR))
+        save_peft_adapter(model, os.path.join(self.workdir, "export_adapter"),
+                          base_model_name_or_path=os.path.abspath(base_dir))
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, **kw) -> dict:

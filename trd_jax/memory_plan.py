@@ -43,6 +43,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
 from trd_jax.models.config import REMAT, ModelConfig
+from trd_jax.models.lora import TARGETS as LORA_TARGETS, LoRAConfig, add_lora, split_lora
 from trd_jax.models.transformer import Transformer
 from trd_jax.sampling import bucket
 from trd_jax.sharding import DEFAULT_RULES, MESH_AXES, MeshConfig, logical_to_spec, shardings_like_params
@@ -140,9 +141,10 @@ class PlanOptions:
     kv_cache: str = "sharded"
     sampler_rows: int = 0  # rollout.max_rows_per_call: rows per sampler call; 0: all of a call's rows at once
     score_rows: int = 0  # train.max_score_rows: rows per scoring forward; 0: all of a step's rows at once
-    # Issue 8 (LoRA): the base weights stay frozen and are shared by the student and OPSD's initial teacher,
-    # so the frozen copy disappears. Only that hook is modelled; adapters' own optimizer state is not.
-    lora: bool = False
+    # The config's lora section (models/lora.py), None: full fine-tuning. Under LoRA the student's base is frozen
+    # and shared with OPSD's initial teacher (no copy); gradients, AdamW moments and the EMA exist for the
+    # adapters only.
+    lora: LoRAConfig | None = None
     headroom: float = 0.10  # fraction of the accelerator kept free for the runtime, fragmentation, code
 
     def __post_init__(self):
@@ -155,7 +157,7 @@ class PlanOptions:
 
 def options_from_settings(s, **overrides) -> PlanOptions:
     """The PlanOptions a run config (config.Settings) sets; `overrides`: PlanOptions fields."""
-    fields = dict(remat=s.remat, sampler_rows=s.max_rows_per_call, score_rows=s.max_score_rows)
+    fields = dict(remat=s.remat, sampler_rows=s.max_rows_per_call, score_rows=s.max_score_rows, lora=s.lora)
     return PlanOptions(**{**fields, **overrides})
 
 
@@ -231,12 +233,17 @@ class StateBytes:
     optimizer_dtypes: tuple[str, ...]
     layer_params: int  # per device, one decoder layer (what an FSDP all-gather of one layer brings in, /shards)
     layer_params_total: int
+    # What gets gradients and optimizer state: every parameter, or under LoRA the adapters alone (float32),
+    # which `params` then includes beside the frozen base (`num_params` stays the model's own count).
+    trainable_params: int = 0
+    trainable: int = 0  # per device
 
 
 @functools.lru_cache(maxsize=32)
-def state_bytes(cfg: ModelConfig, sizes: tuple[tuple[str, int], ...], trainable: bool) -> StateBytes:
+def state_bytes(cfg: ModelConfig, sizes: tuple[tuple[str, int], ...], trainable: bool,
+                lora: LoRAConfig | None = None) -> StateBytes:
     mesh = abstract_mesh(dict(sizes))
-    _, params = abstract_params(cfg)
+    _, params, frozen = _abstract_split(cfg, lora if trainable else None)
     shardings = abstract_param_shardings(params, mesh)
     opt_bytes, opt_dtypes = 0, ()
     if trainable:
@@ -246,12 +253,18 @@ def state_bytes(cfg: ModelConfig, sizes: tuple[tuple[str, int], ...], trainable:
         opt_state = jax.eval_shape(optimizer.init, params)
         opt_bytes = shard_bytes(opt_state, shardings_like_params(opt_state, params, shardings, mesh))
         opt_dtypes = tuple(sorted({jnp.dtype(x.dtype).name for x in jax.tree.leaves(opt_state)}))
+    trained = shard_bytes(params, shardings) if trainable else 0
+    trained_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params)) if trainable else 0
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params if frozen is None else frozen))
+    if frozen is not None:  # all the weights a device holds: the frozen base and the adapters
+        params = nnx.merge_state(frozen, params)
+        shardings = abstract_param_shardings(params, mesh)
     layer = params["layers"][0]
-    return StateBytes(num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+    return StateBytes(num_params=num_params,
                       params=shard_bytes(params, shardings), params_total=tree_bytes(params),
                       optimizer=opt_bytes, optimizer_dtypes=opt_dtypes,
                       layer_params=shard_bytes(layer, abstract_param_shardings(layer, mesh)),
-                      layer_params_total=tree_bytes(layer))
+                      layer_params_total=tree_bytes(layer), trainable_params=trained_params, trainable=trained)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -562,25 +575,36 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
     param_shards = mesh["fsdp"] * mesh["tensor"]
     warnings: list[str] = []
 
-    s_state = state_bytes(student, sizes, True)
+    s_state = state_bytes(student, sizes, True, options.lora)
     t_state = state_bytes(teacher, sizes, False) if work.mode == "opd" else None
 
     # ---- persistent
-    persistent = [Item("student parameters", s_state.params, f"{s_state.num_params:,} x {student.param_dtype}"),
-                  Item("optimizer state", s_state.optimizer,
-                       f"AdamW mu + nu in {'/'.join(d for d in s_state.optimizer_dtypes if d != 'int32')} "
-                       "(make_optimizer: the parameters' dtype)")]
+    moments = f"AdamW mu + nu in {'/'.join(d for d in s_state.optimizer_dtypes if d != 'int32')}"
+    if options.lora is None:
+        persistent = [Item("student parameters", s_state.params, f"{s_state.num_params:,} x {student.param_dtype}"),
+                      Item("optimizer state", s_state.optimizer, f"{moments} (make_optimizer: the parameters' dtype)")]
+    else:
+        r = options.lora
+        persistent = [Item("student base parameters (frozen)", s_state.params - s_state.trainable,
+                           f"{s_state.num_params:,} x {student.param_dtype}"),
+                      Item("LoRA adapters", s_state.trainable, f"{s_state.trainable_params:,} x float32, r={r.rank} "
+                                                               f"on {','.join(r.targets)}"),
+                      Item("optimizer state", s_state.optimizer, f"{moments}, adapters only")]
     if work.mode == "opsd" and work.opsd_teacher == "ema":
-        ema = s_state.params * _F32 // jnp.dtype(student.param_dtype).itemsize
-        persistent.append(Item("EMA of the parameters", ema, "float32 (init_state), sharded like the parameters"))
+        if options.lora is None:
+            ema = s_state.params * _F32 // jnp.dtype(student.param_dtype).itemsize
+        else:
+            ema = s_state.trainable
+        persistent.append(Item("EMA of the parameters", ema, "float32 (init_state), sharded like the parameters"
+                               + (" (adapters only)" if options.lora else "")))
     if work.mode == "opd":
         persistent.append(Item("teacher parameters", t_state.params,
                                f"{t_state.num_params:,} x {teacher.param_dtype}"))
     elif work.opsd_teacher == "initial":
-        # Hook for LoRA (issue 8): frozen base weights shared by student and teacher make this copy vanish.
+        # Under LoRA the teacher is the student's frozen base with the adapters off: the same buffers.
         copy = 0 if options.lora else s_state.params
-        persistent.append(Item("OPSD frozen initial copy", copy, "shared with the student under LoRA (issue 8)"
-                               if options.lora else "init_state copies the parameters; 0 with LoRA (issue 8)"))
+        persistent.append(Item("OPSD frozen initial copy", copy, "none: the student's frozen base, adapters off"
+                               if options.lora else "init_state copies the parameters; 0 with LoRA (lora.enabled)"))
     if work.mode == "opd" or work.opsd_teacher == "initial":
         # controller.fixed_head = the jitted lm_head_weight(): the transposed embedding when tied, and a copy of
         # lm_head otherwise (jit returns a new buffer even when the output is its input), sharded like it.
@@ -694,8 +718,10 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
                         "(data, fsdp) devices (to_micro_batches would fail): lower train.micro_batches")
     micro_dev = max(1, _ceil_div(micro_rows, batch_shards))
     s_head_full = student.hidden_size * student.vocab_size * _b(student) if param_shards > 1 else 0
+    # Gradients and AdamW temporaries exist for the trainable parameters (LoRA: the adapters). The activations
+    # are the full model's (XLA:CPU measures LoRA's at 0.6-1.1x full fine-tuning's: conservative).
     update = update_activations(student, rows=micro_dev, context=work.prompt, response=work.response,
-                                loss=work.loss, teacher_hidden=teacher.hidden_size, params_bytes=s_state.params,
+                                loss=work.loss, teacher_hidden=teacher.hidden_size, params_bytes=s_state.trainable,
                                 remat=options.remat,
                                 gathered=s_gather + s_head_full + t_head_full)
     batch_arrays = rows_dev * ((work.prompt + work.response) * (4 + 4 + 1) + work.response * (4 + 1 + 4))
@@ -903,7 +929,8 @@ def suggest(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int], 
 
 
 def compiled_update_temp(student: ModelConfig, *, rows: int, context: int, response: int, loss: LossConfig,
-                         teacher_hidden: int, remat: str | None = None, micro_batches: int = 2) -> dict[str, int]:
+                         teacher_hidden: int, remat: str | None = None, micro_batches: int = 2,
+                         lora: LoRAConfig | None = None) -> dict[str, int]:
     """XLA's memory_analysis of steps.update compiled (not run) on the default backend for abstract inputs:
     `micro_batches` micro-batches of `rows` rows. Two micro-batches by default: with one, XLA inlines the
     scan and its CPU scheduler then ignores rematerialisation. `remat`: the model's ModelConfig.remat
@@ -911,11 +938,12 @@ def compiled_update_temp(student: ModelConfig, *, rows: int, context: int, respo
 
     Run it under XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false (``measure_in_subprocess``):
     XLA:CPU's default scheduler favours concurrency and places recomputation beside the forward pass, so
-    remat would not lower the peak at all; TPU and GPU schedulers are memory-aware."""
+    remat would not lower the peak at all; TPU and GPU schedulers are memory-aware. `lora`: the state holds
+    adapters and the frozen base is an argument of its own (counted in `argument`, reported as `frozen`)."""
     from trd_jax.steps import Sequences, init_state, update
 
     student = student if remat is None else student.replace(remat=remat)
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(student, rngs=nnx.Rngs(0))))
+    graphdef, params, frozen = _abstract_split(student, lora)
     optimizer = make_optimizer(OptimConfig())
     state = jax.eval_shape(functools.partial(init_state, optimizer=optimizer), params)
     spec, length, dt = jax.ShapeDtypeStruct, context + response, jnp.dtype(student.dtype)
@@ -927,14 +955,23 @@ def compiled_update_temp(student: ModelConfig, *, rows: int, context: int, respo
             spec((m, rows, response), jnp.float32))
     step = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=loss, context_width=context)
 
-    def fn(state, seq, targets, mask, hidden, head, logp):
+    def fn(state, seq, targets, mask, hidden, head, logp, frozen):
         return step(state, seq=seq, targets=targets, mask=mask, teacher_hidden=hidden, teacher_head=head,
-                    teacher_logp=logp, old_logp=None)
+                    teacher_logp=logp, old_logp=None, frozen=frozen)
 
-    stats = jax.jit(fn, donate_argnums=(0,)).lower(*args).compile().memory_analysis()
+    stats = jax.jit(fn, donate_argnums=(0,)).lower(*args, frozen).compile().memory_analysis()
     return dict(temp=int(stats.temp_size_in_bytes), argument=int(stats.argument_size_in_bytes),
                 output=int(stats.output_size_in_bytes), alias=int(stats.alias_size_in_bytes),
-                state=tree_bytes(state))
+                state=tree_bytes(state), frozen=tree_bytes(frozen))
+
+
+def _abstract_split(cfg: ModelConfig, lora: LoRAConfig | None):
+    """(graphdef, trainable params, frozen params or None) of the model, abstract (nothing allocated)."""
+    if lora is None:
+        graphdef, params = abstract_params(cfg)
+        return graphdef, params, None
+    return split_lora(nnx.eval_shape(lambda: add_lora(Transformer(cfg, rngs=nnx.Rngs(0)), lora,
+                                                      rngs=nnx.Rngs(1))))
 
 
 MEASURE_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
@@ -957,10 +994,14 @@ def _measure_main() -> None:
     results = []
     for case in json.loads(sys.stdin.read()):
         cfg = ModelConfig(**case["model"])
+        lora = case.get("lora")
         results.append(compiled_update_temp(cfg, rows=case["rows"], context=case["context"],
                                             response=case["response"],
                                             loss=LossConfig(chunk_size=case.get("chunk_size", 512)),
-                                            teacher_hidden=case["teacher_hidden"], remat=case.get("remat")))
+                                            teacher_hidden=case["teacher_hidden"], remat=case.get("remat"),
+                                            micro_batches=case.get("micro_batches", 2),
+                                            lora=None if lora is None else LoRAConfig(**{
+                                                **lora, "targets": tuple(lora.get("targets", LORA_TARGETS))})))
     print(json.dumps(results))
 
 

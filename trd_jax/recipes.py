@@ -29,6 +29,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Small from-scratch models near their SFT optimum: a larger step (1e-3) makes Adam's first updates
     # wreck them within ten steps.
     cfg.optim.update(learning_rate=2e-4, warmup_ratio=0.1)
+    # Full fine-tuning (lora.enabled stays off): the models are small, trained from scratch by the bootstrap.
     # Evaluated at the rollout temperature: T = 0.6 would hide most of the student's sampled mistakes.
     cfg.eval.update(n=4, max_new_tokens=64, temperature=1.0, top_p=1.0)
     cfg.checkpoint.every = 10

@@ -5,10 +5,17 @@ A run writes, once at the start, ``workdir/student_model/``: the student's confi
 and tokenizer files, without weights. With it, the student's parameters at any checkpointed step are
 restored from ``workdir/checkpoints/<step>/state`` alone: only the ``train.params`` subtree is read, so
 neither the optimizer state nor an OPSD teacher copy is loaded into memory.
+
+A LoRA run's checkpoints hold the adapters alone (``train.params``): the frozen base is written once, at the
+start of the run, into ``workdir/student_model/`` (which then is a complete Hugging Face folder of the base),
+with ``lora.json`` naming the adapters' shape. Resuming reads the base from there, and loading the run's
+student merges the checkpointed adapters into it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 
@@ -18,11 +25,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from trd_jax.models.hf_io import TOKENIZER_FILES, _write_json
+from trd_jax.models.hf_io import TOKENIZER_FILES, _write_json, load_hf, save_hf
+from trd_jax.models.lora import LoRAConfig, add_lora, merge_lora, split_lora
 from trd_jax.models.transformer import ModelConfig, Transformer
 
 MODEL_DIR = "student_model"
 CHECKPOINT_DIR = "checkpoints"
+LORA_FILE = "lora.json"  # in MODEL_DIR: the run trains adapters on the base weights saved beside it
 
 
 def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_dir: str | None) -> str:
@@ -37,6 +46,41 @@ def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_dir: str | None) 
             if os.path.isfile(os.path.join(tokenizer_dir, name)):
                 shutil.copy(os.path.join(tokenizer_dir, name), os.path.join(path, name))
     return path
+
+
+def write_lora_base(workdir: str, base: Transformer, cfg: LoRAConfig, tokenizer_dir: str | None) -> str:
+    """Saves the frozen base of a LoRA run into workdir/student_model (weights, config, tokenizer), then
+    lora.json last: its presence means the base is complete."""
+    path = os.path.join(workdir, MODEL_DIR)
+    clear_lora_base(workdir)
+    save_hf(base, path, tokenizer_dir=tokenizer_dir)
+    _write_json(os.path.join(path, LORA_FILE), dataclasses.asdict(cfg))
+    return path
+
+
+def clear_lora_base(workdir: str) -> None:
+    """Removes a LoRA base left in workdir/student_model by an earlier start (a new run begins)."""
+    path = os.path.join(workdir, MODEL_DIR)
+    if os.path.isfile(os.path.join(path, LORA_FILE)):
+        os.remove(os.path.join(path, LORA_FILE))
+    for name in os.listdir(path) if os.path.isdir(path) else ():
+        if name.startswith("model") and ".safetensors" in name:
+            os.remove(os.path.join(path, name))
+
+
+def run_lora_config(path: str) -> LoRAConfig | None:
+    """The adapters' config of the run at `path` when it trains LoRA on a saved base, else None."""
+    file = os.path.join(path, MODEL_DIR, LORA_FILE)
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        fields = json.load(f)
+    return LoRAConfig(**{**fields, "targets": tuple(fields["targets"])})
+
+
+def load_lora_base(path: str, *, dtype: str = "float32", param_dtype: str | None = None) -> Transformer:
+    """The frozen base of the LoRA run at `path` (workdir/student_model), as the run saved it."""
+    return load_hf(os.path.join(path, MODEL_DIR), dtype=dtype, param_dtype=param_dtype)
 
 
 def is_run_dir(path: str) -> bool:
@@ -73,8 +117,22 @@ def load_run_student(path: str, *, step: int | None = None, dtype: str = "float3
         step = steps[-1]
     elif step not in steps:
         raise ValueError(f"{path}: no checkpoint at step {step} (have {steps})")
+    lora = run_lora_config(path)
+    if lora is not None:  # the checkpoint holds adapters: merged into the run's base
+        model = add_lora(load_lora_base(path, dtype=dtype, param_dtype=param_dtype), lora, rngs=nnx.Rngs(0))
+        graphdef, adapters, base = split_lora(model)
+        values = _restore_train_params(path, step)
+        nnx.replace_by_pure_dict(adapters, jax.tree.map(jnp.asarray, values))
+        return merge_lora(nnx.merge(graphdef, adapters, base)), step
     cfg = ModelConfig.from_hf_dir(os.path.join(path, MODEL_DIR), dtype=dtype, param_dtype=param_dtype or dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    values = jax.tree.map(lambda a: jnp.asarray(a, cfg.param_dtype), _restore_train_params(path, step))
+    nnx.replace_by_pure_dict(abstract, values)
+    return nnx.merge(graphdef, abstract), step
+
+
+def _restore_train_params(path: str, step: int) -> dict:
+    """The checkpoint's train.params as a pure dict of numpy arrays in their saved dtype."""
     # The checkpoint holds the params in the dtype they were trained in; restore that, then cast.
     saved = ocp.PyTreeCheckpointer().metadata(os.path.join(path, CHECKPOINT_DIR, str(step), "state"))
     saved_tree = saved.item_metadata.tree if hasattr(saved, "item_metadata") else saved.tree
@@ -85,6 +143,4 @@ def load_run_student(path: str, *, step: int | None = None, dtype: str = "float3
     restored = ocp.PyTreeCheckpointer().restore(
         os.path.join(path, CHECKPOINT_DIR, str(step), "state"),
         args=ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=restore_args))
-    values = jax.tree.map(lambda a: jnp.asarray(a, cfg.param_dtype), _unwrap(restored["train"]["params"]))
-    nnx.replace_by_pure_dict(abstract, values)
-    return nnx.merge(graphdef, abstract), step
+    return _unwrap(restored["train"]["params"])

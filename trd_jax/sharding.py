@@ -30,6 +30,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("lora_rank", None),  # LoRA adapters: the rank axis is small; A and B shard along their base matrix's axes
 )
 
 

@@ -14,6 +14,10 @@ Gradient accumulation: batch arrays carry a leading micro-batch axis [M, b, ...]
 micro-batches, normalises every micro-batch loss by the token count of the whole step (a global token
 mean, not a mean of means), and applies the optimizer once. A non-finite loss or gradient leaves the
 parameters and optimizer state untouched and counts the step in `state.skipped`.
+
+LoRA (models/lora.py): the state's params are the adapters alone, so gradients and the optimizer state exist
+for them only; the frozen base weights come in as a separate `frozen` argument that is never donated (OPSD's
+initial teacher reads the very same buffers), and the model is nnx.merge(graphdef, adapters, frozen).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from flax import nnx
 
 from trd_jax import losses, multihost
 from trd_jax.layouts import response_columns
+from trd_jax.models import lora
 from trd_jax.models.transformer import Transformer
 from trd_jax.sharding import BATCH_AXES, batch_sharding, replicated, shardings_like_params
 
@@ -86,7 +91,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 class TrainState(NamedTuple):
-    params: Any  # nnx.State of the student's Params
+    params: Any  # nnx.State of the student's Params (LoRA: of its adapters only)
     opt_state: Any
     step: Array  # i32[]: optimizer steps applied
     skipped: Array  # i32[]: steps skipped for a non-finite loss or gradient
@@ -148,6 +153,15 @@ class ScoreOutput(NamedTuple):
     logp: Array  # f32[B, R] teacher log-probability of each response token (temperature applied)
 
 
+def merged_model(graphdef, params, frozen=None) -> Transformer:
+    """The model of `params`, plus the frozen base weights under LoRA (then `params` are the adapters)."""
+    if frozen is None:
+        return nnx.merge(graphdef, params)
+    # nnx.merge reuses the states' Variables; the base's come from outside a value_and_grad trace, where
+    # nnx.remat could not update them: tree.map makes new ones (over the same arrays) in the current trace.
+    return nnx.merge(graphdef, params, jax.tree.map(lambda x: x, frozen))
+
+
 def _response_hidden(model: Transformer, seq: Sequences, context_width: int, response_width: int) -> Array:
     hidden, _ = model(seq.tokens, seq.positions, seq.mask)
     return response_columns(hidden, context_width, response_width)
@@ -174,8 +188,10 @@ class StepMetrics(NamedTuple):
 
 
 def _micro_loss(params, graphdef, cfg: LossConfig, seq: Sequences, targets, mask, teacher_hidden, teacher_head,
-                teacher_logp, old_logp, num_tokens, num_rows, context_width):
-    model: Transformer = nnx.merge(graphdef, params)
+                teacher_logp, old_logp, num_tokens, num_rows, context_width, frozen=None, dropout_key=None):
+    model = merged_model(graphdef, params, frozen)
+    if dropout_key is not None:
+        lora.set_dropout_keys(model, dropout_key)
     hidden = _response_hidden(model, seq, context_width, targets.shape[-1])
     extra = dict(cfg.params)
     if cfg.name in FULL_VOCAB_LOSSES:
@@ -199,8 +215,12 @@ TEACHER_HEAD_SOURCES = ("given", "live", "ema")
 def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig,
            seq: Sequences, targets: Array, mask: Array, teacher_hidden: Array | None, teacher_head: Array | None,
            teacher_logp: Array | None, old_logp: Array | None, *, context_width: int,
-           ema_decay: float | None = None, teacher_head_source: str = "given") -> tuple[TrainState, StepMetrics]:
+           ema_decay: float | None = None, teacher_head_source: str = "given", frozen=None,
+           dropout_key: Array | None = None) -> tuple[TrainState, StepMetrics]:
     """One optimizer step over M micro-batches: every batch array has shape [M, b, ...].
+
+    frozen: under LoRA, the base weights (state.params are then the adapters); they get no gradient.
+    dropout_key: the key of the adapters' dropout (LoRA with dropout > 0), folded with the micro-batch index.
 
     teacher_head_source: "given" uses the teacher_head argument (a separate teacher, or OPSD's frozen
     initial weights); "live" / "ema" read the head from the state itself inside the step, because an
@@ -214,21 +234,25 @@ def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation,
         source = state.params if teacher_head_source == "live" else state.ema_params
         if source is None:
             raise ValueError("teacher_head_source='ema' needs a state made with init_state(..., ema=True)")
-        teacher_head = jax.lax.stop_gradient(nnx.merge(graphdef, source).lm_head_weight())
+        teacher_head = jax.lax.stop_gradient(merged_model(graphdef, source, frozen).lm_head_weight())
     num_tokens = jnp.sum(mask).astype(jnp.int32)
     num_rows = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
+    frozen = None if frozen is None else jax.lax.stop_gradient(frozen)
 
     def micro(carry, xs):
         grads, total = carry
-        seq_m, tgt, msk, th, tl, ol = xs
+        seq_m, tgt, msk, th, tl, ol, index = xs
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
         (loss, per_token), g = grad_fn(state.params, graphdef, cfg, seq_m, tgt, msk, th, teacher_head, tl, ol,
-                                       num_tokens, num_rows, context_width)
+                                       num_tokens, num_rows, context_width, frozen, key)
         return (jax.tree.map(jnp.add, grads, g), total + loss), per_token
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
+    indices = jnp.arange(mask.shape[0], dtype=jnp.int32)
     (grads, loss), per_token = jax.lax.scan(
-        micro, (zeros, jnp.zeros((), jnp.float32)), (seq, targets, mask, teacher_hidden, teacher_logp, old_logp))
+        micro, (zeros, jnp.zeros((), jnp.float32)),
+        (seq, targets, mask, teacher_hidden, teacher_logp, old_logp, indices))
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
@@ -278,18 +302,25 @@ def to_micro_batches(tree, num_micro: int, mesh):
 
 
 def jit_update(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, state_shardings, mesh, *,
-               context_width: int, ema_decay: float | None = None, teacher_head_source: str = "given"):
+               context_width: int, ema_decay: float | None = None, teacher_head_source: str = "given",
+               frozen_shardings=None):
     """update() compiled for a mesh: the state is donated (replaced in place) and keeps its shardings;
     batch arrays are split over (data, fsdp). Call as fn(state, seq, targets, mask, teacher_hidden,
-    teacher_head, teacher_logp, old_logp), any teacher/old argument None when the loss does not use it."""
+    teacher_head, teacher_logp, old_logp[, frozen, dropout_key]), any teacher/old argument None when the loss
+    does not use it; under LoRA `frozen` is the base (placed with frozen_shardings, not donated)."""
     batch = micro_batch_sharding(mesh)
     fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=cfg, context_width=context_width,
                            ema_decay=ema_decay, teacher_head_source=teacher_head_source)
-    return jax.jit(lambda state, seq, targets, mask, th, thead, tl, ol: fn(state, seq=seq, targets=targets, mask=mask,
-                                                                            teacher_hidden=th, teacher_head=thead,
-                                                                            teacher_logp=tl, old_logp=ol),
-                   in_shardings=(state_shardings, batch, batch, batch, batch, None, batch, batch),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+    jitted = jax.jit(lambda state, seq, targets, mask, th, thead, tl, ol, frozen, key: fn(
+        state, seq=seq, targets=targets, mask=mask, teacher_hidden=th, teacher_head=thead, teacher_logp=tl,
+        old_logp=ol, frozen=frozen, dropout_key=key),
+        in_shardings=(state_shardings, batch, batch, batch, batch, None, batch, batch, frozen_shardings, None),
+        out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+    def step(state, seq, targets, mask, th, thead, tl, ol, frozen=None, dropout_key=None):
+        return jitted(state, seq, targets, mask, th, thead, tl, ol, frozen, dropout_key)
+
+    return step
 
 
 def jit_score(graphdef, param_shardings, mesh, *, context_width: int, temperature: float = 1.0,

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from trd_jax.models.config import ModelConfig
+from trd_jax.models.lora import lora_config
 from trd_jax.models.transformer import Transformer
 
 # Files copied alongside the weights on export when the source folder had them.
@@ -184,6 +185,9 @@ def save_hf(model: Transformer, path: str, *, dtype: str | None = None, tokenize
     while writing leaves whatever `path` held before intact; stale shards of an earlier save are removed
     last.
     """
+    if lora_config(model) is not None:  # the adapters would be silently left out
+        raise ValueError("save_hf: the model has LoRA adapters; save lora.merge_lora(model), or the adapters alone "
+                         "with peft_io.save_peft_adapter")
     cfg = model.cfg
     dtype = dtype or cfg.param_dtype
     os.makedirs(path, exist_ok=True)

@@ -3,7 +3,8 @@ families: GQA, RoPE (with Llama-3 scaling), RMSNorm, SwiGLU, tied or untied embe
 bias (Qwen2) and q/k RMSNorm (Qwen3).
 
 Every parameter carries logical axis names (`out_sharding` metadata, never applied eagerly) from
-{vocab, embed, heads, kv_heads, head_dim, mlp}; sharding.py maps them onto a device mesh.
+{vocab, embed, heads, kv_heads, head_dim, mlp}; sharding.py maps them onto a device mesh. The projections
+may carry LoRA adapters (models/lora.py), which `adapted` adds where a module has them.
 
 One call signature serves training, scoring, prefill and decode:
 
@@ -35,6 +36,7 @@ from flax import nnx
 
 from trd_jax.models import attention
 from trd_jax.models.config import ModelConfig
+from trd_jax.models.lora import adapted
 
 Array = jax.Array
 
@@ -132,6 +134,7 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+        q, k, v = adapted(self, "q", x, q), adapted(self, "k", x, k), adapted(self, "v", x, v)  # LoRA, if any
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -154,7 +157,7 @@ class Attention(nnx.Module):
             out = attention.blockwise_attention(q, k, v, mask.key_mask, mask.query_start,
                                                 block_q=cfg.attention_block, block_k=cfg.attention_block)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), cache
+        return adapted(self, "o", out, jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))), cache
 
 
 class MLP(nnx.Module):
@@ -167,8 +170,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
-        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+        gate = jax.nn.silu(adapted(self, "gate", x, x @ self.gate_proj[...].astype(dt)))
+        h = gate * adapted(self, "up", x, x @ self.up_proj[...].astype(dt))
+        return adapted(self, "down", h, h @ self.down_proj[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):

@@ -214,6 +214,10 @@ def format_plan(plan: mp.Plan, title: str, *, exact: bool = False) -> str:
                f"eval {w.eval_rows} rows x ({w.eval_prompt} + {w.eval_new})")
     lines.append(widths)
     lines.append(f"remat    {o.remat} (train.remat) in the update's backward pass")
+    st = plan.student_state
+    lines.append(f"lora     r={o.lora.rank} alpha={o.lora.alpha:g} on {','.join(o.lora.targets)}: {st.trainable_params:,} "
+                 f"trainable parameters ({st.trainable_params / st.num_params:.2%} of the model), the base frozen"
+                 if o.lora else "lora     off: full fine-tuning (lora.enabled)")
     kernels = "/".join(plan.models[side].config.attention for side in plan.models)
     lines.append(f"options  attention {kernels} ({'/'.join(plan.models)}), KV cache {o.kv_cache}, sampler rows/call "
                  f"{o.sampler_rows or 'all'}, score rows/call {o.score_rows or 'all'}, sampler caches "
