@@ -2,6 +2,7 @@
 model in bfloat16, against the card's bf16 dense peak. Run by bench/gpu_check.sh on a GPU machine.
 
     python bench/gpu_check.py [--batches 64 256] [--prompt 128] [--new 512] [--update-batch 8 --seq 2048]
+        [--attentions dense blockwise]
 
 The model is Qwen2.5-0.5B-shaped (d=896, 24 layers, 14 heads, 2 KV heads, vocab 151936, tied embeddings:
 494M parameters) with random weights; transformers builds the same architecture with its own random
@@ -134,6 +135,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attentions", nargs="+", default=["dense", "blockwise"], choices=["dense", "blockwise"],
+                    help="attention kernels of the update step, one measurement each")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a tiny model, to check the script on a CPU")
     args = ap.parse_args()
@@ -154,12 +157,13 @@ def main() -> None:
             theirs = rollout_transformers(batch, args.prompt, args.new, args.repeats)
             line += f"; transformers generate {theirs:,.0f} tok/s; ratio {ours / theirs:.2f}x"
         print(line, flush=True)
-    u = update_mfu(cfg, args.update_batch, args.seq, args.chunk, args.repeats)
-    achieved = u["flops"] / u["seconds"]
-    print(f"update step (fused forward KL + AdamW, bf16) batch {args.update_batch} x {args.seq}: "
-          f"{u['seconds'] * 1e3:.0f} ms median of {args.repeats} (compile {u['compile_s']:.1f} s), "
-          f"{u['tokens_per_s']:,.0f} tok/s, {achieved / 1e12:.1f} TFLOP/s of model FLOPs, MFU {achieved / peak:.1%}",
-          flush=True)
+    for attention in args.attentions:
+        u = update_mfu(cfg.replace(attention=attention), args.update_batch, args.seq, args.chunk, args.repeats)
+        achieved = u["flops"] / u["seconds"]
+        print(f"update step (fused forward KL + AdamW, bf16, {attention} attention) batch {args.update_batch} x "
+              f"{args.seq}: {u['seconds'] * 1e3:.0f} ms median of {args.repeats} (compile {u['compile_s']:.1f} s), "
+              f"{u['tokens_per_s']:,.0f} tok/s, {achieved / 1e12:.1f} TFLOP/s of model FLOPs, MFU {achieved / peak:.1%}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -11,4 +11,6 @@ log="${OUT:-/tmp}/gpu_check.log"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
   python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
   python3 bench/gpu_check.py "$@"
+  # dense against blockwise attention alone, forward + backward, at the lengths where dense starts to hurt
+  python3 bench/attention.py --dtype bfloat16 --heads 16 --kv-heads 8 --head-dim 128 --lengths 4096 16384 --repeats 3
 } 2>&1 | tee "$log"
