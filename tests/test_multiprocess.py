@@ -20,7 +20,10 @@ import pytest
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 CHECK = os.path.join(TESTS, "multiprocess_check.py")
-OVERRIDES = {"train.steps": 2, "train.micro_batches": 2}
+# Also the paths that place rows on devices: scoring in row groups, and blockwise attention's prefill into the
+# sampler's row-sharded cache.
+OVERRIDES = {"train.steps": 2, "train.micro_batches": 2, "train.max_score_rows": 2, "student.attention": "blockwise",
+             "teacher.attention": "blockwise", "student.attention_block": 8, "teacher.attention_block": 8}
 TIMEOUT_S = 400
 # Differ between runs by nature: wall-clock timings and rates.
 TIMING_PREFIXES = ("phase_s/", "tokens_per_s/", "time", "wall", "warm_s/")
