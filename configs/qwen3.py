@@ -31,7 +31,7 @@ from trd_jax.recipes import BASELINE_DEFAULTS, METHODS, apply_overrides
 HARDWARE = {
     "h100x8": dict(devices=8, micro_batches=16, sampler_rows=32, score_rows=64),  # 80 GB per GPU
     "v5p-8": dict(devices=4, micro_batches=32, sampler_rows=16, score_rows=32),  # 4 chips (megacore), 95 GB each
-    # 16 chips, 16 GB HBM each: full remat; OPSD with the 4B student is still 0.01 GiB over the planner's 90%
+    # 16 chips, 16 GB HBM each: full remat; OPSD with the 4B student still does not fit (the planner says by how much)
     "v5e-16": dict(devices=16, micro_batches=8, sampler_rows=16, score_rows=16, remat="full"),
 }
 STUDENTS = ("1.7b", "4b")

@@ -206,3 +206,19 @@ def test_config_errors_exit_2_with_one_line(args, message, tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_resume_accepts_memory_settings_and_refuses_training_changes(tmp_path):
+    """The planner's memory fixes (kernel, remat, row groups, cache release) may change on resume; a training
+    setting may not, and the error names it."""
+    from trd_jax.controller import check_resume_config
+
+    cfg = tiny_config()
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    changed = tiny_config(**{"student.attention": "blockwise", "teacher.attention_block": 64, "train.remat": "full",
+                             "train.max_score_rows": 2, "rollout.max_rows_per_call": 2,
+                             "rollout.release_kv_cache": True})
+    check_resume_config(str(tmp_path), changed)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        check_resume_config(str(tmp_path), tiny_config(**{"train.batch_size": 8}))

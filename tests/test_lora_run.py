@@ -130,3 +130,18 @@ def test_lora_resume_is_bitwise_exact(lora_run, tmp_path):
     assert len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
     moved = [np.asarray(v.get_value()) for k, v in nnx.to_flat_state(straight.state.params) if k[-1] == "b"]
     assert all(np.any(x) for x in moved)  # B left zero: the adapters trained
+
+
+def test_lora_resume_keeps_the_runtime_settings(tmp_path):
+    """A resumed LoRA run loads its base from workdir/student_model: it must still run the configured attention
+    kernel (the qwen3 recipes would otherwise fall back to dense scores over 40k-token contexts)."""
+    cfg = tiny_config(**{**LORA_OPSD, "eval.teacher": False, "export.enabled": False, "train.steps": 2,
+                         "student.attention": "blockwise", "student.attention_block": 8, "train.remat": "full"})
+    first = Trainer(cfg, str(tmp_path), halt_after=1)
+    assert first.run()["status"] == "preempted"
+    resumed = Trainer(cfg, str(tmp_path))
+    for trainer in (first, resumed):
+        student = nnx.merge(trainer.s_graph, trainer._student_params()).cfg
+        teacher = nnx.merge(trainer.t_graph, trainer._teacher_params()).cfg
+        for model_cfg in (student, teacher):
+            assert (model_cfg.attention, model_cfg.attention_block, model_cfg.remat) == ("blockwise", 8, "full")

@@ -40,7 +40,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("overrides", [
-    {"train.max_score_rows": 3},  # 4 rows: a group of 3 and a padded one
+    {"train.max_score_rows": 3},  # 4 rows: rows 0-2, then 1-3 (the last group moved back)
     {"student.attention": "blockwise", "teacher.attention": "blockwise", "student.attention_block": 8,
      "teacher.attention_block": 8},
 ], ids=["score-groups", "blockwise"])

@@ -40,7 +40,7 @@ from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write
 from trd_jax.models import lora
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.models.peft_io import save_peft_adapter
-from trd_jax.models.transformer import Transformer, init_for_tokenizer, with_remat, with_runtime
+from trd_jax.models.transformer import Transformer, init_for_tokenizer, with_runtime
 from trd_jax.reports import COST_PHASES
 from trd_jax.run_checkpoint import (MODEL_DIR, checkpoint_steps, clear_lora_base, is_run_dir, load_lora_base,
                                     load_run_student, run_lora_config, write_lora_base, write_model_card)
@@ -52,8 +52,11 @@ from trd_jax.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Sections a resumed run may change: they do not affect the parameters.
-RESUMABLE_CHANGES = ("eval.", "log.", "checkpoint.", "export.")
+# Keys a resumed run may change: sections that do not affect the parameters, and the memory settings the
+# planner proposes (kernels, remat, row groups, cache release), which change float rounding at most, so that a
+# run that ran out of memory resumes with them.
+RESUMABLE_CHANGES = ("eval.", "log.", "checkpoint.", "export.", "student.attention", "teacher.attention",
+                     "train.remat", "train.max_score_rows", "rollout.max_rows_per_call", "rollout.release_kv_cache")
 
 
 def build_model(src: ModelSource, tokenizer: Tokenizer, seed: int, side: str) -> Transformer:
@@ -221,12 +224,15 @@ class Trainer:
         resuming = os.path.isdir(ckpt_dir) and bool(checkpoint_steps(self.workdir))
         if lora_cfg is not None and resuming:  # the base this run's adapters were trained on, saved at its start
             if run_lora_config(self.workdir) != lora_cfg:
-                raise ConfigError("lora.enabled", f"{self.workdir}/{MODEL_DIR} holds no LoRA base matching the "
-                                                  "checkpoints; start in a new workdir")
+                raise ConfigError("lora.enabled", f"{self.workdir}/{MODEL_DIR}/lora.json is missing or does not "
+                                                  "match the config: no LoRA base for these checkpoints; start in a "
+                                                  "new workdir")
             student = load_lora_base(self.workdir, dtype=s.student.dtype, param_dtype=s.student.param_dtype)
         else:
             student = build_model(s.student, tok, s.seed, "student")
-        student = with_remat(student, s.remat)  # train.remat
+        # train.remat, and the attention kernel again (a resumed LoRA run loads its base without build_model)
+        student = with_runtime(student, remat=s.remat, attention=s.student.attention,
+                               attention_block=s.student.attention_block)
         if student.cfg.vocab_size < tok.vocab_size:
             raise ConfigError("student.path",
                               f"model vocabulary {student.cfg.vocab_size} < tokenizer's {tok.vocab_size}")
@@ -366,7 +372,7 @@ class Trainer:
         if not self.s.max_score_rows or self.s.max_score_rows >= rows:
             return self._score_fns[key](params, *self._score_args(args))
         # train.max_score_rows: the forward's activations scale with the group, the output is assembled in place
-        return row_groups.run_in_groups(lambda part: self._score_fns[key](params, *part), args, -1, rows=rows,
+        return row_groups.run_in_groups(lambda part: self._score_fns[key](params, *part), args, rows=rows,
                                         group=self.s.max_score_rows, mesh=self.mesh, place=self._score_args)
 
     def _score_args(self, args):

@@ -474,6 +474,7 @@ class Workload:
     response: int  # bucketed response width of the distill layouts
     teacher_ctx: int  # bucketed teacher context width
     eval_rows: int  # rows of one eval sampler call
+    eval_n: int  # samples per eval prompt (the prefill repeats each prompt's cache n times)
     eval_prompt: int
     eval_new: int
     eval_teacher: bool  # the teacher is evaluated once before training, on the refine sampler
@@ -511,6 +512,7 @@ def workload_from_settings(s) -> Workload:
                     opsd_teacher=s.opsd_teacher, rows=rows, batch_size=s.batch_size, n=s.rollout_n,
                     micro_batches=s.micro_batches, prompt=prompt, max_new=max_new, refine_prompt=refine_prompt,
                     rewrite=rewrite, response=response, teacher_ctx=teacher_ctx, eval_rows=eval_rows,
+                    eval_n=s.eval_n,
                     eval_prompt=prompt, eval_new=bucket(s.eval_max_new, 8),
                     eval_teacher=s.eval_teacher,
                     teacher_eval_ctx=prompt if s.mode == "opd" else refine_prompt,
@@ -734,14 +736,14 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
     # ---- evaluation (between steps): the student's eval sampler; its cache is freed when it ends
     ev = [Item("eval KV cache (student)", eval_cache, f"{call_rows(work.eval_rows)} rows per call x "
                                                       f"({work.eval_prompt} + {work.eval_new}), {cache_note}")]
-    ev += sampler_transient(student, work.eval_rows, work.eval_prompt, 1)
+    ev += sampler_transient(student, work.eval_rows, work.eval_prompt, work.eval_n)
     ev += held_after
     phases.append(Phase("eval", tuple(ev)))
     if work.eval_teacher:  # once, before training: the refine sampler on the vanilla contexts
         phases.append(Phase("teacher eval", tuple(
             [Item("teacher eval KV cache", teacher_eval_cache, f"{call_rows(work.eval_rows)} rows per call x "
                                                               f"({work.teacher_eval_ctx} + {work.eval_new})")]
-            + sampler_transient(teacher, work.eval_rows, work.teacher_eval_ctx, 1))))
+            + sampler_transient(teacher, work.eval_rows, work.teacher_eval_ctx, work.eval_n))))
 
     return Plan(workload=work, models=models, mesh=mesh, accelerator=accelerator, options=options,
                 student_state=s_state, teacher_state=t_state, persistent=tuple(persistent), phases=tuple(phases),

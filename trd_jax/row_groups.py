@@ -3,8 +3,8 @@
 Rows are sharded over the batch axes (data, fsdp) in D contiguous blocks of b = B / D rows. Group j takes the
 same slice [j * g/D, (j + 1) * g/D) of every device's block, so each device computes, and keeps, only rows of
 its own block: the group outputs are written in place (a donated buffer, a local update inside shard_map) and
-nothing moves between devices. A device block that the group size does not divide is padded with copies of its
-last row whose mask is off; the padding is cut away at the end.
+nothing moves between devices. Where g/D does not divide b, the last group's slice moves back to end at b: it
+recomputes a few rows of the group before and writes the same values again, so no padding and no copy.
 """
 
 from __future__ import annotations
@@ -24,38 +24,37 @@ def batch_shards(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
 
 
-def group_indices(rows: int, shards: int, group: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-    """Host rows of group j (in the order the group's batch sharding gives them to devices) and whether each
-    is a real row (False: padding, a copy of its device block's last row)."""
+def group_start(block: int, per_device: int, j: int) -> int:
+    """First row, within each device's block, of group j: the last group ends at the block's end."""
+    return min(j * per_device, block - per_device)
+
+
+def group_indices(rows: int, shards: int, group: int, j: int) -> np.ndarray:
+    """Host rows of group j, in the order the group's batch sharding gives them to devices."""
     block, per_device = rows // shards, group // shards
-    local = np.arange(j * per_device, (j + 1) * per_device)
-    live = np.tile(local < block, shards)
-    index = (np.arange(shards)[:, None] * block + np.minimum(local, block - 1)[None, :]).reshape(-1)
-    return index, live
+    local = group_start(block, per_device, j) + np.arange(per_device)
+    return (np.arange(shards)[:, None] * block + local[None, :]).reshape(-1)
 
 
-def run_in_groups(fn: Callable[[Any], Any], args, mask_leaf: int, *, rows: int, group: int, mesh: Mesh,
+def run_in_groups(fn: Callable[[Any], Any], args, *, rows: int, group: int, mesh: Mesh,
                   place: Callable[[Any], Any] = lambda x: x):
     """fn(place(args_of_group)) for every row group of host arrays `args` ([rows, ...] leaves), assembled into
-    [rows, ...] outputs sharded like fn's. The leaf at index `mask_leaf` is a bool mask whose padding rows are
-    switched off; `place` puts a group's host arrays on devices (e.g. to global arrays with several processes).
-    """
+    [rows, ...] outputs sharded like fn's; `place` puts a group's host arrays on devices (e.g. to global arrays
+    with several processes). fn must treat rows independently (a forward pass does)."""
     shards = batch_shards(mesh)
-    if rows % shards or group % shards:
-        raise ValueError(f"{rows} rows and groups of {group} must both be multiples of the {shards} batch shards")
+    if rows % shards or group % shards or group > rows:
+        raise ValueError(f"{rows} rows and groups of {group} (at most the rows) must both be multiples of the "
+                         f"{shards} batch shards")
     block, per_device = rows // shards, group // shards
-    num_groups = -(-block // per_device)
     leaves, tree = jax.tree.flatten(args)
     out = None
-    for j in range(num_groups):
-        index, live = group_indices(rows, shards, group, j)
-        part = [np.asarray(x)[index] for x in leaves]
-        part[mask_leaf] = part[mask_leaf] & live.reshape((-1,) + (1,) * (part[mask_leaf].ndim - 1))
-        scored = fn(place(jax.tree.unflatten(tree, part)))
+    for j in range(-(-block // per_device)):
+        index = group_indices(rows, shards, group, j)
+        scored = fn(place(jax.tree.unflatten(tree, [np.asarray(x)[index] for x in leaves])))
         if out is None:
-            out = _buffer(scored, num_groups * group, mesh)
-        out = _local_put(mesh)(out, scored, j * per_device)
-    return out if num_groups * per_device == block else _local_first(mesh, block)(out)
+            out = _buffer(scored, rows, mesh)
+        out = _local_put(mesh)(out, scored, group_start(block, per_device, j))
+    return out
 
 
 def _rows_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -78,13 +77,3 @@ def _local_put(mesh: Mesh):
         return jax.shard_map(put, mesh=mesh, in_specs=(spec, spec, P()), out_specs=spec)(out, part, offset)
 
     return jax.jit(sharded, donate_argnums=0)
-
-
-@functools.lru_cache(maxsize=None)
-def _local_first(mesh: Mesh, block: int):
-    def first(out):
-        spec = jax.tree.map(lambda x: P(BATCH_AXES), out)
-        return jax.shard_map(lambda o: jax.tree.map(lambda x: x[:block], o), mesh=mesh, in_specs=(spec,),
-                             out_specs=spec)(out)
-
-    return jax.jit(first)

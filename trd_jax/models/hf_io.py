@@ -236,6 +236,9 @@ def save_hf(model: Transformer, path: str, *, dtype: str | None = None, tokenize
 
 
 def _write_json(file: str, obj) -> None:
-    with open(file, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    """Atomically (a temporary file, then os.replace): another process reading it sees the old or new file whole."""
+    text = json.dumps(obj, indent=2) + "\n"
+    tmp = f"{file}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, file)

@@ -94,7 +94,9 @@ class LoRA(nnx.Module):
             keep = jax.random.bernoulli(key[...], 1.0 - self.cfg.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.cfg.dropout), 0.0).astype(dt)
         h = jnp.tensordot(x, self.a[...].astype(dt), axes=self.in_dims)
-        return jnp.tensordot(h, self.b[...].astype(dt), axes=1) * jnp.asarray(self.cfg.scale, dt)
+        # The scale goes into B in float32 before the cast: a bf16 scale (alpha 5 / rank 3) would be rounded,
+        # and the trained model would then differ from the merged export and from PEFT.
+        return jnp.tensordot(h, (self.b[...].astype(jnp.float32) * self.cfg.scale).astype(dt), axes=1)
 
     def delta_weight(self) -> jax.Array:
         """f32[*in_shape, *out_shape]: scale * A B, what merging adds to the base weight."""
