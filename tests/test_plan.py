@@ -24,8 +24,8 @@ PER_LAYER = (D * H * HD  # q_proj 4,096
              + H * HD * D  # o_proj 4,096
              + 2 * HD  # q_norm, k_norm (head_dim: replicated by the rules)
              + 2 * D  # input_norm, post_attn_norm
-             + 3 * D * M)  # gate, up, down 3 x 8,192
-HAND_PARAMS = EMBED + LAYERS * PER_LAYER + D + D * V  # + final_norm + lm_head
+             + 3 * D * M)  # gate, up, down 3 x 8,192; in all 37,024
+HAND_PARAMS = EMBED + LAYERS * PER_LAYER + D + D * V  # + final_norm + lm_head: 106,880
 REPLICATED = LAYERS * 2 * HD  # the q/k norm weights: no mesh axis
 
 
@@ -34,7 +34,6 @@ def one_device(**kw):
 
 
 def test_parameter_count_by_hand():
-    assert PER_LAYER == 37_024 and HAND_PARAMS == 106_880
     state = mp.state_bytes(SMALL, tuple(sorted(one_device().items())), True)
     assert state.num_params == HAND_PARAMS == SMALL.num_params
     assert state.params == HAND_PARAMS * 4
@@ -75,14 +74,13 @@ def test_a_dimension_the_mesh_does_not_divide_stays_replicated():
 
 # LoRA rank 8 on all seven projections of SMALL: rank x (fan_in + fan_out) per projection.
 R = 8
-LORA_PER_LAYER = R * ((D + H * HD) + 2 * (D + K * HD) + (H * HD + D) + 2 * (D + M) + (M + D))
+LORA_PER_LAYER = R * ((D + H * HD) + 2 * (D + K * HD) + (H * HD + D) + 2 * (D + M) + (M + D))  # 8,192
 # Per device under fsdp: the adapter matrices with an "embed" axis (A of q, k, v, gate, up; B of o, down) shard
 # like their base matrices; the others (rank x heads, mlp) are replicated on a mesh without a tensor axis.
 LORA_EMBED_PER_LAYER = R * (5 * D + 2 * D)
 
 
 def test_lora_adapter_and_optimizer_bytes_by_hand():
-    assert LORA_PER_LAYER == 8_192
     lora = LoRAConfig(rank=R, alpha=16.0)
     adapters = LAYERS * LORA_PER_LAYER
     counters = 2 * 4
@@ -257,7 +255,7 @@ def test_cli_qwen3_recipe_plans_lora(capsys):
     out = capsys.readouterr().out
     d, h, k, hd, m, layers = 2048, 16, 8, 128, 6144, 28
     adapters = layers * 64 * ((d + h * hd) + 2 * (d + k * hd) + (h * hd + d) + 3 * (d + m))
-    assert adapters == 69_730_304 and f"{adapters:,} trainable parameters" in out
+    assert f"{adapters:,} trainable parameters" in out  # 69,730,304
     base = 1_720_574_976 * 2 / 4 / 2**30  # bf16, every matrix sharded over 4
     assert f"student base parameters (frozen){'':<20}{base:>12.2f}" in out
     assert f"OPSD frozen initial copy{'':<28}{0:>12.2f}" in out
