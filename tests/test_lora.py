@@ -10,14 +10,14 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh
 
+from step_inputs import step_inputs
 from trd_jax.config import ConfigError, base_config, resolve
 from trd_jax.layouts import distill_batch
 from trd_jax.models import lora
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer, with_remat
 from trd_jax.sharding import MESH_AXES, logical_to_spec
-from trd_jax.steps import (LossConfig, OptimConfig, Sequences, init_state, jit_update, make_optimizer, score,
-                           shardings_of, update)
+from trd_jax.steps import (LossConfig, OptimConfig, init_state, jit_update, make_optimizer, shardings_of, update)
 
 V = 97
 CFG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -47,18 +47,9 @@ def setup():
     lora.add_lora(model, LORA, rngs=nnx.Rngs(1))
     graph, adapters, base = lora.split_lora(model)
     batch = distill_batch(PROMPTS, RESPONSES, CONTEXTS)
-
-    def seqs(layout):
-        return Sequences(jnp.asarray(layout.tokens), jnp.asarray(layout.positions), jnp.asarray(layout.mask))
-
-    student, teacher = seqs(batch.student), seqs(batch.teacher)
-    targets, mask = jnp.asarray(batch.targets), jnp.asarray(batch.response_mask)
     # OPSD's initial teacher: the plain graph over the base (adapters off).
-    scored = jax.jit(score, static_argnums=0, static_argnames=("context_width",))(
-        plain_graph, base, teacher, targets, mask, context_width=batch.teacher.context_width)
-    head = nnx.merge(plain_graph, base).lm_head_weight()
     return dict(plain_graph=plain_graph, plain_params=plain_params, graph=graph, adapters=adapters, base=base,
-                batch=batch, student=student, teacher=teacher, targets=targets, mask=mask, scored=scored, head=head)
+                batch=batch, **step_inputs(batch, plain_graph, base))
 
 
 _UPDATE = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "context_width", "ema_decay",

@@ -12,12 +12,13 @@ import optax
 import pytest
 from flax import nnx
 
+from step_inputs import step_inputs
 from trd_jax import losses
 from trd_jax.layouts import distill_batch
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.sharding import MeshConfig, make_mesh
-from trd_jax.steps import (LossConfig, OptimConfig, Sequences, init_state, jit_update, make_optimizer,
+from trd_jax.steps import (LossConfig, OptimConfig, init_state, jit_update, make_optimizer,
                            opsd_teacher_params, score, shardings_of, to_micro_batches, update)
 
 V = 97
@@ -39,17 +40,9 @@ def setup():
     s_graph, s_params = split(STUDENT, 0)
     t_graph, t_params = split(TEACHER, 1)
     batch = distill_batch(PROMPTS, RESPONSES, CONTEXTS)
-
-    def seqs(layout):
-        return Sequences(jnp.asarray(layout.tokens), jnp.asarray(layout.positions), jnp.asarray(layout.mask))
-
-    student, teacher = seqs(batch.student), seqs(batch.teacher)
-    targets, mask = jnp.asarray(batch.targets), jnp.asarray(batch.response_mask)
-    scored = jax.jit(score, static_argnums=0, static_argnames=("context_width",))(
-        t_graph, t_params, teacher, targets, mask, context_width=batch.teacher.context_width)
-    t_head = nnx.merge(t_graph, t_params).lm_head_weight()
-    return dict(s_graph=s_graph, s_params=s_params, t_graph=t_graph, t_params=t_params, batch=batch,
-                student=student, teacher=teacher, targets=targets, mask=mask, scored=scored, t_head=t_head)
+    inputs = step_inputs(batch, t_graph, t_params)
+    inputs["t_head"] = inputs.pop("head")
+    return dict(s_graph=s_graph, s_params=s_params, t_graph=t_graph, t_params=t_params, batch=batch, **inputs)
 
 
 def micro(x, m=1):
