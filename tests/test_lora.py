@@ -15,7 +15,7 @@ from trd_jax.config import ConfigError, base_config, resolve
 from trd_jax.layouts import distill_batch
 from trd_jax.models import lora
 from trd_jax.models.config import ModelConfig
-from trd_jax.models.transformer import Transformer, with_remat
+from trd_jax.models.transformer import Transformer, with_runtime
 from trd_jax.sharding import MESH_AXES, logical_to_spec
 from trd_jax.steps import (LossConfig, OptimConfig, init_state, jit_update, make_optimizer, shardings_of, update)
 
@@ -185,7 +185,7 @@ def test_remat_gives_the_same_step(setup):
     """train.remat under LoRA: each layer under nnx.remat reads the frozen base from inside the gradient trace."""
     opt = optax.sgd(1.0)
     plain, _ = lora_update(setup, init_state(setup["adapters"], opt), opt)
-    model = with_remat(nnx.merge(setup["graph"], setup["adapters"], setup["base"]), "full")
+    model = with_runtime(nnx.merge(setup["graph"], setup["adapters"], setup["base"]), remat="full")
     remat, _ = lora_update(dict(setup, graph=nnx.split(model)[0]), init_state(setup["adapters"], opt), opt)
     for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(remat.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)

@@ -17,7 +17,7 @@ from trd_jax.config import ConfigError, base_config, resolve
 from trd_jax.layouts import distill_batch
 from trd_jax.models.config import REMAT, ModelConfig
 from trd_jax.models.hf_io import load_hf, save_hf
-from trd_jax.models.transformer import Transformer, init_cache, with_remat
+from trd_jax.models.transformer import Transformer, init_cache, with_runtime
 from trd_jax.steps import LossConfig, Sequences, init_state, score, update
 
 V = 97
@@ -140,15 +140,15 @@ def test_compiled_update_temp_smaller_with_remat():
     assert temps["dots"] < 0.85 * temps["none"], temps
 
 
-def test_with_remat_changes_the_jit_static_not_the_parameters_nor_sampling():
+def test_with_runtime_remat_changes_the_jit_static_not_the_parameters_nor_sampling():
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     graph, params = nnx.split(model)
     tokens = jnp.asarray(RNG.integers(1, V, (2, 6)))
     positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
     key_mask = jnp.ones((2, 8), bool)
     before, _ = model(tokens, positions, key_mask, cache=init_cache(CFG, 2, 8), cache_index=0)
-    assert with_remat(model, "none") is model and nnx.graphdef(model) == graph
-    assert with_remat(model, "full") is model
+    assert with_runtime(model, remat="none") is model and nnx.graphdef(model) == graph
+    assert with_runtime(model, remat="full") is model
     remat_graph, remat_params = nnx.split(model)
     assert remat_graph != graph and hash(remat_graph) != hash(graph)  # a new jit static: the steps recompile
     assert {m.cfg for _, m in nnx.iter_graph(model) if hasattr(m, "cfg")} == {CFG.replace(remat="full")}
@@ -159,7 +159,7 @@ def test_with_remat_changes_the_jit_static_not_the_parameters_nor_sampling():
 
 
 def test_hf_files_never_carry_remat(tmp_path):
-    model = with_remat(Transformer(CFG, rngs=nnx.Rngs(0)), "dots")
+    model = with_runtime(Transformer(CFG, rngs=nnx.Rngs(0)), remat="dots")
     assert CFG.replace(remat="full").to_hf_dict() == CFG.to_hf_dict()
     save_hf(model, str(tmp_path))
     written = json.loads((tmp_path / "config.json").read_text())

@@ -19,7 +19,7 @@ key_mask[b, s]: causal by slot, padding masked by key_mask (left or right paddin
 cfg.attention picks the kernel of every call with more than one query (models/attention.py): "dense" builds the
 [B, T, S] mask and f32 scores; "blockwise" (flash attention) never does. Decode's single query is always dense.
 
-Without a cache each layer runs under nnx.remat when cfg.remat is "full" or "dots" (``with_remat``): the
+Without a cache each layer runs under nnx.remat when cfg.remat is "full" or "dots" (``with_runtime``): the
 update's backward pass then recomputes activations instead of keeping them. Forward-only calls (scoring)
 lower to the same computation, since jax.checkpoint only acts under differentiation.
 """
@@ -261,11 +261,6 @@ def with_runtime(model: Transformer, **fields) -> Transformer:
         if isinstance(node, nnx.Module) and isinstance(getattr(node, "cfg", None), ModelConfig):
             node.cfg = cfg
     return model
-
-
-def with_remat(model: Transformer, remat: str) -> Transformer:
-    """with_runtime for remat (one of models.config.REMAT) alone."""
-    return with_runtime(model, remat=remat)
 
 
 def init_for_tokenizer(tokenizer, *, seed: int, **fields) -> Transformer:
