@@ -62,9 +62,9 @@ def _rows_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def _buffer(like, rows: int, mesh: Mesh):
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype), like)
-    shardings = jax.tree.map(lambda x: _rows_sharding(mesh, x.ndim), like)
-    return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=shardings)()
+    """Zeros of `like`'s leaves with `rows` rows, made on the devices already sharded over the rows."""
+    return jax.tree.map(lambda x: jnp.zeros((rows, *x.shape[1:]), x.dtype, device=_rows_sharding(mesh, x.ndim)),
+                        like)
 
 
 @functools.lru_cache(maxsize=None)
