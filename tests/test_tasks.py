@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, continuation_after_error,
-                                     corrupted_attempt, first_error, flawed_solution, parse_problem, parse_steps,
-                                     problem_text, solution_text)
+from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, buggy_values,
+                                     continuation_after_error, corrupted_attempt, first_error, flawed_solution,
+                                     line_forms, parse_problem, parse_steps, problem_text, random_forms,
+                                     solution_text, step_errors)
 from trd_jax.data.task import Example, PromptIterator
 from trd_jax.refine import RefineConfig, build_refine_prompts, strip_answer_instruction
 from trd_jax.rewards.answers import last_boxed
@@ -34,7 +35,7 @@ def _chain(p: Problem) -> list[int]:
 def test_reference_solutions_are_correct_and_parse(task):
     for ex in list(task.split("train"))[:50] + list(task.split("eval")):
         p = task.problem_of(ex)
-        assert 3 <= len(p.ops) <= 5 and all(op in "+-" and 1 <= b <= 2 for op, b in p.ops)
+        assert 6 <= len(p.ops) <= 10 and all(op in "+-" and 1 <= b <= 2 for op, b in p.ops)
         assert p.values() == _chain(p) and ex.answer == str(_chain(p)[-1])
         assert task.grade(ex.reference, ex) == 1.0
         assert first_error(ex.reference, p) is None
@@ -52,6 +53,10 @@ def test_splits_are_deterministic_and_disjoint(task, tmp_path):
     assert len(train) == 300 and not train & {ex.problem for ex in task.split("eval")}
     other = ArithmeticTask(str(tmp_path), ArithmeticConfig(train_size=300, eval_size=40, seed=1))
     assert list(other.split("eval")) != list(task.split("eval"))
+    # The train split does not depend on the eval split's size (a bootstrap trained on it stays valid).
+    more_eval = ArithmeticTask(str(tmp_path), ArithmeticConfig(train_size=300, eval_size=200))
+    assert list(more_eval.split("train")) == list(task.split("train"))
+    assert list(more_eval.split("eval"))[:40] == list(task.split("eval"))
     with pytest.raises(ValueError, match="unknown split"):
         task.split("test")
     with pytest.raises(ValueError, match="task.max_operand=10"):
@@ -113,10 +118,73 @@ def test_first_error_finds_missing_and_inconsistent_lines():
     assert parse_problem(problem_text(p)) == p
 
 
+def _by_hand(p: Problem, forms) -> list[tuple[str, int, int]]:
+    """Independent reference of a solution in given forms: (op, operand, result) per line, with Python's %."""
+    out, v = [], p.start
+    for (op, b), f in zip(p.ops, forms):
+        wop, wb = (op, b) if f == 0 else ({"+": "-", "-": "+"}[op], 10 - b)
+        v = (v + wb) % 10 if wop == "+" else (v - wb) % 10
+        out.append((wop, wb, v))
+    return out
+
+
+def test_alternative_derivations_are_accepted(task):
+    rng = np.random.default_rng(3)
+    for ex in list(task.split("train"))[:100]:
+        p = task.problem_of(ex)
+        forms = random_forms(len(p.ops), rng, 0.5)
+        text = solution_text(p, forms=forms)
+        steps = parse_steps(text)
+        assert [(op, b, c) for _, _, op, b, c in steps] == _by_hand(p, forms)
+        assert first_error(text, p) is None and step_errors(text, p) == [] and task.grade(text, ex) == 1.0
+        assert line_forms(text, p) == forms
+        if any(forms):
+            assert text != ex.reference  # a correct solution that differs from the reference
+    p = Problem(4, (("+", 2), ("-", 1)))
+    assert first_error("Step 1: 4 - 8 = 6\nStep 2: 6 + 9 = 5", p) is None  # both lines in the other form
+    assert first_error("Step 1: 4 - 2 = 2\nStep 2: 2 + 9 = 1", p) == 0  # "- 2" is neither form of "add 2"
+    assert first_error("Step 1: 4 - 8 = 5\nStep 2: 5 + 9 = 4", p) == 0  # right form, wrong result
+
+
+def test_step_errors_locate_every_local_mistake():
+    p = Problem(3, (("+", 1), ("+", 2), ("-", 1), ("+", 1)))
+    # Step 2 wrong (5 instead of 6), step 3 consistent with it, step 4 wrong again (4 + 1 = 6).
+    text = "Step 1: 3 + 1 = 4\nStep 2: 4 + 2 = 5\nStep 3: 5 - 1 = 4\nStep 4: 4 + 1 = 6\nThe answer is \\boxed{6}."
+    assert step_errors(text, p) == [1, 3] and first_error(text, p) == 1
+    assert step_errors("Step 1: 3 + 1 = 4\nStep 3: 4 - 1 = 3", p) == [1, 3]  # lines 2 and 4 missing
+    assert step_errors("Step 1: 3 + 1 = 4\nStep 2: 5 + 2 = 7", p)[0] == 1  # input not carried forward
+
+
+def test_buggy_values_err_only_where_a_line_wraps(task):
+    rng = np.random.default_rng(4)
+    wrap_lines = wrong_wraps = 0
+    for ex in list(task.split("train"))[:200]:
+        p = task.problem_of(ex)
+        forms = random_forms(len(p.ops), rng, 0.3)
+        text = solution_text(p, buggy_values(p, forms, rng, 0.6), forms)
+        steps = parse_steps(text)
+        prev = p.start
+        for i, (_, a, op, b, c) in enumerate(steps):
+            assert a == prev  # every line starts from the value above it: errors propagate
+            wrapped = a + b >= 10 if op == "+" else a - b < 0
+            exact = (a + b) % 10 if op == "+" else (a - b) % 10
+            if not wrapped:
+                assert c == exact
+            else:
+                wrap_lines += 1
+                wrong_wraps += c != exact
+                assert c in (exact, (exact + (1 if op == "+" else -1)) % 10)
+            prev = c
+        # One off-by-one error, or several that do not cancel, spoil the answer.
+        assert task.grade(text, ex) <= float(not step_errors(text, p)) or len(step_errors(text, p)) > 1
+    assert 0.5 < wrong_wraps / wrap_lines < 0.7
+
+
 def test_grader(task):
     ex = task.split("eval")[0]
-    assert task.grade(f"work\nThe answer is \\boxed{{{ex.answer}}}.", ex) == 1.0
-    assert task.grade(f"\\boxed{{{ex.answer}}} then \\boxed{{{(int(ex.answer) + 1) % 10}}}", ex) == 0.0  # last one
+    assert task.grade(ex.reference, ex) == 1.0
+    assert task.grade(f"work\nThe answer is \\boxed{{{ex.answer}}}.", ex) == 1.0  # the final answer decides
+    assert task.grade(ex.reference + f" \\boxed{{{(int(ex.answer) + 1) % 10}}}", ex) == 0.0  # the last box counts
     assert task.grade(ex.answer, ex) == 0.0  # no box
     assert task.grade("The answer is \\boxed{", ex) == 0.0
 
@@ -142,7 +210,7 @@ def test_tokenizer_round_trips_and_has_a_chat_template(task, tok):
     for mode in ("opd", "opsd"):
         rp = build_refine_prompts(tok, [ex.problem], [ex.reference], [ex.reference], RefineConfig(mode=mode))
         assert "[UNK]" not in tok.hf.convert_ids_to_tokens(rp.ids[0])
-        assert rp.full_lengths[0] < 300
+        assert rp.full_lengths[0] < 512  # within the default recipe's refine.prompt_budget
 
 
 def test_prompt_iterator_is_deterministic_and_resumes():

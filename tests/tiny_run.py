@@ -7,7 +7,7 @@ from trd_jax.recipes import apply_overrides
 def tiny_config(**overrides):
     """base_config() shrunk; overrides are dotted keys, e.g. tiny_config(**{"distill.mode": "opsd"})."""
     cfg = base_config()
-    cfg.task.train_size, cfg.task.eval_size = 64, 8
+    cfg.task.update(train_size=64, eval_size=8, min_steps=3, max_steps=5)  # short problems: fast tests
     for side in (cfg.student, cfg.teacher):
         side.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                           head_dim=16, max_position_embeddings=512)
