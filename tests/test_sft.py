@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask, first_error
+from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask, line_forms, step_errors
 from trd_jax.data.arithmetic_bootstrap import BootstrapConfig, sft_sets
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer, causal_lm_positions
 from trd_jax.sft import SFTSet, _batch, sft_loss, train_sft
+from trd_jax.rewards.answers import last_boxed
 from trd_jax.tokenization import Tokenizer
 
 CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -60,25 +61,37 @@ def test_train_sft_learns_a_mapping():
 def test_bootstrap_mixtures(tmp_path):
     task = ArithmeticTask(str(tmp_path), ArithmeticConfig(train_size=400, eval_size=4))
     tok = Tokenizer.from_dir(task.tokenizer_dir)
-    cfg = BootstrapConfig(student_noise=0.6, repair_fraction=0.5)
+    cfg = BootstrapConfig(student_bug_rate=0.6, repair_fraction=0.5, teacher_alt_form_rate=0.3)
     teacher = sft_sets(task, tok, "teacher", cfg)
     assert [s.name for s in teacher] == ["solve", "refine_opd", "after_error"]
     train = list(task.split("train"))
-    for s in teacher[:2]:  # solving and rewriting answer with the reference solution, EOS appended
-        assert s.responses[0] == tok.encode_response(train[0].reference, append_eos=True)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    # Solving: correct solutions, some lines in the complement form (alternative derivations).
+    solve = [decode(r) for r in teacher[0].responses]
+    assert all(task.grade(t, ex) == 1.0 for t, ex in zip(solve, train))
+    alt = np.mean([np.mean(line_forms(t, task.problem_of(ex))) for t, ex in zip(solve, train)])
+    assert 0.25 < alt < 0.35
+    assert all(r[-1] == tok.eos_id for s in teacher for r in s.responses)
+    # Rewriting: always correct, each line in the form the attempt wrote it.
+    for ctx, r, ex in zip(teacher[1].contexts, teacher[1].responses, train):
+        attempt = tok.decode(ctx).split("**Your Initial Solution:**")[1]
+        assert task.grade(decode(r), ex) == 1.0
+        attempt_forms = line_forms(attempt, task.problem_of(ex))
+        assert line_forms(decode(r), task.problem_of(ex)) == attempt_forms
     # After an error in context: about half repair (right answer), half continue (wrong answer).
     after = teacher[2]
-    repaired = [task.grade(tok.decode(c + r, skip_special_tokens=True).split("<|assistant|>")[-1], ex)
-                for c, r, ex in zip(after.contexts, after.responses, train)]
+    repaired = [last_boxed(decode(r)) == ex.answer for r, ex in zip(after.responses, train)]
     assert 0.4 < np.mean(repaired) < 0.6
-    assert all(r[-1] == tok.eos_id for r in after.responses)
     refine_text = tok.decode(teacher[1].contexts[0])
     assert "**Your Initial Solution:**" in refine_text and "**Reference Solution:**" not in refine_text
     student = {s.name: s for s in sft_sets(task, tok, "student", cfg)}
     assert set(student) == {"solve_noisy", "vanilla_opsd", "refine_opsd"}
-    texts = [tok.decode(r, skip_special_tokens=True) for r in student["solve_noisy"].responses]
-    flawed = [first_error(t, task.problem_of(ex)) is not None for t, ex in zip(texts, train)]
-    assert 0.5 < np.mean(flawed) < 0.7  # the configured noise, 0.6
-    assert all(task.grade(t, ex) == float(not f) for t, ex, f in zip(texts, train, flawed))
+    texts = [decode(r) for r in student["solve_noisy"].responses]
+    errors = [step_errors(t, task.problem_of(ex)) for t, ex in zip(texts, train)]
+    assert 0.6 < np.mean([bool(e) for e in errors]) < 0.9  # most solutions carry a wrap error
+    assert np.mean([len(e) > 1 for e in errors]) > 0.2  # more than one is common
+    assert all(task.grade(t, ex) == 1.0 for t, ex, e in zip(texts, train, errors) if not e)
+    assert all(task.grade(t, ex) == 0.0 for t, ex, e in zip(texts, train, errors) if len(e) == 1)
     assert "**Reference Solution:**" in tok.decode(student["vanilla_opsd"].contexts[0])
     assert train[0].reference in tok.decode(student["refine_opsd"].contexts[0])
+    assert all(task.grade(decode(r), ex) == 1.0 for r, ex in zip(student["refine_opsd"].responses, train))

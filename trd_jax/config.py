@@ -90,9 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
         prompt_mode="chat",  # how x is rendered for the student: plain | chat | thinking (TRD_SPEC §7.5)
         max_prompt_tokens=2048,  # rendered x longer than this is an error naming the row ([code-trd]: 2048)
         # arithmetic and mini_math: split sizes and the seed of the problem generator
-        train_size=4000, eval_size=64, data_seed=0,
+        train_size=8000, eval_size=512, data_seed=0,
         # arithmetic only: steps per problem, operand range
-        min_steps=3, max_steps=5, max_operand=2,
+        min_steps=6, max_steps=10, max_operand=2,
         # math / code: a local file or glob for each split (JSONL, JSON or parquet; field aliases in
         # trd_jax/data/builders); train_files may be "" for mode "eval"
         train_files="", eval_files="",
@@ -111,7 +111,11 @@ def base_config() -> ml_collections.ConfigDict:
     # a teacher that solves and rewrites flawed attempts, and a smaller student trained on noisy solutions.
     cfg.bootstrap = ml_collections.ConfigDict(dict(
         enabled=False,  # train or reuse them, and use them as student and (OPD) teacher; task "arithmetic" only
-        dir="",  # cache folder; "" = workdir/bootstrap. Reused when every setting below matches
+        # The models shipped in the package (trd_jax/data/bootstrap_models) are used when every setting below
+        # and the train split's settings match theirs; true trains them here instead.
+        from_scratch=False,
+        # cache folder of bootstraps trained here, one subfolder per settings hash; "" = workdir/bootstrap
+        dir="",
         teacher_model=dict(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=32),
         student_model=dict(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -120,8 +124,13 @@ def base_config() -> ml_collections.ConfigDict:
         student_solve_steps=300, student_mixed_steps=800,  # then with OPSD contexts (the reference in context)
         batch_tokens=4096,  # tokens per SFT batch
         learning_rate=3e-3,
-        student_noise=0.8,  # fraction of the student's solutions with an early wrong step carried forward
-        student_reference_weight=4.0,  # sampling weight of the OPSD context x + y* -> y* (noisy solutions: 2)
+        # The student's misconception: each line of its solutions that crosses the modulus is off by one with
+        # this probability, the error carried forward (above 0.5 it survives low-temperature sampling).
+        student_bug_rate=0.6,
+        # Fraction of solution lines written in the complement form ("add 2" as "- 8"), student and teacher.
+        student_alt_form_rate=0.2, teacher_alt_form_rate=0.2,
+        student_reference_weight=2.0,  # sampling weight of the OPSD context x + y* -> y* (noisy solutions: 2)
+        student_refine_weight=2.0,  # sampling weight of the OPSD refine prompt -> rewrite
         # The teacher also learns to repair (this fraction) or continue after a flawed prefix, so that its
         # next-token distribution there is the bimodal mixture of prefix failure (0: it always continues).
         repair_fraction=0.5,
@@ -299,8 +308,9 @@ class ModelSource:
 
 def bootstrap_config(cfg):
     """The BootstrapConfig of cfg.bootstrap (checked), or None when bootstrapping is off."""
-    if not isinstance(cfg.bootstrap.enabled, bool):
-        raise ConfigError("bootstrap.enabled", f"{cfg.bootstrap.enabled!r} is not a bool")
+    for key in ("enabled", "from_scratch"):
+        if not isinstance(cfg.bootstrap[key], bool):
+            raise ConfigError(f"bootstrap.{key}", f"{cfg.bootstrap[key]!r} is not a bool")
     if not cfg.bootstrap.enabled:
         return None
     from trd_jax.data.arithmetic_bootstrap import BootstrapConfig, ModelShape
@@ -319,8 +329,11 @@ def bootstrap_config(cfg):
     return BootstrapConfig(teacher=shapes["teacher"], student=shapes["student"], **steps,
                            batch_tokens=_int(cfg, "bootstrap.batch_tokens", 64),
                            learning_rate=_float(cfg, "bootstrap.learning_rate", 0.0, open_low=True),
-                           student_noise=_float(cfg, "bootstrap.student_noise", 0.0, 1.0),
+                           student_bug_rate=_float(cfg, "bootstrap.student_bug_rate", 0.0, 1.0),
+                           student_alt_form_rate=_float(cfg, "bootstrap.student_alt_form_rate", 0.0, 1.0),
+                           teacher_alt_form_rate=_float(cfg, "bootstrap.teacher_alt_form_rate", 0.0, 1.0),
                            student_reference_weight=_float(cfg, "bootstrap.student_reference_weight", 0.0),
+                           student_refine_weight=_float(cfg, "bootstrap.student_refine_weight", 0.0),
                            repair_fraction=_float(cfg, "bootstrap.repair_fraction", 0.0, 1.0),
                            seed=_int(cfg, "bootstrap.seed", 0))
 

@@ -150,6 +150,27 @@ def check_resume_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
                                    f"({saved}); resume with the same value, or start in a new workdir")
 
 
+BOOTSTRAP_RECORD = "bootstrap_models.json"
+
+
+def check_bootstrap_models(workdir: str, models_sha256: str) -> None:
+    """Records the hash of the bootstrap models a run starts from (workdir/bootstrap_models.json); a run
+    that resumes must find the same models, not ones rebuilt or shipped since."""
+    path = os.path.join(workdir, BOOTSTRAP_RECORD)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    resuming = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+    if resuming and os.path.isfile(path):
+        with open(path) as f:
+            started = json.load(f)["models_sha256"]
+        if started != models_sha256:
+            raise ConfigError("bootstrap", f"the bootstrap models now have sha256 {models_sha256[:16]}…, but this run "
+                                           f"started from {started[:16]}… ({path}); resume with the same models, or "
+                                           "start in a new workdir")
+        return
+    if jax.process_index() == 0:
+        atomic_write_json(path, {"models_sha256": models_sha256})
+
+
 def _seq(layout: Layout) -> Sequences:
     return Sequences(layout.tokens, layout.positions, layout.mask)
 
@@ -190,7 +211,9 @@ class Trainer:
             # Several processes: process 0 trains and writes the models, the others then reuse its folders.
             dirs = multihost.process0_first("bootstrap-written", lambda: bootstrap(
                 self.task, self.tok, boot, cfg.bootstrap.dir or os.path.join(self.workdir, "bootstrap"),
-                prompt_mode=s.prompt_mode, refine_mode=s.refine.prompt_mode))
+                prompt_mode=s.prompt_mode, refine_mode=s.refine.prompt_mode,
+                from_scratch=cfg.bootstrap.from_scratch))
+            check_bootstrap_models(self.workdir, dirs["models_sha256"])
             self.extra["bootstrap"] = {"seconds": time.perf_counter() - start, **dirs}
             s = dataclasses.replace(s, student=dataclasses.replace(s.student, source="path", path=dirs["student"]),
                                     teacher=s.teacher and dataclasses.replace(s.teacher, source="path",

@@ -15,6 +15,7 @@ the settings; a later run with the same settings reuses them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,8 @@ import time
 
 import numpy as np
 
-from trd_jax.data.arithmetic import ArithmeticTask, continuation_after_error, corrupted_attempt, flawed_solution
+from trd_jax.data.arithmetic import (ArithmeticTask, buggy_values, continuation_after_error, corrupted_attempt,
+                                     line_forms, random_forms, solution_text)
 from trd_jax.metrics import atomic_write_json
 from trd_jax.models.hf_io import save_hf
 from trd_jax.models.transformer import Transformer, init_for_tokenizer
@@ -59,10 +61,19 @@ class BootstrapConfig:
     student_mixed_steps: int = 800
     batch_tokens: int = 4096  # tokens per SFT batch (rows = this // padded row width)
     learning_rate: float = 3e-3
-    # Fraction of the student's solve targets that are flawed. 0.8 rather than less because the reference
-    # sets also teach it to solve: with 0.6 it ended at 62% alone, leaving little for distillation.
-    student_noise: float = 0.8
-    student_reference_weight: float = 4.0  # sampling weight of x + y* -> y* against 2 for the noisy solutions
+    # The student's misconception (trd_jax/data/arithmetic.py, buggy_values): each line of its solve targets
+    # that crosses the modulus is off by one with this probability, and later lines carry the error forward.
+    # Above 0.5 its most likely token at a wrap is wrong, so its mistakes survive the evaluation's
+    # temperature 0.6 (random noise does not: the mode of noisy targets is still the right value).
+    student_bug_rate: float = 0.6
+    # Fraction of lines written in the complement form ("add 2" as "- 8") in the solve targets: the task's
+    # alternative derivations. Complement lines cross the modulus more often, so the student's form choices
+    # matter to its accuracy.
+    student_alt_form_rate: float = 0.2
+    teacher_alt_form_rate: float = 0.2
+    student_reference_weight: float = 2.0  # sampling weight of x + y* -> y* against 2 for the noisy solutions
+    # Sampling weight of the OPSD refine prompt -> rewrite (the self-teacher's rewriting skill).
+    student_refine_weight: float = 2.0
     # The teacher also learns to go on after a flawed prefix: repairing (this fraction) or continuing
     # consistently with the error, like a real model that sometimes backtracks, so its next-token
     # distribution after a wrong step is the bimodal mixture of prefix failure (TRD_SPEC §2). With 0 it
@@ -76,14 +87,24 @@ def _model(shape: ModelShape, tok: Tokenizer, seed: int) -> Transformer:
                               **dataclasses.asdict(shape))
 
 
-def _attempt(task: ArithmeticTask, ex, rng: np.random.Generator, p_flawed: float, *, varied: bool = False) -> str:
-    """The reference, or (with probability p_flawed) a flawed attempt: an early wrong step carried forward,
-    or with `varied` any of corrupted_attempt's kinds half of the time."""
-    if rng.random() >= p_flawed:
-        return ex.reference
-    if varied and rng.random() < 0.5:
-        return corrupted_attempt(task.problem_of(ex), rng)
-    return flawed_solution(task.problem_of(ex), rng)[0]
+def _attempt(task: ArithmeticTask, ex, rng: np.random.Generator, cfg: "BootstrapConfig") -> str:
+    """An attempt to rewrite, as refine training shows it: half the student's kind (the wrap misconception,
+    its forms), a quarter varied corruptions (corrupted_attempt), a quarter correct (in random forms)."""
+    p = task.problem_of(ex)
+    forms = random_forms(len(p.ops), rng, cfg.student_alt_form_rate)
+    kind = rng.random()
+    if kind < 0.5:
+        return solution_text(p, buggy_values(p, forms, rng, max(cfg.student_bug_rate, 0.5)), forms)
+    if kind < 0.75:
+        return corrupted_attempt(p, rng, forms)
+    return solution_text(p, forms=forms)
+
+
+def _rewrite(task: ArithmeticTask, ex, attempt: str) -> str:
+    """The rewrite refine training asks for: every value right, each line in the attempt's own form
+    (staying close to the attempt, TRD_SPEC §3c)."""
+    p = task.problem_of(ex)
+    return solution_text(p, forms=line_forms(attempt, p))
 
 
 def sft_sets(task: ArithmeticTask, tok: Tokenizer, role: str, cfg: BootstrapConfig, *, prompt_mode: str = "chat",
@@ -91,44 +112,112 @@ def sft_sets(task: ArithmeticTask, tok: Tokenizer, role: str, cfg: BootstrapConf
     """The SFT mixture of the teacher ("teacher") or the student ("student") over the train split."""
     rng = np.random.default_rng([cfg.seed, 1 if role == "teacher" else 2])
     train = list(task.split("train"))
+    problems = [task.problem_of(ex) for ex in train]
     x = [tok.encode_prompt(ex.problem, prompt_mode) for ex in train]
-    correct = [tok.encode_response(ex.reference, append_eos=True) for ex in train]
+    eos = dict(append_eos=True)
+    attempts = [_attempt(task, ex, rng, cfg) for ex in train]
+    rewrites = [tok.encode_response(_rewrite(task, ex, a), **eos) for ex, a in zip(train, attempts)]
     if role == "teacher":
-        refine = [tok.encode_prompt(refine_prompt_text(ex.problem, _attempt(task, ex, rng, 0.7, varied=True),
-                                                       mode="opd", task="math"), refine_mode) for ex in train]
-        sets = [SFTSet("solve", x, correct, 1.0), SFTSet("refine_opd", refine, correct, 1.0)]
+        solve = [tok.encode_response(solution_text(p, forms=random_forms(len(p.ops), rng, cfg.teacher_alt_form_rate)),
+                                     **eos) for p in problems]
+        refine = [tok.encode_prompt(refine_prompt_text(ex.problem, a, mode="opd", task="math"), refine_mode)
+                  for ex, a in zip(train, attempts)]
+        sets = [SFTSet("solve", x, solve, 1.0), SFTSet("refine_opd", refine, rewrites, 1.0)]
         if cfg.repair_fraction > 0:
             prefixes, continuations = [], []
-            for ex, ids in zip(train, x):
-                prefix, rest = continuation_after_error(task.problem_of(ex), rng,
-                                                        repair=rng.random() < cfg.repair_fraction)
+            for p, ids in zip(problems, x):
+                prefix, rest = continuation_after_error(p, rng, repair=rng.random() < cfg.repair_fraction,
+                                                        forms=random_forms(len(p.ops), rng, cfg.teacher_alt_form_rate))
                 prefixes.append(ids + tok.encode(prefix))
-                continuations.append(tok.encode_response(rest, append_eos=True))
+                continuations.append(tok.encode_response(rest, **eos))
             sets.append(SFTSet("after_error", prefixes, continuations, 0.5))
         return sets
-    noisy = [tok.encode_response(_attempt(task, ex, rng, cfg.student_noise), append_eos=True) for ex in train]
+    noisy = []
+    for p in problems:
+        forms = random_forms(len(p.ops), rng, cfg.student_alt_form_rate)
+        noisy.append(tok.encode_response(solution_text(p, buggy_values(p, forms, rng, cfg.student_bug_rate), forms),
+                                         **eos))
+    correct = [tok.encode_response(ex.reference, **eos) for ex in train]
     vanilla = [vanilla_teacher_context(ex.problem, ex.reference, mode="opsd", task="math", tokenizer=tok,
                                        prompt_mode=prompt_mode) for ex in train]
-    refine = [tok.encode_prompt(refine_prompt_text(ex.problem, _attempt(task, ex, rng, 0.7, varied=True), ex.reference,
-                                                   mode="opsd", task="math"), refine_mode) for ex in train]
+    refine = [tok.encode_prompt(refine_prompt_text(ex.problem, a, ex.reference, mode="opsd", task="math"),
+                                refine_mode) for ex, a in zip(train, attempts)]
     return [SFTSet("solve_noisy", x, noisy, 2.0), SFTSet("vanilla_opsd", vanilla, correct, cfg.student_reference_weight),
-            SFTSet("refine_opsd", refine, correct, 1.0)]
+            SFTSet("refine_opsd", refine, rewrites, cfg.student_refine_weight)]
+
+
+SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "bootstrap_models")
+MANIFEST = "bootstrap.json"
+ROLES = ("teacher", "student")
+
+
+def identity(task: ArithmeticTask, cfg: BootstrapConfig, *, prompt_mode: str = "chat",
+             refine_mode: str = "chat") -> dict:
+    """What shapes the bootstrap's models: its own settings, the settings of the train split they are trained
+    on (not the eval split's size) and how prompts are rendered."""
+    return {"config": dataclasses.asdict(cfg), "task": task.cfg.training_identity(), "prompt_mode": prompt_mode,
+            "refine_mode": refine_mode}
+
+
+def identity_hash(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def models_hash(dirs: dict[str, str]) -> str:
+    """sha256 over the teacher's and the student's weight files: what a run records and checks on resume."""
+    h = hashlib.sha256()
+    for role in ROLES:
+        with open(os.path.join(dirs[role], "model.safetensors"), "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def read_manifest(directory: str) -> dict | None:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _complete(directory: str, record: dict) -> dict[str, str] | None:
+    """The folders of a finished bootstrap in ``directory`` made with exactly ``record``, else None."""
+    saved = read_manifest(directory)
+    dirs = {role: os.path.join(directory, role) for role in ROLES}
+    if saved is None or {k: saved.get(k) for k in record} != record:
+        return None
+    if not all(os.path.isfile(os.path.join(d, "model.safetensors")) for d in dirs.values()):
+        return None
+    return dirs
 
 
 def bootstrap(task: ArithmeticTask, tok: Tokenizer, cfg: BootstrapConfig, directory: str, *,
-              prompt_mode: str = "chat", refine_mode: str = "chat") -> dict[str, str]:
-    """Trains (or reuses) the teacher and the student; returns {"teacher": dir, "student": dir}."""
-    record = {"config": dataclasses.asdict(cfg), "task": dataclasses.asdict(task.cfg), "prompt_mode": prompt_mode,
-              "refine_mode": refine_mode}
-    dirs = {role: os.path.join(directory, role) for role in ("teacher", "student")}
-    meta_file = os.path.join(directory, "bootstrap.json")
-    if os.path.isfile(meta_file):
-        with open(meta_file) as f:
-            saved = json.load(f)
-        if {k: saved.get(k) for k in record} == record and all(os.path.isfile(os.path.join(d, "config.json"))
-                                                               for d in dirs.values()):
-            log.info("bootstrap: reusing the teacher and student in %s", directory)
-            return dirs
+              prompt_mode: str = "chat", refine_mode: str = "chat", from_scratch: bool = False) -> dict[str, str]:
+    """The teacher's and the student's folders: {"teacher": dir, "student": dir, "identity": hash,
+    "models_sha256": hash, "source": "shipped" | "cache" | "trained"}.
+
+    Unless ``from_scratch``, the models shipped in the package (SHIPPED_DIR) are used when they were made
+    with these exact settings. Otherwise they are trained here, or reused from an earlier training, in
+    ``directory/<identity hash>/``: a bootstrap with other settings gets its own folder and never overwrites
+    one that other runs point at."""
+    record = identity(task, cfg, prompt_mode=prompt_mode, refine_mode=refine_mode)
+    key = identity_hash(record)
+    found = None if from_scratch else _complete(SHIPPED_DIR, record)
+    source = "shipped"
+    if found is None:
+        home, source = os.path.join(directory, key), "cache"
+        found = _complete(home, record)
+    if found is None:
+        found, source = train_bootstrap(task, tok, cfg, home, record, prompt_mode=prompt_mode,
+                                        refine_mode=refine_mode), "trained"
+    log.info("bootstrap %s: the teacher and student in %s (%s)", key, os.path.dirname(found["teacher"]), source)
+    return {**found, "identity": key, "models_sha256": models_hash(found), "source": source}
+
+
+def train_bootstrap(task: ArithmeticTask, tok: Tokenizer, cfg: BootstrapConfig, directory: str, record: dict, *,
+                    prompt_mode: str, refine_mode: str) -> dict[str, str]:
+    """Trains the teacher and the student by SFT into ``directory`` (manifest written last, atomically)."""
+    dirs = {role: os.path.join(directory, role) for role in ROLES}
     os.makedirs(directory, exist_ok=True)
     timings = {}
     phases = {"teacher": (cfg.teacher, cfg.teacher_solve_steps, cfg.teacher_mixed_steps),
@@ -147,5 +236,5 @@ def bootstrap(task: ArithmeticTask, tok: Tokenizer, cfg: BootstrapConfig, direct
         save_hf(model, dirs[role], tokenizer_dir=task.tokenizer_dir)
         timings[role] = time.perf_counter() - start
         log.info("bootstrap: %s trained in %.0f s", role, timings[role])
-    atomic_write_json(meta_file, {**record, "seconds": timings})
+    atomic_write_json(os.path.join(directory, MANIFEST), {**record, "seconds": timings})
     return dirs
