@@ -1,0 +1,123 @@
+"""Trains the embedded task's bootstrap from scratch, measures it at the paper's evaluation protocol, and
+(with --install) ships it in the package (trd_jax/data/bootstrap_models) so that the default run starts
+from it instead of training for minutes.
+
+    python -m trd_jax.tools.ship_bootstrap --workdir DIR [--install] [--set bootstrap.seed=1 ...]
+
+Measured, and written into the manifest (bootstrap.json) beside the settings:
+- the student alone, the OPD teacher (its vanilla context x) and OPSD's teacher (the student shown the
+  reference): Avg@n and Pass@n on the eval split at the default recipe's eval sampling;
+- one step of 128 rollouts: accuracy of the student's rollouts y_o and of the rewrites y_r by the OPD
+  teacher and by OPSD's self-teacher;
+- the student's mistakes per rollout (the step verifier, trd_jax.data.arithmetic.step_errors): the
+  fraction of rollouts with at least one and with more than one wrong step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from trd_jax.recipes import apply_overrides, default_config, method_config, parse_overrides
+
+log = logging.getLogger("ship_bootstrap")
+
+
+def _run(cfg, workdir: str) -> dict:
+    from trd_jax.controller import Trainer
+
+    return Trainer(cfg, workdir).run()
+
+
+def measure(workdir: str, overrides: dict, *, rows: int = 128) -> tuple[dict, dict]:
+    """(bootstrap record of the OPD run, measured figures)."""
+    base = apply_overrides(default_config(), {"bootstrap.from_scratch": True,
+                                              "bootstrap.dir": os.path.join(workdir, "bootstrap"),
+                                              "train.steps": 1, "train.batch_size": rows, "export.enabled": False,
+                                              "log.progress": False, "log.diagnostics": False, **overrides})
+    opd = _run(method_config("trd", "opd", 0, base.copy_and_resolve_references()), os.path.join(workdir, "opd"))
+    opsd_cfg = method_config("trd", "opsd", 0, base.copy_and_resolve_references())
+    opsd_cfg.eval.initial = False
+    opsd = _run(opsd_cfg, os.path.join(workdir, "opsd"))
+    errors = _student_mistakes(opd["bootstrap"]["student"], base, rows=256)
+    brief = lambda e: {k: e[k] for k in ("avg_at_k", "pass_at_k", "n", "num_problems")}  # noqa: E731
+    measured = {
+        "student": brief(opd["initial_eval"]), "teacher": brief(opd["teacher_eval"]),
+        "opsd_teacher": brief(opsd["teacher_eval"]),
+        "rollouts": {"rows": rows, "y_o_accuracy": opd["trajectory_accuracy"]["y_o"],
+                     "opd_y_r_accuracy": opd["trajectory_accuracy"]["y_r"],
+                     "opsd_y_r_accuracy": opsd["trajectory_accuracy"]["y_r"], **errors},
+    }
+    return opd["bootstrap"], measured
+
+
+def _student_mistakes(student_dir: str, cfg, rows: int) -> dict:
+    """Fractions of the student's sampled solutions (eval problems, eval sampling) with >= 1 and > 1 wrong
+    steps, and the mean number of wrong steps."""
+    from trd_jax.api import generate, load_model
+    from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask, step_errors
+    from trd_jax.tokenization import Tokenizer
+
+    task = ArithmeticTask(tempfile.mkdtemp(), ArithmeticConfig(
+        min_steps=cfg.task.min_steps, max_steps=cfg.task.max_steps, max_operand=cfg.task.max_operand,
+        train_size=cfg.task.train_size, eval_size=cfg.task.eval_size, seed=cfg.task.data_seed))
+    tok = Tokenizer.from_dir(student_dir)
+    examples = list(task.split("eval"))[:rows]
+    prompts = [tok.encode_prompt(ex.problem, cfg.task.prompt_mode) for ex in examples]
+    out = generate(load_model(student_dir), prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                   temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seed=0)
+    counts = np.array([len(step_errors(tok.decode(ids, skip_special_tokens=True), task.problem_of(ex)))
+                       for ids, ex in zip(out, examples)])
+    return {"with_a_wrong_step": float(np.mean(counts >= 1)), "with_several_wrong_steps": float(np.mean(counts >= 2)),
+            "mean_wrong_steps": float(counts.mean())}
+
+
+def install(boot: dict, measured: dict, destination: str) -> None:
+    """Copies the teacher and student folders and writes the manifest (settings, measurements, hash) last."""
+    from trd_jax.data.arithmetic_bootstrap import MANIFEST, ROLES, read_manifest
+    from trd_jax.metrics import atomic_write_json
+
+    source = os.path.dirname(boot["teacher"])
+    manifest = read_manifest(source)
+    os.makedirs(destination, exist_ok=True)
+    old = os.path.join(destination, MANIFEST)
+    if os.path.exists(old):
+        os.remove(old)  # an incomplete copy is never taken for a shipped bootstrap
+    for role in ROLES:
+        target = os.path.join(destination, role)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(boot[role], target)
+    atomic_write_json(old, {**manifest, "models_sha256": boot["models_sha256"], "measured": measured})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--install", action="store_true", help="copy into trd_jax/data/bootstrap_models")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    start = time.perf_counter()
+    boot, measured = measure(args.workdir, parse_overrides(args.set))
+    print(json.dumps(measured, indent=1))
+    print(f"bootstrap {boot['identity']} measured in {time.perf_counter() - start:.0f} s")
+    if args.install:
+        from trd_jax.data.arithmetic_bootstrap import SHIPPED_DIR
+
+        install(boot, measured, SHIPPED_DIR)
+        print("installed in", SHIPPED_DIR)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
