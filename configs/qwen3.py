@@ -8,17 +8,18 @@ the reproduction (trd_jax.recipes.METHODS); meshes for a TPU v5p-8, a TPU v5e-16
 
     SETTING   opd | opsd                      (default opd)
     STUDENT   1.7b | 4b                       (default 1.7b; only names the recipe: the path is the model)
-    METHOD    trd | reverse_kl_k1_pg | reverse_kl | forward_kl | forward_kl_clip0.1 | reverse_kl_top32 |
-              jsd0.5 | trd_refine_context | trd_k1_pg | trd_reverse_kl   (default trd)
+    METHOD    a name of trd_jax.recipes.METHODS (default trd): trd | trd_vanilla_context | trd_reverse_kl |
+              trd_k1_pg | trd_refine_wrong_only | trd_fallback_wrong | reverse_kl_k1_pg | reverse_kl |
+              forward_kl | forward_kl_clip0.1 | reverse_kl_top32 | jsd0.5
     HARDWARE  v5p-8 | v5e-16 | h100x8         (default h100x8)
 
-e.g. configs/qwen3.py:opsd,4b,trd,v5p-8. Here "trd" is [code-trd]'s TRD: forward KL on y_r, scored by the
-teacher under the refine prompt. Models and data are local folders and files (no hub downloads).
+e.g. configs/qwen3.py:opsd,4b,trd,v5p-8. "trd" is [code-trd]'s TRD: forward KL on y_r, scored by the
+teacher under the refine prompt; "trd_vanilla_context" scores y_r in the teacher's vanilla context. Models and data are local folders and files (no hub downloads).
 Sources: [code-trd] = the TRD authors' launcher (TRD_SPEC §5); where it differs, [code-ob] or [opsd] is named.
 """
 
 from trd_jax.config import base_config
-from trd_jax.recipes import BASELINE_DEFAULTS, METHODS, apply_overrides
+from trd_jax.recipes import METHODS, apply_overrides
 
 # Devices, and how 128 sequences per step are split: the whole mesh is FSDP (parameters, gradients and
 # optimizer state sharded over every device; the 8B teacher in bf16 is 16 GB, more than a v5e chip holds),
@@ -91,11 +92,5 @@ def get_config(spec: str = ""):
     # base stays frozen, the adapters train in float32, and OPSD's initial teacher is that base with the adapters
     # off (no second copy). --config.lora.enabled=false fine-tunes every weight instead.
     cfg.lora.update(enabled=True, rank=64, alpha=128.0, targets="q,k,v,o,gate,up,down", dropout=0.0)
-    apply_overrides(cfg, dict(BASELINE_DEFAULTS))
-    apply_overrides(cfg, METHODS[method])
-    if method == "trd":
-        # [code-trd] (the paper's code) scores y_r with the teacher under the refine prompt that produced it.
-        # The embedded task's "trd" scores in the vanilla context ([code-ob]) because there the refine
-        # context hurt (README); --config.distill.teacher_context=vanilla gives that here.
-        cfg.distill.teacher_context = "refine"
+    apply_overrides(cfg, METHODS[method].overrides)  # loss, trajectory and teacher context, by the method's name
     return cfg

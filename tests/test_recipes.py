@@ -3,24 +3,58 @@
 import pytest
 
 from trd_jax.config import ConfigError, base_config, resolve
-from trd_jax.recipes import METHODS, default_config, method_config, parse_overrides
+from trd_jax.recipes import BASELINES, METHODS, default_config, get_method, method_config, parse_overrides
+
+REFINE_CONTEXT = ("trd", "trd_refine_wrong_only", "trd_fallback_wrong")  # [code-trd]'s scoring and its ablations
 
 
 @pytest.mark.parametrize("setting", ["opd", "opsd"])
 def test_every_method_resolves(setting):
-    for method in METHODS:
+    for method, m in METHODS.items():
         s = resolve(method_config(method, setting, seed=3))
         assert s.mode == setting and s.seed == 3
-        assert s.trajectory == ("y_r" if method.startswith("trd") else "y_o")
-        assert s.teacher_context == ("refine" if method == "trd_refine_context" else "vanilla")
+        assert s.trajectory == m.trajectory == ("y_r" if method.startswith("trd") else "y_o")
+        assert s.teacher_context == m.teacher_context == ("refine" if method in REFINE_CONTEXT else "vanilla")
+        assert s.loss.name == m.loss and m.describe() == {"loss": m.loss, "trajectory": m.trajectory,
+                                                          "teacher_context": m.teacher_context}
+        assert s.rollout_n == 1
+        assert (s.refine.rows, s.refine.on_wrong_rewrite) == (
+            "wrong" if method == "trd_refine_wrong_only" else "all",
+            "fallback" if method == "trd_fallback_wrong" else "keep")
+    s = resolve(method_config("trd", setting, 0))  # the paper's TRD (TRD_SPEC §3a)
+    assert (s.loss.name, s.trajectory, s.teacher_context) == ("forward_kl", "y_r", "refine")
     assert dict(resolve(method_config("jsd0.5", setting, 0)).loss.params) == {"beta": 0.5}
     assert dict(resolve(method_config("reverse_kl_top32", setting, 0)).loss.params) == {"k": 32}
+
+
+def test_compute_matched_baselines():
+    assert set(BASELINES) == {"reverse_kl_k1_pg", "reverse_kl", "forward_kl", "forward_kl_clip0.1",
+                              "reverse_kl_top32", "jsd0.5"}
+    for name in BASELINES:
+        m = get_method(f"{name}@2x")
+        s = resolve(method_config(f"{name}@2x", "opd", 0))
+        assert s.rollout_n == 2 and s.trajectory == "y_o" and s.loss.name == METHODS[name].loss
+        assert m.describe() == METHODS[name].describe()
+    assert dict(resolve(method_config("forward_kl_clip0.1@2x", "opsd", 0)).loss.params) == {"clip": 0.1}
+    for bad, message in (("trd@2x", "applies to the baselines"), ("forward_kl@3x", "is not one of"),
+                         ("sft", "is not one of")):
+        with pytest.raises(ValueError, match=message):
+            get_method(bad)
+
+
+def test_refine_ablations_need_rewrites():
+    for key, value in (("refine.rows", "wrong"), ("refine.on_wrong_rewrite", "drop")):
+        cfg = method_config("forward_kl", "opd", 0)
+        cfg.refine[key.split(".")[1]] = value
+        with pytest.raises(ConfigError, match=f"config.{key}: .*trajectory='y_o'"):
+            resolve(cfg)
 
 
 def test_default_is_trd_with_bootstrap():
     cfg = default_config()
     s = resolve(cfg)
     assert cfg.bootstrap.enabled and s.trajectory == "y_r" and s.loss.name == "forward_kl" and s.mode == "opd"
+    assert s.teacher_context == "vanilla"  # the method trd_vanilla_context
     assert s.lora is None  # full fine-tuning of the small from-scratch models, as before LoRA existed
 
 
@@ -56,7 +90,7 @@ def test_qwen3_recipes_resolve_with_the_paper_values(setting, hardware, devices)
             assert s.rollout.temperature == 0.6 and s.rollout.top_k == 20 and s.rollout_max_new == 16384
             assert cfg.mesh.fsdp == devices and 128 % (s.micro_batches * devices) == 0  # one row per device
             assert s.student.dtype == "bfloat16"
-            assert s.teacher_context == ("refine" if method in ("trd", "trd_refine_context") else "vanilla")
+            assert s.teacher_context == ("refine" if method in REFINE_CONTEXT else "vanilla")
             assert s.prompt_mode == ("thinking" if student == "1.7b" else "chat")
             # LoRA r 64, alpha 128 on all seven projections [code-trd]
             assert s.lora is not None and (s.lora.rank, s.lora.alpha, s.lora.dropout) == (64, 128.0, 0.0)

@@ -124,7 +124,8 @@ def test_build_renders_chat_template(tok):
     p = build_refine_prompts(tok, [BOXED_X, "1+1?"], ["5", "2"], ["4", "2"], cfg)
     assert p.ids[0] == tok.encode_prompt(refine_prompt_text(BOXED_X, "5", "4", mode="opsd", task="math"), "chat")
     assert tok.decode(p.ids[1]).startswith("<|im_start|>user\n") and tok.decode(p.ids[1]).endswith("assistant\n")
-    assert p.status == ("ok", "ok") and p.counts == {"ok": 2, "truncated": 0, "dropped": 0, "fallback": 0}
+    assert p.status == ("ok", "ok") and p.counts == {"ok": 2, "truncated": 0, "dropped": 0, "fallback": 0,
+                                                     "skipped": 0}
     assert p.generate_rows == (0, 1) and p.full_lengths == tuple(len(i) for i in p.ids)
     plain = build_refine_prompts(tok, ["1+1?"], ["2"], None, RefineConfig(prompt_mode="plain"))
     assert plain.ids[0] == tok.encode(refine_prompt_text("1+1?", "2", mode="opd", task="math"))
@@ -229,7 +230,7 @@ def test_validate_policies_and_counts(tok, empty, capped):
     v = validate_rewrites(_rows(tok, 8), tok.eos_ids, cfg, tokenizer=tok)
     assert v.reasons == ("ok", "empty", "empty", "capped", "ok")
     assert v.actions == ("keep", empty, empty, capped, "keep") and v.lengths == (4, 1, len(_rows(tok, 8)[2]), 8, 8)
-    expected = {"ok": 2, "empty": 2, "capped": 1, "prompt_over_budget": 0, "keep": 2, "fallback": 0, "drop": 0}
+    expected = {"ok": 2, "empty": 2, "capped": 1, "prompt_over_budget": 0, "not_sent": 0, "keep": 2, "fallback": 0, "drop": 0}
     for a in (empty, empty, capped):
         expected[a] += 1
     assert v.counts == expected and sum(v.counts[a] for a in ("keep", "fallback", "drop")) == 5
@@ -285,6 +286,22 @@ def test_validate_with_prompts_covers_whole_batch(tok, prompt_policy, action):
         validate_rewrites([[5, eos]] * 3, tok.eos_ids, cfg, prompts=p)
 
 
+def test_rows_not_sent_are_skipped_and_train_on_y_o(tok):
+    cfg = RefineConfig(rewrite_budget=8, rows="wrong")
+    p = build_refine_prompts(tok, ["1+1?"] * 3, ["3", "2", "4"], None, cfg, send=[True, False, True])
+    assert p.status == ("ok", "skipped", "ok") and p.ids[1] is None and p.full_lengths[1] == 0
+    assert p.generate_rows == (0, 2) and p.counts["skipped"] == 1 and p.counts["ok"] == 2
+    eos = tok.eos_id
+    y_r = [[5, eos], [6, eos]]
+    v = validate_rewrites(y_r, tok.eos_ids, cfg, prompts=p)
+    assert v.reasons == ("ok", "not_sent", "ok") and v.actions == ("keep", "fallback", "keep")
+    assert v.rewrite_index == (0, -1, 1) and v.counts["not_sent"] == 1 and v.counts["fallback"] == 1
+    sel = select_trajectories([[10, eos], [11, eos], [12, eos]], y_r, v)
+    assert sel.rows == [[5, eos], [11, eos], [6, eos]] and sel.sources == ("y_r", "y_o", "y_r")
+    with pytest.raises(ValueError, match="send: 2 rows, expected 3"):
+        build_refine_prompts(tok, ["1+1?"] * 3, ["3", "2", "4"], None, cfg, send=[True, False])
+
+
 # ---- selection ---------------------------------------------------------------------------------
 
 
@@ -333,12 +350,14 @@ def test_config_defaults():
     cfg = RefineConfig()
     assert (cfg.mode, cfg.task, cfg.prompt_mode) == ("opd", "math", "chat")
     assert (cfg.on_prompt_over_budget, cfg.on_empty_rewrite, cfg.on_capped_rewrite) == ("drop", "error", "keep")
+    assert (cfg.rows, cfg.on_wrong_rewrite) == ("all", "keep")  # [code-trd]: every row refined, no filter
 
 
 @pytest.mark.parametrize("field,value", [
     ("mode", "rl"), ("task", "poetry"), ("prompt_mode", "raw"), ("prompt_budget", 0), ("rewrite_budget", -1),
     ("rewrite_budget", 1.5), ("truncation_margin", -1), ("on_prompt_over_budget", "keep"),
-    ("on_empty_rewrite", "keep"), ("on_capped_rewrite", "truncate"),
+    ("on_empty_rewrite", "keep"), ("on_capped_rewrite", "truncate"), ("rows", "right"),
+    ("on_wrong_rewrite", "error"),
 ])
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=rf"RefineConfig\.{field}="):

@@ -95,3 +95,69 @@ def test_prompt_budget_and_capped_rows(setup):
     flags = tj.capped([[1, 2, 3], [4, 5, tok.eos_id], [4, tok.eos_id]], tok.eos_ids, 3)
     assert flags.tolist() == [True, False, False]
     assert np.all(rows.y_o_reward == 0.0)
+
+
+def _graded(rows, rewards):
+    out = _copy(rows)
+    out.y_o_reward = np.asarray(rewards, np.float32)
+    return out
+
+
+def test_refine_wrong_rows_only_sends_wrong_rollouts(setup):
+    _, tok, base = setup
+    rows = _graded(base, [1.0, 0.0, 1.0, 0.0])
+    eos = tok.eos_id
+    calls = []
+
+    def generate(ids):
+        calls.append(ids)
+        return [[40, eos], [41, eos]]
+
+    tj.refine(rows, tok, RefineConfig(prompt_budget=512, rewrite_budget=6, rows="wrong"), generate)
+    # Only rows 1 and 3 (graded wrong) reach the teacher; rows 0 and 2 train on y_o and cost no refine tokens.
+    assert len(calls) == 1 and len(calls[0]) == 2
+    assert "The answer is 1" in tok.decode(calls[0][0]) and "The answer is 3" in tok.decode(calls[0][1])
+    assert rows.refine_prompts.generate_rows == (1, 3) and rows.refine_prompts.counts["skipped"] == 2
+    assert rows.verdicts.counts["not_sent"] == 2 and rows.verdicts.counts["keep"] == 2
+    assert rows.sources == ["y_o", "y_r", "y_o", "y_r"]
+    assert rows.responses == [base.y_o[0], [40, eos], base.y_o[2], [41, eos]]
+    vanilla = tj.vanilla_contexts(tok, rows.examples, rows.prompts, mode="opd", task_kind="math", prompt_mode="chat")
+    tj.choose_teacher_contexts(rows, vanilla, "refine")
+    assert rows.teacher_contexts[0] == rows.prompts[0] and rows.teacher_contexts[2] == rows.prompts[2]
+    assert rows.teacher_contexts[1] == list(rows.refine_prompts.ids[1])
+    batch = distill_batch(rows.prompts, rows.responses, rows.teacher_contexts, pad_id=tok.pad_id)
+    assert batch.response_mask.shape[0] == 4 and batch.response_mask.sum(axis=1).tolist() == [
+        len(base.y_o[0]), 2, len(base.y_o[2]), 2]
+
+    # Every rollout correct: the teacher is not called at all.
+    rows = _graded(base, [1.0] * 4)
+    tj.refine(rows, tok, RefineConfig(prompt_budget=512, rewrite_budget=6, rows="wrong"),
+              lambda ids: pytest.fail("no row should reach the teacher"))
+    assert rows.sources == ["y_o"] * 4 and rows.y_r == [] and rows.responses == base.y_o
+
+
+@pytest.mark.parametrize("policy,sources,counts", [
+    ("keep", ["y_r", "y_r", "y_r", "dropped"], (2, 0, 0)),
+    ("fallback", ["y_r", "y_o", "y_o", "dropped"], (0, 2, 0)),
+    ("drop", ["y_r", "dropped", "dropped", "dropped"], (0, 0, 2)),
+])
+def test_wrong_rewrites_are_kept_fall_back_or_dropped(setup, policy, sources, counts):
+    _, tok, base = setup
+    rows = _copy(base)
+    eos = tok.eos_id
+    outputs = [[40, eos], [41, eos], [42, eos], [eos]]  # the last is empty: dropped by on_empty_rewrite
+    tj.refine(rows, tok, RefineConfig(prompt_budget=512, rewrite_budget=6, on_empty_rewrite="drop",
+                                      on_wrong_rewrite=policy), lambda ids: outputs)
+    rows.y_r_reward = np.array([1.0, 0.0, 0.0, 0.0], np.float32)  # graded: row 0 right, rows 1-2 wrong
+    got = tj.apply_wrong_rewrites(rows, policy)
+    assert got == dict(zip(tj.WRONG_REWRITE_COUNTERS, counts))
+    assert rows.sources == sources
+    expected = {"y_r": outputs, "y_o": base.y_o}
+    assert rows.responses == [expected[src][b] if src != "dropped" else [] for b, src in enumerate(sources)]
+    vanilla = tj.vanilla_contexts(tok, rows.examples, rows.prompts, mode="opd", task_kind="math", prompt_mode="chat")
+    tj.choose_teacher_contexts(rows, vanilla, "refine")
+    for b, src in enumerate(sources):  # only rows still on y_r are scored under their refine prompt
+        assert rows.teacher_contexts[b] == (list(rows.refine_prompts.ids[b]) if src == "y_r" else rows.prompts[b])
+    batch = distill_batch(rows.prompts, rows.responses, rows.teacher_contexts, pad_id=tok.pad_id)
+    assert batch.response_mask.shape[0] == 4  # shapes unchanged: a dropped row keeps its place, all-false mask
+    assert [bool(m.any()) for m in batch.response_mask] == [src != "dropped" for src in sources]

@@ -159,6 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
         on_empty_rewrite="error",  # error (both reference repos) | drop | fallback
         on_capped_rewrite="keep",  # keep ([code-trd]) | drop | fallback | error
         truncation_margin=16,  # tokens left free when truncating ([code-trd])
+        rows="all",  # refined rows: all ([code-trd]) | wrong (ablation: only y_o graded wrong; correct y_o trains as is)
+        on_wrong_rewrite="keep",  # y_r graded wrong: keep ([code-trd]: no filter) | fallback (to y_o) | drop the row
         # Sampling of y_r; -1 takes the rollout's value (both reference repos sample y_r like y_o).
         temperature=-1.0, top_k=-1, top_p=-1.0,
     ))
@@ -505,6 +507,11 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
     if teacher_context == "refine" and trajectory == "y_o":
         raise ConfigError("distill.teacher_context", "'refine' conditions the teacher on the refine prompt that "
                                                      "produced y_r; with trajectory='y_o' use 'vanilla'")
+    if trajectory == "y_o":
+        for key, default in (("refine.rows", "all"), ("refine.on_wrong_rewrite", "keep")):
+            if _get(cfg, key) != default:
+                raise ConfigError(key, f"{_get(cfg, key)!r} applies to rewrites (distill.trajectory='y_r'); with "
+                                       f"trajectory='y_o' leave it {default!r}")
     opsd_teacher = _choice(cfg, "distill.opsd_teacher", OPSD_TEACHER_MODES)
     ema_decay = None
     if mode == "opsd" and opsd_teacher == "ema":

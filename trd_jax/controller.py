@@ -473,7 +473,9 @@ class Trainer:
             with timer.phase("grade") as span:
                 rows.y_r_reward = trajectories.grade(self.task, tok, rows.y_r, [row_examples[b] for b in sent])
                 span.tokens = sum(map(len, rows.y_r))
-            self._refine_metrics(rows, metrics)
+            # Before the teacher contexts are chosen: a row that falls back to y_o is scored in the vanilla context.
+            wrong = trajectories.apply_wrong_rewrites(rows, s.refine.on_wrong_rewrite)
+            self._refine_metrics(rows, metrics, wrong)
         else:
             trajectories.use_rollouts(rows)
         vanilla = trajectories.vanilla_contexts(tok, row_examples, rows.prompts, mode=s.mode, task_kind=self.task.kind,
@@ -526,11 +528,13 @@ class Trainer:
         key = f"flops/{phase}"
         self.counters[key] = self.counters.get(key, 0.0) + estimate_flops(num_params, tokens, kind=kind)
 
-    def _refine_metrics(self, rows: trajectories.StepRows, metrics: dict) -> None:
+    def _refine_metrics(self, rows: trajectories.StepRows, metrics: dict, wrong: dict[str, int]) -> None:
         for status, count in rows.refine_prompts.counts.items():
             self._count(metrics, f"refine_prompt_{status}", count)
         for reason, count in rows.verdicts.counts.items():
             self._count(metrics, f"rewrite_{reason}", count)
+        for outcome, count in wrong.items():  # rewrites graded wrong: kept, replaced by y_o, or dropped
+            self._count(metrics, outcome, count)
         self._count(metrics, "fallback_to_y_o", sum(src == "y_o" for src in rows.sources))
         lengths = [len(r) for r in rows.y_r]
         self._count(metrics, "y_r_generated", len(lengths))
@@ -539,7 +543,9 @@ class Trainer:
         metrics.update({"accuracy/y_r": float(rows.y_r_reward.mean()) if lengths else 0.0,
                         "length/y_r": float(np.mean(lengths)) if lengths else 0.0,
                         "capped/y_r": float(capped.mean()) if lengths else 0.0,
-                        "length/refine_prompt": float(np.mean(rows.refine_prompts.full_lengths))})
+                        "length/refine_prompt": float(np.mean([n for n, st in zip(rows.refine_prompts.full_lengths,
+                                                                              rows.refine_prompts.status)
+                                                                  if st != "skipped"] or [0]))})
 
     def _diagnostics(self, rows, batch: DistillBatch, scored, teacher_params, vanilla, metrics: dict) -> None:
         """Prefix-failure diagnostics (trd_jax/diagnostics.py) on the trained batch and, for TRD, on the

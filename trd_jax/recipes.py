@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import ml_collections
@@ -32,22 +33,74 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-# The paper's comparison (TRD_SPEC §4): TRD and the token-level baselines, as overrides of a recipe.
-METHODS: dict[str, dict[str, object]] = {
-    "trd": {"distill.trajectory": "y_r", "distill.teacher_context": "vanilla", "loss.name": "forward_kl"},
-    "trd_refine_context": {"distill.trajectory": "y_r", "distill.teacher_context": "refine", "loss.name": "forward_kl"},
-    # [code-ob]'s TRD trains y_r with its OPD loss, the sampled-token k1 reverse KL in PG form (TRD_SPEC §3).
-    "trd_k1_pg": {"distill.trajectory": "y_r", "distill.teacher_context": "vanilla", "loss.name": "k1_policy_gradient"},
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One method of the comparison, named by what it trains: ``loss`` (a loss of trd_jax.losses, by its
+    config name), ``trajectory`` ("y_o": the student's rollout | "y_r": the teacher's rewrite) and
+    ``teacher_context`` ("vanilla": x for OPD, x + y* for OPSD | "refine": the refine prompt that produced
+    y_r); ``extra``: further config overrides (loss parameters, refine ablations, rollouts per prompt)."""
+
+    loss: str
+    trajectory: str = "y_o"
+    teacher_context: str = "vanilla"
+    extra: tuple[tuple[str, object], ...] = ()
+    note: str = ""
+
+    @property
+    def overrides(self) -> dict[str, object]:
+        return {"distill.trajectory": self.trajectory, "distill.teacher_context": self.teacher_context,
+                "loss.name": self.loss, **dict(self.extra)}
+
+    def describe(self) -> dict[str, str]:
+        """The machine-readable fields a results row reports."""
+        return {"loss": self.loss, "trajectory": self.trajectory, "teacher_context": self.teacher_context}
+
+
+def _trd(**kw) -> Method:
+    return Method(**{"loss": "forward_kl", "trajectory": "y_r", "teacher_context": "refine", **kw})
+
+
+# The paper's comparison (TRD_SPEC §3-4): TRD, its variants and ablations, and the token-level baselines.
+METHODS: dict[str, Method] = {
+    # The paper's TRD ([code-trd], TRD_SPEC §3a): forward KL, full vocabulary, on y_r, teacher under the refine prompt.
+    "trd": _trd(note="[code-trd]"),
+    # Variants: the same trajectory, another teacher context or loss.
+    "trd_vanilla_context": _trd(teacher_context="vanilla", note="y_r scored by the teacher in its vanilla context"),
     # Full reverse KL on y_r: mode-seeking, it can pick one mode of a bimodal teacher instead of averaging.
-    "trd_reverse_kl": {"distill.trajectory": "y_r", "distill.teacher_context": "vanilla", "loss.name": "reverse_kl"},
-    "reverse_kl_k1_pg": {"loss.name": "k1_policy_gradient"},
-    "reverse_kl": {"loss.name": "reverse_kl"},
-    "forward_kl": {"loss.name": "forward_kl"},
-    "forward_kl_clip0.1": {"loss.name": "forward_kl_clipped", "loss.kl_clip": 0.1},
-    "reverse_kl_top32": {"loss.name": "reverse_kl_topk", "loss.top_k": 32},
-    "jsd0.5": {"loss.name": "jsd", "loss.jsd_beta": 0.5},
+    "trd_reverse_kl": _trd(loss="reverse_kl", teacher_context="vanilla"),
+    # [code-ob]'s TRD: its OPD loss, the sampled-token k1 reverse KL in PG form, on y_r in the vanilla context (§3b).
+    "trd_k1_pg": _trd(loss="k1_policy_gradient", teacher_context="vanilla", note="[code-ob]"),
+    # Ablations of the paper's TRD.
+    "trd_refine_wrong_only": _trd(extra=(("refine.rows", "wrong"),), note="only rollouts graded wrong are refined"),
+    "trd_fallback_wrong": _trd(extra=(("refine.on_wrong_rewrite", "fallback"),),
+                               note="a rewrite graded wrong is replaced by its y_o"),
+    # Token-level baselines (TRD_SPEC §4), on y_o in the vanilla context.
+    "reverse_kl_k1_pg": Method("k1_policy_gradient"),
+    "reverse_kl": Method("reverse_kl"),
+    "forward_kl": Method("forward_kl"),
+    "forward_kl_clip0.1": Method("forward_kl_clipped", extra=(("loss.kl_clip", 0.1),)),
+    "reverse_kl_top32": Method("reverse_kl_topk", extra=(("loss.top_k", 32),)),
+    "jsd0.5": Method("jsd", extra=(("loss.jsd_beta", 0.5),)),
 }
-BASELINE_DEFAULTS = {"distill.trajectory": "y_o", "distill.teacher_context": "vanilla"}
+BASELINES = tuple(name for name, m in METHODS.items() if m.trajectory == "y_o")
+# Compute-matched baselines: "<baseline>@2x" samples two rollouts per prompt (rollout.n = 2), so that a step
+# generates as many tokens as a TRD step's y_o + y_r.
+COMPUTE_MATCHED = "@2x"
+
+
+def get_method(name: str) -> Method:
+    """METHODS[name], or a baseline's compute-matched variant "<baseline>@2x"; a clear error otherwise."""
+    base, suffix, rest = name.partition(COMPUTE_MATCHED)
+    if suffix and not rest:
+        if base not in BASELINES:
+            raise ValueError(f"method {name!r}: {COMPUTE_MATCHED} applies to the baselines "
+                             f"({', '.join(BASELINES)}), not {base!r}")
+        m = METHODS[base]
+        return dataclasses.replace(m, extra=(*m.extra, ("rollout.n", 2)),
+                                   note=f"{base} with two rollouts per prompt (compute-matched to TRD)")
+    if name not in METHODS:
+        raise ValueError(f"method {name!r} is not one of {', '.join(METHODS)} (or <baseline>{COMPUTE_MATCHED})")
+    return METHODS[name]
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:
@@ -76,9 +129,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, object]
 
 def method_config(method: str, setting: str, seed: int, base: ml_collections.ConfigDict | None = None
                   ) -> ml_collections.ConfigDict:
-    """`base` (default: default_config()) with the method's overrides, the setting (opd | opsd) and the seed."""
-    cfg = apply_overrides(base if base is not None else default_config(), dict(BASELINE_DEFAULTS))
-    apply_overrides(cfg, METHODS[method])
+    """`base` (default: default_config()) with the method's overrides (a METHODS name or "<baseline>@2x"),
+    the setting (opd | opsd) and the seed."""
+    cfg = apply_overrides(base if base is not None else default_config(), get_method(method).overrides)
     cfg.distill.mode = setting
     cfg.seed = seed
     return cfg

@@ -32,6 +32,8 @@ TASKS = ("math", "code")
 PROMPT_POLICIES = ("drop", "error", "truncate", "fallback")
 EMPTY_POLICIES = ("error", "drop", "fallback")
 CAPPED_POLICIES = ("keep", "drop", "fallback", "error")
+ROW_SELECTIONS = ("all", "wrong")
+WRONG_REWRITE_POLICIES = ("keep", "fallback", "drop")
 
 # The answer-format sentence math prompts end with; data pipelines may import it to build x.
 MATH_ANSWER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -98,11 +100,19 @@ class RefineConfig:
     # y_r that hit rewrite_budget without EOS: "keep" as is ([code-trd], §3a) | "drop" | "fallback" | "error".
     on_capped_rewrite: str = "keep"
     truncation_margin: int = 16  # tokens left free under the budget when truncating ([code-trd], §7.3)
+    # Rows sent to the teacher: "all" ([code-trd]: every rollout is refined) | "wrong" (an ablation: only
+    # rollouts graded wrong, reward < 0.5; a correct y_o is trained on as is, costs no refine tokens, and is
+    # scored in the vanilla context).
+    rows: str = "all"
+    # A rewrite graded wrong (reward < 0.5): "keep" ([code-trd] has no correctness filter) | "fallback" (the
+    # row trains on its y_o) | "drop" (the row). Applied after grading y_r (trajectories.apply_wrong_rewrites).
+    on_wrong_rewrite: str = "keep"
 
     def __post_init__(self):
         choices = {"mode": MODES, "task": TASKS, "prompt_mode": PROMPT_MODES,
                    "on_prompt_over_budget": PROMPT_POLICIES, "on_empty_rewrite": EMPTY_POLICIES,
-                   "on_capped_rewrite": CAPPED_POLICIES}
+                   "on_capped_rewrite": CAPPED_POLICIES, "rows": ROW_SELECTIONS,
+                   "on_wrong_rewrite": WRONG_REWRITE_POLICIES}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"RefineConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(valid)}")
@@ -183,8 +193,9 @@ def vanilla_teacher_context(problem: str, reference: str | None = None, *, mode:
 
 class RefinePrompts(NamedTuple):
     """Per batch row: ``ids`` the rendered refine prompt (None when the row is not sent to the
-    teacher), ``status`` "ok" | "truncated" (sent) | "dropped" | "fallback" (not sent), and
-    ``full_lengths`` the rendered token count before any truncation."""
+    teacher), ``status`` "ok" | "truncated" (sent) | "dropped" | "fallback" (over budget, not sent) |
+    "skipped" (not chosen for refinement, e.g. refine.rows="wrong" and y_o graded correct; not rendered),
+    and ``full_lengths`` the rendered token count before any truncation (0 for skipped rows)."""
 
     ids: tuple[list[int] | None, ...]
     status: tuple[str, ...]
@@ -202,7 +213,7 @@ class RefinePrompts(NamedTuple):
     @property
     def counts(self) -> dict[str, int]:
         c = Counter(self.status)
-        return {s: c[s] for s in ("ok", "truncated", "dropped", "fallback")}
+        return {s: c[s] for s in ("ok", "truncated", "dropped", "fallback", "skipped")}
 
 
 def _cut(tok: Tokenizer, ids: list[int], keep: int, text: str) -> str:
@@ -238,18 +249,29 @@ def _truncate(tok: Tokenizer, cfg: RefineConfig, row: int, problem: str, attempt
 
 
 def build_refine_prompts(tokenizer: Tokenizer, problems: Sequence[str], attempts: Sequence[str],
-                         references: Sequence[str | None] | None, cfg: RefineConfig) -> RefinePrompts:
+                         references: Sequence[str | None] | None, cfg: RefineConfig,
+                         send: Sequence[bool] | None = None) -> RefinePrompts:
     """Renders one refine prompt per row (problem x, attempt y_o decoded without special tokens,
-    reference y* for OPSD) and applies ``cfg.prompt_budget`` per ``cfg.on_prompt_over_budget``."""
+    reference y* for OPSD) and applies ``cfg.prompt_budget`` per ``cfg.on_prompt_over_budget``.
+    ``send`` (bool per row, default all true): rows marked false are not rendered nor sent (status
+    "skipped"); they train on their y_o."""
     n = len(problems)
     if len(attempts) != n:
         raise ValueError(f"attempts: {len(attempts)} rows, expected {n} (one per problem)")
+    send = [True] * n if send is None else [bool(v) for v in send]
+    if len(send) != n:
+        raise ValueError(f"send: {len(send)} rows, expected {n} (one per problem)")
     if references is None:
         references = [None] * n
     elif len(references) != n:
         raise ValueError(f"references: {len(references)} rows, expected {n} (one per problem)")
     ids_out, status, full_lengths = [], [], []
     for i, (x, y_o, ref) in enumerate(zip(problems, attempts, references)):
+        if not send[i]:
+            ids_out.append(None)
+            status.append("skipped")
+            full_lengths.append(0)
+            continue
         ref = ref if cfg.mode == "opsd" else None  # the reference is privileged: OPSD only
         if cfg.mode == "opsd" and not (ref and ref.strip()):
             raise ValueError(f"references[{i}]: OPSD refine prompts need a reference solution, got {ref!r}")
@@ -291,7 +313,8 @@ def _as_rows(rows: Any, name: str) -> list[list[int]]:
 
 class RewriteVerdicts(NamedTuple):
     """Per batch row: ``reasons`` "ok" | "empty" | "capped" | "prompt_over_budget" (no rewrite was
-    generated), ``actions`` "keep" (train on y_r) | "fallback" (train on y_o) | "drop",
+    generated) | "not_sent" (the row was skipped, see RefinePrompts), ``actions`` "keep" (train on y_r) |
+    "fallback" (train on y_o; a not_sent row always) | "drop",
     ``rewrite_index`` the row's index among the rewrites (-1 when none) and ``lengths`` its tokens."""
 
     reasons: tuple[str, ...]
@@ -309,7 +332,7 @@ class RewriteVerdicts(NamedTuple):
         """Rows per reason and per action. Under one config each reason maps to one action, so these
         say how many rows were dropped or fell back, and why."""
         r, a = Counter(self.reasons), Counter(self.actions)
-        return {**{k: r[k] for k in ("ok", "empty", "capped", "prompt_over_budget")},
+        return {**{k: r[k] for k in ("ok", "empty", "capped", "prompt_over_budget", "not_sent")},
                 **{k: a[k] for k in ("keep", "fallback", "drop")}}
 
 
@@ -324,7 +347,7 @@ def validate_rewrites(rewrites: Any, eos_ids: Sequence[int], cfg: RefineConfig, 
     A row longer than the budget, one that stops early without EOS (aborted) or has an EOS before its
     end is inconsistent input and raises. With ``prompts``, the rewrites are those of
     ``prompts.generate_rows`` and the verdicts cover the whole batch: rows whose prompt was dropped or
-    fell back get reason "prompt_over_budget".
+    fell back get reason "prompt_over_budget", skipped rows reason "not_sent" (action "fallback").
     """
     rows = _as_rows(rewrites, "rewrites")
     eos = {int(e) for e in eos_ids}
@@ -340,8 +363,9 @@ def validate_rewrites(rewrites: Any, eos_ids: Sequence[int], cfg: RefineConfig, 
     reasons, actions, rewrite_index, lengths = [], [], [], []
     for b in batch_rows:
         j = index.get(b, -1)
-        if j < 0:  # the refine prompt was over budget: dropped, or falls back to y_o
-            reasons.append("prompt_over_budget")
+        if j < 0:  # not sent (trains on y_o), or the refine prompt was over budget: dropped, or falls back to y_o
+            skipped = prompts.status[b] == "skipped"
+            reasons.append("not_sent" if skipped else "prompt_over_budget")
             actions.append("drop" if prompts.status[b] == "dropped" else "fallback")
             rewrite_index.append(-1)
             lengths.append(0)

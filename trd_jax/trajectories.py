@@ -72,10 +72,12 @@ def refine(rows: StepRows, tokenizer: Tokenizer, cfg: RefineConfig,
            generate: Callable[[list[list[int]]], list[list[int]]]) -> None:
     """Builds refine prompts from y_o (decoded without special tokens), lets ``generate`` write y_r for the
     rows sent, validates every rewrite before choosing any trajectory (TRD_SPEC §7.1), and fills
-    rows.refine_prompts / verdicts / y_r / responses / sources."""
+    rows.refine_prompts / verdicts / y_r / responses / sources. With ``cfg.rows == "wrong"`` only rows
+    whose y_o was graded wrong (rows.y_o_reward < 0.5) are sent; the others train on y_o."""
     attempts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows.y_o]
+    send = None if cfg.rows == "all" else (np.asarray(rows.y_o_reward) < 0.5).tolist()
     prompts = build_refine_prompts(tokenizer, [ex.problem for ex in rows.examples], attempts,
-                                   [ex.reference for ex in rows.examples], cfg)
+                                   [ex.reference for ex in rows.examples], cfg, send=send)
     y_r = generate(prompts.generate_ids) if prompts.generate_rows else []
     verdicts = validate_rewrites(y_r, tokenizer.eos_ids, cfg, tokenizer=tokenizer, prompts=prompts)
     chosen = select_trajectories(rows.y_o, y_r, verdicts)
@@ -86,6 +88,28 @@ def refine(rows: StepRows, tokenizer: Tokenizer, cfg: RefineConfig,
         response, source = next(picked) if kept else ([], "dropped")
         rows.responses.append(response)
         rows.sources.append(source)
+
+
+WRONG_REWRITE_COUNTERS = ("y_r_wrong_kept", "y_r_wrong_fallback", "y_r_wrong_dropped")
+
+
+def apply_wrong_rewrites(rows: StepRows, policy: str) -> dict[str, int]:
+    """After y_r is graded (rows.y_r_reward): each row training on a rewrite graded wrong (reward < 0.5)
+    keeps it ("keep"), trains on its own y_o instead ("fallback") or is dropped ("drop": empty response,
+    all-false mask). Returns the rows per outcome, WRONG_REWRITE_COUNTERS (the rows whose y_r is right
+    or was never trained on are not counted)."""
+    if policy not in ("keep", "fallback", "drop"):
+        raise ValueError(f"on_wrong_rewrite={policy!r}: must be one of keep, fallback, drop")
+    counts = dict.fromkeys(WRONG_REWRITE_COUNTERS, 0)
+    for b, source in enumerate(rows.sources):
+        if source != "y_r" or rows.y_r_reward[rows.verdicts.rewrite_index[b]] >= 0.5:
+            continue
+        if policy == "fallback":
+            rows.responses[b], rows.sources[b] = list(rows.y_o[b]), "y_o"
+        elif policy == "drop":
+            rows.responses[b], rows.sources[b] = [], "dropped"
+        counts[{"keep": "y_r_wrong_kept", "fallback": "y_r_wrong_fallback", "drop": "y_r_wrong_dropped"}[policy]] += 1
+    return counts
 
 
 def use_rollouts(rows: StepRows) -> None:

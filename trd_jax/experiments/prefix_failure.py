@@ -55,7 +55,7 @@ def _teacher_tokens(trainer, prompts, responses, contexts):
 def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict | None = None) -> dict:
     from trd_jax.controller import Trainer
 
-    cfg = method_config("trd", setting, seed)
+    cfg = method_config("trd_vanilla_context", setting, seed)  # the default recipe's TRD
     apply_overrides(cfg, {"bootstrap.dir": os.path.join(workdir, "bootstrap"), "log.progress": False,
                           "train.batch_size": prompts, **(overrides or {})})
     trainer = Trainer(cfg, os.path.join(workdir, f"prefix_failure_{setting}"))

@@ -1,13 +1,27 @@
-"""The paper's comparison at small scale: TRD against every token-level baseline, in the OPD and OPSD
-settings, several seeds, on the embedded task with equal budgets.
+"""The paper's comparison at small scale: TRD, its variants and ablations against every token-level baseline
+(and compute-matched baselines), in the OPD and OPSD settings, several bootstraps and seeds, on the embedded
+task with equal budgets.
 
-    python -m trd_jax.experiments.reproduce --workdir DIR [--seeds 3] [--steps 30] [--settings opd,opsd]
+    python -m trd_jax.experiments.reproduce --workdir DIR [--quick] [--bootstraps 3] [--seeds 5] [--steps 40]
+        [--settings opd,opsd] [--methods trd,forward_kl,forward_kl@2x,...] [--set KEY=VALUE ...]
 
-All runs share one bootstrap (DIR/bootstrap): the same initial student and teacher. Each run is an ordinary
-training run in DIR/runs/<setting>-<method>-s<seed> (a finished run is not repeated; an interrupted one
-resumes from its checkpoint). Results: DIR/results.md (mean and standard deviation over seeds of the final
-Avg@n and Pass@k, the cost per step of each method, prefix-failure diagnostics) and the plots
-DIR/accuracy.png (accuracy against step) and DIR/diagnostics.png (diagnostics against step).
+Bootstraps: bootstrap b trains its own initial student and teacher (DIR/bootstrap for b = 0, else
+DIR/bootstrap-b; overrides bootstrap.seed=b and task.data_seed=b, so each has its own task sample too).
+Each run is an ordinary training run in DIR/runs/b<b>/<setting>-<method>-s<seed> (a finished run is not
+repeated; an interrupted one resumes from its checkpoint) and keeps its final student as a Hugging Face
+folder in its export/. Methods are the names of trd_jax.recipes.METHODS, or "<baseline>@2x": that baseline
+with two rollouts per prompt, as many generated tokens per step as TRD's y_o + y_r.
+
+Defaults: 3 bootstraps x 5 seeds x every method (ablations, variants, forward_kl@2x and reverse_kl@2x
+included) x both settings (several hours on 2 CPU cores). --quick: 1 bootstrap, 2 seeds, the methods
+trd, trd_vanilla_context, forward_kl and reverse_kl, OPD and OPSD (16 runs and one bootstrap: about 20
+minutes on 2 cores); explicit flags override either.
+
+Results: DIR/results.json (machine-readable: per setting and method, a row per bootstrap and one pooled
+over bootstraps, with the final Avg@n and its 95% bootstrap interval over seeds and problems, Pass@k,
+cost per step; TRD against every other method, paired differences with intervals), DIR/results.md (the
+same as tables) and the plots DIR/accuracy.png (accuracy against step, cumulative generated tokens and
+cumulative FLOPs), DIR/pass_at_k.png (Pass@k of the final students) and DIR/diagnostics.png.
 """
 
 from __future__ import annotations
@@ -21,23 +35,35 @@ import time
 
 import numpy as np
 
-from trd_jax.recipes import METHODS, apply_overrides, default_config, method_config, parse_overrides
+from trd_jax import stats
+from trd_jax.evaluation import pass_at_k
+from trd_jax.metrics import atomic_write_json, atomic_write_text
+from trd_jax.recipes import METHODS, apply_overrides, default_config, get_method, method_config, parse_overrides
 
 log = logging.getLogger("reproduce")
 SETTINGS = ("opd", "opsd")
+FULL_METHODS = (*METHODS, "forward_kl@2x", "reverse_kl@2x")
+QUICK = {"bootstraps": 1, "seeds": 2, "methods": ("trd", "trd_vanilla_context", "forward_kl", "reverse_kl")}
+FULL = {"bootstraps": 3, "seeds": 5, "methods": FULL_METHODS}
+REFERENCE = "trd"  # the method every other one is compared with
+FLOP_PHASES = ("rollout", "refine", "score", "update")
 DIAGNOSTICS = ("diag/trained/advantage_sign_flip_rate", "diag/trained/teacher_entropy",
                "diag/trained/teacher_top2_gap", "diag/trained/teacher_nll")
 
 
-def run_dir(workdir: str, setting: str, method: str, seed: int) -> str:
-    return os.path.join(workdir, "runs", f"{setting}-{method}-s{seed}")
+def bootstrap_dir(workdir: str, bootstrap: int) -> str:
+    return os.path.join(workdir, "bootstrap" if bootstrap == 0 else f"bootstrap-{bootstrap}")
+
+
+def run_dir(workdir: str, setting: str, method: str, seed: int, bootstrap: int = 0) -> str:
+    return os.path.join(workdir, "runs", f"b{bootstrap}", f"{setting}-{method}-s{seed}")
 
 
 def run_one(workdir: str, setting: str, method: str, seed: int, steps: int, eval_every: int,
-            overrides: dict) -> dict:
+            overrides: dict, bootstrap: int = 0) -> dict:
     from trd_jax.controller import Trainer
 
-    out = run_dir(workdir, setting, method, seed)
+    out = run_dir(workdir, setting, method, seed, bootstrap)
     done = os.path.join(out, "summary.json")
     if os.path.isfile(done):
         with open(done) as f:
@@ -45,93 +71,274 @@ def run_one(workdir: str, setting: str, method: str, seed: int, steps: int, eval
         if summary.get("status") == "completed":
             return summary
     cfg = method_config(method, setting, seed)
-    apply_overrides(cfg, {"train.steps": steps, "eval.every": eval_every, "bootstrap.dir":
-                          os.path.join(workdir, "bootstrap"), "log.progress": False, "export.enabled": False,
-                          **overrides})
+    apply_overrides(cfg, {"train.steps": steps, "eval.every": eval_every, "bootstrap.dir": bootstrap_dir(workdir, bootstrap),
+                          "bootstrap.seed": bootstrap, "task.data_seed": bootstrap, "log.progress": False,
+                          "export.enabled": True, **overrides})
     start = time.perf_counter()
     summary = Trainer(cfg, out).run()
-    log.info("%s %s seed %d: Avg %.3f -> %.3f in %.0f s", setting, method, seed,
+    log.info("bootstrap %d %s %s seed %d: Avg %.3f -> %.3f in %.0f s", bootstrap, setting, method, seed,
              summary["initial_eval"]["avg_at_k"], summary["final_eval"]["avg_at_k"], time.perf_counter() - start)
     return summary
 
 
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def _metrics(path: str) -> list[dict]:
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    file = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(file):
+        return []
+    with open(file) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def _mean_std(values) -> str:
-    v = np.asarray(values, np.float64) * 100
-    return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
+def _correct_counts(path: str, ev: dict) -> tuple[list[int], int]:
+    """Per-problem correct counts and samples per problem of an evaluation: from the summary's entry, else
+    from the run's eval/step_XXXXXX.json."""
+    counts, n = ev.get("correct_counts"), ev.get("n")
+    if counts is None:
+        report = _read_json(os.path.join(path, "eval", f"step_{int(ev.get('step', 0)):06d}.json"))
+        counts, n = report.get("correct_counts"), n or report.get("n")
+    if counts is None or not n:
+        raise ValueError(f"{path}: no per-problem correct counts for step {ev.get('step')} (summary.json "
+                         "final_eval or eval/step_*.json)")
+    return [int(c) for c in counts], int(n)
 
 
-def aggregate(workdir: str, summaries: dict, seeds: list[int]) -> str:
-    """results.md: final accuracy (mean ± std over seeds), cost per step and diagnostics per method."""
-    lines = ["# TRD against token-level baselines on the embedded task", ""]
-    any_run = next(iter(summaries.values()))
-    ev = any_run["final_eval"]
-    initial = {k: np.mean([r["initial_eval"][k] for r in summaries.values()]) for k in ("avg_at_k", "pass_at_k")}
-    lines += [f"Final student accuracy after {any_run['steps']} steps: Avg@{ev['n']} and Pass@{ev['k']} (%) on "
-              f"{ev['num_problems']} eval problems, mean ± standard deviation over seeds {seeds}. Initial student "
-              f"(mean over the runs' evaluations): Avg@{ev['n']} {100 * initial['avg_at_k']:.1f}, Pass@{ev['k']} "
-              f"{100 * initial['pass_at_k']:.1f}. Cost: wall seconds per step in the steady state "
-              "(this machine), and generated tokens per step (rollout + refine). Diagnostics: means over steps of "
-              "the trained trajectories' advantage sign-flip rate and teacher entropy.", ""]
-    header = ("| setting | method | Avg@n | Pass@k | train acc. y_o / y_r | s / step | refine s / step | "
-              "generated tok / step | sign flips | teacher entropy |")
-    lines += [header, "|---" * (header.count("|") - 1) + "|"]
-    for (setting, method), runs in _group(summaries).items():
-        avg = [r["final_eval"]["avg_at_k"] for r in runs.values()]
-        pas = [r["final_eval"]["pass_at_k"] for r in runs.values()]
-        warm = [r.get("phase_seconds_per_warm_step") or {} for r in runs.values()]
-        step_s = np.mean([sum(w.values()) for w in warm])
-        refine_s = np.mean([w.get("refine", 0.0) for w in warm])
-        gen = np.mean([(r["phase_tokens"].get("rollout", 0) + r["phase_tokens"].get("refine", 0)) / r["steps"]
-                       for r in runs.values()])
-        diag = {k: np.mean([np.mean([m[k] for m in _metrics(run_dir(workdir, setting, method, s)) if k in m])
-                            for s in runs]) for k in DIAGNOSTICS[:2]}
-        acc = {k: np.mean([r["trajectory_accuracy"].get(k, np.nan) for r in runs.values()]) for k in ("y_o", "y_r")}
-        acc_text = f"{100 * acc['y_o']:.0f}" + (f" / {100 * acc['y_r']:.0f}" if np.isfinite(acc["y_r"]) else "")
-        lines.append(f"| {setting} | {method} | {_mean_std(avg)} | {_mean_std(pas)} | {acc_text} | {step_s:.2f} | "
-                     f"{refine_s:.2f} | {gen:.0f} | {diag[DIAGNOSTICS[0]]:.3f} | {diag[DIAGNOSTICS[1]]:.3f} |")
-    teacher = {s: next((r.get("teacher_eval") for (st, _), rs in _group(summaries).items() if st == s
-                        for r in rs.values()), None) for s in SETTINGS}
-    lines += ["", "Teacher accuracy (its vanilla context; OPSD: the initial student shown the reference): " +
-              ", ".join(f"{s} Avg@{t['n']} {100 * t['avg_at_k']:.1f}" for s, t in teacher.items() if t), ""]
+def _pass_at(ev: dict, counts: list[int], n: int) -> dict[str, float]:
+    """Pass@k for k = 1, 2, 4, ... n (string keys): the summary's, else the unbiased estimator on the counts."""
+    if ev.get("pass_at"):
+        return {str(k): float(v) for k, v in ev["pass_at"].items()}
+    ks = [2 ** i for i in range(n.bit_length()) if 2 ** i <= n] + ([n] if n & (n - 1) else [])
+    return {str(k): float(np.mean([pass_at_k(n, c, k) for c in counts])) for k in ks}
+
+
+def run_record(path: str, summary: dict) -> dict:
+    """What the aggregation needs from one finished run: per-problem accuracy, Pass@k, cost per step, the
+    accuracy curve against step, cumulative generated tokens and cumulative FLOPs, and diagnostics."""
+    final = summary.get("final_eval") or {}
+    counts, n = _correct_counts(path, final)
+    steps = max(int(summary.get("steps", 0)), 1)
+    tokens = summary.get("phase_tokens") or {}
+    flops = summary.get("phase_flops") or {}
+    gen_per_step = (tokens.get("rollout", 0) + tokens.get("refine", 0)) / steps
+    flops_per_step = sum(flops.get(p, 0.0) for p in FLOP_PHASES) / steps
+    metrics = _metrics(path)
+    # Cumulative generated tokens at the end of each step, from the per-step counts where metrics.jsonl has
+    # them; FLOPs per step are only totalled (summary.json), so cumulative FLOPs are the mean per step x step.
+    cumulative = {0: 0.0}
+    total = 0.0
+    for m in metrics:
+        total += m.get("phase_tokens/rollout", 0) + m.get("phase_tokens/refine", 0)
+        cumulative[int(m["step"])] = total
+    curve = [{"step": e["step"], "avg_at_k": e["avg_at_k"],
+              "generated_tokens": cumulative.get(e["step"], gen_per_step * e["step"]),
+              "flops": flops_per_step * e["step"]} for e in summary.get("evals", [])]
+    config = _read_json(os.path.join(path, "config.json"))
+    return {
+        "accuracy": np.asarray(counts, np.float64) / n, "n": n,
+        "pass_at_k": _pass_at(final, counts, n), "greedy": final.get("greedy"),
+        "broadened_problems": summary.get("broadened_problems"),
+        "generated_tokens_per_step": gen_per_step, "flops_per_step": flops_per_step,
+        "seconds_per_step": float(sum((summary.get("phase_seconds_per_warm_step") or {}).values())),
+        "curve": curve, "initial_eval": summary.get("initial_eval"), "teacher_eval": summary.get("teacher_eval"),
+        "eval_config": config.get("eval", {}), "trajectory_accuracy": summary.get("trajectory_accuracy", {}),
+        "diagnostics": {k: float(np.mean(v)) for k in DIAGNOSTICS if (v := [m[k] for m in metrics if k in m])},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def pooled_matrix(per_bootstrap: dict[int, list[np.ndarray]]) -> np.ndarray:
+    """f[S, P] for stats: one bootstrap's runs are rows over its problems. Several bootstraps sample their
+    own problems (task.data_seed = b), so their problems are put side by side (P = sum of P_b) and row s
+    holds seed s of every bootstrap (S = the fewest seeds of any bootstrap)."""
+    seeds = min(len(v) for v in per_bootstrap.values())
+    return np.concatenate([np.stack(v[:seeds]) for _, v in sorted(per_bootstrap.items())], axis=1)
+
+
+def _row(setting: str, method: str, bootstrap, records: list[dict], matrix: np.ndarray, *, resamples: int,
+         seed: int) -> dict:
+    mean, half, low, high = stats.bootstrap_ci(matrix, resamples=resamples, seed=seed)
+    ks = records[0]["pass_at_k"].keys()
+    traj = {k: _mean([r["trajectory_accuracy"].get(k) for r in records]) for k in ("y_o", "y_r")}
+    return {"setting": setting, "method": method, **get_method(method).describe(), "bootstrap": bootstrap,
+            "seeds": len(records),
+            "avg_at_k": {"mean": mean, "ci95": half, "low": low, "high": high},
+            "pass_at_k": {k: float(np.mean([r["pass_at_k"][k] for r in records])) for k in ks},
+            "greedy": _mean(r["greedy"] for r in records),
+            "broadened_problems": _mean(r["broadened_problems"] for r in records),
+            "generated_tokens_per_step": float(np.mean([r["generated_tokens_per_step"] for r in records])),
+            "flops_per_step": float(np.mean([r["flops_per_step"] for r in records])),
+            "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in records])),
+            "trajectory_accuracy": {k: v for k, v in traj.items() if v is not None},
+            "diagnostics": {k: v for k in DIAGNOSTICS if (v := _mean(r["diagnostics"].get(k) for r in records))
+                            is not None}}
+
+
+def _groups(records: dict) -> dict:
+    """{(setting, method): {bootstrap: [record per seed, in seed order]}}, in first-seen order."""
+    out: dict = {}
+    for (b, setting, method, seed) in sorted(records, key=lambda k: (k[0], k[3])):
+        out.setdefault((setting, method), {}).setdefault(b, []).append(records[b, setting, method, seed])
+    order = list(dict.fromkeys((s, m) for (_, s, m, _) in records))
+    return {key: out[key] for key in order}
+
+
+def aggregate(workdir: str, summaries: dict, *, resamples: int = 2000, seed: int = 0) -> dict:
+    """results.json's content from ``summaries: {(bootstrap, setting, method, seed): summary}``."""
+    records = {key: run_record(run_dir(workdir, key[1], key[2], key[3], key[0]), s) for key, s in summaries.items()}
+    if not records:
+        raise ValueError("no runs to aggregate")
+    first = next(iter(records.values()))
+    groups = _groups(records)
+    rows, pooled = [], {}
+    for (setting, method), per_b in groups.items():
+        acc = {b: [r["accuracy"] for r in rs] for b, rs in per_b.items()}
+        for b, rs in sorted(per_b.items()):
+            rows.append(_row(setting, method, b, rs, np.stack(acc[b]), resamples=resamples, seed=seed))
+        pooled[setting, method] = pooled_matrix(acc)
+        rows.append(_row(setting, method, "all", [r for rs in per_b.values() for r in rs], pooled[setting, method],
+                         resamples=resamples, seed=seed))
+    significance = []
+    for (setting, method), matrix in pooled.items():
+        ref = pooled.get((setting, REFERENCE))
+        if method == REFERENCE or ref is None or ref.shape[1] != matrix.shape[1]:
+            continue
+        diff, low, high, sig = stats.difference_ci(ref, matrix, resamples=resamples, seed=seed)
+        significance.append({"setting": setting, "a": REFERENCE, "b": method, "difference": diff, "low": low,
+                             "high": high, "significant": sig})
+
+    def teacher(setting):
+        return {"avg_at_k": _mean((r["teacher_eval"] or {}).get("avg_at_k") for (_, s, _, _), r in records.items()
+                                  if s == setting)}
+
+    ev = first["eval_config"]
+    return {
+        "eval": {"temperature": ev.get("temperature"), "top_p": ev.get("top_p"), "n": first["n"],
+                 "problems": len(first["accuracy"])},
+        "initial_student": {k: _mean((r["initial_eval"] or {}).get(k) for r in records.values())
+                            for k in ("avg_at_k", "pass_at_k")},
+        "teacher": teacher("opd"), "opsd_teacher": teacher("opsd"),
+        "rows": rows, "significance": significance,
+        "curves": {f"{s}/{m}": [r["curve"] for rs in per_b.values() for r in rs] for (s, m), per_b in groups.items()},
+        "pass_at_k_final": {f"{row['setting']}/{row['method']}": row["pass_at_k"] for row in rows
+                            if row["bootstrap"] == "all"},
+    }
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def report(results: dict) -> str:
+    """results.md: a table per setting (a row per method and bootstrap, and pooled), then the significance list."""
+    ev, init = results["eval"], results["initial_student"]
+    bootstraps = sorted({r["bootstrap"] for r in results["rows"] if r["bootstrap"] != "all"})
+    lines = ["# TRD against token-level baselines on the embedded task", "",
+             (f"Final students evaluated at temperature {ev['temperature']}, top-p {ev['top_p']}, {ev['n']} samples "
+             f"on each of {ev['problems']} problems (per bootstrap). Avg@{ev['n']} in % with the half-width of its "
+             "95% interval (two-level bootstrap over seeds and problems, trd_jax.stats); Pass@k in %; `all` pools "
+             f"the bootstraps {bootstraps}. Initial student: Avg@{ev['n']} {_pct(init['avg_at_k'])}; teacher: OPD "
+             f"{_pct(results['teacher']['avg_at_k'])}, OPSD {_pct(results['opsd_teacher']['avg_at_k'])}. Cost per "
+             "step: generated tokens (rollout + refine), estimated FLOPs (rollout, refine, score, update) and "
+             "steady-state wall seconds on this machine."), ""]
+    for setting in dict.fromkeys(r["setting"] for r in results["rows"]):
+        rows = [r for r in results["rows"] if r["setting"] == setting and (len(bootstraps) > 1 or r["bootstrap"] == "all")]
+        ks = list(rows[0]["pass_at_k"])
+        header = (f"| method | loss | trajectory | teacher context | bootstrap | runs | Avg@{ev['n']} | "
+                  + " | ".join(f"Pass@{k}" for k in ks)
+                  + " | greedy | broadened | train acc. y_o / y_r | gen. tok / step | GFLOP / step | s / step |")
+        lines += [f"## {setting.upper()}", "", header, "|---" * (header.count("|") - 1) + "|"]
+        for r in rows:
+            acc = r["trajectory_accuracy"]
+            train = _pct(acc.get("y_o")) + (f" / {_pct(acc['y_r'])}" if "y_r" in acc else "")
+            broad = "-" if r["broadened_problems"] is None else f"{r['broadened_problems']:.1f}"
+            lines.append(f"| {r['method']} | {r['loss']} | {r['trajectory']} | {r['teacher_context']} | "
+                         f"{r['bootstrap']} | {r['seeds']} | {_pct(r['avg_at_k']['mean'])} ± "
+                         f"{100 * r['avg_at_k']['ci95']:.1f} | "
+                         + " | ".join(_pct(r["pass_at_k"][k]) for k in ks)
+                         + f" | {_pct(r['greedy'])} | {broad} | {train} | {r['generated_tokens_per_step']:.0f} | "
+                         f"{r['flops_per_step'] / 1e9:.3g} | {r['seconds_per_step']:.2f} |")
+        lines.append("")
+    lines += [f"## {REFERENCE} against each method (pooled over bootstraps)", "",
+              ("Difference in Avg@n (points) with its 95% interval (seeds of each method resampled independently, "
+              "problems resampled jointly); * marks an interval that excludes 0."), ""]
+    for s in results["significance"]:
+        lines.append(f"- {s['setting']}: {s['a']} - {s['b']} = {100 * s['difference']:+.1f} "
+                     f"[{100 * s['low']:+.1f}, {100 * s['high']:+.1f}]{' *' if s['significant'] else ''}")
     return "\n".join(lines) + "\n"
 
 
-def _group(summaries: dict) -> dict:
-    out: dict = {}
-    for (setting, method, seed), summary in summaries.items():
-        out.setdefault((setting, method), {})[seed] = summary
-    return out
+def write_results(workdir: str, results: dict, extra_md: str = "") -> tuple[str, str]:
+    json_path = atomic_write_json(os.path.join(workdir, "results.json"), results)
+    md_path = atomic_write_text(os.path.join(workdir, "results.md"), report(results) + extra_md)
+    return json_path, md_path
 
 
-def plot(workdir: str, summaries: dict) -> list[str]:
-    """accuracy.png: student Avg@n against step, mean over seeds, one panel per setting; diagnostics.png:
-    the trained trajectories' diagnostics against step."""
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def plot(workdir: str, results: dict, summaries: dict) -> list[str]:
+    """accuracy.png: Avg@n against step, cumulative generated tokens and cumulative FLOPs (mean over every
+    run of a method); pass_at_k.png: Pass@k of the final students against k (log2 axis); diagnostics.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _group(summaries)
-    settings = sorted({s for s, _ in groups})
+    settings = list(dict.fromkeys(key.split("/")[0] for key in results["curves"]))
+    paths = []
+    fig, axes = plt.subplots(len(settings), 3, figsize=(16, 4 * len(settings)), squeeze=False)
+    for row, setting in enumerate(settings):
+        for key, curves in results["curves"].items():
+            st, method = key.split("/", 1)
+            length = min(len(c) for c in curves)
+            if st != setting or not length:
+                continue
+            mean = {f: np.mean([[p[f] for p in c[:length]] for c in curves], axis=0)
+                    for f in ("step", "avg_at_k", "generated_tokens", "flops")}
+            for col, x in enumerate(("step", "generated_tokens", "flops")):
+                axes[row][col].plot(mean[x], 100 * mean["avg_at_k"], marker="o", label=method,
+                                    lw=2.5 if method == REFERENCE else 1.2)
+        for col, label in enumerate(("step", "cumulative generated tokens", "cumulative FLOPs (estimated)")):
+            ax = axes[row][col]
+            ax.set(title=f"{setting.upper()}: student accuracy", xlabel=label, ylabel="Avg@n (%)")
+            ax.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(workdir, "accuracy.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
-        for (st, method), runs in groups.items():
-            if st != setting:
-                continue
-            steps = [e["step"] for e in next(iter(runs.values()))["evals"]]
-            acc = np.mean([[e["avg_at_k"] for e in r["evals"]] for r in runs.values()], axis=0)
-            ax.plot(steps, 100 * acc, marker="o", label=method, lw=2.5 if method == "trd" else 1.2)
-        ax.set(title=f"{setting.upper()}: student accuracy", xlabel="step", ylabel="Avg@n (%)")
+        for key, pass_at in results["pass_at_k_final"].items():
+            st, method = key.split("/", 1)
+            if st == setting:
+                ks = [int(k) for k in pass_at]
+                ax.plot(ks, [100 * v for v in pass_at.values()], marker="o", label=method,
+                        lw=2.5 if method == REFERENCE else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"{setting.upper()}: final students", xlabel="k", ylabel="Pass@k (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    paths = [os.path.join(workdir, "accuracy.png")]
-    fig.savefig(paths[0], dpi=120)
+    paths.append(os.path.join(workdir, "pass_at_k.png"))
+    fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
     fig, axes = plt.subplots(len(settings), len(DIAGNOSTICS), figsize=(4.2 * len(DIAGNOSTICS), 3.4 * len(settings)),
@@ -139,63 +346,89 @@ def plot(workdir: str, summaries: dict) -> list[str]:
     for row, setting in enumerate(settings):
         for col, key in enumerate(DIAGNOSTICS):
             ax = axes[row][col]
-            for (st, method), runs in groups.items():
-                if st != setting:
-                    continue
-                series = [[m.get(key, np.nan) for m in _metrics(run_dir(workdir, setting, method, s))] for s in runs]
-                ax.plot(np.arange(1, len(series[0]) + 1), np.nanmean(series, axis=0), label=method,
-                        lw=2.5 if method == "trd" else 1.2)
+            for method in dict.fromkeys(m for (_, s, m, _) in summaries if s == setting):
+                series = [[m.get(key, np.nan) for m in _metrics(run_dir(workdir, s, mt, sd, b))]
+                          for (b, s, mt, sd) in summaries if s == setting and mt == method]
+                length = min(map(len, series))
+                if length and not np.isnan([x[:length] for x in series]).all(axis=0).any():
+                    ax.plot(np.arange(1, length + 1), np.nanmean([x[:length] for x in series], axis=0),
+                            label=method, lw=2.5 if method == REFERENCE else 1.2)
             ax.set(title=f"{setting.upper()}: {key.split('/')[-1]}", xlabel="step")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(workdir, "diagnostics.png"))
-    fig.savefig(paths[1], dpi=70)
+    fig.savefig(paths[-1], dpi=70)
     plt.close(fig)
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per method and setting (>= 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the quick subset: {QUICK['bootstraps']} bootstrap, {QUICK['seeds']} seeds, methods "
+                             f"{','.join(QUICK['methods'])} (about 20 minutes on 2 cores)")
+    parser.add_argument("--bootstraps", type=int, default=None,
+                        help=f"independent bootstraps (initial models and task sample); default {FULL['bootstraps']}")
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per bootstrap, method and setting; "
+                                                                f"default {FULL['seeds']}")
     parser.add_argument("--steps", type=int, default=default_config().train.steps)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--settings", default="opd,opsd")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated METHODS names or <baseline>@2x; default: all of "
+                             f"METHODS plus {', '.join(m for m in FULL_METHODS if m not in METHODS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run, e.g. --set eval.n=8 (value parsed as JSON)")
     args = parser.parse_args(argv)
-    settings, methods = args.settings.split(","), args.methods.split(",")
-    for name, values, valid in (("--settings", settings, SETTINGS), ("--methods", methods, METHODS)):
-        bad = [v for v in values if v not in valid]
-        if bad:
-            parser.error(f"{name}: unknown {bad}; choose from {', '.join(valid)}")
-    if args.seeds < 1 or args.steps < 1:
-        parser.error("--seeds and --steps must be >= 1")
+    preset = QUICK if args.quick else FULL
+    args.bootstraps = preset["bootstraps"] if args.bootstraps is None else args.bootstraps
+    args.seeds = preset["seeds"] if args.seeds is None else args.seeds
+    args.settings = args.settings.split(",")
+    args.methods = list(preset["methods"]) if args.methods is None else args.methods.split(",")
+    bad = [s for s in args.settings if s not in SETTINGS]
+    if bad:
+        parser.error(f"--settings: unknown {bad}; choose from {', '.join(SETTINGS)}")
+    for method in args.methods:
+        try:
+            get_method(method)
+        except ValueError as e:
+            parser.error(f"--methods: {e}")
+    if args.seeds < 1 or args.steps < 1 or args.bootstraps < 1:
+        parser.error("--bootstraps, --seeds and --steps must be >= 1")
     try:
-        overrides = parse_overrides(args.set)
+        args.overrides = parse_overrides(args.set)
     except ValueError as e:
         parser.error(str(e))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("absl", "jax", "orbax", "trd_jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.makedirs(args.workdir, exist_ok=True)
     summaries = {}
     start = time.perf_counter()
-    seeds = list(range(args.seeds))
-    for seed in seeds:  # seed-major: an interrupted reproduction already covers every method once
-        for setting in settings:
-            for method in methods:
-                summaries[setting, method, seed] = run_one(args.workdir, setting, method, seed, args.steps,
-                                                           args.eval_every, overrides)
-    report = aggregate(args.workdir, summaries, seeds)
-    report += f"\nAll {len(summaries)} runs took {(time.perf_counter() - start) / 60:.1f} min in this invocation.\n"
-    with open(os.path.join(args.workdir, "results.md"), "w") as f:
-        f.write(report)
-    paths = plot(args.workdir, summaries)
-    print(report)
-    print("plots:", *paths)
+    # Seed-major: an interrupted reproduction already covers every bootstrap and method once.
+    for seed in range(args.seeds):
+        for b in range(args.bootstraps):
+            for setting in args.settings:
+                for method in args.methods:
+                    summaries[b, setting, method, seed] = run_one(args.workdir, setting, method, seed, args.steps,
+                                                                  args.eval_every, args.overrides, bootstrap=b)
+    results = aggregate(args.workdir, summaries)
+    note = f"\nAll {len(summaries)} runs took {(time.perf_counter() - start) / 60:.1f} min in this invocation.\n"
+    write_results(args.workdir, results, note)
+    paths = plot(args.workdir, results, summaries)
+    print(report(results) + note)
+    print("results:", os.path.join(args.workdir, "results.json"), "plots:", *paths)
     return 0
 
 

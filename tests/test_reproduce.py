@@ -1,0 +1,139 @@
+"""The reproduction's aggregation (results.json shape, intervals, significance, per-bootstrap and pooled rows)
+and its command line, on fake run folders: no training."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from trd_jax import stats
+from trd_jax.experiments import reproduce as rp
+
+N, P = 4, 6
+
+
+def _fake_run(workdir, b, setting, method, seed, counts, *, in_summary):
+    path = rp.run_dir(str(workdir), setting, method, seed, b)
+    os.makedirs(os.path.join(path, "eval"))
+    steps = 4
+    final = {"step": steps, "avg_at_k": float(np.mean(counts)) / N, "pass_at_k": 0.5, "k": N, "n": N,
+             "num_problems": P}
+    if in_summary:  # the interface being added to summary.json
+        final.update(correct_counts=[int(c) for c in counts], pass_at={"1": 0.25, "2": 0.5, "4": 0.75}, greedy=0.5)
+    else:  # today: the counts are in the run's eval/step_XXXXXX.json
+        with open(os.path.join(path, "eval", f"step_{steps:06d}.json"), "w") as f:
+            json.dump({"correct_counts": [int(c) for c in counts], "n": N}, f)
+    refine = 100 if method.startswith("trd") else 0
+    summary = {"status": "completed", "steps": steps, "final_eval": final,
+               "initial_eval": {"step": 0, "avg_at_k": 0.3, "pass_at_k": 0.6},
+               "teacher_eval": {"avg_at_k": 0.9 if setting == "opd" else 0.8},
+               "evals": [{"step": 0, "avg_at_k": 0.3}, {"step": 2, "avg_at_k": 0.4}, final],
+               "phase_tokens": {"rollout": 400, "refine": 4 * refine, "eval": 999},
+               "phase_flops": {"rollout": 4e6, "refine": 4e6 if refine else 0.0, "score": 2e6, "update": 6e6},
+               "phase_seconds_per_warm_step": {"rollout": 0.2, "update": 0.1},
+               "trajectory_accuracy": {"y_o": 0.5, **({"y_r": 0.7} if refine else {})},
+               **({"broadened_problems": 2} if in_summary else {})}
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"eval": {"temperature": 0.6, "top_p": 0.95, "n": N}}, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": step, "phase_tokens/rollout": 100, "phase_tokens/refine": refine,
+                                 "diag/trained/teacher_entropy": 0.1}) + "\n" for step in range(1, steps + 1))
+    return summary
+
+
+@pytest.fixture
+def fake(tmp_path):
+    rng = np.random.default_rng(0)
+    summaries, counts = {}, {}
+    for b in (0, 1):
+        for seed in (0, 1, 2):
+            for setting in ("opd", "opsd"):
+                for method, base in (("trd", 3), ("forward_kl", 1), ("forward_kl@2x", 1)):
+                    c = np.clip(base + rng.integers(-1, 2, P), 0, N) if method != "trd" or setting == "opd" else \
+                        np.full(P, 2)
+                    counts[b, setting, method, seed] = c
+                    summaries[b, setting, method, seed] = _fake_run(tmp_path, b, setting, method, seed, c,
+                                                                    in_summary=b == 0)
+    return tmp_path, summaries, counts
+
+
+def test_results_json_shape_rows_and_significance(fake):
+    workdir, summaries, counts = fake
+    results = rp.aggregate(str(workdir), summaries, resamples=400)
+    path, md = rp.write_results(str(workdir), results)
+    with open(path) as f:
+        on_disk = json.load(f)
+    assert on_disk["eval"] == {"temperature": 0.6, "top_p": 0.95, "n": N, "problems": P}
+    assert on_disk["initial_student"]["avg_at_k"] == pytest.approx(0.3)
+    assert on_disk["teacher"] == {"avg_at_k": pytest.approx(0.9)} and on_disk["opsd_teacher"]["avg_at_k"] == pytest.approx(0.8)
+    rows = on_disk["rows"]
+    # Per setting and method: one row per bootstrap and one pooled ("all").
+    assert len(rows) == 2 * 3 * 3
+    assert {(r["setting"], r["method"], r["bootstrap"]) for r in rows} == {
+        (s, m, b) for s in ("opd", "opsd") for m in ("trd", "forward_kl", "forward_kl@2x") for b in (0, 1, "all")}
+    row = next(r for r in rows if (r["setting"], r["method"], r["bootstrap"]) == ("opd", "trd", 0))
+    assert set(row) >= {"setting", "method", "loss", "trajectory", "teacher_context", "bootstrap", "seeds", "avg_at_k",
+                        "pass_at_k", "greedy", "broadened_problems", "generated_tokens_per_step", "flops_per_step",
+                        "seconds_per_step"}
+    assert (row["loss"], row["trajectory"], row["teacher_context"], row["seeds"]) == ("forward_kl", "y_r", "refine", 3)
+    # Bootstrap 0: from summary.json's counts; its interval is stats.bootstrap_ci of the seeds' accuracies.
+    matrix = np.stack([counts[0, "opd", "trd", s] / N for s in range(3)])
+    mean, half, _, _ = stats.bootstrap_ci(matrix, resamples=400)
+    assert row["avg_at_k"]["mean"] == pytest.approx(mean) and row["avg_at_k"]["ci95"] == pytest.approx(half)
+    assert row["pass_at_k"] == {"1": 0.25, "2": 0.5, "4": 0.75} and row["greedy"] == 0.5
+    assert row["broadened_problems"] == 2
+    assert row["generated_tokens_per_step"] == 200 and row["flops_per_step"] == pytest.approx(4e6)
+    assert row["seconds_per_step"] == pytest.approx(0.3)
+    # Bootstrap 1: counts from eval/step_*.json, Pass@k computed from them, no greedy or broadening yet.
+    row1 = next(r for r in rows if (r["setting"], r["method"], r["bootstrap"]) == ("opd", "forward_kl", 1))
+    assert set(row1["pass_at_k"]) == {"1", "2", "4"} and row1["greedy"] is None and row1["broadened_problems"] is None
+    acc1 = np.stack([counts[1, "opd", "forward_kl", s] / N for s in range(3)])
+    assert row1["pass_at_k"]["1"] == pytest.approx(acc1.mean())
+    assert row1["generated_tokens_per_step"] == 100
+    # Pooled: both bootstraps' problems side by side, the grand mean over every run.
+    pooled = next(r for r in rows if (r["setting"], r["method"], r["bootstrap"]) == ("opd", "forward_kl", "all"))
+    both = np.concatenate([np.stack([counts[b, "opd", "forward_kl", s] / N for s in range(3)]) for b in (0, 1)])
+    assert pooled["seeds"] == 6 and pooled["avg_at_k"]["mean"] == pytest.approx(both.mean())
+    assert pooled["avg_at_k"]["low"] <= pooled["avg_at_k"]["mean"] <= pooled["avg_at_k"]["high"]
+    # Significance: trd against each other method per setting, pooled.
+    sig = {(s["setting"], s["b"]): s for s in on_disk["significance"]}
+    assert set(sig) == {(s, m) for s in ("opd", "opsd") for m in ("forward_kl", "forward_kl@2x")}
+    assert all(s["a"] == "trd" and s["low"] <= s["difference"] <= s["high"] for s in sig.values())
+    assert sig["opd", "forward_kl"]["significant"] and sig["opd", "forward_kl"]["difference"] > 0.3
+    # The results table and its significance list.
+    with open(md) as f:
+        text = f.read()
+    assert "## OPD" in text and "## OPSD" in text and "| forward_kl@2x | forward_kl | y_o | vanilla |" in text
+    assert "- opd: trd - forward_kl = +" in text
+    # Curves: cumulative generated tokens from metrics.jsonl, FLOPs as the mean per step x step.
+    curve = results["curves"]["opd/trd"][0]
+    assert [p["generated_tokens"] for p in curve] == [0, 400, 800] and curve[-1]["flops"] == pytest.approx(16e6)
+
+
+def test_plots_are_written(fake):
+    pytest.importorskip("matplotlib")
+    workdir, summaries, _ = fake
+    results = rp.aggregate(str(workdir), summaries, resamples=50)
+    paths = rp.plot(str(workdir), results, summaries)
+    assert [os.path.basename(p) for p in paths] == ["accuracy.png", "pass_at_k.png", "diagnostics.png"]
+    assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_command_line_presets_and_methods(tmp_path):
+    full = rp.parse_args(["--workdir", str(tmp_path)])
+    assert (full.bootstraps, full.seeds) == (3, 5) and full.settings == ["opd", "opsd"]
+    assert {"trd", "trd_vanilla_context", "trd_refine_wrong_only", "trd_fallback_wrong", "forward_kl@2x",
+            "reverse_kl@2x", "jsd0.5"} <= set(full.methods)
+    quick = rp.parse_args(["--workdir", str(tmp_path), "--quick", "--seeds", "3"])
+    assert (quick.bootstraps, quick.seeds) == (1, 3)
+    assert quick.methods == ["trd", "trd_vanilla_context", "forward_kl", "reverse_kl"]
+    assert rp.parse_args(["--workdir", "d", "--methods", "jsd0.5@2x,trd"]).methods == ["jsd0.5@2x", "trd"]
+    for bad in (["--methods", "trd@2x"], ["--methods", "sft"], ["--settings", "rl"], ["--bootstraps", "0"]):
+        with pytest.raises(SystemExit):
+            rp.parse_args(["--workdir", "d", *bad])
+    assert rp.run_dir("D", "opd", "trd", 2, 1) == os.path.join("D", "runs", "b1", "opd-trd-s2")
+    assert rp.bootstrap_dir("D", 0) == os.path.join("D", "bootstrap")
+    assert rp.bootstrap_dir("D", 2) == os.path.join("D", "bootstrap-2")
