@@ -53,8 +53,8 @@ def run_report(summary: Mapping[str, Any]) -> str:
     if before and after:
         parts += ["Student on the eval split:", "", compare_table(before, after)]
         if summary.get("broadened_problems") is not None:
-            parts += [f"Broadened: {summary['broadened_problems']} of {after['num_problems']} problems unsolved by "
-                      f"every initial sample are solved by at least one final sample.", ""]
+            parts += [(f"Broadened: {summary['broadened_problems']} of {after['num_problems']} problems unsolved "
+                       "by every initial sample are solved by at least one final sample."), ""]
     elif after:
         parts += [f"Student: Avg@{after['n']} {100 * after['avg_at_k']:.2f}%, Pass@{after['k']} "
                   f"{100 * after['pass_at_k']:.2f}%", ""]
