@@ -147,6 +147,9 @@ def test_end_to_end(case, tmp_path):
         assert generate(load_model(str(tmp_path / "export")), prompts, max_new, eos_id=trainer.tok.eos_ids) == rows
         graded = [trainer.task.grade(trainer.tok.decode(r, skip_special_tokens=True), ex) for r, ex in zip(rows, examples)]
         assert summary["final_eval"]["greedy"] == pytest.approx(np.mean(np.asarray(graded) > 0.5))
+        # Evaluations that do not count the same problems (eval.* changed on resume): no broadening, no error.
+        trainer.evals[0] = {**trainer.evals[0], "n": 3}
+        assert trainer._finish(2, "completed")["broadened_problems"] is None
 
 
 def test_rows_over_budget_are_dropped_or_fall_back_and_counted(tmp_path):

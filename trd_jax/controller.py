@@ -52,11 +52,11 @@ from trd_jax.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
 
+GREEDY = SamplingConfig(temperature=0.0)  # eval.greedy: argmax decoding (top-k / top-p are moot)
+
 # Keys a resumed run may change: sections that do not affect the parameters, and the memory settings the
 # planner proposes (kernels, remat, row groups, cache release), which change float rounding at most, so that a
 # run that ran out of memory resumes with them.
-GREEDY = SamplingConfig(temperature=0.0)  # eval.greedy: argmax decoding (top-k / top-p are moot)
-
 RESUMABLE_CHANGES = ("eval.", "log.", "checkpoint.", "export.", "student.attention", "teacher.attention",
                      "train.remat", "train.max_score_rows", "rollout.max_rows_per_call", "rollout.release_kv_cache")
 
@@ -749,9 +749,15 @@ class Trainer:
             **self.extra,
         }
         if initial is not None and final is not None and "correct_counts" in initial and "correct_counts" in final:
-            # problems no initial sample solved and some final sample does (evaluation.broadened)
-            summary["broadened_problems"] = evaluation.broadened(initial["correct_counts"], final["correct_counts"],
-                                                                 initial_n=initial["n"], final_n=final["n"])
+            # Problems no initial sample solved and some final sample does (evaluation.broadened). eval.* may
+            # change on resume: evaluations of other problems or another n are not compared (None), not an error.
+            a, b = initial["correct_counts"], final["correct_counts"]
+            if len(a) == len(b) and initial["n"] == final["n"]:
+                summary["broadened_problems"] = evaluation.broadened(a, b, initial_n=initial["n"], final_n=final["n"])
+            else:
+                log.warning("broadened_problems not computed: the initial evaluation (%d problems, n=%d) and the "
+                            "final one (%d problems, n=%d) differ", len(a), initial["n"], len(b), final["n"])
+                summary["broadened_problems"] = None
         if self.host0:
             atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)
         return summary
