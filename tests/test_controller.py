@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from tiny_run import tiny_config
+from trd_jax.api import generate, load_model
 from trd_jax.config import ConfigError
 from trd_jax.controller import Trainer, build_model
 from trd_jax.metrics import read_tb_scalars
@@ -54,11 +55,27 @@ CASES = {  # id: (overrides, loss)
 }
 
 
+def _spy_greedy(trainer) -> list:
+    """Records (prompts, max_new_tokens, rows) of the trainer's temperature-0 sampler calls."""
+    calls, sample = [], trainer._sample
+
+    def spy(sampler, params, prompts, max_new, sampling, n, key, max_prompt_len=None):
+        rows = sample(sampler, params, prompts, max_new, sampling, n, key, max_prompt_len)
+        if sampling.temperature == 0:
+            assert sampler is trainer.eval_sampler and n == 1
+            calls.append((prompts, max_new, rows))
+        return rows
+
+    trainer._sample = spy
+    return calls
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_end_to_end(case, tmp_path):
     overrides = CASES[case]
     trainer = Trainer(tiny_config(**overrides), str(tmp_path))
     teacher_before = _leaves(trainer.teacher_params) if trainer.teacher_params is not None else None
+    greedy_calls = _spy_greedy(trainer)
     summary = trainer.run()
     y_r = overrides["distill.trajectory"] == "y_r"
 
@@ -71,7 +88,9 @@ def test_end_to_end(case, tmp_path):
         assert m["rows/total"] == 4 and m["rows/trained"] + m["rows/dropped"] == 4
         assert 0.0 <= m["accuracy/y_o"] <= 1.0
         for key in ("diag/y_o/teacher_entropy", "diag/trained/teacher_top2_gap", "diag/trained/teacher_nll",
-                    "diag/trained/advantage_sign_flip_rate", "diag/y_o/teacher_argmax_mismatch"):
+                    "diag/trained/advantage_sign_flip_rate", "diag/y_o/teacher_argmax_mismatch",
+                    "diag/trained/advantage_sign_flip_rate_weighted", "diag/y_o/advantage_sign_flip_rate_uncertain",
+                    "diag/y_o/uncertain_token_fraction"):
             assert key in m and math.isfinite(m[key])
         if y_r:
             assert m["rows/rewrite_ok"] + m["rows/rewrite_empty"] + m["rows/rewrite_capped"] + \
@@ -87,6 +106,12 @@ def test_end_to_end(case, tmp_path):
     for key in ("initial_eval", "final_eval"):
         ev = summary[key]
         assert set(ev) >= {"avg_at_k", "pass_at_k", "k"} and ev["k"] == 2 and 0.0 <= ev["avg_at_k"] <= ev["pass_at_k"]
+        assert 0.0 <= ev["greedy"] <= 1.0 and set(ev["pass_at"]) == {"1", "2"} and ev["pass_at"]["2"] == ev["pass_at_k"]
+        assert len(ev["correct_counts"]) == ev["num_problems"] == 4 and all(0 <= c <= 2 for c in ev["correct_counts"])
+    assert summary["broadened_problems"] == sum(a == 0 < b for a, b in zip(summary["initial_eval"]["correct_counts"],
+                                                                          summary["final_eval"]["correct_counts"]))
+    assert "teacher_eval" in summary and "greedy" not in summary["teacher_eval"]  # the teacher eval samples alone
+    assert len(greedy_calls) == 2 + bool(overrides.get("eval.every"))  # one chunk of 4 problems per evaluation
     assert summary["steps"] == 2 and summary["status"] == "completed"
     phases = {"rollout", "grade", "score", "update"} | ({"refine"} if y_r else set())
     assert phases <= set(summary["phase_seconds"]) and all(summary["phase_seconds"][p] > 0 for p in phases)
@@ -99,6 +124,10 @@ def test_end_to_end(case, tmp_path):
     evaluated = [e["step"] for e in summary["evals"]]
     assert evaluated == ([0, 1, 2] if overrides.get("eval.every") else [0, 2])
     assert ("eval/avg_at_k" in lines[0]) == bool(overrides.get("eval.every"))
+    if overrides.get("eval.every"):
+        assert {"eval/greedy", "eval/pass_at_1", "eval/pass_at_2"} <= set(lines[0])
+    md = (tmp_path / "eval" / "step_000002.md").read_text()
+    assert "| Greedy (%) |" in md and "| Pass@1 (%) |" in md
     assert json.loads((tmp_path / "config.json").read_text())["loss"]["name"] == overrides["loss.name"]
 
     # The student moved; the export is the final student; a frozen teacher did not move.
@@ -108,6 +137,19 @@ def test_end_to_end(case, tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(final, exported))
     if teacher_before is not None:
         assert all(np.array_equal(a, b) for a, b in zip(teacher_before, _leaves(trainer.teacher_params)))
+
+    if case == "opd-y_o-reverse_kl":
+        # Greedy accuracy is the accuracy of an independent temperature-0 decode of the exported final student.
+        prompts, max_new, rows = greedy_calls[-1]
+        examples = list(trainer.task.split("eval"))[:4]
+        assert prompts == [trainer.tok.encode_prompt(ex.problem, trainer.s.prompt_mode) for ex in examples]
+        assert max_new == 12
+        assert generate(load_model(str(tmp_path / "export")), prompts, max_new, eos_id=trainer.tok.eos_ids) == rows
+        graded = [trainer.task.grade(trainer.tok.decode(r, skip_special_tokens=True), ex) for r, ex in zip(rows, examples)]
+        assert summary["final_eval"]["greedy"] == pytest.approx(np.mean(np.asarray(graded) > 0.5))
+        # Evaluations that do not count the same problems (eval.* changed on resume): no broadening, no error.
+        trainer.evals[0] = {**trainer.evals[0], "n": 3}
+        assert trainer._finish(2, "completed")["broadened_problems"] is None
 
 
 def test_rows_over_budget_are_dropped_or_fall_back_and_counted(tmp_path):

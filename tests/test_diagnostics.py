@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trd_jax.diagnostics import (masked_mean, position_profile, sign_flip_rate, summarize, teacher_token_stats)
+from trd_jax.diagnostics import (TokenStats, masked_mean, position_profile, sign_flip_rate, summarize,
+                                 teacher_token_stats, uncertain_sign_flip_rate, weighted_sign_flip_rate)
 
 B, R, D, V = 3, 7, 8, 50
 
@@ -64,3 +65,75 @@ def test_summarize_keys(case):
     assert out["y_o/advantage_sign_flip_rate"] == 0.0
     assert {f"y_o/teacher_entropy_pos{k}" for k in range(4)} <= set(out)
     assert all(np.isfinite(v) for v in out.values())
+
+
+def loop_flip_rates(adv, entropy, mask, threshold):
+    """Plain-Python reference: (plain, weighted, uncertain) flip rates and the uncertain token fraction."""
+    flips = pairs = w_flips = w_total = u_flips = u_pairs = 0.0
+    valid = uncertain = 0
+    for b in range(len(adv)):
+        for t in range(len(adv[b])):
+            if mask[b][t]:
+                valid += 1
+                uncertain += entropy[b][t] > threshold
+            if t + 1 == len(adv[b]) or not (mask[b][t] and mask[b][t + 1]):
+                continue
+            x, y = float(adv[b][t]), float(adv[b][t + 1])
+            flip = (x > 0 and y < 0) or (x < 0 and y > 0)
+            pairs += 1
+            flips += flip
+            w = min(abs(x), abs(y))
+            w_total += w
+            w_flips += w * flip
+            if entropy[b][t] > threshold and entropy[b][t + 1] > threshold:
+                u_pairs += 1
+                u_flips += flip
+    return (flips / pairs if pairs else 0.0, w_flips / w_total if w_total else 0.0,
+            u_flips / u_pairs if u_pairs else 0.0, uncertain / valid if valid else 0.0)
+
+
+def _stats(entropy):
+    zeros = np.zeros_like(entropy)
+    return TokenStats(entropy, zeros, zeros, zeros)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flip_rate_variants_match_loops(seed):
+    rng = np.random.default_rng(seed)
+    b, t = 5, 11
+    adv = rng.normal(size=(b, t)) * rng.choice([1e-4, 1.0, 5.0], size=(b, t))
+    adv[rng.random((b, t)) < 0.1] = 0.0  # exact zeros: no sign, never a flip
+    entropy = rng.exponential(0.3, size=(b, t))
+    mask = rng.random((b, t)) < 0.8  # rows with gaps
+    mask[0] = False  # an empty row
+    mask[1] = np.arange(t) < 6  # a plain prefix
+    adv[~mask] = np.nan  # garbage at masked positions must not leak
+    threshold = [0.1, 0.3, 0.0, 10.0][seed]
+    want = loop_flip_rates(adv, entropy, mask, threshold)
+    out = summarize(_stats(entropy), mask, student_logp=np.zeros((b, t)), teacher_logp=adv, entropy_threshold=threshold)
+    got = (out["advantage_sign_flip_rate"], out["advantage_sign_flip_rate_weighted"],
+           out["advantage_sign_flip_rate_uncertain"], out["uncertain_token_fraction"])
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got[:3] == pytest.approx((sign_flip_rate(adv, mask), weighted_sign_flip_rate(adv, mask),
+                                     uncertain_sign_flip_rate(adv, entropy, mask, threshold)), abs=1e-12)
+
+
+def test_flip_rate_variants_hand_case():
+    # Row 0: a = [2, -3, 0.01, -0.01, -1], all valid; row 1: [1, -1, x, 4] with position 2 masked (a gap).
+    adv = np.array([[2.0, -3.0, 0.01, -0.01, -1.0], [1.0, -1.0, 99.0, 4.0, 0.0]])
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 1, 0]], bool)
+    entropy = np.array([[0.5, 0.5, 0.01, 0.02, 0.4], [0.2, 0.05, 9.0, 0.3, 9.0]])
+    # pairs: (2,-3) flip w 2; (-3,.01) flip w .01; (.01,-.01) flip w .01; (-.01,-1) no w .01; (1,-1) flip w 1
+    assert sign_flip_rate(adv, mask) == pytest.approx(4 / 5)
+    assert weighted_sign_flip_rate(adv, mask) == pytest.approx(3.02 / 3.03)
+    # entropy > 0.1: row 0 tokens 0, 1, 4; row 1 tokens 0, 3 -> only the pair (2, -3) qualifies, a flip
+    assert uncertain_sign_flip_rate(adv, entropy, mask, 0.1) == 1.0
+    assert uncertain_sign_flip_rate(adv, entropy, mask, 1.0) == 0.0  # no qualifying pair
+    out = summarize(_stats(entropy), mask, student_logp=np.zeros_like(adv), teacher_logp=adv)
+    assert out["uncertain_token_fraction"] == pytest.approx(5 / 8)
+    assert out["advantage_sign_flip_rate_uncertain"] == 1.0
+    # near-certain tokens flipping at random hardly move the weighted rate
+    noise = np.array([[1.0, 2.0, 1e-6, -1e-6, 1e-6, -1e-6, 3.0]])
+    assert sign_flip_rate(noise, np.ones_like(noise, bool)) == pytest.approx(4 / 6)
+    assert weighted_sign_flip_rate(noise, np.ones_like(noise, bool)) == pytest.approx(4e-6 / (1 + 5e-6), rel=1e-12)
+    assert weighted_sign_flip_rate(np.zeros((1, 3)), np.ones((1, 3), bool)) == 0.0  # no weight

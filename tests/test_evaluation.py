@@ -11,8 +11,10 @@ import pytest
 from trd_jax import evaluation
 from trd_jax.evaluation import (
     avg_at_k,
+    broadened,
     compare_table,
     pass_at_k,
+    pass_at_ks,
     summarize,
     write_report,
 )
@@ -75,6 +77,43 @@ def test_summarize_hand_made():
         summarize(CORRECT, problem_ids=["a"])
 
 
+def test_pass_at_curve_matches_subset_enumeration():
+    """summarize's pass_at: for each k, the fraction of k-subsets of each row's samples holding a correct one,
+    averaged over problems, enumerated with itertools.combinations on the matrix itself."""
+    rng = np.random.default_rng(3)
+    for n in (1, 3, 4, 6, 8):
+        correct = rng.random((5, n)) < 0.3
+        correct[0] = False
+        correct[1] = True
+        got = summarize(correct)["pass_at"]
+        assert list(got) == [str(k) for k in pass_at_ks(n)]
+        for key, value in got.items():
+            k = int(key)
+            per_problem = []
+            for row in correct:
+                subsets = list(itertools.combinations(range(n), k))
+                per_problem.append(sum(bool(row[list(s)].any()) for s in subsets) / len(subsets))
+            assert value == pytest.approx(np.mean(per_problem), abs=1e-12), (n, k)
+    assert pass_at_ks(1) == [1] and pass_at_ks(8) == [1, 2, 4, 8] and pass_at_ks(6) == [1, 2, 4, 6]
+    assert pass_at_ks(16) == [1, 2, 4, 8, 16] and pass_at_ks(20) == [1, 2, 4, 8, 16, 20]
+    s = summarize(CORRECT, k=2)  # pass_at does not depend on k; pass_at_k is its k's entry
+    assert s["pass_at"]["2"] == s["pass_at_k"] and s["pass_at"]["4"] == pytest.approx(2 / 3)
+    assert s["pass_at"]["1"] == pytest.approx(s["avg_at_k"])
+
+
+def test_broadened():
+    # problems 0 and 2 unsolved initially; 2 becomes solved; 1 was already solved; 3 lost.
+    assert broadened([0, 3, 0, 2], [0, 4, 1, 0]) == 1
+    assert broadened([0, 0], [16, 1], initial_n=16, final_n=16) == 2
+    assert broadened([], []) == 0
+    with pytest.raises(ValueError, match="3 problems, final_counts 2"):
+        broadened([0, 1, 2], [1, 1])
+    with pytest.raises(ValueError, match="initial n=4 != final n=8"):
+        broadened([0], [1], initial_n=4, final_n=8)
+    with pytest.raises(ValueError, match=r"final_counts \[5\] are not all in \[0, n=4\]"):
+        broadened([0], [5], initial_n=4, final_n=4)
+
+
 def test_write_report(tmp_path):
     s = summarize(CORRECT, problem_ids=["aime-1", "aime-2", "aime-3"])
     s["max_new_tokens"] = np.int64(38912)  # numpy values are converted
@@ -86,6 +125,10 @@ def test_write_report(tmp_path):
     md = Path(mp).read_text()
     assert md.startswith("# AIME24 final")
     assert "| Avg@4 (%) | 41.67 |" in md and "| Pass@4 (%) | 66.67 |" in md
+    assert "| Pass@1 (%) | 41.67 |" in md and "| Pass@2 (%) | 50.00 |" in md and md.count("Pass@4") == 1
+    assert data["pass_at"] == {"1": pytest.approx(5 / 12), "2": pytest.approx(0.5), "4": pytest.approx(2 / 3)}
+    _, mp = write_report(tmp_path, "greedy", {**summarize(CORRECT), "greedy": 1 / 3})
+    assert "| Greedy (%) | 33.33 |" in Path(mp).read_text()
     assert "| aime-1 | 1/4 |" in md and "| aime-2 | 0/4 |" in md and "aime-3" not in md
     # Without ids or rows: index ids, no per-problem table.
     _, mp = write_report(tmp_path, "plain", summarize(CORRECT))
@@ -122,3 +165,6 @@ def test_compare_table():
     with pytest.raises(ValueError, match="k=8"):
         compare_table({**before, "k": 8}, after)
     assert "| Pass@16 (%) | 61.50 | 41.00 | -20.50 |" in evaluation.compare_table(after, before)
+    assert "Greedy" not in table  # only when both sides have it
+    table = compare_table({**before, "greedy": 0.25}, {**after, "greedy": 0.5})
+    assert "| Greedy (%) | 25.00 | 50.00 | +25.00 |" in table

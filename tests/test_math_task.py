@@ -138,6 +138,7 @@ def test_eval_config_evaluates_a_run_checkpoint(mini_math_run, tokenizer_dir, tm
     summary = Trainer(cfg, str(tmp_path / "eval")).evaluate_only()
     assert summary["status"] == "evaluated" and summary["model"] == run_dir and summary["steps"] == 2
     assert summary["final_eval"]["n"] == 2 and summary["final_eval"]["num_problems"] == 4
+    assert 0.0 <= summary["final_eval"]["greedy"] <= 1.0 and len(summary["final_eval"]["correct_counts"]) == 4
     assert os.path.isfile(tmp_path / "eval" / "eval" / "step_000002.md")  # named after the checkpoint's step
     with open(tmp_path / "eval" / "config.json") as f:
         assert "model" not in json.load(f)  # the alias is not written twice

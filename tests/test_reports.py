@@ -33,3 +33,8 @@ def test_run_report_has_the_before_after_table_and_accuracies():
     text = run_report(SUMMARY)
     assert "| Avg@4 (%) | 25.00 | 75.00 | +50.00 |" in text and "| Pass@4 (%) | 50.00 | 100.00 | +50.00 |" in text
     assert "teacher (vanilla context): Avg@4 90.00%" in text and "accuracy of y_r during training: 80.00%" in text
+    assert "Greedy" not in text and "Broadened" not in text  # summaries written before these existed still print
+    text = run_report({**SUMMARY, "initial_eval": {**SUMMARY["initial_eval"], "greedy": 0.25, "num_problems": 4},
+                       "final_eval": {**SUMMARY["final_eval"], "greedy": 0.75, "num_problems": 4},
+                       "broadened_problems": 2})
+    assert "| Greedy (%) | 25.00 | 75.00 | +50.00 |" in text and "Broadened: 2 of 4 problems" in text

@@ -235,6 +235,9 @@ def base_config() -> ml_collections.ConfigDict:
         k=0,  # Pass@k (0: k = n)
         temperature=0.6, top_k=0, top_p=0.95,  # [code-trd] eval sampling
         max_new_tokens=16384,
+        # also decode one temperature-0 (argmax) sample per problem, same max_new_tokens, and report `greedy`,
+        # the fraction of problems it solves (student evaluations only; the teacher eval samples alone)
+        greedy=True,
     ))
 
     cfg.checkpoint = ml_collections.ConfigDict(dict(
@@ -376,6 +379,7 @@ class Settings:
     eval_n: int
     eval_k: int
     eval_max_new: int
+    eval_greedy: bool
     save_every: int
     keep: int
     async_save: bool
@@ -551,8 +555,8 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
     export_dtype = _get(cfg, "export.dtype")
     if export_dtype not in ("", "float32", "bfloat16"):
         raise ConfigError("export.dtype", f"{export_dtype!r} is not one of '', float32, bfloat16")
-    for key in ("rollout.release_kv_cache", "eval.initial", "eval.teacher", "checkpoint.async_save", "log.diagnostics",
-                "log.progress", "export.enabled"):
+    for key in ("rollout.release_kv_cache", "eval.initial", "eval.teacher", "eval.greedy", "checkpoint.async_save",
+                "log.diagnostics", "log.progress", "export.enabled"):
         if not isinstance(_get(cfg, key), bool):
             raise ConfigError(key, f"{_get(cfg, key)!r} is not a bool")
     return Settings(
@@ -569,7 +573,8 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         micro_batches=micro, remat=remat, lora=_lora(cfg), eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,
         eval_teacher=cfg.eval.teacher,
         eval_problems=_int(cfg, "eval.num_problems", 0), eval_n=eval_n, eval_k=eval_k,
-        eval_max_new=_int(cfg, "eval.max_new_tokens", 1), save_every=_int(cfg, "checkpoint.every", 1),
+        eval_max_new=_int(cfg, "eval.max_new_tokens", 1), eval_greedy=cfg.eval.greedy,
+        save_every=_int(cfg, "checkpoint.every", 1),
         keep=_int(cfg, "checkpoint.keep", 1), async_save=cfg.checkpoint.async_save,
         diagnostics=cfg.log.diagnostics, progress=cfg.log.progress, export=cfg.export.enabled,
         export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,

@@ -44,13 +44,15 @@ from trd_jax.models.transformer import Transformer, init_for_tokenizer, with_run
 from trd_jax.reports import COST_PHASES
 from trd_jax.run_checkpoint import (MODEL_DIR, checkpoint_steps, clear_lora_base, is_run_dir, load_lora_base,
                                     load_run_student, run_lora_config, write_lora_base, write_model_card)
-from trd_jax.sampling import Sampler
+from trd_jax.sampling import Sampler, SamplingConfig
 from trd_jax.sharding import batch_sharding, make_mesh, param_shardings, replicated
 from trd_jax.steps import (Sequences, init_sharded_state, jit_score, jit_update, learning_rate_schedule,
                            make_optimizer, to_micro_batches)
 from trd_jax.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
+
+GREEDY = SamplingConfig(temperature=0.0)  # eval.greedy: argmax decoding (top-k / top-p are moot)
 
 # Keys a resumed run may change: sections that do not affect the parameters, and the memory settings the
 # planner proposes (kernels, remat, row groups, cache release), which change float rounding at most, so that a
@@ -178,6 +180,14 @@ def _seq(layout: Layout) -> Sequences:
 @jax.jit
 def _row_sums(mask):
     return jnp.sum(mask, axis=-1)
+
+
+def _eval_metrics(brief: dict) -> dict[str, float]:
+    """An evaluation's brief as scalar metrics: eval/avg_at_k, eval/pass_at_k, eval/greedy, ..., and the Pass@k
+    curve as eval/pass_at_<k> (the per-problem counts stay in summary.json)."""
+    out = {f"eval/{k}": v for k, v in brief.items() if k not in ("step", "pass_at", "correct_counts")}
+    out.update({f"eval/pass_at_{k}": v for k, v in brief.get("pass_at", {}).items()})
+    return out
 
 
 class Trainer:
@@ -575,9 +585,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ evaluation
 
     def evaluate(self, step: int, params=None, *, teacher: bool = False) -> dict:
-        """Avg@n and Pass@k on the eval split; writes workdir/eval/step_<step>.{json,md}. `teacher`: the
-        teacher instead of the student, in its vanilla context (x for OPD; x + y* for OPSD's initial weights),
-        written to workdir/eval/teacher.{json,md}."""
+        """Avg@n, Pass@k and the Pass@k curve on the eval split, and (eval.greedy, student only) greedy accuracy:
+        one temperature-0 sample per problem through the same eval sampler; writes
+        workdir/eval/step_<step>.{json,md}. `teacher`: the teacher instead of the student, in its vanilla context
+        (x for OPD; x + y* for OPSD's initial weights), written to workdir/eval/teacher.{json,md}.
+
+        Returns the brief kept in summary.json (initial_eval, final_eval, evals): step, avg_at_k, pass_at_k,
+        pass_at, k, n, num_problems, mean_length, correct_counts (per problem, for per-problem statistics and
+        broadening) and, with greedy decoding, greedy."""
         s, tok = self.s, self.tok
         examples = list(self.task.split("eval"))
         if s.eval_problems:
@@ -593,7 +608,8 @@ class Trainer:
                 max_prompt_len = None
         elif params is None:
             params = self._student_params()
-        correct, lengths = [], []
+        greedy = s.eval_greedy and not teacher
+        correct, lengths, greedy_correct, greedy_lengths = [], [], [], []
         chunk = max(1, s.batch_size)
         with self.timer.phase("eval") as span:
             try:
@@ -604,18 +620,31 @@ class Trainer:
                     exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval_n)]
                     correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval_n) > 0.5)
                     lengths += [len(r) for r in rows]
+                # After all sampled chunks, so that the sampler's cache changes shape (n -> 1 row per prompt) once.
+                for c in range(0, len(examples) if greedy else 0, chunk):
+                    key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)  # unused at temperature 0
+                    rows = self._sample(sampler, params, prompts[c:c + chunk], s.eval_max_new, GREEDY, 1, key,
+                                        max_prompt_len)
+                    greedy_correct.append(trajectories.grade(self.task, tok, rows, examples[c:c + chunk]) > 0.5)
+                    greedy_lengths += [len(r) for r in rows]
             finally:
                 sampler.release()  # evaluations are rare: their cache (eval, or teacher eval's) is not kept
-            span.tokens = sum(lengths)
+            span.tokens = sum(lengths) + sum(greedy_lengths)
         summary = evaluation.summarize(np.concatenate(correct), s.eval_k, problem_ids=[ex.id for ex in examples])
         summary.update(step=step, mean_length=float(np.mean(lengths)))
+        if greedy:
+            summary.update(greedy=float(np.concatenate(greedy_correct).mean()),
+                           greedy_mean_length=float(np.mean(greedy_lengths)))
         who = "teacher" if teacher else "student"
         if self.host0:
             evaluation.write_report(os.path.join(self.workdir, "eval"), "teacher" if teacher else f"step_{step:06d}",
                                     summary, rows=10, title=f"{self.task.name}: {who} at step {step}")
-        brief = {k: summary[k] for k in ("step", "avg_at_k", "pass_at_k", "k", "n", "num_problems", "mean_length")}
-        log.info("eval of the %s at step %d: Avg@%d %.2f%%, Pass@%d %.2f%%", who, step, brief["n"],
-                 100 * brief["avg_at_k"], brief["k"], 100 * brief["pass_at_k"])
+        keys = ("step", "avg_at_k", "pass_at_k", "pass_at", "k", "n", "num_problems", "mean_length", "correct_counts",
+                "greedy")
+        brief = {k: summary[k] for k in keys if k in summary}
+        log.info("eval of the %s at step %d: Avg@%d %.2f%%, Pass@%d %.2f%%%s", who, step, brief["n"],
+                 100 * brief["avg_at_k"], brief["k"], 100 * brief["pass_at_k"],
+                 f", greedy {100 * brief['greedy']:.2f}%" if greedy else "")
         return brief
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -667,7 +696,7 @@ class Trainer:
                         ckpt.save(done, self._checkpoint_tree(), self._meta(done), force=stop or done == s.steps)
                     if s.eval_every and done % s.eval_every == 0 and done < s.steps:
                         self.evals.append(self.evaluate(done))
-                        metrics.update({f"eval/{k}": v for k, v in self.evals[-1].items() if k != "step"})
+                        metrics.update(_eval_metrics(self.evals[-1]))
                     metrics.update({k: v for k, v in self.timer.snapshot().items() if k.startswith("phase_s/")})
                     writer.write(done, metrics)
                     tps = metrics.get("tokens_per_s/rollout")
@@ -726,9 +755,10 @@ class Trainer:
         step_s = sum(cost_s.values())
         warm_steps = int(self.counters.get("warm_steps", 0))
         warm = {p: self.counters.get(f"warm_s/{p}", 0.0) / warm_steps for p in COST_PHASES} if warm_steps else {}
+        initial = next((e for e in self.evals if e["step"] == 0), None)
         summary = {
             "status": status, "steps": done, "mode": s.mode, "trajectory": s.trajectory, "loss": s.loss.name,
-            "initial_eval": next((e for e in self.evals if e["step"] == 0), None), "final_eval": final,
+            "initial_eval": initial, "final_eval": final,
             "evals": self.evals,
             "phase_seconds": totals["phase_seconds"], "phase_tokens": totals["phase_tokens"],
             "phase_flops": phase_flops,
@@ -747,6 +777,16 @@ class Trainer:
             **self._grading(),
             **self.extra,
         }
+        if initial is not None and final is not None and "correct_counts" in initial and "correct_counts" in final:
+            # Problems no initial sample solved and some final sample does (evaluation.broadened). eval.* may
+            # change on resume: evaluations of other problems or another n are not compared (None), not an error.
+            a, b = initial["correct_counts"], final["correct_counts"]
+            if len(a) == len(b) and initial["n"] == final["n"]:
+                summary["broadened_problems"] = evaluation.broadened(a, b, initial_n=initial["n"], final_n=final["n"])
+            else:
+                log.warning("broadened_problems not computed: the initial evaluation (%d problems, n=%d) and the "
+                            "final one (%d problems, n=%d) differ", len(a), initial["n"], len(b), final["n"])
+                summary["broadened_problems"] = None
         if self.host0:
             atomic_write_json(os.path.join(self.workdir, "summary.json"), summary)
         return summary

@@ -9,7 +9,10 @@ Per response token (device, chunked over positions):
 - teacher NLL -log q(y_t): compare on y_o and on y_r (a refined trajectory should be likelier).
 
 Host summaries: means over valid tokens, a profile along the relative position, and the sign-flip
-rate of per-token advantages log q - log p (fragmented gradients flip sign often).
+rate of per-token advantages log q - log p (fragmented gradients flip sign often). The plain flip rate
+sits near 0.5 on any trajectory: near-certain tokens have advantages ~0 whose sign is noise. Two variants
+discount them: flips weighted by the smaller |advantage| of the pair, and flips among pairs of tokens
+where the teacher is uncertain (entropy above a threshold).
 """
 
 from __future__ import annotations
@@ -90,17 +93,55 @@ def sign_flip_rate(advantages, mask) -> float:
     return float(flips[pairs].mean())
 
 
+def _pairs(advantages, mask):
+    """(a_t, a_{t+1}, both valid) over consecutive positions of each row: f64[B, T-1] x 2, bool[B, T-1].
+    A pair straddling a masked position (a gap) is not a pair."""
+    a, m = np.asarray(advantages, np.float64), np.asarray(mask, bool)
+    return a[:, :-1], a[:, 1:], m[:, :-1] & m[:, 1:]
+
+
+def weighted_sign_flip_rate(advantages, mask) -> float:
+    """Sign-flip rate of consecutive valid pairs, each pair weighted by min(|a_t|, |a_{t+1}|):
+    sum(w * [flip]) / sum(w) (0 when no pair has weight).
+
+    Why the min: a flip only fragments the gradient when both sides push with some force; a pair where
+    either token is near-certain (advantage ~0, sign arbitrary) counts ~nothing. The min is the size of
+    the smaller push, so one large advantage cannot make a flip against a ~0 neighbour count."""
+    a0, a1, pairs = _pairs(advantages, mask)
+    w = np.where(pairs, np.minimum(np.abs(a0), np.abs(a1)), 0.0)
+    total = w.sum()
+    if total <= 0:
+        return 0.0
+    return float((w * (np.sign(a0) * np.sign(a1) < 0)).sum() / total)
+
+
+def uncertain_sign_flip_rate(advantages, entropy, mask, threshold: float) -> float:
+    """Sign-flip rate over consecutive valid pairs whose two tokens both have teacher entropy > threshold
+    (nats); 0 when there is no such pair."""
+    ent = np.asarray(entropy, np.float64)
+    return sign_flip_rate(advantages, np.asarray(mask, bool) & (ent > threshold))
+
+
 def summarize(stats: TokenStats, mask, *, student_logp=None, teacher_logp=None, prefix: str = "",
-              bins: int = 10) -> dict:
-    """Scalar metrics for the JSONL log: means, and the entropy profile along the position."""
+              bins: int = 10, entropy_threshold: float = 0.1) -> dict:
+    """Scalar metrics for the JSONL log: means, the entropy profile along the position, the fraction of
+    valid tokens with teacher entropy > entropy_threshold (uncertain_token_fraction), and with both
+    log-prob arrays the sign-flip rates of the advantages log q - log p: all pairs
+    (advantage_sign_flip_rate), weighted by min |advantage| (..._weighted) and among pairs of uncertain
+    tokens (..._uncertain)."""
     mask = np.asarray(mask, bool)
+    uncertain = mask & (np.asarray(stats.entropy, np.float64) > entropy_threshold)
     out = {f"{prefix}teacher_entropy": masked_mean(stats.entropy, mask),
            f"{prefix}teacher_top2_gap": masked_mean(stats.top2_gap, mask),
            f"{prefix}teacher_argmax_mismatch": masked_mean(stats.argmax_mismatch, mask),
-           f"{prefix}teacher_nll": masked_mean(stats.nll, mask)}
+           f"{prefix}teacher_nll": masked_mean(stats.nll, mask),
+           f"{prefix}uncertain_token_fraction": float(uncertain.sum() / mask.sum()) if mask.any() else 0.0}
     for k, v in enumerate(position_profile(stats.entropy, mask, bins)):
         out[f"{prefix}teacher_entropy_pos{k}"] = v
     if student_logp is not None and teacher_logp is not None:
         adv = np.asarray(teacher_logp, np.float64) - np.asarray(student_logp, np.float64)
         out[f"{prefix}advantage_sign_flip_rate"] = sign_flip_rate(adv, mask)
+        out[f"{prefix}advantage_sign_flip_rate_weighted"] = weighted_sign_flip_rate(adv, mask)
+        out[f"{prefix}advantage_sign_flip_rate_uncertain"] = uncertain_sign_flip_rate(adv, stats.entropy, mask,
+                                                                                      entropy_threshold)
     return out

@@ -5,6 +5,9 @@ Input everywhere is a correctness matrix `correct: bool[P, n]`: n graded samples
 - Pass@k = mean over problems of the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021),
   c = correct samples of that problem. With k = n it is exactly "fraction of problems with >= 1 correct"
   (the paper's Pass@16 with 16 samples); k < n gives a lower-variance estimate than sub-sampling.
+- The Pass@k curve: Pass@k for k = 1, 2, 4, ... (powers of two up to n) and k = n.
+- Greedy accuracy (one temperature-0 sample per problem) comes from the controller, beside this summary.
+- Broadening: problems that no initial sample solved and at least one final sample solves.
 Host-side numpy only.
 """
 
@@ -49,10 +52,20 @@ def avg_at_k(correct: Any) -> float:
     return float(_as_matrix(correct).mean())
 
 
-def summarize(correct: Any, k: int | None = None, *, problem_ids: Sequence[Any] | None = None) -> dict:
-    """{avg_at_k, pass_at_k, k, n, num_problems, correct_counts[, problem_ids]} of `correct: bool[P, n]`.
+def pass_at_ks(n: int) -> list[int]:
+    """The k of the Pass@k curve for n samples: 1, 2, 4, ... (powers of two <= n), and n itself."""
+    ks, k = [], 1
+    while k <= n:
+        ks.append(k)
+        k *= 2
+    return ks if ks[-1] == n else ks + [n]
 
-    k defaults to n. `problem_ids` (length P) are kept for the per-problem report table."""
+
+def summarize(correct: Any, k: int | None = None, *, problem_ids: Sequence[Any] | None = None) -> dict:
+    """{avg_at_k, pass_at_k, k, n, num_problems, correct_counts, pass_at[, problem_ids]} of `correct: bool[P, n]`.
+
+    k defaults to n. `pass_at` maps str(k) -> Pass@k for every k of pass_at_ks(n) (the curve; keys are strings
+    so that the JSON round trip keeps them). `problem_ids` (length P) are kept for the per-problem report table."""
     a = _as_matrix(correct)
     num_problems, n = a.shape
     k = n if k is None else int(k)
@@ -60,6 +73,7 @@ def summarize(correct: Any, k: int | None = None, *, problem_ids: Sequence[Any] 
     out = {
         "avg_at_k": float(a.mean()),
         "pass_at_k": float(np.mean([pass_at_k(n, c, k) for c in counts])),
+        "pass_at": {str(j): float(np.mean([pass_at_k(n, c, j) for c in counts])) for j in pass_at_ks(n)},
         "k": k,
         "n": n,
         "num_problems": num_problems,
@@ -72,6 +86,24 @@ def summarize(correct: Any, k: int | None = None, *, problem_ids: Sequence[Any] 
     return out
 
 
+def broadened(initial_counts: Sequence[int], final_counts: Sequence[int], *, initial_n: int | None = None,
+              final_n: int | None = None) -> int:
+    """Problems solved by no sample of the initial evaluation (0 correct) and by at least one sample of the
+    final one: the problems training opened up. Both lists are `correct_counts` of the same problems in the
+    same order; initial_n / final_n (samples per problem, when given) must be equal and bound the counts.
+    Raises ValueError naming the mismatch otherwise."""
+    initial, final = np.asarray(initial_counts), np.asarray(final_counts)
+    if initial.ndim != 1 or final.ndim != 1 or len(initial) != len(final):
+        raise ValueError(f"broadened: initial_counts has {initial.size} problems, final_counts {final.size}: "
+                         "they must count the same problems")
+    if initial_n is not None and final_n is not None and int(initial_n) != int(final_n):
+        raise ValueError(f"broadened: initial n={initial_n} != final n={final_n} samples per problem")
+    for name, counts, n in (("initial", initial, initial_n), ("final", final, final_n)):
+        if (counts < 0).any() or (n is not None and (counts > int(n)).any()):
+            raise ValueError(f"broadened: {name}_counts {counts.tolist()} are not all in [0, n={n}]")
+    return int(np.sum((initial == 0) & (final >= 1)))
+
+
 def _pct(x: float) -> str:
     return f"{100.0 * x:.2f}"
 
@@ -79,8 +111,9 @@ def _pct(x: float) -> str:
 def write_report(directory: str | os.PathLike, name: str, summary: Mapping[str, Any], *,
                  rows: int | None = None, title: str | None = None) -> tuple[str, str]:
     """Writes `DIR/name.json` (the whole summary, plus title) and `DIR/name.md` (metric | value table,
-    percentages for Avg/Pass; with `rows`, a per-problem table of the first `rows` problems: problem id
-    (summary["problem_ids"] or the index) and correct/total). Both files are written atomically.
+    percentages for Avg, Pass@k, the Pass@k curve of summary["pass_at"] and Greedy; with `rows`, a
+    per-problem table of the first `rows` problems: problem id (summary["problem_ids"] or the index) and
+    correct/total). Both files are written atomically.
     Returns (json_path, md_path)."""
     directory = os.fspath(directory)
     data = to_jsonable({**({"title": title} if title is not None else {}), **summary})
@@ -88,12 +121,17 @@ def write_report(directory: str | os.PathLike, name: str, summary: Mapping[str, 
     lines = [f"# {title}", ""] if title else []
     lines += ["| metric | value |", "|---|---|"]
     for key, value in data.items():
+        if key == "pass_at":  # the Pass@k curve, without the Pass@k already shown
+            lines += [f"| Pass@{j} (%) | {_pct(v)} |" for j, v in value.items() if int(j) != k]
+            continue
         if key in ("title", "correct_counts", "problem_ids") or isinstance(value, (dict, list)):
             continue  # nested values stay in the JSON
         if key == "avg_at_k":
             lines.append(f"| Avg@{n} (%) | {_pct(value)} |")
         elif key == "pass_at_k":
             lines.append(f"| Pass@{k} (%) | {_pct(value)} |")
+        elif key == "greedy":
+            lines.append(f"| Greedy (%) | {_pct(value)} |")
         else:
             lines.append(f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |")
     counts = data.get("correct_counts")
@@ -110,12 +148,16 @@ def write_report(directory: str | os.PathLike, name: str, summary: Mapping[str, 
 
 def compare_table(before: Mapping[str, Any], after: Mapping[str, Any], label_before: str = "before",
                   label_after: str = "after") -> str:
-    """Markdown table of Avg@n and Pass@k (in %) before/after training, with deltas in points."""
+    """Markdown table of Avg@n and Pass@k (and Greedy when both have it) in % before/after training, with
+    deltas in points."""
     if before.get("k") != after.get("k"):
         raise ValueError(f"compare_table: Pass@k with different k (before k={before.get('k')}, "
                          f"after k={after.get('k')}) is not comparable")
     lines = [f"| metric | {label_before} | {label_after} | Δ |", "|---|---|---|---|"]
-    for key, label in (("avg_at_k", f"Avg@{after.get('n')}"), ("pass_at_k", f"Pass@{after.get('k')}")):
+    rows = [("avg_at_k", f"Avg@{after.get('n')}"), ("pass_at_k", f"Pass@{after.get('k')}")]
+    if before.get("greedy") is not None and after.get("greedy") is not None:
+        rows.append(("greedy", "Greedy"))
+    for key, label in rows:
         b, a = float(before[key]), float(after[key])
         lines.append(f"| {label} (%) | {_pct(b)} | {_pct(a)} | {100.0 * (a - b):+.2f} |")
     return "\n".join(lines) + "\n"

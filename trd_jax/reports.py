@@ -39,8 +39,9 @@ def eval_report(summary: Mapping[str, Any]) -> str:
     ev = summary["final_eval"]
     return "\n".join([
         f"## {summary.get('model')} (step {summary.get('steps', 0)}) on {summary.get('task')}", "",
-        f"Avg@{ev['n']} {100 * ev['avg_at_k']:.2f}%, Pass@{ev['k']} {100 * ev['pass_at_k']:.2f}% over "
-        f"{ev['num_problems']} problems (mean length {ev['mean_length']:.0f} tokens)", ""])
+        f"Avg@{ev['n']} {100 * ev['avg_at_k']:.2f}%, Pass@{ev['k']} {100 * ev['pass_at_k']:.2f}%"
+        + (f", greedy {100 * ev['greedy']:.2f}%" if ev.get("greedy") is not None else "")
+        + f" over {ev['num_problems']} problems (mean length {ev['mean_length']:.0f} tokens)", ""])
 
 
 def run_report(summary: Mapping[str, Any]) -> str:
@@ -51,6 +52,9 @@ def run_report(summary: Mapping[str, Any]) -> str:
     before, after = summary.get("initial_eval"), summary.get("final_eval")
     if before and after:
         parts += ["Student on the eval split:", "", compare_table(before, after)]
+        if summary.get("broadened_problems") is not None:
+            parts += [(f"Broadened: {summary['broadened_problems']} of {after['num_problems']} problems unsolved "
+                       "by every initial sample are solved by at least one final sample."), ""]
     elif after:
         parts += [f"Student: Avg@{after['n']} {100 * after['avg_at_k']:.2f}%, Pass@{after['k']} "
                   f"{100 * after['pass_at_k']:.2f}%", ""]
