@@ -54,7 +54,9 @@ def test_default_is_trd_with_bootstrap():
     cfg = default_config()
     s = resolve(cfg)
     assert cfg.bootstrap.enabled and s.trajectory == "y_r" and s.loss.name == "forward_kl" and s.mode == "opd"
-    assert s.teacher_context == "vanilla"  # the method trd_vanilla_context
+    assert s.teacher_context == "refine"  # the method trd: the paper's TRD (refine-context scoring)
+    assert get_method("trd").describe() == {"loss": s.loss.name, "trajectory": s.trajectory,
+                                            "teacher_context": s.teacher_context}
     assert s.lora is None  # full fine-tuning of the small from-scratch models, as before LoRA existed
 
 
