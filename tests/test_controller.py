@@ -238,8 +238,8 @@ def test_sigterm_checkpoints_and_resumes(tmp_path):
     (["--config.teacher.source=path"], "config.teacher.path: is empty"),
     (["--config.task.min_steps=6"], "config.task.min_steps: must be in [1, task.max_steps=5]"),
     (["--config.refine.top_p=0.0"], "config.refine.top_p: must be in (0, 1] (or -1: the rollout's value)"),
-    (["--config.bootstrap.enabled=True", "--config.bootstrap.student_noise=2.0"],
-     "config.bootstrap.student_noise: 2.0 must be <= 1.0"),
+    (["--config.bootstrap.enabled=True", "--config.bootstrap.student_bug_rate=2.0"],
+     "config.bootstrap.student_bug_rate: 2.0 must be <= 1.0"),
 ])
 def test_config_errors_exit_2_with_one_line(args, message, tmp_path):
     proc = _main(tmp_path / "run", *args)
