@@ -3,7 +3,8 @@
     python bench/trd_vs_opd.py [--workdir runs/bench_trd_vs_opd] [--steps 12] [--rounds 2]
 
 Both run the embedded default (configs/default.py: same bootstrap, teacher, student, 32 prompts per step,
-forward KL, teacher scoring in its vanilla context); the only difference is distill.trajectory: y_r (TRD)
+forward KL) with the teacher scoring in its vanilla context (distill.teacher_context=vanilla: the default's
+refine context needs y_r); the only difference is distill.trajectory: y_r (TRD, as trd_vanilla_context)
 or y_o (OPD). Runs alternate OPD, TRD, OPD, TRD, ... so that a noisy machine slows both alike; the figures
 are medians over rounds of each run's steady-state seconds per step (steps that compiled left out) and
 exact token counts. Diagnostics are off (they are not part of either method's cost).
@@ -32,7 +33,8 @@ def run(workdir: str, bootstrap: str, trajectory: str, steps: int, seed: int) ->
     out = os.path.join(workdir, f"{trajectory}-{seed}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = apply_overrides(default_config(), {
-        "distill.trajectory": trajectory, "train.steps": steps, "bootstrap.dir": bootstrap, "seed": seed,
+        "distill.trajectory": trajectory, "distill.teacher_context": "vanilla", "train.steps": steps,
+        "bootstrap.dir": bootstrap, "seed": seed,
         "eval.initial": False, "eval.teacher": False, "log.diagnostics": False, "log.progress": False,
         "export.enabled": False, "checkpoint.every": steps})
     summary = Trainer(cfg, out).run()
