@@ -30,6 +30,8 @@ def _task_cfg(**kw):
 
 def test_mini_math_is_deterministic_and_its_references_grade_correct(tmp_path, tokenizer_dir):
     assert mini_math.generate(20, 3) == mini_math.generate(20, 3) != mini_math.generate(20, 4)
+    with pytest.raises(ValueError, match=f"mini_math has {mini_math.NUM_PROBLEMS} distinct problems"):
+        mini_math.generate(mini_math.NUM_PROBLEMS + 1, 0)  # an error, not an endless draw
     task = make_task(_task_cfg(name="mini_math", train_size=40, eval_size=16, tokenizer=tokenizer_dir), str(tmp_path))
     try:
         evals = list(task.split("eval"))

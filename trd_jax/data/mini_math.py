@@ -37,8 +37,15 @@ def _problem(rng: np.random.Generator) -> dict[str, str]:
     return {"problem": problem, "answer": str(answer), "solution": solution}
 
 
+# Distinct problems _problem can draw: a, b, c in [2, 20); kinds 0-2 depend on (a, b), kind 3 on (a, b, c).
+NUM_PROBLEMS = 3 * 18**2 + 18**3
+
+
 def generate(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:
     """`n` distinct problems, none of them in `exclude` (problem texts)."""
+    if n > NUM_PROBLEMS - len(exclude):
+        raise ValueError(f"mini_math has {NUM_PROBLEMS} distinct problems: {n} more than the {len(exclude)} "
+                         "excluded cannot be drawn")
     rng = np.random.default_rng(seed)
     rows, seen = [], set(exclude)
     while len(rows) < n:
