@@ -134,8 +134,9 @@ def test_eval_config_evaluates_a_run_checkpoint(mini_math_run, tokenizer_dir, tm
     cfg = module.get_config()
     cfg.model.path = run_dir  # the alias of student.path that the command line uses
     # No task.tokenizer: a run's tokenizer comes with it (run_dir/student_model).
-    apply_overrides(cfg, {"task.name": "mini_math", "task.eval_size": 4, "eval.n": 2, "eval.max_new_tokens": 8,
-                          "log.progress": False})
+    # task.train_size as the run's: the default (the embedded task's 8000) is more than mini_math's problems.
+    apply_overrides(cfg, {"task.name": "mini_math", "task.train_size": 32, "task.eval_size": 4, "eval.n": 2,
+                          "eval.max_new_tokens": 8, "log.progress": False})
     assert cfg.student.path == run_dir
     summary = Trainer(cfg, str(tmp_path / "eval")).evaluate_only()
     assert summary["status"] == "evaluated" and summary["model"] == run_dir and summary["steps"] == 2
