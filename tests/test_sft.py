@@ -59,9 +59,10 @@ def test_train_sft_learns_a_mapping():
 
 
 def test_bootstrap_mixtures(tmp_path):
-    task = ArithmeticTask(str(tmp_path), ArithmeticConfig(train_size=400, eval_size=4))
+    task = ArithmeticTask(str(tmp_path), ArithmeticConfig(train_size=400, eval_size=4, min_steps=6, max_steps=10))
     tok = Tokenizer.from_dir(task.tokenizer_dir)
-    cfg = BootstrapConfig(student_bug_rate=0.6, repair_fraction=0.5, teacher_alt_form_rate=0.3)
+    cfg = BootstrapConfig(student_bug_rate=0.6, repair_fraction=0.5, teacher_alt_form_rate=0.3,
+                          student_alt_form_rate=0.2)
     teacher = sft_sets(task, tok, "teacher", cfg)
     assert [s.name for s in teacher] == ["solve", "refine_opd", "after_error"]
     train = list(task.split("train"))

@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
         # arithmetic and mini_math: split sizes and the seed of the problem generator
         train_size=8000, eval_size=512, data_seed=0,
         # arithmetic only: steps per problem, operand range
-        min_steps=6, max_steps=10, max_operand=2,
+        min_steps=3, max_steps=5, max_operand=2,
         # math / code: a local file or glob for each split (JSONL, JSON or parquet; field aliases in
         # trd_jax/data/builders); train_files may be "" for mode "eval"
         train_files="", eval_files="",
@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
         # this probability, the error carried forward (above 0.5 it survives low-temperature sampling).
         student_bug_rate=0.6,
         # Fraction of solution lines written in the complement form ("add 2" as "- 8"), student and teacher.
-        student_alt_form_rate=0.2, teacher_alt_form_rate=0.2,
+        student_alt_form_rate=0.0, teacher_alt_form_rate=0.0,
         student_reference_weight=2.0,  # sampling weight of the OPSD context x + y* -> y* (noisy solutions: 2)
         student_refine_weight=2.0,  # sampling weight of the OPSD refine prompt -> rewrite
         # The teacher also learns to repair (this fraction) or continue after a flawed prefix, so that its

@@ -69,8 +69,8 @@ class BootstrapConfig:
     # Fraction of lines written in the complement form ("add 2" as "- 8") in the solve targets: the task's
     # alternative derivations. Complement lines cross the modulus more often, so the student's form choices
     # matter to its accuracy.
-    student_alt_form_rate: float = 0.2
-    teacher_alt_form_rate: float = 0.2
+    student_alt_form_rate: float = 0.0
+    teacher_alt_form_rate: float = 0.0
     student_reference_weight: float = 2.0  # sampling weight of x + y* -> y* against 2 for the noisy solutions
     # Sampling weight of the OPSD refine prompt -> rewrite (the self-teacher's rewriting skill).
     student_refine_weight: float = 2.0
