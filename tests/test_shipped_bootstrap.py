@@ -1,0 +1,31 @@
+"""The bootstrap shipped in the package (trd_jax/data/bootstrap_models) was made with exactly the settings the
+default recipe asks for: a change of the bootstrap code's or the default's settings without re-shipping
+(python -m trd_jax.tools.ship_bootstrap --install) fails here instead of silently training at every run."""
+
+import os
+
+from trd_jax.config import bootstrap_config, resolve
+from trd_jax.data.arithmetic_bootstrap import SHIPPED_DIR, bootstrap, identity, models_hash, read_manifest
+from trd_jax.data.registry import make_task
+from trd_jax.recipes import default_config
+from trd_jax.tokenization import Tokenizer
+
+
+def test_shipped_manifest_matches_the_default_settings(tmp_path):
+    cfg = default_config()
+    s = resolve(cfg)
+    task = make_task(cfg.task, str(tmp_path))
+    record = identity(task, bootstrap_config(cfg), prompt_mode=s.prompt_mode, refine_mode=s.refine.prompt_mode)
+    manifest = read_manifest(SHIPPED_DIR)
+    assert manifest is not None, f"no {SHIPPED_DIR}/bootstrap.json"
+    assert {k: manifest.get(k) for k in record} == record
+    dirs = {role: os.path.join(SHIPPED_DIR, role) for role in ("teacher", "student")}
+    assert models_hash(dirs) == manifest["models_sha256"]  # the weights are the ones measured
+    measured = manifest["measured"]
+    assert {"student", "teacher", "opsd_teacher", "rollouts"} <= set(measured)
+    # The default run takes them without training (and without writing into the package).
+    tok = Tokenizer.from_dir(task.tokenizer_dir)
+    found = bootstrap(task, tok, bootstrap_config(cfg), str(tmp_path / "boot"), prompt_mode=s.prompt_mode,
+                      refine_mode=s.refine.prompt_mode)
+    assert found["source"] == "shipped" and found["teacher"] == dirs["teacher"]
+    assert not (tmp_path / "boot").exists()
