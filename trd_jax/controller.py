@@ -131,12 +131,17 @@ def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _holds_checkpoint(workdir: str) -> bool:
+    """Whether the workdir has a checkpoint step folder: a rerun there resumes."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+
+
 def check_resume_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     """A workdir holding a checkpoint resumes only under the same training config (eval, log, checkpoint
     and export settings may change): otherwise the error names the first differing key."""
-    ckpt_dir, saved = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
-    has_ckpt = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
-    if not (has_ckpt and os.path.isfile(saved)):
+    saved = os.path.join(workdir, "config.json")
+    if not (_holds_checkpoint(workdir) and os.path.isfile(saved)):
         return
     with open(saved) as f:
         old = _flat(ml_collections.ConfigDict(json.load(f)))
@@ -159,9 +164,7 @@ def check_bootstrap_models(workdir: str, models_sha256: str) -> None:
     """Records the hash of the bootstrap models a run starts from (workdir/bootstrap_models.json); a run
     that resumes must find the same models, not ones rebuilt or shipped since."""
     path = os.path.join(workdir, BOOTSTRAP_RECORD)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    resuming = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
-    if resuming and os.path.isfile(path):
+    if _holds_checkpoint(workdir) and os.path.isfile(path):
         with open(path) as f:
             started = json.load(f)["models_sha256"]
         if started != models_sha256:

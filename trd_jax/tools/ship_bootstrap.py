@@ -63,12 +63,11 @@ def _student_mistakes(student_dir: str, cfg, rows: int) -> dict:
     """Fractions of the student's sampled solutions (eval problems, eval sampling) with >= 1 and > 1 wrong
     steps, and the mean number of wrong steps."""
     from trd_jax.api import generate, load_model
-    from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask, step_errors
+    from trd_jax.data.arithmetic import step_errors
+    from trd_jax.data.registry import make_task
     from trd_jax.tokenization import Tokenizer
 
-    task = ArithmeticTask(tempfile.mkdtemp(), ArithmeticConfig(
-        min_steps=cfg.task.min_steps, max_steps=cfg.task.max_steps, max_operand=cfg.task.max_operand,
-        train_size=cfg.task.train_size, eval_size=cfg.task.eval_size, seed=cfg.task.data_seed))
+    task = make_task(cfg.task, tempfile.mkdtemp())
     tok = Tokenizer.from_dir(student_dir)
     examples = list(task.split("eval"))[:rows]
     prompts = [tok.encode_prompt(ex.problem, cfg.task.prompt_mode) for ex in examples]
