@@ -15,7 +15,8 @@ from trd_jax.tokenization import Tokenizer
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    return ArithmeticTask(str(tmp_path_factory.mktemp("arith")), ArithmeticConfig(train_size=300, eval_size=40))
+    return ArithmeticTask(str(tmp_path_factory.mktemp("arith")),
+                          ArithmeticConfig(train_size=300, eval_size=40, max_operand=3))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,9 @@ def _chain(p: Problem) -> list[int]:
 def test_reference_solutions_are_correct_and_parse(task):
     for ex in list(task.split("train"))[:50] + list(task.split("eval")):
         p = task.problem_of(ex)
-        assert 3 <= len(p.ops) <= 5 and all(op in "+-" and 1 <= b <= 2 for op, b in p.ops)
+        cfg = task.cfg
+        assert cfg.min_steps <= len(p.ops) <= cfg.max_steps
+        assert all(op in "+-" and 1 <= b <= cfg.max_operand for op, b in p.ops)
         assert p.values() == _chain(p) and ex.answer == str(_chain(p)[-1])
         assert task.grade(ex.reference, ex) == 1.0
         assert first_error(ex.reference, p) is None

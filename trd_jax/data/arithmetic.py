@@ -250,7 +250,7 @@ def step_errors(text: str, p: Problem) -> list[int]:
 class ArithmeticConfig:
     min_steps: int = 3
     max_steps: int = 5
-    max_operand: int = 2  # operands are 1 .. max_operand (small: learnable from scratch in minutes)
+    max_operand: int = 3  # operands are 1 .. max_operand (small: learnable from scratch in minutes)
     train_size: int = 8000
     eval_size: int = 512
     seed: int = 0

@@ -65,7 +65,7 @@ class BootstrapConfig:
     # that crosses the modulus is off by one with this probability, and later lines carry the error forward.
     # Above 0.5 its most likely token at a wrap is wrong, so its mistakes survive the evaluation's
     # temperature 0.6 (random noise does not: the mode of noisy targets is still the right value).
-    student_bug_rate: float = 0.6
+    student_bug_rate: float = 0.9
     # Fraction of lines written in the complement form ("add 2" as "- 8") in the solve targets: the task's
     # alternative derivations. Complement lines cross the modulus more often, so the student's form choices
     # matter to its accuracy.
