@@ -127,6 +127,11 @@ def test_command_line_presets_and_methods(tmp_path):
     assert (full.bootstraps, full.seeds) == (3, 5) and full.settings == ["opd", "opsd"]
     assert {"trd", "trd_vanilla_context", "trd_refine_wrong_only", "trd_fallback_wrong", "forward_kl@2x",
             "reverse_kl@2x", "jsd0.5"} <= set(full.methods)
+    assert full.other_methods == ["trd", "reverse_kl", "forward_kl"] and full.jobs == 2 and full.eval_every == 0
+    assert rp.parse_args(["--workdir", "d", "--other-bootstrap-methods", "all"]).other_methods == full.methods
+    # Bootstrap 1+ methods are a subset of --methods, in their order.
+    assert rp.parse_args(["--workdir", "d", "--methods", "reverse_kl,trd,jsd0.5",
+                          "--other-bootstrap-methods", "trd,reverse_kl,forward_kl"]).other_methods == ["reverse_kl", "trd"]
     quick = rp.parse_args(["--workdir", str(tmp_path), "--quick", "--seeds", "3"])
     assert (quick.bootstraps, quick.seeds) == (1, 3)
     assert quick.methods == ["trd", "trd_vanilla_context", "forward_kl", "reverse_kl"]
@@ -137,3 +142,61 @@ def test_command_line_presets_and_methods(tmp_path):
     assert rp.run_dir("D", "opd", "trd", 2, 1) == os.path.join("D", "runs", "b1", "opd-trd-s2")
     assert rp.bootstrap_dir("D", 0) == os.path.join("D", "bootstrap")
     assert rp.bootstrap_dir("D", 2) == os.path.join("D", "bootstrap-2")
+
+
+def test_shared_reference_evaluations_fill_runs_that_skipped_them(tmp_path):
+    """Method runs skip the initial and teacher evaluations (eval.initial / eval.teacher off); the
+    bootstrap's reference run supplies them: the curve's step 0, the broadening against the initial
+    student's per-problem counts, and the per-bootstrap initial student and teachers."""
+    initial = [0, 0, 1, 0, 4, 0]
+    summaries = {}
+    for seed, final in enumerate(([0, 2, 1, 0, 4, 0], [1, 0, 0, 0, 3, 1])):
+        s = _fake_run(tmp_path, 0, "opd", "forward_kl", seed, final, in_summary=True)
+        for key in ("initial_eval", "teacher_eval", "broadened_problems"):
+            s.pop(key)
+        s["evals"] = [e for e in s["evals"] if e["step"] != 0]
+        summaries[0, "opd", "forward_kl", seed] = s
+    ref = {"initial_eval": {"step": 0, "avg_at_k": 0.2, "pass_at_k": 0.4, "greedy": 0.25, "n": N,
+                            "correct_counts": initial},
+           "teacher_eval": {"avg_at_k": 0.95, "pass_at_k": 1.0}}
+    opsd_ref = {"initial_eval": ref["initial_eval"], "teacher_eval": {"avg_at_k": 0.85, "pass_at_k": 1.0}}
+    results = rp.aggregate(str(tmp_path), summaries, {(0, "opd"): ref, (0, "opsd"): opsd_ref}, resamples=50)
+    row = next(r for r in results["rows"] if r["bootstrap"] == 0)
+    # Problems 0, 1, 3 and 5 were never solved initially: seed 0 solves 1, seed 1 solves 0 and 5.
+    assert row["broadened_problems"] == pytest.approx(1.5)
+    assert [p["step"] for p in results["curves"]["opd/forward_kl"][0]] == [0, 2, 4]
+    assert results["curves"]["opd/forward_kl"][0][0]["avg_at_k"] == 0.2
+    assert results["initial_student"]["avg_at_k"] == pytest.approx(0.2)
+    assert results["teacher"]["avg_at_k"] == pytest.approx(0.95)
+    assert results["bootstraps"]["0"] == {
+        "initial_student": {"avg_at_k": 0.2, "pass_at_k": 0.4, "greedy": 0.25},
+        "teacher": {"avg_at_k": 0.95, "pass_at_k": 1.0, "greedy": None},
+        "opsd_teacher": {"avg_at_k": 0.85, "pass_at_k": 1.0, "greedy": None}}
+
+
+@pytest.mark.slow
+def test_command_runs_shares_evaluations_and_keeps_exports(tmp_path, monkeypatch):
+    """The command end to end on the shipped bootstrap, in this process (--jobs 1), tiny: one reference per
+    setting, then one-step runs that skip the shared evaluations; results.json in --out, each run's final
+    student exported, and a second invocation reads every finished run back instead of training again."""
+    monkeypatch.setenv("TRD_JAX_COMPILATION_CACHE", "off")
+    out = tmp_path / "out"
+    argv = ["--workdir", str(tmp_path / "w"), "--out", str(out), "--jobs", "1", "--bootstraps", "1", "--seeds", "1",
+            "--steps", "1", "--eval-every", "0", "--methods", "trd,forward_kl", "--settings", "opd",
+            "--set", "eval.num_problems=8", "--set", "eval.n=2", "--set", "eval.greedy=false",
+            "--set", "train.batch_size=4"]
+    assert rp.main(argv) == 0
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results["eval"]["n"] == 2 and results["eval"]["problems"] == 8
+    assert {r["method"] for r in results["rows"]} == {"trd", "forward_kl"}
+    assert results["bootstraps"]["0"]["teacher"]["avg_at_k"] is not None
+    for method in ("trd", "forward_kl"):
+        run = rp.run_dir(str(tmp_path / "w"), "opd", method, 0, 0)
+        with open(os.path.join(run, "summary.json")) as f:
+            summary = json.load(f)
+        assert summary["initial_eval"] is None and "teacher_eval" not in summary  # shared, not repeated
+        assert os.path.isfile(os.path.join(run, "export", "config.json"))
+    stamp = os.path.getmtime(os.path.join(rp.run_dir(str(tmp_path / "w"), "opd", "trd", 0, 0), "summary.json"))
+    assert rp.main(argv) == 0
+    assert os.path.getmtime(os.path.join(rp.run_dir(str(tmp_path / "w"), "opd", "trd", 0, 0), "summary.json")) == stamp

@@ -502,7 +502,7 @@ class Trainer:
             span.block, span.tokens = scored, int(batch.teacher.mask.sum())
         self._add_flops("score", self.t_params_count, int(batch.teacher.mask.sum()))
 
-        if s.diagnostics:
+        if s.diagnostics and step % s.diagnostics_every == 0:
             with timer.phase("diagnostics") as span:
                 self._diagnostics(rows, batch, scored, teacher_params, vanilla, metrics)
 

@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     maybe_initialize()
     import jax
 
+    from trd_jax import compile_cache
+
+    compile_cache.enable()
+
     if jax.process_index() != 0:
         logging.getLogger().setLevel(logging.WARNING)  # host-0-only logging
 

@@ -2,26 +2,30 @@
 (and compute-matched baselines), in the OPD and OPSD settings, several bootstraps and seeds, on the embedded
 task with equal budgets.
 
-    python -m trd_jax.experiments.reproduce --workdir DIR [--quick] [--bootstraps 3] [--seeds 5] [--steps 40]
-        [--settings opd,opsd] [--methods trd,forward_kl,forward_kl@2x,...] [--set KEY=VALUE ...]
+    python -m trd_jax.experiments.reproduce --workdir DIR [--out docs/reproduction] [--quick] [--jobs 2]
+        [--bootstraps 3] [--seeds 5] [--steps 40] [--settings opd,opsd] [--methods trd,forward_kl,...]
+        [--other-bootstrap-methods trd,forward_kl,reverse_kl] [--eval-every 0] [--set KEY=VALUE ...]
 
-Bootstraps: bootstrap b trains its own initial student and teacher (DIR/bootstrap for b = 0, else
-DIR/bootstrap-b; overrides bootstrap.seed=b and task.data_seed=b, so each has its own task sample too).
-Each run is an ordinary training run in DIR/runs/b<b>/<setting>-<method>-s<seed> (a finished run is not
-repeated; an interrupted one resumes from its checkpoint) and keeps its final student as a Hugging Face
-folder in its export/. Methods are the names of trd_jax.recipes.METHODS, or "<baseline>@2x": that baseline
-with two rollouts per prompt, as many generated tokens per step as TRD's y_o + y_r.
+Bootstraps: bootstrap b has its own initial student and teacher (DIR/bootstrap for b = 0, else
+DIR/bootstrap-b; overrides bootstrap.seed=b and task.data_seed=b, so each has its own task sample too;
+bootstrap 0 is the one shipped in the package). Per bootstrap and setting one reference run of 0 steps
+evaluates the initial student and the teacher once (DIR/runs/b<b>/<setting>-reference); every method run
+(DIR/runs/b<b>/<setting>-<method>-s<seed>) skips those evaluations, is an ordinary training run (a finished
+one is read back, an interrupted one resumes from its checkpoint) and keeps its final student as a Hugging
+Face folder in its export/. Methods are the names of trd_jax.recipes.METHODS, or "<baseline>@2x": that
+baseline with two rollouts per prompt, as many generated tokens per step as TRD's y_o + y_r.
 
-Defaults: 3 bootstraps x 5 seeds x every method (ablations, variants, forward_kl@2x and reverse_kl@2x
-included) x both settings (several hours on 2 CPU cores). --quick: 1 bootstrap, 2 seeds, the methods
-trd, trd_vanilla_context, forward_kl and reverse_kl, OPD and OPSD (16 runs and one bootstrap: about 20
-minutes on 2 cores); explicit flags override either.
+Defaults: 5 seeds x both settings x every method (ablations, variants, forward_kl@2x and reverse_kl@2x
+included) on bootstrap 0, and trd, forward_kl and reverse_kl on bootstraps 1 and 2, 2 runs at a time.
+--quick: bootstrap 0, 2 seeds, the methods trd, trd_vanilla_context, forward_kl and reverse_kl, OPD and
+OPSD; its runs are the full reproduction's first ones, so a full run in the same workdir reuses them.
 
-Results: DIR/results.json (machine-readable: per setting and method, a row per bootstrap and one pooled
-over bootstraps, with the final Avg@n and its 95% bootstrap interval over seeds and problems, Pass@k,
-cost per step; TRD against every other method, paired differences with intervals), DIR/results.md (the
-same as tables) and the plots DIR/accuracy.png (accuracy against step, cumulative generated tokens and
-cumulative FLOPs), DIR/pass_at_k.png (Pass@k of the final students) and DIR/diagnostics.png.
+Results in --out (default DIR): results.json (machine-readable: per setting and method, a row per
+bootstrap and one pooled over bootstraps, with the final Avg@n and its 95% bootstrap interval over seeds
+and problems, Pass@k, greedy accuracy, broadening, cost per step; TRD against every other method, paired
+differences with intervals), results.md (the same as tables) and the plots accuracy.png (held-out accuracy
+and training-rollout accuracy against step, cumulative generated tokens and cumulative FLOPs), pass_at_k.png
+(Pass@k of the final students) and diagnostics.png.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import time
 
 import numpy as np
 
-from trd_jax import stats
+from trd_jax import evaluation, stats
 from trd_jax.evaluation import pass_at_k
 from trd_jax.metrics import atomic_write_json, atomic_write_text
 from trd_jax.recipes import METHODS, apply_overrides, default_config, get_method, method_config, parse_overrides
@@ -44,7 +48,9 @@ log = logging.getLogger("reproduce")
 SETTINGS = ("opd", "opsd")
 FULL_METHODS = (*METHODS, "forward_kl@2x", "reverse_kl@2x")
 QUICK = {"bootstraps": 1, "seeds": 2, "methods": ("trd", "trd_vanilla_context", "forward_kl", "reverse_kl")}
-FULL = {"bootstraps": 3, "seeds": 5, "methods": FULL_METHODS}
+# Every method on bootstrap 0; the further bootstraps (is a conclusion robust to the draw?) run TRD and the
+# two main token-level baselines, which keeps the whole within about 2 hours on 2 cores.
+FULL = {"bootstraps": 3, "seeds": 5, "methods": FULL_METHODS, "other_methods": ("trd", "forward_kl", "reverse_kl")}
 REFERENCE = "trd"  # the method every other one is compared with
 FLOP_PHASES = ("rollout", "refine", "score", "update")
 DIAGNOSTICS = ("diag/trained/advantage_sign_flip_rate", "diag/trained/teacher_entropy",
@@ -59,25 +65,55 @@ def run_dir(workdir: str, setting: str, method: str, seed: int, bootstrap: int =
     return os.path.join(workdir, "runs", f"b{bootstrap}", f"{setting}-{method}-s{seed}")
 
 
+def reference_dir(workdir: str, setting: str, bootstrap: int = 0) -> str:
+    return os.path.join(workdir, "runs", f"b{bootstrap}", f"{setting}-reference")
+
+
+def _finished(out: str) -> dict | None:
+    summary = _read_json(os.path.join(out, "summary.json"))
+    return summary if summary.get("status") == "completed" else None
+
+
+def _base_overrides(workdir: str, bootstrap: int, overrides: dict) -> dict:
+    return {"bootstrap.dir": bootstrap_dir(workdir, bootstrap), "bootstrap.seed": bootstrap,
+            "task.data_seed": bootstrap, "log.progress": False, **overrides}
+
+
+def run_reference(workdir: str, setting: str, overrides: dict, bootstrap: int = 0) -> dict:
+    """The evaluations every run of a bootstrap and setting shares, done once: the initial student and the
+    setting's teacher (OPD: the teacher model; OPSD: the student shown the reference solution), as a run of
+    0 steps. Method runs skip them (eval.initial / eval.teacher off), which halves a run's evaluation cost."""
+    from trd_jax.controller import Trainer
+
+    out = reference_dir(workdir, setting, bootstrap)
+    if (summary := _finished(out)) is not None:
+        return summary
+    cfg = method_config(REFERENCE, setting, 0)
+    apply_overrides(cfg, {**_base_overrides(workdir, bootstrap, overrides), "train.steps": 0, "eval.initial": True,
+                          "eval.teacher": True})
+    summary = Trainer(cfg, out).run()
+    log.info("bootstrap %d %s: initial student Avg %.3f, teacher Avg %.3f", bootstrap, setting,
+             summary["initial_eval"]["avg_at_k"], summary["teacher_eval"]["avg_at_k"])
+    return summary
+
+
 def run_one(workdir: str, setting: str, method: str, seed: int, steps: int, eval_every: int,
             overrides: dict, bootstrap: int = 0) -> dict:
+    """One method run (a finished one is read back, an interrupted one resumes), without the shared
+    evaluations of run_reference; its final student is kept as a Hugging Face folder in its export/."""
     from trd_jax.controller import Trainer
 
     out = run_dir(workdir, setting, method, seed, bootstrap)
-    done = os.path.join(out, "summary.json")
-    if os.path.isfile(done):
-        with open(done) as f:
-            summary = json.load(f)
-        if summary.get("status") == "completed":
-            return summary
+    if (summary := _finished(out)) is not None:
+        return summary
     cfg = method_config(method, setting, seed)
-    apply_overrides(cfg, {"train.steps": steps, "eval.every": eval_every, "bootstrap.dir": bootstrap_dir(workdir, bootstrap),
-                          "bootstrap.seed": bootstrap, "task.data_seed": bootstrap, "log.progress": False,
-                          "export.enabled": True, **overrides})
+    apply_overrides(cfg, {**_base_overrides(workdir, bootstrap, overrides), "train.steps": steps,
+                          "eval.every": eval_every, "eval.initial": False, "eval.teacher": False,
+                          "export.enabled": True})
     start = time.perf_counter()
     summary = Trainer(cfg, out).run()
-    log.info("bootstrap %d %s %s seed %d: Avg %.3f -> %.3f in %.0f s", bootstrap, setting, method, seed,
-             summary["initial_eval"]["avg_at_k"], summary["final_eval"]["avg_at_k"], time.perf_counter() - start)
+    log.info("bootstrap %d %s %s seed %d: final Avg %.3f in %.0f s", bootstrap, setting, method, seed,
+             summary["final_eval"]["avg_at_k"], time.perf_counter() - start)
     return summary
 
 
@@ -120,9 +156,11 @@ def _pass_at(ev: dict, counts: list[int], n: int) -> dict[str, float]:
     return {str(k): float(np.mean([pass_at_k(n, c, k) for c in counts])) for k in ks}
 
 
-def run_record(path: str, summary: dict) -> dict:
+def run_record(path: str, summary: dict, reference: dict | None = None) -> dict:
     """What the aggregation needs from one finished run: per-problem accuracy, Pass@k, cost per step, the
-    accuracy curve against step, cumulative generated tokens and cumulative FLOPs, and diagnostics."""
+    accuracy curve against step, cumulative generated tokens and cumulative FLOPs, and diagnostics.
+    ``reference``: the bootstrap's shared evaluations (run_reference), for a run that skipped them: its
+    initial student (the curve's step 0 and the broadening) and its teacher."""
     final = summary.get("final_eval") or {}
     counts, n = _correct_counts(path, final)
     steps = max(int(summary.get("steps", 0)), 1)
@@ -131,6 +169,16 @@ def run_record(path: str, summary: dict) -> dict:
     gen_per_step = (tokens.get("rollout", 0) + tokens.get("refine", 0)) / steps
     flops_per_step = sum(flops.get(p, 0.0) for p in FLOP_PHASES) / steps
     metrics = _metrics(path)
+    initial = summary.get("initial_eval") or (reference or {}).get("initial_eval")
+    teacher = summary.get("teacher_eval") or (reference or {}).get("teacher_eval")
+    evals = summary.get("evals", [])
+    if initial is not None and not any(e["step"] == 0 for e in evals):
+        evals = [initial, *evals]
+    broadened = summary.get("broadened_problems")
+    if broadened is None and initial is not None and initial.get("correct_counts") is not None:
+        before = initial["correct_counts"]
+        if len(before) == len(counts) and initial.get("n") == n:
+            broadened = evaluation.broadened(before, counts, initial_n=n, final_n=n)
     # Cumulative generated tokens at the end of each step, from the per-step counts where metrics.jsonl has
     # them; FLOPs per step are only totalled (summary.json), so cumulative FLOPs are the mean per step x step.
     cumulative = {0: 0.0}
@@ -138,17 +186,22 @@ def run_record(path: str, summary: dict) -> dict:
     for m in metrics:
         total += m.get("phase_tokens/rollout", 0) + m.get("phase_tokens/refine", 0)
         cumulative[int(m["step"])] = total
+    # The student's accuracy on its own training rollouts (y_o, graded every step): a learning curve at every
+    # step for free, where the held-out evaluations are few (at step 0, shared, and at the end).
+    train_curve = [{"step": int(m["step"]), "accuracy_y_o": m["accuracy/y_o"],
+                    "generated_tokens": cumulative[int(m["step"])], "flops": flops_per_step * int(m["step"])}
+                   for m in metrics if "accuracy/y_o" in m]
     curve = [{"step": e["step"], "avg_at_k": e["avg_at_k"],
               "generated_tokens": cumulative.get(e["step"], gen_per_step * e["step"]),
-              "flops": flops_per_step * e["step"]} for e in summary.get("evals", [])]
+              "flops": flops_per_step * e["step"]} for e in evals]
     config = _read_json(os.path.join(path, "config.json"))
     return {
         "accuracy": np.asarray(counts, np.float64) / n, "n": n,
         "pass_at_k": _pass_at(final, counts, n), "greedy": final.get("greedy"),
-        "broadened_problems": summary.get("broadened_problems"),
+        "broadened_problems": broadened,
         "generated_tokens_per_step": gen_per_step, "flops_per_step": flops_per_step,
         "seconds_per_step": float(sum((summary.get("phase_seconds_per_warm_step") or {}).values())),
-        "curve": curve, "initial_eval": summary.get("initial_eval"), "teacher_eval": summary.get("teacher_eval"),
+        "curve": curve, "train_curve": train_curve, "initial_eval": initial, "teacher_eval": teacher,
         "eval_config": config.get("eval", {}), "trajectory_accuracy": summary.get("trajectory_accuracy", {}),
         "diagnostics": {k: float(np.mean(v)) for k in DIAGNOSTICS if (v := [m[k] for m in metrics if k in m])},
     }
@@ -198,43 +251,75 @@ def _groups(records: dict) -> dict:
     return {key: out[key] for key in order}
 
 
-def aggregate(workdir: str, summaries: dict, *, resamples: int = 2000, seed: int = 0) -> dict:
-    """results.json's content from ``summaries: {(bootstrap, setting, method, seed): summary}``."""
-    records = {key: run_record(run_dir(workdir, key[1], key[2], key[3], key[0]), s) for key, s in summaries.items()}
+def _mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """The point-wise mean of several runs' training curves, over the steps every run has."""
+    length = min((len(c) for c in curves), default=0)
+    return [{f: float(np.mean([c[i][f] for c in curves])) for f in curves[0][i]} for i in range(length)]
+
+
+def _brief(ev: dict | None) -> dict | None:
+    return None if ev is None else {k: ev.get(k) for k in ("avg_at_k", "pass_at_k", "greedy")}
+
+
+def _bootstrap_evals(references: dict) -> dict:
+    """Per bootstrap: its initial student and its teachers, from the shared evaluations."""
+    out: dict = {}
+    for (b, setting), ref in sorted(references.items()):
+        entry = out.setdefault(str(b), {"initial_student": _brief(ref.get("initial_eval"))})
+        entry["teacher" if setting == "opd" else "opsd_teacher"] = _brief(ref.get("teacher_eval"))
+    return out
+
+
+def aggregate(workdir: str, summaries: dict, references: dict | None = None, *, resamples: int = 2000,
+              seed: int = 0) -> dict:
+    """results.json's content from ``summaries: {(bootstrap, setting, method, seed): summary}`` and the shared
+    evaluations ``references: {(bootstrap, setting): summary}`` (run_reference)."""
+    references = references or {}
+    records = {key: run_record(run_dir(workdir, key[1], key[2], key[3], key[0]), s, references.get((key[0], key[1])))
+               for key, s in summaries.items()}
     if not records:
         raise ValueError("no runs to aggregate")
     first = next(iter(records.values()))
+    first_setting = next(iter(records))[1]
     groups = _groups(records)
-    rows, pooled = [], {}
+    rows = []
     for (setting, method), per_b in groups.items():
         acc = {b: [r["accuracy"] for r in rs] for b, rs in per_b.items()}
         for b, rs in sorted(per_b.items()):
             rows.append(_row(setting, method, b, rs, np.stack(acc[b]), resamples=resamples, seed=seed))
-        pooled[setting, method] = pooled_matrix(acc)
-        rows.append(_row(setting, method, "all", [r for rs in per_b.values() for r in rs], pooled[setting, method],
+        rows.append(_row(setting, method, "all", [r for rs in per_b.values() for r in rs], pooled_matrix(acc),
                          resamples=resamples, seed=seed))
     significance = []
-    for (setting, method), matrix in pooled.items():
-        ref = pooled.get((setting, REFERENCE))
-        if method == REFERENCE or ref is None or ref.shape[1] != matrix.shape[1]:
+    for (setting, method), per_b in groups.items():
+        ref = groups.get((setting, REFERENCE))
+        common = sorted(set(per_b) & set(ref or {}))
+        if method == REFERENCE or not common:
             continue
-        diff, low, high, sig = stats.difference_ci(ref, matrix, resamples=resamples, seed=seed)
-        significance.append({"setting": setting, "a": REFERENCE, "b": method, "difference": diff, "low": low,
-                             "high": high, "significant": sig})
+        # Over the bootstraps both methods ran on (the full preset runs some methods on bootstrap 0 only).
+        a = pooled_matrix({b: [r["accuracy"] for r in ref[b]] for b in common})
+        m = pooled_matrix({b: [r["accuracy"] for r in per_b[b]] for b in common})
+        diff, low, high, sig = stats.difference_ci(a, m, resamples=resamples, seed=seed)
+        significance.append({"setting": setting, "a": REFERENCE, "b": method, "bootstraps": common,
+                             "difference": diff, "low": low, "high": high, "significant": sig})
+
+    # Initial student and teachers: the mean over bootstraps (each bootstrap once, whatever its run count).
+    evals = {(b, s): (r["initial_eval"], r["teacher_eval"]) for (b, s, _, _), r in records.items()}
 
     def teacher(setting):
-        return {"avg_at_k": _mean((r["teacher_eval"] or {}).get("avg_at_k") for (_, s, _, _), r in records.items()
-                                  if s == setting)}
+        return {"avg_at_k": _mean((t or {}).get("avg_at_k") for (_, s), (_, t) in evals.items() if s == setting)}
 
     ev = first["eval_config"]
     return {
         "eval": {"temperature": ev.get("temperature"), "top_p": ev.get("top_p"), "n": first["n"],
                  "problems": len(first["accuracy"])},
-        "initial_student": {k: _mean((r["initial_eval"] or {}).get(k) for r in records.values())
+        "initial_student": {k: _mean((i or {}).get(k) for (b, s), (i, _) in evals.items() if s == first_setting)
                             for k in ("avg_at_k", "pass_at_k")},
         "teacher": teacher("opd"), "opsd_teacher": teacher("opsd"),
+        "bootstraps": _bootstrap_evals(references),
         "rows": rows, "significance": significance,
         "curves": {f"{s}/{m}": [r["curve"] for rs in per_b.values() for r in rs] for (s, m), per_b in groups.items()},
+        "train_curves": {f"{s}/{m}": _mean_curve([r["train_curve"] for rs in per_b.values() for r in rs])
+                         for (s, m), per_b in groups.items()},
         "pass_at_k_final": {f"{row['setting']}/{row['method']}": row["pass_at_k"] for row in rows
                             if row["bootstrap"] == "all"},
     }
@@ -279,7 +364,8 @@ def report(results: dict) -> str:
               "problems resampled jointly); * marks an interval that excludes 0."), ""]
     for s in results["significance"]:
         lines.append(f"- {s['setting']}: {s['a']} - {s['b']} = {100 * s['difference']:+.1f} "
-                     f"[{100 * s['low']:+.1f}, {100 * s['high']:+.1f}]{' *' if s['significant'] else ''}")
+                     f"[{100 * s['low']:+.1f}, {100 * s['high']:+.1f}]{' *' if s['significant'] else ''} "
+                     f"(bootstraps {', '.join(map(str, s.get('bootstraps', [])))})")
     return "\n".join(lines) + "\n"
 
 
@@ -292,36 +378,46 @@ def write_results(workdir: str, results: dict, extra_md: str = "") -> tuple[str,
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def plot(workdir: str, results: dict, summaries: dict) -> list[str]:
-    """accuracy.png: Avg@n against step, cumulative generated tokens and cumulative FLOPs (mean over every
-    run of a method); pass_at_k.png: Pass@k of the final students against k (log2 axis); diagnostics.png."""
+def plot(out: str, results: dict, summaries: dict, workdir: str | None = None) -> list[str]:
+    """accuracy.png: held-out Avg@n and the training rollouts' accuracy against step, cumulative generated
+    tokens and cumulative FLOPs (mean over every run of a method); pass_at_k.png: Pass@k of the final students against k (log2 axis); diagnostics.png."""
     import matplotlib
 
+    workdir = workdir or out
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     settings = list(dict.fromkeys(key.split("/")[0] for key in results["curves"]))
     paths = []
-    fig, axes = plt.subplots(len(settings), 3, figsize=(16, 4 * len(settings)), squeeze=False)
+    # Rows per setting: held-out Avg@n (markers: the evaluations, step 0 shared), then the accuracy of the
+    # student's training rollouts (a moving mean over 5 steps), each against step, tokens and FLOPs.
+    fig, axes = plt.subplots(2 * len(settings), 3, figsize=(16, 7.6 * len(settings)), squeeze=False)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(k.split("/", 1)[1] for k in results["curves"]))}
+    xs = ("step", "generated_tokens", "flops")
     for row, setting in enumerate(settings):
         for key, curves in results["curves"].items():
             st, method = key.split("/", 1)
             length = min(len(c) for c in curves)
             if st != setting or not length:
                 continue
-            mean = {f: np.mean([[p[f] for p in c[:length]] for c in curves], axis=0)
-                    for f in ("step", "avg_at_k", "generated_tokens", "flops")}
-            for col, x in enumerate(("step", "generated_tokens", "flops")):
-                axes[row][col].plot(mean[x], 100 * mean["avg_at_k"], marker="o", label=method,
-                                    lw=2.5 if method == REFERENCE else 1.2)
+            style = {"label": method, "color": colors[method], "lw": 2.5 if method == REFERENCE else 1.2}
+            mean = {f: np.mean([[p[f] for p in c[:length]] for c in curves], axis=0) for f in ("avg_at_k", *xs)}
+            train = results.get("train_curves", {}).get(key) or []
+            for col, x in enumerate(xs):
+                axes[2 * row][col].plot(mean[x], 100 * mean["avg_at_k"], marker="o", **style)
+                if len(train) >= 5:
+                    acc = np.convolve([p["accuracy_y_o"] for p in train], np.ones(5) / 5, mode="valid")
+                    axes[2 * row + 1][col].plot([p[x] for p in train][4:], 100 * acc, **style)
         for col, label in enumerate(("step", "cumulative generated tokens", "cumulative FLOPs (estimated)")):
-            ax = axes[row][col]
-            ax.set(title=f"{setting.upper()}: student accuracy", xlabel=label, ylabel="Avg@n (%)")
-            ax.grid(alpha=0.3)
-        axes[row][0].legend(fontsize=7)
+            for r, (title, ylabel) in enumerate((("held-out accuracy", "Avg@n (%)"),
+                                                 ("accuracy of training rollouts y_o", "moving mean of 5 steps (%)"))):
+                ax = axes[2 * row + r][col]
+                ax.set(title=f"{setting.upper()}: {title}", xlabel=label, ylabel=ylabel)
+                ax.grid(alpha=0.3)
+        axes[2 * row][0].legend(fontsize=7)
     fig.tight_layout()
-    paths.append(os.path.join(workdir, "accuracy.png"))
-    fig.savefig(paths[-1], dpi=100)
+    paths.append(os.path.join(out, "accuracy.png"))
+    fig.savefig(paths[-1], dpi=90)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
@@ -337,7 +433,7 @@ def plot(workdir: str, results: dict, summaries: dict) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(os.path.join(workdir, "pass_at_k.png"))
+    paths.append(os.path.join(out, "pass_at_k.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
@@ -350,15 +446,17 @@ def plot(workdir: str, results: dict, summaries: dict) -> list[str]:
                 series = [[m.get(key, np.nan) for m in _metrics(run_dir(workdir, s, mt, sd, b))]
                           for (b, s, mt, sd) in summaries if s == setting and mt == method]
                 length = min(map(len, series))
-                if length and not np.isnan([x[:length] for x in series]).all(axis=0).any():
-                    ax.plot(np.arange(1, length + 1), np.nanmean([x[:length] for x in series], axis=0),
+                values = np.array([x[:length] for x in series], np.float64).reshape(len(series), length)
+                logged = ~np.isnan(values).all(axis=0)  # log.diagnostics_every > 1 leaves steps out
+                if logged.any():
+                    ax.plot(np.arange(1, length + 1)[logged], np.nanmean(values[:, logged], axis=0),
                             label=method, lw=2.5 if method == REFERENCE else 1.2)
             ax.set(title=f"{setting.upper()}: {key.split('/')[-1]}", xlabel="step")
             ax.grid(alpha=0.3)
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    paths.append(os.path.join(workdir, "diagnostics.png"))
+    paths.append(os.path.join(out, "diagnostics.png"))
     fig.savefig(paths[-1], dpi=70)
     plt.close(fig)
     return paths
@@ -372,17 +470,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--quick", action="store_true",
                         help=f"the quick subset: {QUICK['bootstraps']} bootstrap, {QUICK['seeds']} seeds, methods "
-                             f"{','.join(QUICK['methods'])} (about 20 minutes on 2 cores)")
+                             f"{','.join(QUICK['methods'])}")
     parser.add_argument("--bootstraps", type=int, default=None,
                         help=f"independent bootstraps (initial models and task sample); default {FULL['bootstraps']}")
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per bootstrap, method and setting; "
                                                                 f"default {FULL['seeds']}")
     parser.add_argument("--steps", type=int, default=default_config().train.steps)
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="held-out evaluations every N steps besides the final one (default 0: the final "
+                             "only; each costs as much as a fifth of a run)")
     parser.add_argument("--settings", default="opd,opsd")
     parser.add_argument("--methods", default=None,
                         help="comma-separated METHODS names or <baseline>@2x; default: all of "
                              f"METHODS plus {', '.join(m for m in FULL_METHODS if m not in METHODS)}")
+    parser.add_argument("--other-bootstrap-methods", default=None,
+                        help="methods for bootstraps 1 and up (default: the full preset's "
+                             f"{','.join(FULL['other_methods'])}; 'all': the --methods)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="runs at once, each in its own worker process (default 2: on 2 CPU cores one run "
+                             "keeps about 1.4 of them busy)")
+    parser.add_argument("--out", default=None,
+                        help="folder for results.json, results.md and the plots (default: --workdir), e.g. "
+                             "docs/reproduction")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run, e.g. --set eval.n=8 (value parsed as JSON)")
     args = parser.parse_args(argv)
@@ -391,6 +500,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.seeds = preset["seeds"] if args.seeds is None else args.seeds
     args.settings = args.settings.split(",")
     args.methods = list(preset["methods"]) if args.methods is None else args.methods.split(",")
+    other = args.other_bootstrap_methods
+    args.other_methods = (list(preset.get("other_methods", args.methods)) if other is None
+                          else args.methods if other == "all" else other.split(","))
+    args.other_methods = [m for m in args.methods if m in args.other_methods]
     bad = [s for s in args.settings if s not in SETTINGS]
     if bad:
         parser.error(f"--settings: unknown {bad}; choose from {', '.join(SETTINGS)}")
@@ -399,8 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             get_method(method)
         except ValueError as e:
             parser.error(f"--methods: {e}")
-    if args.seeds < 1 or args.steps < 1 or args.bootstraps < 1:
-        parser.error("--bootstraps, --seeds and --steps must be >= 1")
+    if args.seeds < 1 or args.steps < 1 or args.bootstraps < 1 or args.jobs < 1:
+        parser.error("--bootstraps, --seeds, --steps and --jobs must be >= 1")
+    args.out = args.out or args.workdir
     try:
         args.overrides = parse_overrides(args.set)
     except ValueError as e:
@@ -408,28 +522,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("absl", "jax", "orbax", "trd_jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _worker_init() -> None:
+    from trd_jax import compile_cache
+
+    _setup_logging()
+    compile_cache.enable()
+
+
+class _Pool:
+    """Runs calls in `jobs` spawned worker processes (each keeps its imports and compilation cache across
+    runs), or in this process when jobs == 1."""
+
+    def __init__(self, jobs: int):
+        self.pool = None
+        if jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init)
+
+    def map(self, calls: dict) -> tuple[dict, dict]:
+        """{key: (fn, *args)} -> ({key: result}, {key: error}); one failed run does not stop the others."""
+        results, errors = {}, {}
+        if self.pool is None:
+            for key, (fn, *a) in calls.items():
+                try:
+                    results[key] = fn(*a)
+                except Exception as e:  # noqa: BLE001 - reported with its run, the others go on
+                    errors[key] = e
+            return results, errors
+        futures = {key: self.pool.submit(fn, *a) for key, (fn, *a) in calls.items()}
+        for key, future in futures.items():
+            try:
+                results[key] = future.result()
+            except Exception as e:  # noqa: BLE001
+                errors[key] = e
+        return results, errors
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_logging()
+    from trd_jax import compile_cache
+
+    compile_cache.enable()
     os.makedirs(args.workdir, exist_ok=True)
-    summaries = {}
     start = time.perf_counter()
-    # Seed-major: an interrupted reproduction already covers every bootstrap and method once.
-    for seed in range(args.seeds):
-        for b in range(args.bootstraps):
-            for setting in args.settings:
-                for method in args.methods:
-                    summaries[b, setting, method, seed] = run_one(args.workdir, setting, method, seed, args.steps,
-                                                                  args.eval_every, args.overrides, bootstrap=b)
-    results = aggregate(args.workdir, summaries)
-    note = f"\nAll {len(summaries)} runs took {(time.perf_counter() - start) / 60:.1f} min in this invocation.\n"
-    write_results(args.workdir, results, note)
-    paths = plot(args.workdir, results, summaries)
+    pool = _Pool(args.jobs)
+    w, o = args.workdir, args.overrides
+    try:
+        # The shared evaluations first: the first setting's also builds its bootstrap's models (when they are
+        # not the shipped ones), so no two workers build one bootstrap at once.
+        first, rest = args.settings[0], args.settings[1:]
+        refs, errors = pool.map({(b, first): (run_reference, w, first, o, b) for b in range(args.bootstraps)})
+        more, e2 = pool.map({(b, s): (run_reference, w, s, o, b) for b in range(args.bootstraps) for s in rest
+                             if (b, first) in refs})
+        refs.update(more)
+        errors.update(e2)
+        # Seed-major: an interrupted reproduction already covers every bootstrap and method once.
+        calls = {(b, setting, method, seed): (run_one, w, setting, method, seed, args.steps, args.eval_every, o, b)
+                 for seed in range(args.seeds) for b in range(args.bootstraps) for setting in args.settings
+                 for method in (args.methods if b == 0 else args.other_methods) if (b, setting) in refs}
+        summaries, e3 = pool.map(calls)
+        errors.update(e3)
+    finally:
+        pool.close()
+    for key, error in errors.items():
+        log.error("run %s failed: %s: %s", key, type(error).__name__, error)
+    if not summaries:
+        print("no run finished", file=sys.stderr)
+        return 1
+    results = aggregate(args.workdir, summaries, refs)
+    note = (f"\nAll {len(summaries)} runs (and {len(refs)} shared evaluations) took "
+            f"{(time.perf_counter() - start) / 60:.1f} min in this invocation, {args.jobs} at a time"
+            + (f"; {len(errors)} failed: {sorted(map(str, errors))}" if errors else "") + ".\n")
+    os.makedirs(args.out, exist_ok=True)
+    write_results(args.out, results, note)
+    paths = plot(args.out, results, summaries, args.workdir)
     print(report(results) + note)
-    print("results:", os.path.join(args.workdir, "results.json"), "plots:", *paths)
-    return 0
+    print("results:", os.path.join(args.out, "results.json"), "plots:", *paths)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""XLA's persistent compilation cache: runs and tests with the shapes of an earlier one load its compiled
+programs from disk instead of compiling again (on 2 CPU cores a run's compilation is several seconds, a
+reproduction repeats it hundreds of times, and the test suite's subprocesses each start cold).
+
+TRD_JAX_COMPILATION_CACHE: the cache folder (default ~/.cache/trd_jax/xla); "off" disables it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+ENV = "TRD_JAX_COMPILATION_CACHE"
+DEFAULT_DIR = os.path.join("~", ".cache", "trd_jax", "xla")
+# Programs that compile faster than this are not worth a disk read and write.
+MIN_COMPILE_SECONDS = 0.0
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir(environ=os.environ) -> str | None:
+    """The folder TRD_JAX_COMPILATION_CACHE names (or the default); None when it says off."""
+    value = environ.get(ENV, "").strip()
+    if value.lower() in ("off", "0", "false", "none"):
+        return None
+    return os.path.abspath(os.path.expanduser(value or DEFAULT_DIR))
+
+
+def enable(directory: str | None = None) -> str | None:
+    """Points JAX at the cache folder (creating it); returns it, or None when disabled. A folder that cannot
+    be created only costs the cache, never the run."""
+    import jax
+
+    directory = directory or cache_dir()
+    if directory is None:
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        log.warning("compilation cache disabled: cannot create %s (%s); set %s=off to silence this", directory,
+                    e, ENV)
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
