@@ -267,3 +267,29 @@ def test_resume_accepts_memory_settings_and_refuses_training_changes(tmp_path):
     check_resume_config(str(tmp_path), changed)
     with pytest.raises(ConfigError, match="train.batch_size"):
         check_resume_config(str(tmp_path), tiny_config(**{"train.batch_size": 8}))
+
+
+def test_refine_ablations_refine_only_wrong_rollouts_and_fall_back_on_wrong_rewrites(tmp_path, monkeypatch):
+    """trd_refine_wrong_only with refine.on_wrong_rewrite=fallback through the controller: grading is fixed so that
+    rollouts 0 and 2 of each step are right and every rewrite is wrong; then only rows 1 and 3 reach the teacher,
+    both rewrites fall back to y_o, and the step trains on all four rollouts."""
+    from trd_jax import trajectories
+    from trd_jax.recipes import method_config
+
+    def fixed_grade(task, tok, rows, examples):
+        if len(rows) == 4:  # the step's rollouts (evaluation grades 8 rows, rewrites 2)
+            return np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+        return np.zeros(len(rows), np.float32)
+
+    monkeypatch.setattr(trajectories, "grade", fixed_grade)
+    cfg = method_config("trd_refine_wrong_only", "opd", 0, tiny_config(**{"log.diagnostics": False}))
+    cfg.refine.on_wrong_rewrite = "fallback"
+    cfg.eval.update(initial=False, teacher=False)
+    summary = Trainer(cfg, str(tmp_path)).run()
+    lines = _lines(tmp_path)
+    assert len(lines) == 2
+    for m in lines:
+        assert m["accuracy/y_o"] == 0.5 and m["rows/refine_prompt_skipped"] == 2 and m["rows/rewrite_not_sent"] == 2
+        assert m["rows/y_r_generated"] == 2 and m["rows/y_r_wrong_fallback"] == 2 and m["rows/y_r_wrong_kept"] == 0
+        assert m["rows/fallback_to_y_o"] == 4 and m["rows/trained"] == 4 and m["accuracy/y_r"] == 0.0
+    assert summary["rows"]["y_r_generated"] == 4 and summary["trajectory_accuracy"]["y_o"] == 0.5

@@ -3,7 +3,7 @@
 task with equal budgets.
 
     python -m trd_jax.experiments.reproduce --workdir DIR [--out docs/reproduction] [--quick] [--jobs 2]
-        [--bootstraps 3] [--seeds 5] [--steps 40] [--settings opd,opsd] [--methods trd,forward_kl,...]
+        [--bootstraps 3] [--seeds 5] [--steps 120] [--settings opd,opsd] [--methods trd,forward_kl,...]
         [--other-bootstrap-methods trd,forward_kl,reverse_kl] [--eval-every 0] [--set KEY=VALUE ...]
 
 Bootstraps: bootstrap b has its own initial student and teacher (DIR/bootstrap for b = 0, else
