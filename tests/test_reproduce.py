@@ -200,3 +200,35 @@ def test_command_runs_shares_evaluations_and_keeps_exports(tmp_path, monkeypatch
     stamp = os.path.getmtime(os.path.join(rp.run_dir(str(tmp_path / "w"), "opd", "trd", 0, 0), "summary.json"))
     assert rp.main(argv) == 0
     assert os.path.getmtime(os.path.join(rp.run_dir(str(tmp_path / "w"), "opd", "trd", 0, 0), "summary.json")) == stamp
+    os.remove(out / "results.json")
+    assert rp.main(["--workdir", str(tmp_path / "w"), "--out", str(out), "--steps", "1", "--collect"]) == 0
+    with open(out / "results.json") as f:
+        collected = json.load(f)
+    assert collected["rows"] == results["rows"]
+
+
+def test_collect_reads_every_finished_run_of_the_budget(fake):
+    """--collect: the runs any earlier invocation finished, keyed as run_one's calls; unfinished runs, runs of
+    another step count, runs without their bootstrap's reference and foreign folders are left out."""
+    tmp_path, summaries, _ = fake
+    for b in (0, 1):
+        for setting in ("opd", "opsd"):
+            os.makedirs(rp.reference_dir(str(tmp_path), setting, b))
+            with open(os.path.join(rp.reference_dir(str(tmp_path), setting, b), "summary.json"), "w") as f:
+                json.dump({"status": "completed", "steps": 0, "initial_eval": {"avg_at_k": 0.1}}, f)
+    unfinished = rp.run_dir(str(tmp_path), "opd", "reverse_kl", 0, 0)
+    os.makedirs(unfinished)
+    with open(os.path.join(unfinished, "summary.json"), "w") as f:
+        json.dump({"status": "preempted", "steps": 2}, f)
+    other_budget = _fake_run(tmp_path, 0, "opd", "jsd0.5", 0, np.ones(P), in_summary=True)
+    other_budget_dir = rp.run_dir(str(tmp_path), "opd", "jsd0.5", 0, 0)
+    with open(os.path.join(other_budget_dir, "summary.json"), "w") as f:
+        json.dump({**other_budget, "steps": 3}, f)
+    os.makedirs(tmp_path / "runs" / "notes")
+    orphan = _fake_run(tmp_path, 2, "opd", "trd", 0, np.ones(P), in_summary=True)  # bootstrap 2 has no reference
+    assert orphan["status"] == "completed"
+
+    runs, refs = rp.collect(str(tmp_path), 4)
+    assert set(refs) == {(b, s) for b in (0, 1) for s in ("opd", "opsd")}
+    assert set(runs) == set(summaries) and runs[0, "opd", "forward_kl@2x", 2] == summaries[0, "opd", "forward_kl@2x", 2]
+    assert rp.collect(str(tmp_path), 3)[0] == {(0, "opd", "jsd0.5", 0): {**other_budget, "steps": 3}}

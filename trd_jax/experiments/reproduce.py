@@ -117,6 +117,36 @@ def run_one(workdir: str, setting: str, method: str, seed: int, steps: int, eval
     return summary
 
 
+def collect(workdir: str, steps: int) -> tuple[dict, dict]:
+    """The finished runs already in workdir, whatever invocations made them: ({(b, setting, method, seed):
+    summary}, {(b, setting): reference summary}). Runs of another step count are left out (and named)."""
+    runs, refs = {}, {}
+    root = os.path.join(workdir, "runs")
+    for bdir in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if not (bdir.startswith("b") and bdir[1:].isdigit()):
+            continue
+        b = int(bdir[1:])
+        for name in sorted(os.listdir(os.path.join(root, bdir))):
+            summary = _finished(os.path.join(root, bdir, name))
+            setting, _, rest = name.partition("-")
+            if summary is None or setting not in SETTINGS:
+                continue
+            if rest == "reference":
+                refs[(b, setting)] = summary
+                continue
+            method, _, seed = rest.rpartition("-s")
+            if not seed.isdigit():
+                continue
+            if summary.get("steps") != steps:
+                log.warning("left out %s: %s steps, not %d", os.path.join(bdir, name), summary.get("steps"), steps)
+                continue
+            runs[(b, setting, method, int(seed))] = summary
+    order = {m: i for i, m in enumerate(FULL_METHODS)}  # the order main() runs them in: seed-major, by method
+    keys = sorted((k for k in runs if k[:2] in refs),
+                  key=lambda k: (k[3], k[0], SETTINGS.index(k[1]), order.get(k[2], len(order)), k[2]))
+    return {k: runs[k] for k in keys}, refs
+
+
 # ------------------------------------------------------------------------------------------------ one run
 
 
@@ -492,6 +522,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help="folder for results.json, results.md and the plots (default: --workdir), e.g. "
                              "docs/reproduction")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: report every finished run of --steps steps already in --workdir, "
+                             "whatever invocations made them (e.g. the quick subset plus later extensions)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run, e.g. --set eval.n=8 (value parsed as JSON)")
     args = parser.parse_args(argv)
@@ -579,23 +612,29 @@ def main(argv: list[str] | None = None) -> int:
     compile_cache.enable()
     os.makedirs(args.workdir, exist_ok=True)
     start = time.perf_counter()
-    pool = _Pool(args.jobs)
+    pool = _Pool(1 if args.collect else args.jobs)
     w, o = args.workdir, args.overrides
+    errors: dict = {}
     try:
+        if args.collect:
+            summaries, refs = collect(w, args.steps)
+            calls = {}
         # The shared evaluations first: the first setting's also builds its bootstrap's models (when they are
         # not the shipped ones), so no two workers build one bootstrap at once.
-        first, rest = args.settings[0], args.settings[1:]
-        refs, errors = pool.map({(b, first): (run_reference, w, first, o, b) for b in range(args.bootstraps)})
-        more, e2 = pool.map({(b, s): (run_reference, w, s, o, b) for b in range(args.bootstraps) for s in rest
-                             if (b, first) in refs})
-        refs.update(more)
-        errors.update(e2)
-        # Seed-major: an interrupted reproduction already covers every bootstrap and method once.
-        calls = {(b, setting, method, seed): (run_one, w, setting, method, seed, args.steps, args.eval_every, o, b)
-                 for seed in range(args.seeds) for b in range(args.bootstraps) for setting in args.settings
-                 for method in (args.methods if b == 0 else args.other_methods) if (b, setting) in refs}
-        summaries, e3 = pool.map(calls)
-        errors.update(e3)
+        else:
+            first, rest = args.settings[0], args.settings[1:]
+            refs, errors = pool.map({(b, first): (run_reference, w, first, o, b) for b in range(args.bootstraps)})
+            more, e2 = pool.map({(b, s): (run_reference, w, s, o, b) for b in range(args.bootstraps) for s in rest
+                                 if (b, first) in refs})
+            refs.update(more)
+            errors.update(e2)
+            # Seed-major: an interrupted reproduction already covers every bootstrap and method once.
+            calls = {(b, setting, method, seed): (run_one, w, setting, method, seed, args.steps, args.eval_every, o,
+                                                  b)
+                     for seed in range(args.seeds) for b in range(args.bootstraps) for setting in args.settings
+                     for method in (args.methods if b == 0 else args.other_methods) if (b, setting) in refs}
+            summaries, e3 = pool.map(calls)
+            errors.update(e3)
     finally:
         pool.close()
     for key, error in errors.items():
