@@ -162,7 +162,8 @@ def main() -> None:
         achieved = u["flops"] / u["seconds"]
         print(f"update step (fused forward KL + AdamW, bf16, {attention} attention) batch {args.update_batch} x "
               f"{args.seq}: {u['seconds'] * 1e3:.0f} ms median of {args.repeats} (compile {u['compile_s']:.1f} s), "
-              f"{u['tokens_per_s']:,.0f} tok/s, {achieved / 1e12:.1f} TFLOP/s of model FLOPs, MFU {achieved / peak:.1%}",
+              f"{u['tokens_per_s']:,.0f} tok/s, {achieved / 1e12:.1f} TFLOP/s of model FLOPs, "
+              f"MFU {achieved / peak:.1%}",
               flush=True)
 
 

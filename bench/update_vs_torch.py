@@ -96,7 +96,8 @@ def main() -> None:
     peak, shape = matmul_peak(args.repeats)
     flops = model_flops(CFG, args.batch, args.seq, args.seq - CTX)
     their_ms = their["seconds"] * 1e3
-    print(f"jax {jax.__version__} CPU vs torch {their['torch']} ({their['threads']} threads); {CFG.num_params / 1e6:.1f}M "
+    print(f"jax {jax.__version__} CPU vs torch {their['torch']} ({their['threads']} threads); "
+          f"{CFG.num_params / 1e6:.1f}M "
           f"params, batch {args.batch} x {args.seq}, float32, forward KL + AdamW; median of {args.repeats}")
     print("| step | ms | tokens/s | MFU vs measured f32 matmul |")
     print("|---|---:|---:|---:|")

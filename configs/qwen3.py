@@ -14,7 +14,8 @@ the reproduction (trd_jax.recipes.METHODS); meshes for a TPU v5p-8, a TPU v5e-16
     HARDWARE  v5p-8 | v5e-16 | h100x8         (default h100x8)
 
 e.g. configs/qwen3.py:opsd,4b,trd,v5p-8. "trd" is [code-trd]'s TRD: forward KL on y_r, scored by the
-teacher under the refine prompt; "trd_vanilla_context" scores y_r in the teacher's vanilla context. Models and data are local folders and files (no hub downloads).
+teacher under the refine prompt; "trd_vanilla_context" scores y_r in the teacher's vanilla context.
+Models and data are local folders and files (no hub downloads).
 Sources: [code-trd] = the TRD authors' launcher (TRD_SPEC §5); where it differs, [code-ob] or [opsd] is named.
 """
 

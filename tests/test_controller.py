@@ -148,7 +148,8 @@ def test_end_to_end(case, tmp_path):
         assert prompts == [trainer.tok.encode_prompt(ex.problem, trainer.s.prompt_mode) for ex in examples]
         assert max_new == 12
         assert generate(load_model(str(tmp_path / "export")), prompts, max_new, eos_id=trainer.tok.eos_ids) == rows
-        graded = [trainer.task.grade(trainer.tok.decode(r, skip_special_tokens=True), ex) for r, ex in zip(rows, examples)]
+        graded = [trainer.task.grade(trainer.tok.decode(r, skip_special_tokens=True), ex)
+                  for r, ex in zip(rows, examples)]
         assert summary["final_eval"]["greedy"] == pytest.approx(np.mean(np.asarray(graded) > 0.5))
         # Evaluations that do not count the same problems (eval.* changed on resume): no broadening, no error.
         trainer.evals[0] = {**trainer.evals[0], "n": 3}

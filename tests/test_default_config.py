@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 TINY = {
     "bootstrap.teacher_solve_steps": 4, "bootstrap.teacher_mixed_steps": 2, "bootstrap.student_solve_steps": 4,
     "bootstrap.student_mixed_steps": 2, "bootstrap.batch_tokens": 512,
-    "task.train_size": 48, "task.eval_size": 4, "task.min_steps": 3, "task.max_steps": 5, "train.steps": 2, "train.batch_size": 4, "eval.n": 2,
+    "task.train_size": 48, "task.eval_size": 4, "task.min_steps": 3, "task.max_steps": 5, "train.steps": 2,
+    "train.batch_size": 4, "eval.n": 2,
     "rollout.max_new_tokens": 24, "refine.rewrite_budget": 24, "eval.max_new_tokens": 24,
     "refine.on_empty_rewrite": "drop", "log.progress": False,
 }

@@ -316,7 +316,8 @@ def test_tpu_logs_stop_status_delete(env):
     (logs,) = commands(run(TPU, "logs", *base, "--worker", "3", "--run-name", "exp2", env=env).stdout)
     assert "--worker=3" in shlex.split(logs) and remote_command(logs).endswith("trd_jax/logs/exp2.worker3.log")
     (stop,) = commands(run(TPU, "stop", *base, env=env).stdout)
-    assert "--worker=all" in shlex.split(stop) and 'kill -TERM -- "-$(cat trd_jax/logs/trd.pid)"' in remote_command(stop)
+    assert "--worker=all" in shlex.split(stop)
+    assert 'kill -TERM -- "-$(cat trd_jax/logs/trd.pid)"' in remote_command(stop)
     (status,) = commands(run(TPU, "status", *base, "--queued", env=env).stdout)
     assert status == "gcloud compute tpus queued-resources describe trd-v5e --zone=us-west4-a"
     (delete,) = commands(run(TPU, "delete", *base, env=env).stdout)
@@ -482,7 +483,8 @@ def read_env_text(text: str) -> dict[str, str]:
 
 
 def test_gpu_env_exec_and_dry_run(env):
-    r = run(GPU_ENV, *GPU_ENV_OK, "--", "bash", "-c", 'echo "$JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $JAX_PROCESS_ID $0"',
+    r = run(GPU_ENV, *GPU_ENV_OK, "--", "bash", "-c",
+            'echo "$JAX_COORDINATOR_ADDRESS $JAX_NUM_PROCESSES $JAX_PROCESS_ID $0"',
             "arg one", env=env)
     assert r.stdout == "node0:12321 2 1 arg one\n"
     r = run(GPU_ENV, *GPU_ENV_OK, "--dry-run", "--", "python", "-m", "trd_jax.main", "--workdir", "/a b", env=env)

@@ -230,7 +230,8 @@ def test_validate_policies_and_counts(tok, empty, capped):
     v = validate_rewrites(_rows(tok, 8), tok.eos_ids, cfg, tokenizer=tok)
     assert v.reasons == ("ok", "empty", "empty", "capped", "ok")
     assert v.actions == ("keep", empty, empty, capped, "keep") and v.lengths == (4, 1, len(_rows(tok, 8)[2]), 8, 8)
-    expected = {"ok": 2, "empty": 2, "capped": 1, "prompt_over_budget": 0, "not_sent": 0, "keep": 2, "fallback": 0, "drop": 0}
+    expected = {"ok": 2, "empty": 2, "capped": 1, "prompt_over_budget": 0, "not_sent": 0, "keep": 2, "fallback": 0,
+                "drop": 0}
     for a in (empty, empty, capped):
         expected[a] += 1
     assert v.counts == expected and sum(v.counts[a] for a in ("keep", "fallback", "drop")) == 5

@@ -68,7 +68,8 @@ def test_results_json_shape_rows_and_significance(fake):
         on_disk = json.load(f)
     assert on_disk["eval"] == {"temperature": 0.6, "top_p": 0.95, "n": N, "problems": P}
     assert on_disk["initial_student"]["avg_at_k"] == pytest.approx(0.3)
-    assert on_disk["teacher"] == {"avg_at_k": pytest.approx(0.9)} and on_disk["opsd_teacher"]["avg_at_k"] == pytest.approx(0.8)
+    assert on_disk["teacher"] == {"avg_at_k": pytest.approx(0.9)}
+    assert on_disk["opsd_teacher"]["avg_at_k"] == pytest.approx(0.8)
     rows = on_disk["rows"]
     # Per setting and method: one row per bootstrap and one pooled ("all").
     assert len(rows) == 2 * 3 * 3
@@ -130,8 +131,9 @@ def test_command_line_presets_and_methods(tmp_path):
     assert full.other_methods == ["trd", "reverse_kl", "forward_kl"] and full.jobs == 2 and full.eval_every == 0
     assert rp.parse_args(["--workdir", "d", "--other-bootstrap-methods", "all"]).other_methods == full.methods
     # Bootstrap 1+ methods are a subset of --methods, in their order.
-    assert rp.parse_args(["--workdir", "d", "--methods", "reverse_kl,trd,jsd0.5",
-                          "--other-bootstrap-methods", "trd,reverse_kl,forward_kl"]).other_methods == ["reverse_kl", "trd"]
+    parsed = rp.parse_args(["--workdir", "d", "--methods", "reverse_kl,trd,jsd0.5",
+                            "--other-bootstrap-methods", "trd,reverse_kl,forward_kl"])
+    assert parsed.other_methods == ["reverse_kl", "trd"]
     quick = rp.parse_args(["--workdir", str(tmp_path), "--quick", "--seeds", "3"])
     assert (quick.bootstraps, quick.seeds) == (1, 3)
     assert quick.methods == ["trd", "trd_vanilla_context", "forward_kl", "reverse_kl"]

@@ -167,7 +167,7 @@ def test_buggy_values_err_only_where_a_line_wraps(task):
         text = solution_text(p, buggy_values(p, forms, rng, 0.6), forms)
         steps = parse_steps(text)
         prev = p.start
-        for i, (_, a, op, b, c) in enumerate(steps):
+        for _, a, op, b, c in steps:
             assert a == prev  # every line starts from the value above it: errors propagate
             wrapped = a + b >= 10 if op == "+" else a - b < 0
             exact = (a + b) % 10 if op == "+" else (a - b) % 10

@@ -162,7 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
         on_empty_rewrite="error",  # error (both reference repos) | drop | fallback
         on_capped_rewrite="keep",  # keep ([code-trd]) | drop | fallback | error
         truncation_margin=16,  # tokens left free when truncating ([code-trd])
-        rows="all",  # refined rows: all ([code-trd]) | wrong (ablation: only y_o graded wrong; correct y_o trains as is)
+        rows="all",  # refined rows: all ([code-trd]) | wrong (ablation: only y_o graded wrong; right y_o trains as is)
         on_wrong_rewrite="keep",  # y_r graded wrong: keep ([code-trd]: no filter) | fallback (to y_o) | drop the row
         # Sampling of y_r; -1 takes the rollout's value (both reference repos sample y_r like y_o).
         temperature=-1.0, top_k=-1, top_p=-1.0,
@@ -575,7 +575,8 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         max_score_rows=_int(cfg, "train.max_score_rows", 0),
         eval_sampling=_sampling(cfg, "eval"),
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,
-        micro_batches=micro, remat=remat, lora=_lora(cfg), eval_every=_int(cfg, "eval.every", 0), eval_initial=cfg.eval.initial,
+        micro_batches=micro, remat=remat, lora=_lora(cfg), eval_every=_int(cfg, "eval.every", 0),
+        eval_initial=cfg.eval.initial,
         eval_teacher=cfg.eval.teacher,
         eval_problems=_int(cfg, "eval.num_problems", 0), eval_n=eval_n, eval_k=eval_k,
         eval_max_new=_int(cfg, "eval.max_new_tokens", 1), eval_greedy=cfg.eval.greedy,

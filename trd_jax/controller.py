@@ -234,8 +234,9 @@ class Trainer:
             self.s = s
         self.mesh = make_mesh(s.mesh)
         if s.max_score_rows % row_groups.batch_shards(self.mesh):
-            raise ConfigError("train.max_score_rows", f"{s.max_score_rows} is not a multiple of the mesh's "
-                                                      f"{row_groups.batch_shards(self.mesh)} batch shards (data x fsdp)")
+            raise ConfigError("train.max_score_rows",
+                              f"{s.max_score_rows} is not a multiple of the mesh's "
+                              f"{row_groups.batch_shards(self.mesh)} batch shards (data x fsdp)")
         base = jax.random.key(s.seed)
         self.train_key, self.eval_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
         if multihost.multi_process():  # the same keys on every process, as arrays replicated over the mesh

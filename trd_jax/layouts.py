@@ -15,7 +15,8 @@ in every row, for student and teacher alike, whatever their context lengths: sli
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 from functools import partial
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

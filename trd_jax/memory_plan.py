@@ -35,7 +35,8 @@ import math
 import os
 import subprocess
 import sys
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,8 @@ recomputes a few rows of the group before and writes the same values again, so n
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,7 @@ def _buffer(like, rows: int, mesh: Mesh):
                         like)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _local_put(mesh: Mesh):
     def put(out, part, offset):
         return jax.tree.map(lambda o, p: jax.lax.dynamic_update_slice_in_dim(o, p, offset, axis=0), out, part)

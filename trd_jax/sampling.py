@@ -9,7 +9,8 @@ so that steady-state calls reuse compiled code; the prompt bucket never exceeds 
 
 Memory (Sampler.__call__): `max_rows` samples the rows in groups of at most that many rows, one static
 cache of group size reused by every group; the cache is sharded over the batch axes (data, fsdp) where
-they divide its rows (with several processes too: each process's devices sample their own rows), and over kv heads on `tensor` where that divides them;
+they divide its rows (with several processes too: each process's devices sample their own rows), and over kv
+heads on `tensor` where that divides them;
 release() frees it. None of this changes a row's draws (only float rounding of another batch shape,
 never the tokens in tests): a row's uniform for step i is element r of
 uniform(fold_in(key, i), (R, 1)), R the whole call's padded row count and r its row index in the
@@ -27,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -481,7 +483,8 @@ class Sampler:
         max_new, pad_id = put_one(np.int32(max_new_tokens)), put_one(np.int32(self.pad_id))
         outs = []
         for first, count, offset, keep in groups:
-            tokens = np.zeros((batch, plen), np.int32)  # padding fed to the model is id 0: pad_id may lie outside the vocabulary
+            # Padding fed to the model is id 0: pad_id may lie outside the vocabulary.
+            tokens = np.zeros((batch, plen), np.int32)
             pad = np.full((batch,), plen - 1, np.int32)  # padding rows: a one-token prompt
             for i, p in enumerate(prompts[first:first + count]):
                 tokens[i, plen - len(p):] = p

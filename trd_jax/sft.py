@@ -90,6 +90,7 @@ def train_sft(model: Transformer, sets: Sequence[SFTSet], *, steps: int, batch_t
                                            context_width=widths[k][0])
         running[sets[k].name].append(loss)
         if on_log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-            on_log(step + 1, {f"sft_loss/{name}": float(np.mean(jax.device_get(v))) for name, v in running.items() if v})
+            on_log(step + 1, {f"sft_loss/{name}": float(np.mean(jax.device_get(v)))
+                              for name, v in running.items() if v})
             running = {s.name: [] for s in sets}
     return nnx.merge(graphdef, params)

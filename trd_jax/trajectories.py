@@ -40,13 +40,15 @@ class StepRows:
         return len(self.examples)
 
 
-def encode_prompts(tokenizer: Tokenizer, examples: Sequence[Example], prompt_mode: str, max_tokens: int) -> list[list[int]]:
+def encode_prompts(tokenizer: Tokenizer, examples: Sequence[Example], prompt_mode: str,
+                   max_tokens: int) -> list[list[int]]:
     """x ids per example; a prompt over ``max_tokens`` is an error naming the example."""
     out = []
     for ex in examples:
         ids = tokenizer.encode_prompt(ex.problem, prompt_mode)
         if len(ids) > max_tokens:
-            raise ValueError(f"example {ex.id!r}: prompt of {len(ids)} tokens exceeds task.max_prompt_tokens={max_tokens}")
+            raise ValueError(f"example {ex.id!r}: prompt of {len(ids)} tokens exceeds "
+                             f"task.max_prompt_tokens={max_tokens}")
         out.append(ids)
     return out
 

@@ -87,7 +87,7 @@ def _model(shape: ModelShape, tok: Tokenizer, seed: int) -> Transformer:
                               **dataclasses.asdict(shape))
 
 
-def _attempt(task: ArithmeticTask, ex, rng: np.random.Generator, cfg: "BootstrapConfig") -> str:
+def _attempt(task: ArithmeticTask, ex, rng: np.random.Generator, cfg: BootstrapConfig) -> str:
     """An attempt to rewrite, as refine training shows it: half the student's kind (the wrap misconception,
     its forms), a quarter varied corruptions (corrupted_attempt), a quarter correct (in random forms)."""
     p = task.problem_of(ex)
@@ -142,7 +142,8 @@ def sft_sets(task: ArithmeticTask, tok: Tokenizer, role: str, cfg: BootstrapConf
                                        prompt_mode=prompt_mode) for ex in train]
     refine = [tok.encode_prompt(refine_prompt_text(ex.problem, a, ex.reference, mode="opsd", task="math"),
                                 refine_mode) for ex, a in zip(train, attempts)]
-    return [SFTSet("solve_noisy", x, noisy, 2.0), SFTSet("vanilla_opsd", vanilla, correct, cfg.student_reference_weight),
+    return [SFTSet("solve_noisy", x, noisy, 2.0),
+            SFTSet("vanilla_opsd", vanilla, correct, cfg.student_reference_weight),
             SFTSet("refine_opsd", refine, rewrites, cfg.student_refine_weight)]
 
 

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set bootstrap.repair_fraction=0 (a teacher that never repairs; JSON value)")
+                        help="config override, e.g. --set bootstrap.repair_fraction=0 (a teacher that never "
+                             "repairs; JSON value)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     overrides = parse_overrides(args.set)

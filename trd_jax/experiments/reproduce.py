@@ -372,7 +372,8 @@ def report(results: dict) -> str:
              "step: generated tokens (rollout + refine), estimated FLOPs (rollout, refine, score, update) and "
              "steady-state wall seconds on this machine."), ""]
     for setting in dict.fromkeys(r["setting"] for r in results["rows"]):
-        rows = [r for r in results["rows"] if r["setting"] == setting and (len(bootstraps) > 1 or r["bootstrap"] == "all")]
+        rows = [r for r in results["rows"]
+                if r["setting"] == setting and (len(bootstraps) > 1 or r["bootstrap"] == "all")]
         ks = list(rows[0]["pass_at_k"])
         header = (f"| method | loss | trajectory | teacher context | bootstrap | runs | Avg@{ev['n']} | "
                   + " | ".join(f"Pass@{k}" for k in ks)
@@ -410,7 +411,8 @@ def write_results(workdir: str, results: dict, extra_md: str = "") -> tuple[str,
 
 def plot(out: str, results: dict, summaries: dict, workdir: str | None = None) -> list[str]:
     """accuracy.png: held-out Avg@n and the training rollouts' accuracy against step, cumulative generated
-    tokens and cumulative FLOPs (mean over every run of a method); pass_at_k.png: Pass@k of the final students against k (log2 axis); diagnostics.png."""
+    tokens and cumulative FLOPs (mean over every run of a method); pass_at_k.png: Pass@k of the final students
+    against k (log2 axis); diagnostics.png."""
     import matplotlib
 
     workdir = workdir or out

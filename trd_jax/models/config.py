@@ -76,7 +76,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings")
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     @property
@@ -90,7 +90,7 @@ class ModelConfig:
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json", **overrides) -> ModelConfig:
         """Reads a transformers config dict; raises ValueError naming the field and `source`. `overrides`: other
         fields (dtype, param_dtype, remat, attention), which a config.json never sets."""
         archs = hf.get("architectures") or []
@@ -156,7 +156,7 @@ class ModelConfig:
         return cls(**kw)
 
     @classmethod
-    def from_hf_dir(cls, path: str, **overrides) -> "ModelConfig":
+    def from_hf_dir(cls, path: str, **overrides) -> ModelConfig:
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise ValueError(f"{file}: not found (expected a Hugging Face model folder)")

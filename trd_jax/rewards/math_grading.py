@@ -346,7 +346,7 @@ class MathGrader:
             if not w.ready:
                 _kill(w)
                 self._workers.pop(k)
-                raise RuntimeError("a math grading worker died while starting; see its stderr above")
+                raise RuntimeError("a math grading worker died while starting; see its stderr above") from None
             if w.task is not None:
                 statuses[w.task] = "error"
             self._replace(k)

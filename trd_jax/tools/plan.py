@@ -15,8 +15,8 @@ the device count default to the recipe's HARDWARE (configs/qwen3.py: h100x8, v5p
 Every memory option is read from the config (train.remat, student/teacher.attention, rollout.max_rows_per_call,
 train.max_score_rows, rollout.release_kv_cache, ...; change them with --config.KEY=VALUE as for a run).
 --remat and --attention are shorthands (--attention sets both models). --kv-cache replicated plans a sampler
-that does not shard its cache (Sampler(shard_cache=False)). When the plan does not fit, the config changes that make it fit
-are listed. Exit status: 0 fits, 1 does not fit, 2 usage or config error.
+that does not shard its cache (Sampler(shard_cache=False)). When the plan does not fit, the config changes that make
+it fit are listed. Exit status: 0 fits, 1 does not fit, 2 usage or config error.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import importlib.util
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from trd_jax import memory_plan as mp
 from trd_jax.models.config import ATTENTION
@@ -215,7 +216,8 @@ def format_plan(plan: mp.Plan, title: str, *, exact: bool = False) -> str:
     lines.append(widths)
     lines.append(f"remat    {o.remat} (train.remat) in the update's backward pass")
     st = plan.student_state
-    lines.append(f"lora     r={o.lora.rank} alpha={o.lora.alpha:g} on {','.join(o.lora.targets)}: {st.trainable_params:,} "
+    lines.append(f"lora     r={o.lora.rank} alpha={o.lora.alpha:g} on {','.join(o.lora.targets)}: "
+                 f"{st.trainable_params:,} "
                  f"trainable parameters ({st.trainable_params / st.num_params:.2%} of the model), the base frozen"
                  if o.lora else "lora     off: full fine-tuning (lora.enabled)")
     kernels = "/".join(plan.models[side].config.attention for side in plan.models)
