@@ -8,6 +8,14 @@ import gc
 
 import pytest
 
+from trd_jax import compile_cache
+
+# XLA's persistent compilation cache for the suite and the commands its subprocesses run (they read the
+# variable): a test that compiles what an earlier test or run compiled loads it from disk. Set the variable
+# to "off" to measure or debug without it.
+os.environ.setdefault(compile_cache.ENV, compile_cache.cache_dir() or "off")
+compile_cache.enable()
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _free_compiled_programs():

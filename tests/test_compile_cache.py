@@ -27,3 +27,24 @@ def test_enable_points_jax_at_the_folder_and_survives_an_unwritable_one(tmp_path
         assert compile_cache.enable(str(blocker / "sub")) is None
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_program_compiled_in_one_process_is_loaded_by_the_next(tmp_path):
+    """Two fresh interpreters compile the same function: the second finds the first's entry on disk (a cache
+    hit) instead of compiling again, and the cache is bounded (eviction and its lock on)."""
+    import subprocess
+    import sys
+
+    script = ("import jax, jax.numpy as jnp, logging; from trd_jax import compile_cache; compile_cache.enable();"
+              "logging.basicConfig(level=logging.DEBUG, format='%(message)s');"
+              "logging.getLogger('jax._src.compilation_cache').setLevel(logging.DEBUG);"
+              "assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES;"
+              "print(jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.arange(7.0)).sum())")
+    env = {**os.environ, compile_cache.ENV: str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert runs[0].stdout == runs[1].stdout
+    assert any(p.name.endswith("-cache") for p in (tmp_path / "cache").iterdir())
+    assert "cache hit" not in runs[0].stderr.lower() and "persistent compilation cache hit" in runs[1].stderr.lower()

@@ -12,8 +12,12 @@ import os
 
 ENV = "TRD_JAX_COMPILATION_CACHE"
 DEFAULT_DIR = os.path.join("~", ".cache", "trd_jax", "xla")
-# Programs that compile faster than this are not worth a disk read and write.
+# Every program is cached: on 2 CPU cores even small ones take a noticeable fraction of a second.
 MIN_COMPILE_SECONDS = 0.0
+# A size bound turns on JAX's least-recently-used eviction, and with it a file lock around every read and
+# write: parallel reproduction workers and test workers share the folder, and without the lock one process
+# could read an entry another is still writing.
+MAX_BYTES = 2 * 1024**3
 
 log = logging.getLogger(__name__)
 
@@ -43,4 +47,5 @@ def enable(directory: str | None = None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return directory
