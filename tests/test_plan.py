@@ -1,4 +1,4 @@
-"""The memory planner (trd_jax/memory_plan.py, trd_jax/tools/plan.py): parameter, optimizer and KV-cache bytes
+"""The memory planner (trd_jax/memory_plan/, trd_jax/tools/plan.py): parameter, optimizer and KV-cache bytes
 against hand counts, per-device division under FSDP, the analytical update activations against XLA's compiled
 memory analysis, the fit verdict, and the command line on the Qwen3 recipe (no model files)."""
 

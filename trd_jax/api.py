@@ -19,7 +19,8 @@ from flax import nnx
 
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.models.transformer import Transformer, causal_lm_positions
-from trd_jax.sampling import Sampler, SamplingConfig, bucket
+from trd_jax.sampling import Sampler, SamplingConfig
+from trd_jax.shapes import bucket
 from trd_jax.tokenization import eos_from_generation_config
 
 

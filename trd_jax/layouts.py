@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from trd_jax.sampling import bucket
+from trd_jax.shapes import bucket
 
 
 class Layout(NamedTuple):
@@ -74,7 +74,7 @@ def distill_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
                   response_width: int | None = None) -> DistillBatch:
     """Student layout x + y and teacher layout c + y (c = x when teacher_contexts is None).
 
-    Widths default to buckets of the longest row (trd_jax.sampling.bucket) so that steady-state steps
+    Widths default to buckets of the longest row (trd_jax.shapes.bucket) so that steady-state steps
     reuse compiled code; pass them explicitly to pin shapes. Responses may be empty (a row with no
     response has an all-false response mask and contributes nothing to the loss).
     """

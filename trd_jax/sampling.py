@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from trd_jax import multihost
 from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
 from trd_jax.sharding import BATCH_AXES
+from trd_jax.shapes import bucket
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -310,18 +311,6 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
 # Host-side driver
 
 _new_cache = jax.jit(init_cache, static_argnums=(0, 1, 2))  # zeros made on device, not copied from host
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """Rounds up to the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two and 1.5x): at most
-    a third of padding, and few distinct compiled shapes."""
-    n = max(n, minimum)
-    p = 1
-    while p < n:
-        if p >= 2 and p + p // 2 >= n:
-            return p + p // 2
-        p *= 2
-    return p
 
 
 def row_groups(num_prompts: int, n: int, max_rows: int) -> tuple[int, int, list[tuple[int, int, int, int]]]:

@@ -22,7 +22,7 @@ from flax import nnx
 from trd_jax import losses
 from trd_jax.layouts import build_layout, response_columns
 from trd_jax.models.transformer import Transformer
-from trd_jax.sampling import bucket
+from trd_jax.shapes import bucket
 
 log = logging.getLogger(__name__)
 

@@ -94,11 +94,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def shard_state(state, shardings):
-    """Places every array of `state` with its sharding (a copy; the input stays valid)."""
-    return jax.device_put(state, shardings)
-
-
 def shardings_like_params(tree, params, param_sharding_tree, mesh: Mesh):
     """Shardings for a pytree whose sub-trees mirror `params` (an optax state: Adam's mu and nu):
     those sub-trees get the parameters' shardings, every other leaf (step counts) is replicated."""

@@ -1,5 +1,5 @@
 """Memory planner: per-device bytes of a run's parameters, optimizer state, teacher, KV caches and update
-activations, the peak phase, and whether it fits an accelerator (the computation is trd_jax/memory_plan.py).
+activations, the peak phase, and whether it fits an accelerator (the computation is the trd_jax.memory_plan package).
 
     python -m trd_jax.tools.plan --config configs/qwen3.py:opd,1.7b,trd,v5p-8 [--config.x=y ...]
         [--accelerator h100-80gb|h200|a100-80gb|a100-40gb|v4|v5p|v5e|v6e] [--devices N]
