@@ -31,7 +31,8 @@ def test_enable_points_jax_at_the_folder_and_survives_an_unwritable_one(tmp_path
 
 def test_a_program_compiled_in_one_process_is_loaded_by_the_next(tmp_path):
     """Two fresh interpreters compile the same function: the second finds the first's entry on disk (a cache
-    hit) instead of compiling again, and the cache is bounded (eviction and its lock on)."""
+    hit) instead of compiling again, and the cache is bounded (eviction and its lock on) without tripping on
+    an entry that an unbounded writer left."""
     import subprocess
     import sys
 
@@ -41,6 +42,8 @@ def test_a_program_compiled_in_one_process_is_loaded_by_the_next(tmp_path):
               "assert jax.config.jax_compilation_cache_max_size == compile_cache.MAX_BYTES;"
               "print(jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.arange(7.0)).sum())")
     env = {**os.environ, compile_cache.ENV: str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "written-without-eviction-cache").write_bytes(b"x")  # no -atime file beside it
     runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
             for _ in range(2)]
     for r in runs:
@@ -48,3 +51,6 @@ def test_a_program_compiled_in_one_process_is_loaded_by_the_next(tmp_path):
     assert runs[0].stdout == runs[1].stdout
     assert any(p.name.endswith("-cache") for p in (tmp_path / "cache").iterdir())
     assert "cache hit" not in runs[0].stderr.lower() and "persistent compilation cache hit" in runs[1].stderr.lower()
+    # The entry without an access time was stamped, so JAX's eviction pass did not fail the writes.
+    assert (tmp_path / "cache" / "written-without-eviction-atime").exists()
+    assert not any("error writing persistent compilation cache" in r.stderr.lower() for r in runs)

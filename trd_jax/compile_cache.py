@@ -44,8 +44,27 @@ def enable(directory: str | None = None) -> str | None:
         log.warning("compilation cache disabled: cannot create %s (%s); set %s=off to silence this", directory,
                     e, ENV)
         return None
+    _add_missing_access_times(directory)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return directory
+
+
+def _add_missing_access_times(directory: str) -> None:
+    """JAX's eviction reads an access-time file beside every entry and fails every later write (a warning per
+    program) when one is missing, which happens to entries written with eviction off (an older trd_jax, or
+    plain JAX pointed at the same folder). Such entries get one stamped now."""
+    import time
+
+    stamp = time.time_ns().to_bytes(8, "little")
+    for name in os.listdir(directory):
+        if name.endswith("-cache"):
+            atime = os.path.join(directory, name[: -len("-cache")] + "-atime")
+            if not os.path.exists(atime):
+                try:
+                    with open(atime, "wb") as f:
+                        f.write(stamp)
+                except OSError:
+                    return
