@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tb_events import read_tb_scalars
 from tiny_run import tiny_config
 from trd_jax.api import generate, load_model
 from trd_jax.config import ConfigError
 from trd_jax.controller import Trainer, build_model
-from trd_jax.metrics import read_tb_scalars
 from trd_jax.models.hf_io import load_hf
 
 TESTS = os.path.dirname(__file__)

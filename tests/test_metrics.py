@@ -2,85 +2,24 @@ import glob
 import json
 import os
 import socket
-import struct
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from trd_jax import metrics
+from tb_events import read_tb_events, read_tb_scalars, read_wandb_records, wandb_history
+from tiny_run import tiny_config
+from trd_jax.config import ConfigError, resolve
 from trd_jax.metrics import (
     MetricsWriter,
     PhaseTimer,
     ProgressBar,
+    WandbSettings,
     estimate_flops,
     quantiles,
-    read_tb_scalars,
     summary_json,
 )
-
-# ------------------------------------------------------------- independent TFRecord/crc32c checking
-
-def bitwise_crc32c(data: bytes) -> int:
-    """CRC-32C bit by bit (no table), independent of metrics.crc32c."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
-    return crc ^ 0xFFFFFFFF
-
-
-def masked(crc: int) -> int:
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def split_records(path):
-    """Payloads of a TFRecord file; asserts both framing CRCs with the bitwise crc32c."""
-    data = Path(path).read_bytes()
-    out, i = [], 0
-    while i < len(data):
-        header = data[i:i + 8]
-        (size,) = struct.unpack("<Q", header)
-        assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked(bitwise_crc32c(header))
-        payload = data[i + 12:i + 12 + size]
-        assert struct.unpack("<I", data[i + 12 + size:i + 16 + size])[0] == masked(bitwise_crc32c(payload))
-        out.append(payload)
-        i += 16 + size
-    assert i == len(data)
-    return out
-
-
-def event_class():
-    """tensorflow.Event / Summary built from a descriptor at runtime (field numbers of event.proto and
-    summary.proto), so decoding uses the real protobuf library rather than our hand decoder."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="trd_test_event.proto", package="trdtest", syntax="proto3")
-    summary = fdp.message_type.add(name="Summary")
-    value = summary.nested_type.add(name="Value")
-    value.field.add(name="tag", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    value.field.add(name="simple_value", number=2, type=F.TYPE_FLOAT, label=F.LABEL_OPTIONAL)
-    summary.field.add(name="value", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
-                      type_name=".trdtest.Summary.Value")
-    event = fdp.message_type.add(name="Event")
-    event.field.add(name="wall_time", number=1, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
-    event.field.add(name="step", number=2, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
-    event.field.add(name="file_version", number=3, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    event.field.add(name="summary", number=5, type=F.TYPE_MESSAGE, label=F.LABEL_OPTIONAL,
-                    type_name=".trdtest.Summary")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("trdtest.Event"))
-
-
-def test_crc32c_known_vector():
-    assert metrics.crc32c(b"123456789") == bitwise_crc32c(b"123456789") == 0xE3069283
-    blob = bytes(range(256)) * 3
-    assert metrics.crc32c(blob) == bitwise_crc32c(blob)
-    assert metrics.masked_crc32c(blob) == masked(bitwise_crc32c(blob))
-
 
 # ------------------------------------------------------------- MetricsWriter
 
@@ -89,7 +28,8 @@ STEPS = [(0, {"loss": 1.5, "lr": 1e-6}), (1, {"loss": np.float32(1.25), "skipped
 
 
 def expected_scalars():
-    return [(s, k, float(np.float32(float(v)))) for s, m in STEPS for k, v in m.items()]
+    """(step, tag, value) as TensorBoard stores them (float32), sorted like read_tb_scalars."""
+    return sorted(((s, k, float(np.float32(float(v)))) for s, m in STEPS for k, v in m.items()), key=lambda r: r[:2])
 
 
 def same(a, b):
@@ -106,57 +46,110 @@ def test_metrics_writer_jsonl(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()  # readable before close: flushed
     w.close()
     rows = [json.loads(line) for line in lines]
+    # The format: step, time (rounded to ms), then the metrics in the order given; NaN as JSON's NaN token.
+    assert [list(r) for r in rows] == [["step", "time", *m] for _, m in STEPS] + [["step", "time", "x", "n"]]
+    assert all(r["time"] == round(r["time"], 3) and r["time"] > 1.6e9 for r in rows)
+    assert '"loss": NaN' in lines[2] and '"skipped": 0' in lines[1]
     assert [r["step"] for r in rows] == [0, 1, 7, 8]
-    assert rows[1]["loss"] == 1.25 and rows[1]["skipped"] == 0
+    assert rows[0]["lr"] == 1e-6 and rows[1]["loss"] == 1.25 and rows[1]["skipped"] == 0
     assert np.isnan(rows[2]["loss"]) and rows[2]["tokens"] == 2 ** 40 and type(rows[2]["tokens"]) is int
-    assert rows[3]["x"] == 2.5 and rows[3]["n"] == 3 and all("time" in r for r in rows)
+    assert rows[3]["x"] == 2.5 and rows[3]["n"] == 3
     # A resumed run appends.
     with MetricsWriter(tmp_path) as w2:
         w2.write(9, {"loss": 0.5})
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
     with pytest.raises(TypeError, match="'bad'"):
         MetricsWriter(tmp_path / "other").write(0, {"bad": np.zeros(3)})
+    with pytest.raises(RuntimeError, match="after close"):
+        w2.write(10, {"loss": 0.25})
 
 
 def test_metrics_writer_tensorboard(tmp_path):
     w = MetricsWriter(tmp_path)
     for step, m in STEPS:
         w.write(step, m)
-    w.close()
+    w.write(8, {})  # a step without scalars: a JSONL line, no event
+    # What TensorBoard shows, read before close: every step is on disk when write returns.
     (path,) = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
     assert path == w.tb_path and path.endswith("." + socket.gethostname())
-    # Our reader.
     got = read_tb_scalars(path)
-    assert len(got) == len(expected_scalars()) and all(map(same, got, expected_scalars()))
-    # Independent: bitwise CRCs on every record, protobuf library decoding of every Event.
-    Event = event_class()
-    events = [Event.FromString(p) for p in split_records(path)]
-    assert events[0].file_version == "brain.Event:2"
-    decoded = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
-    assert all(map(same, decoded, expected_scalars()))
-    assert all(e.wall_time > 1.6e9 for e in events)
+    assert len(got) == len(expected_scalars()) and all(map(same, got, expected_scalars())), got
+    w.close()
+    # The records: TensorBoard's file-version header, then one Event per step holding all of its scalars at
+    # the step's JSONL time.
+    events = read_tb_events(path)
+    assert events[0].file_version == "brain.Event:2" and events[0].wall_time > 1.6e9
+    times = [json.loads(line)["time"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events[1:]] == [s for s, _ in STEPS]
+    for e, (_, m), t in zip(events[1:], STEPS, times):
+        assert [v.tag for v in e.summary.value] == list(m) and e.wall_time == pytest.approx(t, abs=1e-3)
+    assert all(map(same, read_tb_scalars(tmp_path / "tb"), got))  # the directory, as TensorBoard opens a run
 
 
-def test_read_tb_scalars_tolerates_truncated_tail_and_detects_corruption(tmp_path):
+def test_resumed_writer_adds_a_tensorboard_file(tmp_path):
     with MetricsWriter(tmp_path) as w:
         w.write(3, {"a": 1.0})
-        w.write(4, {"a": 2.0})
-    tb = Path(w.tb_path)
-    data = tb.read_bytes()
-    tb.write_bytes(data[:-5])  # killed mid-record
-    assert read_tb_scalars(w.tb_path) == [(3, "a", 1.0)]
-    corrupt = bytearray(data)
-    corrupt[-6] ^= 0xFF  # flip a payload byte of the last record
-    tb.write_bytes(bytes(corrupt))
-    with pytest.raises(ValueError, match="crc"):
-        read_tb_scalars(w.tb_path)
+    with MetricsWriter(tmp_path) as w2:  # within the same second: a new name, the first file intact
+        w2.write(4, {"a": 2.0})
+    assert w2.tb_path != w.tb_path and len(os.listdir(tmp_path / "tb")) == 2
+    assert read_tb_scalars(w.tb_path) == [(3, "a", 1.0)] and read_tb_scalars(w2.tb_path) == [(4, "a", 2.0)]
+    assert read_tb_scalars(tmp_path / "tb") == [(3, "a", 1.0), (4, "a", 2.0)]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
-    w = MetricsWriter(tmp_path / "run", enabled=False)
+    w = MetricsWriter(tmp_path / "run", enabled=False, wandb=WandbSettings())
     w.write(0, {"loss": 1.0})
     w.close()
     assert not (tmp_path / "run").exists() and os.listdir(tmp_path) == []
+
+
+def test_metrics_writer_wandb_offline(tmp_path, monkeypatch):
+    for var, sub in (("WANDB_DIR", "wandb_dir"), ("WANDB_CONFIG_DIR", "wandb_config"),
+                     ("WANDB_CACHE_DIR", "wandb_cache"), ("WANDB_DATA_DIR", "wandb_data")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run = tmp_path / "run"
+    config = {"seed": 3, "loss": {"name": "k3"}}
+    with MetricsWriter(run, wandb=WandbSettings(project="trd-test"), run_config=config) as w:
+        for step, m in STEPS:
+            w.write(step, m)
+    # The other two sinks are unchanged by the third.
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == len(STEPS)
+    assert all(map(same, read_tb_scalars(w.tb_path), expected_scalars()))
+    # The offline run sits in WANDB_DIR (not the workdir) under the id kept in the workdir.
+    run_id = (run / "wandb_run_id").read_text().strip()
+    (run_file,) = glob.glob(str(tmp_path / "wandb_dir" / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+    assert not (run / "wandb").exists()
+    records = read_wandb_records(run_file)
+    (meta,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert meta.run_id == run_id and meta.project == "trd-test"
+    logged_config = {u.key: json.loads(u.value_json) for u in meta.config.update}
+    assert {k: logged_config[k] for k in config} == config
+    # Every value at its step, exactly as logged (JSON: ints stay ints, NaN kept).
+    logged = sorted(wandb_history(records), key=lambda r: r[:2])
+    expected = sorted(((s, k, float(v) if isinstance(v, (float, np.floating)) else int(v)) for s, m in STEPS
+                       for k, v in m.items()), key=lambda r: r[:2])
+    assert len(logged) == len(expected) and all(map(same, logged, expected)), logged
+    assert [type(v) for *_, v in logged] == [type(v) for *_, v in expected]
+
+
+def test_wandb_settings_from_config(tmp_path, monkeypatch):
+    assert resolve(tiny_config()).wandb is None  # off by default
+    s = resolve(tiny_config(**{"log.wandb": True, "log.wandb_project": "p", "log.wandb_mode": "offline"}))
+    assert s.wandb == WandbSettings(project="p", mode="offline")
+    with pytest.raises(ConfigError, match="config.log.wandb_mode"):
+        resolve(tiny_config(**{"log.wandb_mode": "cloud"}))
+    with pytest.raises(ConfigError, match="config.log.wandb_project"):
+        resolve(tiny_config(**{"log.wandb": True, "log.wandb_project": ""}))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"config\.log\.wandb: is true but wandb is not installed") as e:
+        resolve(tiny_config(**{"log.wandb": True}))
+    assert e.value.key == "log.wandb"
+    assert resolve(tiny_config()).wandb is None  # only a run that asks for wandb needs it
+    with pytest.raises(ImportError, match="config.log.wandb"):
+        MetricsWriter(tmp_path, wandb=WandbSettings())
 
 
 # ------------------------------------------------------------- PhaseTimer

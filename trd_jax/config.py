@@ -9,11 +9,13 @@ impossible combinations with a ``ConfigError`` that names the key, before any wo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from typing import Any
 
 import ml_collections
 
+from trd_jax.metrics import WandbSettings
 from trd_jax.models.config import ATTENTION, REMAT
 from trd_jax.models.lora import TARGETS as LORA_TARGETS, LoRAConfig
 from trd_jax.refine import RefineConfig
@@ -253,6 +255,12 @@ def base_config() -> ml_collections.ConfigDict:
         diagnostics=True,  # prefix-failure diagnostics per step (costs teacher and student forwards; timed apart)
         diagnostics_every=1,  # ... on every N-th step only (steps 0, N, 2N, ...): they cost about a fifth of a step
         progress=True,  # console progress bar on host 0
+        # Weights & Biases, a third sink beside metrics.jsonl and tb/ (host 0); needs pip install 'trd_jax[wandb]'
+        wandb=False,
+        wandb_project="trd_jax",
+        # "offline": the run is kept in WANDB_DIR, else workdir/wandb, for a later `wandb sync` | "online" |
+        # "": WANDB_MODE if set, else offline
+        wandb_mode="",
     ))
 
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices
@@ -394,6 +402,7 @@ class Settings:
     prompt_mode: str
     max_prompt_tokens: int
     diagnostics_every: int = 1
+    wandb: WandbSettings | None = None  # the W&B sink of the metrics; None: off (config.log.wandb)
 
 
 def _model_source(cfg, side: str) -> ModelSource:
@@ -561,9 +570,10 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
     if export_dtype not in ("", "float32", "bfloat16"):
         raise ConfigError("export.dtype", f"{export_dtype!r} is not one of '', float32, bfloat16")
     for key in ("rollout.release_kv_cache", "eval.initial", "eval.teacher", "eval.greedy", "checkpoint.async_save",
-                "log.diagnostics", "log.progress", "export.enabled"):
+                "log.diagnostics", "log.progress", "log.wandb", "export.enabled"):
         if not isinstance(_get(cfg, key), bool):
             raise ConfigError(key, f"{_get(cfg, key)!r} is not a bool")
+    wandb = _wandb(cfg)
     return Settings(
         seed=_int(cfg, "seed", 0), mode=mode, trajectory=trajectory, teacher_context=teacher_context,
         opsd_teacher=opsd_teacher, ema_decay=ema_decay, student=_model_source(cfg, "student"),
@@ -585,7 +595,21 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         diagnostics=cfg.log.diagnostics, diagnostics_every=_int(cfg, "log.diagnostics_every", 1),
         progress=cfg.log.progress, export=cfg.export.enabled,
         export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,
-        max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1))
+        max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), wandb=wandb)
+
+
+def _wandb(cfg) -> WandbSettings | None:
+    """The W&B sink's settings (config.log.wandb*); None when it is off."""
+    mode = _choice(cfg, "log.wandb_mode", ("", "offline", "online"))
+    project = _get(cfg, "log.wandb_project")
+    if not isinstance(project, str) or not project:
+        raise ConfigError("log.wandb_project", f"{project!r} is not a non-empty string")
+    if not cfg.log.wandb:
+        return None
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb", "is true but wandb is not installed: pip install 'trd_jax[wandb]' "
+                                       "(or set log.wandb=false)")
+    return WandbSettings(project=project, mode=mode)
 
 
 def _check_task(cfg) -> None:

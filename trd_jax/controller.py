@@ -682,7 +682,7 @@ class Trainer:
         s = self.s
         ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=s.save_every, keep=s.keep,
                             async_save=s.async_save)
-        writer = MetricsWriter(self.workdir, enabled=self.host0)
+        writer = MetricsWriter(self.workdir, enabled=self.host0, wandb=s.wandb, run_config=self.cfg.to_dict())
         try:
             start = self._restore(ckpt)
             if start == 0 and s.eval_initial and not self.evals:

@@ -1,23 +1,19 @@
-"""Host-side run telemetry: JSONL + TensorBoard scalars, phase timers, FLOP estimates, per-token
-quantiles, a host-0 progress bar and the end-of-run summary.json.
+"""Host-side run telemetry: JSONL, TensorBoard and (optionally) Weights & Biases scalars, phase timers,
+FLOP estimates, per-token quantiles, a host-0 progress bar and the end-of-run summary.json.
 
 Everything here is plain Python/numpy on the host; jax is imported lazily (only `PhaseTimer` needs it,
-to block on device outputs) so that reading metrics back never pulls in a backend.
-
-TensorBoard files are written by a small self-contained writer (no tensorboard/tensorflow dependency):
-TFRecord framing (u64 length, masked crc32c(length), payload, masked crc32c(payload)) around `Event`
-protobufs encoded by hand. Field numbers follow tensorflow/core/util/event.proto and summary.proto:
-    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-    Summary { repeated Value value = 1; }   Value { string tag = 1; float simple_value = 2; }
+to block on device outputs), and so are tensorboardX and wandb (only a `MetricsWriter` that writes needs
+them), so that importing this module never pulls in a backend.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import secrets
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -87,168 +83,137 @@ def summary_json(path: str | os.PathLike, **fields: Any) -> str:
     return atomic_write_json(path, fields)
 
 
-# ----------------------------------------------------------------------------------- crc32c + protobuf
-
-def _crc32c_table() -> tuple[int, ...]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):  # reflected Castagnoli polynomial
-            c = ((c >> 1) ^ 0x82F63B78) if c & 1 else (c >> 1)
-        table.append(c)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), table-driven; crc32c(b"123456789") == 0xE3069283."""
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC (rotate right 15, add a constant), so CRCs of CRC-bearing data stay robust."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # int64 two's complement, as protobuf encodes negative int64
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None,
-           scalars: Mapping[str, float] | None = None) -> bytes:
-    out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
-    if file_version is not None:
-        out += _len_field(3, file_version.encode())
-    if scalars:
-        values = b"".join(_len_field(1, _len_field(1, tag.encode()) + _varint(2 << 3 | 5)
-                                     + struct.pack("<f", value)) for tag, value in scalars.items())
-        out += _len_field(5, values)
-    return out
-
-
-def _tfrecord(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    n = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if b < 0x80:
-            return n, i
-
-
-def _proto_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
-    """(field number, raw value) pairs of one serialised message: ints for varints, bytes otherwise."""
-    i = 0
-    while i < len(buf):
-        key, i = _read_varint(buf, i)
-        wire = key & 7
-        if wire == 0:
-            value, i = _read_varint(buf, i)
-        elif wire in (1, 5):
-            width = 8 if wire == 1 else 4
-            value, i = buf[i:i + width], i + width
-        elif wire == 2:
-            size, i = _read_varint(buf, i)
-            value, i = buf[i:i + size], i + size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield key >> 3, value
-
-
-def read_tfrecords(path: str | os.PathLike) -> Iterator[bytes]:
-    """Payloads of a TFRecord file, CRCs verified (ValueError naming the offset). A truncated last
-    record (a writer killed mid-write) ends the iteration, as TensorBoard does."""
-    with open(path, "rb") as f:
-        data = f.read()
-    i = 0
-    while i + 12 <= len(data):
-        header = data[i:i + 8]
-        (size,) = struct.unpack("<Q", header)
-        (hcrc,) = struct.unpack("<I", data[i + 8:i + 12])
-        if hcrc != masked_crc32c(header):
-            raise ValueError(f"{path}: bad length crc at offset {i}")
-        if i + 12 + size + 4 > len(data):
-            return
-        payload = data[i + 12:i + 12 + size]
-        (dcrc,) = struct.unpack("<I", data[i + 12 + size:i + 16 + size])
-        if dcrc != masked_crc32c(payload):
-            raise ValueError(f"{path}: bad data crc at offset {i}")
-        yield payload
-        i += 16 + size
-
-
-def read_tb_scalars(path: str | os.PathLike) -> list[tuple[int, str, float]]:
-    """(step, tag, simple_value) of every scalar in an event file, in file order."""
-    out = []
-    for record in read_tfrecords(path):
-        step, values = 0, []
-        for field, value in _proto_fields(record):
-            if field == 2:
-                step = value - (1 << 64) if value >= 1 << 63 else value
-            elif field == 5:
-                for f_sum, v in _proto_fields(value):
-                    if f_sum != 1:
-                        continue
-                    fields = dict(_proto_fields(v))
-                    if 2 in fields:
-                        values.append((fields.get(1, b"").decode(), struct.unpack("<f", fields[2])[0]))
-        out.extend((step, tag, val) for tag, val in values)
-    return out
-
-
 # ----------------------------------------------------------------------------------- MetricsWriter
 
+@dataclasses.dataclass(frozen=True)
+class WandbSettings:
+    """The Weights & Biases sink of a run (config.log.wandb*). `mode`: "offline" (the run is written under
+    WANDB_DIR, else the workdir, for a later `wandb sync`) | "online" | "" (WANDB_MODE, else "offline")."""
+
+    project: str = "trd_jax"
+    mode: str = ""
+
+
+class _JsonlSink:
+    """`metrics.jsonl`: one JSON object per line (step, time, metrics), appended to and flushed per write."""
+
+    def __init__(self, path: str):
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives until close)
+
+    def write(self, step: int, values: Mapping[str, int | float], now: float) -> None:
+        self._f.write(json.dumps({"step": step, "time": round(now, 3), **values}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _TensorBoardSink:
+    """One TensorBoard event file, `events.out.tfevents.<time>.<host>`, written through tensorboardX: its
+    RecordWriter does the TFRecord framing and CRCs, its compiled Event/Summary protos the encoding (tags kept
+    as the JSONL keys; tensorboardX's `summary.scalar` would also warn on every NaN).
+    Each step is one Event holding every scalar, fsynced before write returns (tensorboardX's SummaryWriter
+    would hand events to a background thread whose queue its flush() does not wait for). tensorboardX is
+    imported here, not at module level: it imports torch wherever torch is installed."""
+
+    def __init__(self, tb_dir: str):
+        from tensorboardX import RecordWriter
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        self._event, self._summary = Event, Summary
+        os.makedirs(tb_dir, exist_ok=True)
+        # RecordWriter truncates: a writer reopened within the same second (a quick resume) gets a new name.
+        base = os.path.join(tb_dir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
+        self.path, n = base, 1
+        while os.path.exists(self.path):
+            self.path, n = f"{base}.{n}", n + 1
+        self._writer = RecordWriter(self.path)
+        self._emit(Event(wall_time=time.time(), file_version="brain.Event:2"))  # how TensorBoard knows the file
+
+    def _emit(self, event: Any) -> None:
+        self._writer.write(event.SerializeToString())
+        self._writer.flush()
+
+    def write(self, step: int, values: Mapping[str, int | float], now: float) -> None:
+        if values:
+            value = self._summary.Value
+            summary = self._summary(value=[value(tag=tag, simple_value=float(x)) for tag, x in values.items()])
+            self._emit(self._event(wall_time=now, step=step, summary=summary))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _WandbSink:
+    """A Weights & Biases run (`pip install 'trd_jax[wandb]'`). Its id is kept in `workdir/wandb_run_id`, so a
+    resumed run logs into the same W&B run; `run_config` (the run's config) becomes the W&B run config."""
+
+    def __init__(self, workdir: str, settings: WandbSettings, run_config: Mapping[str, Any] | None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("config.log.wandb=True needs wandb: pip install 'trd_jax[wandb]'") from e
+        id_path = os.path.join(workdir, "wandb_run_id")
+        try:
+            with open(id_path, encoding="utf-8") as f:
+                run_id = f.read().strip()
+        except FileNotFoundError:
+            run_id = ""
+        if not run_id:
+            run_id = secrets.token_hex(6)
+            atomic_write_text(id_path, run_id + "\n")
+        where = {} if os.environ.get("WANDB_DIR") else {"dir": workdir}  # an explicit dir= would override it
+        mode = settings.mode or os.environ.get("WANDB_MODE") or "offline"
+        self._run = wandb.init(project=settings.project, mode=mode, id=run_id, resume="allow",
+                               config=to_jsonable(run_config) if run_config is not None else None, **where)
+
+    def write(self, step: int, values: Mapping[str, int | float], now: float) -> None:
+        if values:
+            self._run.log(dict(values), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
 class MetricsWriter:
-    """Per-step scalars to `workdir/metrics.jsonl` (one JSON object per line: step, time, metrics) and to
-    `workdir/tb/events.out.tfevents.<time>.<host>`. Both files are appended to (a resumed run continues
-    them) and flushed after every write, so a killed run loses nothing already written.
+    """Per-step scalars to up to three sinks behind one `write(step, metrics)`:
+    - `workdir/metrics.jsonl`, one JSON object per line: step, time, metrics;
+    - TensorBoard: `workdir/tb/events.out.tfevents.<time>.<host>` (tensorboardX);
+    - Weights & Biases when `wandb` is given (config.log.wandb), see `WandbSettings`.
+    The JSONL file is appended to (a resumed run continues it; TensorBoard gets a new file beside the old
+    ones) and every write is flushed, so a killed run loses nothing already written to either file.
 
     `enabled=False` (every process but host 0) makes every method a no-op and creates no files.
     Non-finite values are kept: JSON gets NaN/Infinity tokens (Python's json reads them), TensorBoard
-    gets the float. Values must be scalars (bool/int/float, numpy or 0-d jax arrays)."""
+    and W&B get the float. Values must be scalars (bool/int/float, numpy or 0-d jax arrays)."""
 
-    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, wandb: WandbSettings | None = None,
+                 run_config: Mapping[str, Any] | None = None):
         self.enabled = enabled
-        self.jsonl_path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+        workdir = os.fspath(workdir)
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self.tb_path = None
-        self._jsonl = self._tb = None
+        self._sinks: list[Any] | None = None
         if not enabled:
             return
-        tb_dir = os.path.join(os.fspath(workdir), "tb")
-        os.makedirs(tb_dir, exist_ok=True)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (lives until close)
-        self.tb_path = os.path.join(tb_dir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}")
-        self._tb = open(self.tb_path, "ab")  # noqa: SIM115
-        # TensorBoard identifies event files by this first record.
-        self._tb.write(_tfrecord(_event(time.time(), 0, file_version="brain.Event:2")))
-        self._tb.flush()
+        os.makedirs(workdir, exist_ok=True)
+        self._sinks = []
+        try:
+            self._sinks.append(_JsonlSink(self.jsonl_path))
+            tb = _TensorBoardSink(os.path.join(workdir, "tb"))
+            self._sinks.append(tb)
+            self.tb_path = tb.path
+            if wandb is not None:
+                self._sinks.append(_WandbSink(workdir, wandb, run_config))
+        except BaseException:
+            self.close()
+            raise
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        if self._jsonl is None:
+        if self._sinks is None:
             raise RuntimeError("MetricsWriter.write after close()")
         step = int(to_python(step))
         values = {}
@@ -260,17 +225,13 @@ class MetricsWriter:
                 raise TypeError(f"metric {key!r} at step {step} is not a scalar: {type(value).__name__}")
             values[str(key)] = value
         now = time.time()
-        self._jsonl.write(json.dumps({"step": step, "time": round(now, 3), **values}) + "\n")
-        self._jsonl.flush()
-        if values:
-            self._tb.write(_tfrecord(_event(now, step, scalars={k: float(v) for k, v in values.items()})))
-            self._tb.flush()
+        for sink in self._sinks:
+            sink.write(step, values, now)
 
     def close(self) -> None:
-        for f in (self._jsonl, self._tb):
-            if f is not None:
-                f.close()
-        self._jsonl = self._tb = None
+        sinks, self._sinks = self._sinks or [], None
+        for sink in sinks:
+            sink.close()
 
     def __enter__(self) -> Self:
         return self
