@@ -18,8 +18,9 @@ from tb_events import read_tb_scalars
 from tiny_run import tiny_config
 from trd_jax.api import generate, load_model
 from trd_jax.config import ConfigError
-from trd_jax.controller import Trainer, build_model
+from trd_jax.controller import Trainer
 from trd_jax.models.hf_io import load_hf
+from trd_jax.roles import build_model
 
 TESTS = os.path.dirname(__file__)
 ROOT = os.path.dirname(TESTS)

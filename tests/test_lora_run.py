@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 
 from tiny_run import tiny_config
-from trd_jax.controller import Trainer, build_model
+from trd_jax.controller import Trainer
 from trd_jax.models import lora
 from trd_jax.models.hf_io import load_hf
 from trd_jax.models.peft_io import load_peft_adapter
+from trd_jax.roles import build_model
 from trd_jax.run_checkpoint import load_run_student
 
 LORA_OPSD = {"distill.mode": "opsd", "distill.trajectory": "y_r", "distill.opsd_teacher": "initial",

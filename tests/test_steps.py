@@ -17,9 +17,10 @@ from trd_jax import losses
 from trd_jax.layouts import distill_batch
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
+from trd_jax.roles import teacher_weights
 from trd_jax.sharding import MeshConfig, make_mesh
-from trd_jax.steps import (LossConfig, OptimConfig, init_state, jit_update, make_optimizer,
-                           opsd_teacher_params, score, shardings_of, to_micro_batches, update)
+from trd_jax.steps import (LossConfig, OptimConfig, init_state, jit_update, make_optimizer, score, shardings_of,
+                           to_micro_batches, update)
 
 V = 97
 STUDENT = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -154,14 +155,14 @@ def test_opsd_teacher_modes(setup):
     state, _ = run_update(setup, LossConfig(chunk_size=4), opt=opt, state=init_state(initial, opt, ema=True),
                           ema_decay=0.5)
     leaf = lambda t: jax.tree.leaves(t)[0]  # noqa: E731
-    assert leaf(opsd_teacher_params("initial", state, initial)) is leaf(initial)
-    assert leaf(opsd_teacher_params("live", state, initial)) is leaf(state.params)
-    assert leaf(opsd_teacher_params("ema", state, initial)) is leaf(state.ema_params)
+    assert leaf(teacher_weights("initial", state, initial)) is leaf(initial)
+    assert leaf(teacher_weights("live", state, initial)) is leaf(state.params)
+    assert leaf(teacher_weights("ema", state, initial)) is leaf(state.ema_params)
     assert not np.allclose(leaf(state.params), leaf(initial))
     with pytest.raises(ValueError, match="ema=True"):
-        opsd_teacher_params("ema", init_state(initial, opt), initial)
+        teacher_weights("ema", init_state(initial, opt), initial)
     with pytest.raises(ValueError, match="expected one of"):
-        opsd_teacher_params("frozen", state, initial)
+        teacher_weights("frozen", state, initial)
     # score never differentiates into the teacher: live-teacher gradients stay those of the loss alone
     g = jax.grad(lambda p: score(setup["s_graph"], p, setup["student"], setup["targets"], setup["mask"],
                                  context_width=setup["batch"].student.context_width).logp.sum())(initial)
@@ -207,7 +208,7 @@ def test_donated_step_with_live_teacher_keeps_callers_arrays(setup):
     initial = setup["s_params"]
     state = init_state(initial, opt)
     width = setup["batch"].student.context_width
-    scored = score(setup["s_graph"], opsd_teacher_params("live", state, initial), setup["student"], setup["targets"],
+    scored = score(setup["s_graph"], teacher_weights("live", state, initial), setup["student"], setup["targets"],
                    setup["mask"], context_width=width)
     step = jit_update(setup["s_graph"], opt, LossConfig(chunk_size=4), shardings_of(state), mesh,
                       context_width=width, teacher_head_source="live")

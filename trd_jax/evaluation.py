@@ -161,3 +161,11 @@ def compare_table(before: Mapping[str, Any], after: Mapping[str, Any], label_bef
         b, a = float(before[key]), float(after[key])
         lines.append(f"| {label} (%) | {_pct(b)} | {_pct(a)} | {100.0 * (a - b):+.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def brief_metrics(brief: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation's brief (the controller's evaluate()) as scalar metrics: eval/avg_at_k, eval/pass_at_k,
+    eval/greedy, ..., and the Pass@k curve as eval/pass_at_<k> (the per-problem counts stay in summary.json)."""
+    out = {f"eval/{k}": v for k, v in brief.items() if k not in ("step", "pass_at", "correct_counts")}
+    out.update({f"eval/pass_at_{k}": v for k, v in brief.get("pass_at", {}).items()})
+    return out

@@ -18,11 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from trd_jax.config import ConfigError
 from trd_jax.sharding import BATCH_AXES
 
 
 def batch_shards(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+
+
+def check_group(group: int, mesh: Mesh) -> None:
+    """train.max_score_rows (0: no groups) splits evenly over the mesh's batch shards, or the run stops here."""
+    if group % batch_shards(mesh):
+        raise ConfigError("train.max_score_rows",
+                          f"{group} is not a multiple of the mesh's {batch_shards(mesh)} batch shards (data x fsdp)")
 
 
 def group_start(block: int, per_device: int, j: int) -> int:

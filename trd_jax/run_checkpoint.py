@@ -6,6 +6,9 @@ and tokenizer files, without weights. With it, the student's parameters at any c
 restored from ``workdir/checkpoints/<step>/state`` alone: only the ``train.params`` subtree is read, so
 neither the optimizer state nor an OPSD teacher copy is loaded into memory.
 
+A rerun in a workdir that holds a checkpoint resumes: check_resume_config and check_bootstrap_models refuse
+one whose training config or bootstrap models differ from those the run started with.
+
 A LoRA run's checkpoints hold the adapters alone (``train.params``): the frozen base is written once, at the
 start of the run, into ``workdir/student_model/`` (which then is a complete Hugging Face folder of the base),
 with ``lora.json`` naming the adapters' shape. Resuming reads the base from there, and loading the run's
@@ -18,13 +21,17 @@ import dataclasses
 import json
 import os
 import shutil
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from trd_jax.config import ConfigError, base_config
+from trd_jax.metrics import atomic_write_json
 from trd_jax.models.hf_io import TOKENIZER_FILES, _write_json, load_hf, save_hf
 from trd_jax.models.lora import LoRAConfig, add_lora, merge_lora, split_lora
 from trd_jax.models.transformer import ModelConfig, Transformer
@@ -32,6 +39,13 @@ from trd_jax.models.transformer import ModelConfig, Transformer
 MODEL_DIR = "student_model"
 CHECKPOINT_DIR = "checkpoints"
 LORA_FILE = "lora.json"  # in MODEL_DIR: the run trains adapters on the base weights saved beside it
+BOOTSTRAP_RECORD = "bootstrap_models.json"
+
+# Keys a resumed run may change: sections that do not affect the parameters, and the memory settings the
+# planner proposes (kernels, remat, row groups, cache release), which change float rounding at most, so that a
+# run that ran out of memory resumes with them.
+RESUMABLE_CHANGES = ("eval.", "log.", "checkpoint.", "export.", "student.attention", "teacher.attention",
+                     "train.remat", "train.max_score_rows", "rollout.max_rows_per_call", "rollout.release_kv_cache")
 
 
 def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_dir: str | None) -> str:
@@ -144,3 +158,55 @@ def _restore_train_params(path: str, step: int) -> dict:
         os.path.join(path, CHECKPOINT_DIR, str(step), "state"),
         args=ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=restore_args))
     return _unwrap(restored["train"]["params"])
+
+
+def _flat(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _holds_checkpoint(workdir: str) -> bool:
+    """Whether the workdir has a checkpoint step folder: a rerun there resumes."""
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    return os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+
+
+def check_resume_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+    """A workdir holding a checkpoint resumes only under the same training config (eval, log, checkpoint
+    and export settings may change): otherwise the error names the first differing key."""
+    saved = os.path.join(workdir, "config.json")
+    if not (_holds_checkpoint(workdir) and os.path.isfile(saved)):
+        return
+    with open(saved) as f:
+        old = _flat(ml_collections.ConfigDict(json.load(f)))
+    new = _flat(cfg)
+    defaults = _flat(base_config())
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(RESUMABLE_CHANGES) or key == "mode":
+            continue
+        if key not in old and key in defaults and new.get(key) == defaults[key]:
+            continue  # a key added to the config since the checkpoint, at its default
+        if old.get(key) != new.get(key):
+            raise ConfigError(key, f"{new.get(key)!r} differs from {old.get(key)!r} in the checkpoint's config "
+                                   f"({saved}); resume with the same value, or start in a new workdir")
+
+
+def check_bootstrap_models(workdir: str, models_sha256: str) -> None:
+    """Records the hash of the bootstrap models a run starts from (workdir/bootstrap_models.json); a run
+    that resumes must find the same models, not ones rebuilt or shipped since."""
+    path = os.path.join(workdir, BOOTSTRAP_RECORD)
+    if _holds_checkpoint(workdir) and os.path.isfile(path):
+        with open(path) as f:
+            started = json.load(f)["models_sha256"]
+        if started != models_sha256:
+            raise ConfigError("bootstrap", f"the bootstrap models now have sha256 {models_sha256[:16]}…, but this run "
+                                           f"started from {started[:16]}… ({path}); resume with the same models, or "
+                                           "start in a new workdir")
+        return
+    if jax.process_index() == 0:
+        atomic_write_json(path, {"models_sha256": models_sha256})

@@ -122,22 +122,7 @@ def init_sharded_state(params, param_shardings, optimizer: optax.GradientTransfo
     return jax.jit(functools.partial(init_state, optimizer=optimizer, ema=ema), out_shardings=shardings)(params)
 
 
-OPSD_TEACHER_MODES = ("initial", "live", "ema")
-
-
-def opsd_teacher_params(mode: str, state: TrainState, initial_params):
-    """OPSD's teacher is the student itself shown privileged context: its frozen initial parameters
-    (TRD_SPEC §7.9, the reference recipe), the live parameters (score() stops their gradient), or the
-    EMA kept in the state."""
-    if mode == "initial":
-        return initial_params
-    if mode == "live":
-        return state.params
-    if mode == "ema":
-        if state.ema_params is None:
-            raise ValueError("opsd teacher mode 'ema' needs a state made with init_state(..., ema=True)")
-        return state.ema_params
-    raise ValueError(f"opsd teacher mode {mode!r}: expected one of {OPSD_TEACHER_MODES}")
+OPSD_TEACHER_MODES = ("initial", "live", "ema")  # distill.opsd_teacher; roles.teacher_weights uses them
 
 
 class Sequences(NamedTuple):

@@ -114,6 +114,25 @@ def apply_wrong_rewrites(rows: StepRows, policy: str) -> dict[str, int]:
     return counts
 
 
+def refine_outcomes(rows: StepRows, wrong: dict[str, int], eos_ids: Sequence[int],
+                    rewrite_budget: int) -> tuple[dict[str, float], dict[str, float]]:
+    """A refined step's (row counts, y_r metrics): refine prompts per status, rewrites per verdict, the outcomes
+    of wrong rewrites (apply_wrong_rewrites), fallbacks to y_o, rewrites generated and graded right; and the
+    rewrites' accuracy, length and share capped, and the mean length of the refine prompts sent."""
+    counts: dict[str, float] = {f"refine_prompt_{k}": v for k, v in rows.refine_prompts.counts.items()}
+    counts.update({f"rewrite_{k}": v for k, v in rows.verdicts.counts.items()})
+    counts.update(wrong)
+    lengths = [len(r) for r in rows.y_r]
+    counts.update(fallback_to_y_o=sum(src == "y_o" for src in rows.sources), y_r_generated=len(lengths),
+                  y_r_correct=float(rows.y_r_reward.sum()))
+    sent = [n for n, st in zip(rows.refine_prompts.full_lengths, rows.refine_prompts.status) if st != "skipped"]
+    metrics = {"accuracy/y_r": float(rows.y_r_reward.mean()) if lengths else 0.0,
+               "length/y_r": float(np.mean(lengths)) if lengths else 0.0,
+               "capped/y_r": float(capped(rows.y_r, eos_ids, rewrite_budget).mean()) if lengths else 0.0,
+               "length/refine_prompt": float(np.mean(sent or [0]))}
+    return counts, metrics
+
+
 def use_rollouts(rows: StepRows) -> None:
     """Token-level baselines: every row trains on its own y_o."""
     rows.responses = [list(r) for r in rows.y_o]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from trd_jax import multihost
 from trd_jax.config import ConfigError, config_error
 from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask
 
@@ -45,3 +46,9 @@ def make_task(task_cfg, directory: str, *, student_dir: str = ""):
 
     return MathTask(name, files, data_dir=data_dir, dataset_name=task_cfg.dataset_name, tokenizer_dir=tokenizer,
                     timeout_s=task_cfg.grade_timeout_s, workers=task_cfg.grade_workers)
+
+
+def make_task_once(task_cfg, directory: str, *, student_dir: str = ""):
+    """make_task; with several processes, process 0 builds the task's files first and the others then reuse
+    them (they would otherwise write the same dataset folders at once)."""
+    return multihost.process0_first("task-files-built", lambda: make_task(task_cfg, directory, student_dir=student_dir))

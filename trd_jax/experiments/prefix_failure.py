@@ -45,7 +45,7 @@ def _teacher_tokens(trainer, prompts, responses, contexts):
     params = trainer._teacher_params()
     teacher = trainer._score("teacher", params, batch.teacher, batch.targets, batch.response_mask)
     student = trainer._score("student", trainer.state.params, batch.student, batch.targets, batch.response_mask)
-    head = trainer.fixed_head if trainer.fixed_head is not None else trainer._head(trainer.t_graph, params)
+    head = trainer.roles.teacher_head(params)
     stats = jax.device_get(trainer._stats_fn(teacher.hidden, head, batch.targets, batch.response_mask,
                                              chunk_size=64, temperature=1.0))
     adv = np.asarray(teacher.logp) - np.asarray(student.logp)

@@ -200,7 +200,7 @@ def _persistent(step: _Step) -> list[Item]:
         persistent.append(Item("OPSD frozen initial copy", copy, "none: the student's frozen base, adapters off"
                                if options.lora else "init_state copies the parameters; 0 with LoRA (lora.enabled)"))
     if work.mode == "opd" or work.opsd_teacher == "initial":
-        # controller.fixed_head = the jitted lm_head_weight(): the transposed embedding when tied, and a copy of
+        # roles.frozen_head = the jitted lm_head_weight(): the transposed embedding when tied, and a copy of
         # lm_head otherwise (jit returns a new buffer even when the output is its input), sharded like it.
         tied = teacher.tie_word_embeddings
         head = sharded_bytes((teacher.hidden_size, teacher.vocab_size), ("embed", "vocab"), step.mesh, _b(teacher))
