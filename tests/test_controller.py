@@ -94,7 +94,7 @@ def test_end_to_end(case, tmp_path):
             for key in ("diag/y_o/teacher_entropy", "diag/trained/teacher_top2_gap", "diag/trained/teacher_nll",
                         "diag/trained/advantage_sign_flip_rate", "diag/y_o/teacher_argmax_mismatch",
                         "diag/trained/advantage_sign_flip_rate_weighted",
-                        "diag/y_o/advantage_sign_flip_rate_uncertain", "diag/y_o/uncertain_token_fraction"):
+                        "diag/y_o/advantage_sign_flip_rate_decisions", "diag/y_o/uncertain_token_fraction"):
                 assert key in m and math.isfinite(m[key])
         if y_r:
             assert m["rows/rewrite_ok"] + m["rows/rewrite_empty"] + m["rows/rewrite_capped"] + \

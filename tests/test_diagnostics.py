@@ -72,6 +72,10 @@ def loop_flip_rates(adv, entropy, mask, threshold):
     flips = pairs = w_flips = w_total = u_flips = u_pairs = 0.0
     valid = uncertain = 0
     for b in range(len(adv)):
+        decisions = [float(adv[b][t]) for t in range(len(adv[b])) if mask[b][t] and entropy[b][t] > threshold]
+        for x, y in zip(decisions, decisions[1:]):
+            u_pairs += 1
+            u_flips += (x > 0 and y < 0) or (x < 0 and y > 0)
         for t in range(len(adv[b])):
             if mask[b][t]:
                 valid += 1
@@ -85,11 +89,8 @@ def loop_flip_rates(adv, entropy, mask, threshold):
             w = min(abs(x), abs(y))
             w_total += w
             w_flips += w * flip
-            if entropy[b][t] > threshold and entropy[b][t + 1] > threshold:
-                u_pairs += 1
-                u_flips += flip
     return (flips / pairs if pairs else 0.0, w_flips / w_total if w_total else 0.0,
-            u_flips / u_pairs if u_pairs else 0.0, uncertain / valid if valid else 0.0)
+            u_flips / u_pairs if u_pairs else float("nan"), uncertain / valid if valid else 0.0)
 
 
 def _stats(entropy):
@@ -112,10 +113,10 @@ def test_flip_rate_variants_match_loops(seed):
     want = loop_flip_rates(adv, entropy, mask, threshold)
     out = summarize(_stats(entropy), mask, student_logp=np.zeros((b, t)), teacher_logp=adv, entropy_threshold=threshold)
     got = (out["advantage_sign_flip_rate"], out["advantage_sign_flip_rate_weighted"],
-           out["advantage_sign_flip_rate_uncertain"], out["uncertain_token_fraction"])
-    assert got == pytest.approx(want, abs=1e-12)
+           out["advantage_sign_flip_rate_decisions"], out["uncertain_token_fraction"])
+    assert got == pytest.approx(want, abs=1e-12, nan_ok=True)
     assert got[:3] == pytest.approx((sign_flip_rate(adv, mask), weighted_sign_flip_rate(adv, mask),
-                                     uncertain_sign_flip_rate(adv, entropy, mask, threshold)), abs=1e-12)
+                                     uncertain_sign_flip_rate(adv, entropy, mask, threshold)), abs=1e-12, nan_ok=True)
 
 
 def test_flip_rate_variants_hand_case():
@@ -126,12 +127,13 @@ def test_flip_rate_variants_hand_case():
     # pairs: (2,-3) flip w 2; (-3,.01) flip w .01; (.01,-.01) flip w .01; (-.01,-1) no w .01; (1,-1) flip w 1
     assert sign_flip_rate(adv, mask) == pytest.approx(4 / 5)
     assert weighted_sign_flip_rate(adv, mask) == pytest.approx(3.02 / 3.03)
-    # entropy > 0.1: row 0 tokens 0, 1, 4; row 1 tokens 0, 3 -> only the pair (2, -3) qualifies, a flip
-    assert uncertain_sign_flip_rate(adv, entropy, mask, 0.1) == 1.0
-    assert uncertain_sign_flip_rate(adv, entropy, mask, 1.0) == 0.0  # no qualifying pair
+    # entropy > 0.1 (valid): row 0 tokens 0, 1, 4 (a = 2, -3, -1); row 1 tokens 0, 3 (a = 1, 4; token 2 is
+    # masked): successive pairs (2, -3) flip, (-3, -1) and (1, 4) do not; the tokens between are skipped
+    assert uncertain_sign_flip_rate(adv, entropy, mask, 0.1) == pytest.approx(1 / 3)
+    assert np.isnan(uncertain_sign_flip_rate(adv, entropy, mask, 1.0))  # nothing to compare: NaN, not 0
     out = summarize(_stats(entropy), mask, student_logp=np.zeros_like(adv), teacher_logp=adv)
     assert out["uncertain_token_fraction"] == pytest.approx(5 / 8)
-    assert out["advantage_sign_flip_rate_uncertain"] == 1.0
+    assert out["advantage_sign_flip_rate_decisions"] == pytest.approx(1 / 3)
     # near-certain tokens flipping at random hardly move the weighted rate
     noise = np.array([[1.0, 2.0, 1e-6, -1e-6, 1e-6, -1e-6, 3.0]])
     assert sign_flip_rate(noise, np.ones_like(noise, bool)) == pytest.approx(4 / 6)

@@ -11,8 +11,8 @@ Per response token (device, chunked over positions):
 Host summaries: means over valid tokens, a profile along the relative position, and the sign-flip
 rate of per-token advantages log q - log p (fragmented gradients flip sign often). The plain flip rate
 sits near 0.5 on any trajectory: near-certain tokens have advantages ~0 whose sign is noise. Two variants
-discount them: flips weighted by the smaller |advantage| of the pair, and flips among pairs of tokens
-where the teacher is uncertain (entropy above a threshold).
+discount them: flips weighted by the smaller |advantage| of the pair, and flips between successive tokens
+where the teacher is uncertain (entropy above a threshold), the near-certain ones between them skipped.
 """
 
 from __future__ import annotations
@@ -116,10 +116,20 @@ def weighted_sign_flip_rate(advantages, mask) -> float:
 
 
 def uncertain_sign_flip_rate(advantages, entropy, mask, threshold: float) -> float:
-    """Sign-flip rate over consecutive valid pairs whose two tokens both have teacher entropy > threshold
-    (nats); 0 when there is no such pair."""
-    ent = np.asarray(entropy, np.float64)
-    return sign_flip_rate(advantages, np.asarray(mask, bool) & (ent > threshold))
+    """Sign-flip rate between successive *uncertain* tokens of a row (valid, teacher entropy > threshold nats),
+    the near-certain tokens between them skipped; NaN when no row has two such tokens.
+
+    Why successive rather than adjacent: uncertain tokens are the decision points (which value a step takes)
+    and are rarely adjacent; the question is whether the pushes at successive decisions keep one direction or
+    alternate, and an adjacent-pairs rate would be empty, not zero, almost everywhere."""
+    a = np.asarray(advantages, np.float64)
+    keep = np.asarray(mask, bool) & (np.asarray(entropy, np.float64) > threshold)
+    flips = pairs = 0
+    for row, k in zip(a, keep):
+        signs = np.sign(row[k])
+        flips += int((signs[1:] * signs[:-1] < 0).sum())
+        pairs += max(len(signs) - 1, 0)
+    return flips / pairs if pairs else float("nan")
 
 
 def summarize(stats: TokenStats, mask, *, student_logp=None, teacher_logp=None, prefix: str = "",
@@ -127,8 +137,8 @@ def summarize(stats: TokenStats, mask, *, student_logp=None, teacher_logp=None, 
     """Scalar metrics for the JSONL log: means, the entropy profile along the position, the fraction of
     valid tokens with teacher entropy > entropy_threshold (uncertain_token_fraction), and with both
     log-prob arrays the sign-flip rates of the advantages log q - log p: all pairs
-    (advantage_sign_flip_rate), weighted by min |advantage| (..._weighted) and among pairs of uncertain
-    tokens (..._uncertain)."""
+    (advantage_sign_flip_rate), weighted by min |advantage| (..._weighted) and between successive uncertain
+    tokens (..._uncertain; NaN when there are none to compare)."""
     mask = np.asarray(mask, bool)
     uncertain = mask & (np.asarray(stats.entropy, np.float64) > entropy_threshold)
     out = {f"{prefix}teacher_entropy": masked_mean(stats.entropy, mask),
@@ -142,6 +152,6 @@ def summarize(stats: TokenStats, mask, *, student_logp=None, teacher_logp=None, 
         adv = np.asarray(teacher_logp, np.float64) - np.asarray(student_logp, np.float64)
         out[f"{prefix}advantage_sign_flip_rate"] = sign_flip_rate(adv, mask)
         out[f"{prefix}advantage_sign_flip_rate_weighted"] = weighted_sign_flip_rate(adv, mask)
-        out[f"{prefix}advantage_sign_flip_rate_uncertain"] = uncertain_sign_flip_rate(adv, stats.entropy, mask,
+        out[f"{prefix}advantage_sign_flip_rate_decisions"] = uncertain_sign_flip_rate(adv, stats.entropy, mask,
                                                                                       entropy_threshold)
     return out

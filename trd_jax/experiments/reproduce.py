@@ -54,7 +54,13 @@ FULL = {"bootstraps": 3, "seeds": 5, "methods": FULL_METHODS, "other_methods": (
 REFERENCE = "trd"  # the method every other one is compared with
 FLOP_PHASES = ("rollout", "refine", "score", "update")
 DIAGNOSTICS = ("diag/trained/advantage_sign_flip_rate", "diag/trained/teacher_entropy",
-               "diag/trained/teacher_top2_gap", "diag/trained/teacher_nll")
+               "diag/trained/teacher_top2_gap", "diag/trained/teacher_nll")  # plotted per step
+# Tabulated as means over the run: the sign-flip rate weighted by |advantage| and restricted to uncertain tokens
+# (teacher entropy > 0.1 nats), on what the method trained on and, in the same steps, on the rollouts y_o under
+# the vanilla teacher (for y_o methods the two coincide): is y_r's signal less fragmented than y_o's?
+FLIP_TABLE = ("diag/trained/advantage_sign_flip_rate_weighted", "diag/y_o/advantage_sign_flip_rate_weighted",
+              "diag/trained/advantage_sign_flip_rate_decisions", "diag/y_o/advantage_sign_flip_rate_decisions",
+              "diag/trained/uncertain_token_fraction", "diag/y_o/uncertain_token_fraction")
 
 
 def bootstrap_dir(workdir: str, bootstrap: int) -> str:
@@ -233,7 +239,8 @@ def run_record(path: str, summary: dict, reference: dict | None = None) -> dict:
         "seconds_per_step": float(sum((summary.get("phase_seconds_per_warm_step") or {}).values())),
         "curve": curve, "train_curve": train_curve, "initial_eval": initial, "teacher_eval": teacher,
         "eval_config": config.get("eval", {}), "trajectory_accuracy": summary.get("trajectory_accuracy", {}),
-        "diagnostics": {k: float(np.mean(v)) for k in DIAGNOSTICS if (v := [m[k] for m in metrics if k in m])},
+        "diagnostics": {k: float(np.mean(v)) for k in (*DIAGNOSTICS, *FLIP_TABLE)  # NaN: nothing to compare
+                        if (v := [m[k] for m in metrics if k in m and np.isfinite(m[k])])},
     }
 
 
@@ -268,7 +275,8 @@ def _row(setting: str, method: str, bootstrap, records: list[dict], matrix: np.n
             "flops_per_step": float(np.mean([r["flops_per_step"] for r in records])),
             "seconds_per_step": float(np.mean([r["seconds_per_step"] for r in records])),
             "trajectory_accuracy": {k: v for k, v in traj.items() if v is not None},
-            "diagnostics": {k: v for k in DIAGNOSTICS if (v := _mean(r["diagnostics"].get(k) for r in records))
+            "diagnostics": {k: v for k in (*DIAGNOSTICS, *FLIP_TABLE)
+                            if (v := _mean(r["diagnostics"].get(k) for r in records))
                             is not None}}
 
 
@@ -390,6 +398,7 @@ def report(results: dict) -> str:
                          + f" | {_pct(r['greedy'])} | {broad} | {train} | {r['generated_tokens_per_step']:.0f} | "
                          f"{r['flops_per_step'] / 1e9:.3g} | {r['seconds_per_step']:.2f} |")
         lines.append("")
+    lines += _flip_table(results)
     lines += [f"## {REFERENCE} against each method (pooled over bootstraps)", "",
               ("Difference in Avg@n (points) with its 95% interval (seeds of each method resampled independently, "
               "problems resampled jointly); * marks an interval that excludes 0."), ""]
@@ -398,6 +407,28 @@ def report(results: dict) -> str:
                      f"[{100 * s['low']:+.1f}, {100 * s['high']:+.1f}]{' *' if s['significant'] else ''} "
                      f"(bootstraps {', '.join(map(str, s.get('bootstraps', [])))})")
     return "\n".join(lines) + "\n"
+
+
+def _flip_table(results: dict) -> list[str]:
+    """Mean over steps and runs (pooled rows) of the prefix-failure diagnostics of FLIP_TABLE."""
+    rows = [r for r in results["rows"] if r["bootstrap"] == "all" and r.get("diagnostics")]
+    if not any(FLIP_TABLE[0] in r["diagnostics"] for r in rows):
+        return []
+
+    def cell(r, key, scale=100.0):
+        v = r["diagnostics"].get(key)
+        return "-" if v is None else f"{scale * v:.1f}"
+
+    lines = ["## Is the signal less fragmented on y_r? (prefix-failure diagnostics, pooled)", "",
+             ("Advantage sign-flip rate (%) between adjacent response tokens, weighted by the smaller |advantage| of "
+              "each pair, and over pairs whose teacher entropy exceeds 0.1 nats; `trained`: the sequences the method "
+              "trained on (y_r for TRD), `y_o`: the same steps' rollouts under the vanilla teacher; the fraction of "
+              "such uncertain tokens in %. Means over logged steps and runs."), "",
+             "| setting | method | trained: weighted | y_o: weighted | trained: uncertain | y_o: uncertain | "
+             "uncertain tokens, trained | uncertain tokens, y_o |", "|---" * 8 + "|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['method']} | " + " | ".join(cell(r, k) for k in FLIP_TABLE) + " |")
+    return lines + [""]
 
 
 def write_results(workdir: str, results: dict, extra_md: str = "") -> tuple[str, str]:
