@@ -143,6 +143,7 @@ def models():
     return dense, flash
 
 
+@pytest.mark.slow
 def test_model_logits_and_gradients_equal(models):
     dense, flash = models
     rng = np.random.default_rng(0)

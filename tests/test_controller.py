@@ -205,6 +205,7 @@ def _main(workdir, *args, **popen):
                             **popen)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resumes(tmp_path):
     args = ("--config.train.steps=40", "--config.checkpoint.every=1000", "--config.eval.initial=False")
     proc = _main(tmp_path, *args)

@@ -43,6 +43,7 @@ def test_default_command_runs_end_to_end(tmp_path):
         assert text in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_bootstrap_is_reused_and_keyed_by_what_shapes_it(tmp_path):
     boot = tmp_path / "boot"
     cfg = method_config("forward_kl", "opsd", 0, apply_overrides(default_config(), dict(TINY)))

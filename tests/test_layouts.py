@@ -37,6 +37,7 @@ def log_probs(lm, tokens, positions, mask):
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama"])
+@pytest.mark.slow
 def test_alignment_against_unpadded_sequences(tiny_lms, name):
     """The log-prob of target r read from each side's response slice equals the log-prob of the same
     token computed on the unpadded sequence (context + response) alone."""

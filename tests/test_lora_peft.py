@@ -52,6 +52,7 @@ IDS = np.random.default_rng(0).integers(0, 200, (2, 24))
     ("qwen2", lora.LoRAConfig(rank=3, alpha=5.0, targets=("q", "v", "down"), use_rslora=True)),  # biases, untied
     ("llama", lora.LoRAConfig(rank=8, alpha=16.0, dropout=0.1)),  # dropout is off outside the update
 ])
+@pytest.mark.slow
 def test_exported_adapters_load_in_peft_with_our_logits(name, cfg, tiny_hf_models, tmp_path):
     model = randomized(lora.add_lora(load_hf(tiny_hf_models[name]), cfg, rngs=nnx.Rngs(1)), seed=2)
     out = save_peft_adapter(model, str(tmp_path / "adapter"), base_model_name_or_path=tiny_hf_models[name])

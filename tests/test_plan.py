@@ -188,6 +188,7 @@ VALIDATION_MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, n
 VALIDATION_CASE = dict(rows=2, context=16, response=240, chunk_size=32, teacher_hidden=64)
 
 
+@pytest.mark.slow
 def test_analytical_update_activations_match_compiled_memory_analysis():
     """Dense and blockwise attention (tiles of 64: 4 x 4 tiles over 256 tokens), every remat policy."""
     models = {"dense": VALIDATION_MODEL, "blockwise": dict(VALIDATION_MODEL, attention="blockwise", attention_block=64)}

@@ -196,6 +196,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_cache_equals_unsharded_on_4_cpu_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT.format(tests=TESTS)], cwd=ROOT, env=env,
@@ -206,6 +207,7 @@ def test_sharded_cache_equals_unsharded_on_4_cpu_devices():
 # ---------------------------------------------------------------- controller
 
 
+@pytest.mark.slow
 def test_controller_releases_caches_and_samples_in_row_groups(tmp_path):
     """rollout.release_kv_cache frees each sampler's cache when its phase ends; evaluation always frees its
     cache; rollout.max_rows_per_call samples in groups and trains on exactly the same rows."""

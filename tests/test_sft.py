@@ -17,6 +17,7 @@ CFG = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layer
                   head_dim=16)
 
 
+@pytest.mark.slow
 def test_sft_loss_matches_a_numpy_reference():
     model = Transformer(CFG, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
