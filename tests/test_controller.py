@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -138,9 +139,9 @@ def test_end_to_end(case, tmp_path):
     final = _leaves(trainer.state.params)
     assert any(not np.array_equal(a, b) for a, b in zip(final, _leaves(_initial_params(trainer))))
     exported = _leaves(nnx.split(load_hf(str(tmp_path / "export")))[1])
-    assert all(np.array_equal(a, b) for a, b in zip(final, exported))
+    chex.assert_trees_all_equal(final, exported, strict=True)
     if teacher_before is not None:
-        assert all(np.array_equal(a, b) for a, b in zip(teacher_before, _leaves(trainer.teacher_params)))
+        chex.assert_trees_all_equal(teacher_before, _leaves(trainer.teacher_params), strict=True)
 
     if case == "opd-y_o-reverse_kl":
         # Greedy accuracy is the accuracy of an independent temperature-0 decode of the exported final student.
@@ -183,8 +184,7 @@ def test_resume_is_bitwise_exact(tmp_path):
     resumed = Trainer(cfg, str(tmp_path / "b"))
     summary = resumed.run()
     assert summary["status"] == "completed" and summary["steps"] == 4
-    a, b = _leaves(straight.state), _leaves(resumed.state)
-    assert len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+    chex.assert_trees_all_equal(_leaves(straight.state), _leaves(resumed.state), strict=True)  # bitwise, dtypes
     assert int(resumed.state.step) == 4
     assert [m["step"] for m in _lines(tmp_path / "b")] == [1, 2, 3, 4]
     # The same prompts were drawn: per-step metrics of the resumed part match the uninterrupted run.

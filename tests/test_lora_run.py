@@ -6,6 +6,7 @@ is bitwise exact, the run's student loads merged, and the exports are a merged f
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,10 +107,10 @@ def test_checkpoint_exports_and_run_student(lora_run):
     expected = _leaves(nnx.split(merged)[1])
     run_student, step = load_run_student(str(workdir))
     assert step == 2 and not lora.adapters(run_student)
-    assert all(np.array_equal(a, b) for a, b in zip(_leaves(nnx.split(run_student)[1]), expected))
+    chex.assert_trees_all_equal(_leaves(nnx.split(run_student)[1]), expected, strict=True)
     # workdir/export: the merged student; workdir/export_adapter: PEFT adapters that give the same model.
     exported = load_hf(str(workdir / "export"))
-    assert all(np.array_equal(a, b) for a, b in zip(_leaves(nnx.split(exported)[1]), expected))
+    chex.assert_trees_all_equal(_leaves(nnx.split(exported)[1]), expected, strict=True)
     config = json.loads((workdir / "export_adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and len(config["target_modules"]) == 7
     assert config["base_model_name_or_path"] == os.path.join(str(workdir), "student_model")
@@ -127,8 +128,7 @@ def test_lora_resume_is_bitwise_exact(lora_run, tmp_path):
     assert first["status"] == "preempted" and first["steps"] == 1
     resumed = Trainer(cfg, str(tmp_path))
     assert resumed.run()["status"] == "completed"
-    a, b = _leaves(straight.state), _leaves(resumed.state)
-    assert len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+    chex.assert_trees_all_equal(_leaves(straight.state), _leaves(resumed.state), strict=True)
     moved = [np.asarray(v.get_value()) for k, v in nnx.to_flat_state(straight.state.params) if k[-1] == "b"]
     assert all(np.any(x) for x in moved)  # B left zero: the adapters trained
 
