@@ -327,6 +327,7 @@ def aggregate(workdir: str, summaries: dict, references: dict | None = None, *, 
             rows.append(_row(setting, method, b, rs, np.stack(acc[b]), resamples=resamples, seed=seed))
         rows.append(_row(setting, method, "all", [r for rs in per_b.values() for r in rs], pooled_matrix(acc),
                          resamples=resamples, seed=seed))
+    curve_b = min(b for per_b in groups.values() for b in per_b)
     significance = []
     for (setting, method), per_b in groups.items():
         ref = groups.get((setting, REFERENCE))
@@ -355,9 +356,13 @@ def aggregate(workdir: str, summaries: dict, references: dict | None = None, *, 
         "teacher": teacher("opd"), "opsd_teacher": teacher("opsd"),
         "bootstraps": _bootstrap_evals(references),
         "rows": rows, "significance": significance,
-        "curves": {f"{s}/{m}": [r["curve"] for rs in per_b.values() for r in rs] for (s, m), per_b in groups.items()},
-        "train_curves": {f"{s}/{m}": _mean_curve([r["train_curve"] for rs in per_b.values() for r in rs])
-                         for (s, m), per_b in groups.items()},
+        # Curves on one bootstrap, the first (every method of the full preset runs on it): a mean over bootstraps
+        # that only some methods ran on would start them from different initial students.
+        "curves_bootstrap": curve_b,
+        "curves": {f"{s}/{m}": [r["curve"] for r in per_b[curve_b]] for (s, m), per_b in groups.items()
+                   if curve_b in per_b},
+        "train_curves": {f"{s}/{m}": _mean_curve([r["train_curve"] for r in per_b[curve_b]])
+                         for (s, m), per_b in groups.items() if curve_b in per_b},
         "pass_at_k_final": {f"{row['setting']}/{row['method']}": row["pass_at_k"] for row in rows
                             if row["bootstrap"] == "all"},
     }
@@ -442,8 +447,8 @@ def write_results(workdir: str, results: dict, extra_md: str = "") -> tuple[str,
 
 def plot(out: str, results: dict, summaries: dict, workdir: str | None = None) -> list[str]:
     """accuracy.png: held-out Avg@n and the training rollouts' accuracy against step, cumulative generated
-    tokens and cumulative FLOPs (mean over every run of a method); pass_at_k.png: Pass@k of the final students
-    against k (log2 axis); diagnostics.png."""
+    tokens and cumulative FLOPs (mean over a method's runs on results["curves_bootstrap"]); pass_at_k.png: Pass@k
+    of the final students against k (log2 axis); diagnostics.png."""
     import matplotlib
 
     workdir = workdir or out
@@ -455,7 +460,8 @@ def plot(out: str, results: dict, summaries: dict, workdir: str | None = None) -
     # Rows per setting: held-out Avg@n (markers: the evaluations, step 0 shared), then the accuracy of the
     # student's training rollouts (a moving mean over 5 steps), each against step, tokens and FLOPs.
     fig, axes = plt.subplots(2 * len(settings), 3, figsize=(16, 7.6 * len(settings)), squeeze=False)
-    colors = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(k.split("/", 1)[1] for k in results["curves"]))}
+    cmap = plt.get_cmap("tab20")  # 14+ methods: ten default colours would repeat
+    colors = {m: cmap(i % 20) for i, m in enumerate(dict.fromkeys(k.split("/", 1)[1] for k in results["curves"]))}
     xs = ("step", "generated_tokens", "flops")
     for row, setting in enumerate(settings):
         for key, curves in results["curves"].items():
@@ -475,7 +481,8 @@ def plot(out: str, results: dict, summaries: dict, workdir: str | None = None) -
             for r, (title, ylabel) in enumerate((("held-out accuracy", "Avg@n (%)"),
                                                  ("accuracy of training rollouts y_o", "moving mean of 5 steps (%)"))):
                 ax = axes[2 * row + r][col]
-                ax.set(title=f"{setting.upper()}: {title}", xlabel=label, ylabel=ylabel)
+                ax.set(title=f"{setting.upper()}: {title} (bootstrap {results.get('curves_bootstrap', 0)})",
+                       xlabel=label, ylabel=ylabel)
                 ax.grid(alpha=0.3)
         axes[2 * row][0].legend(fontsize=7)
     fig.tight_layout()
