@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trd_jax.diagnostics import (TokenStats, masked_mean, position_profile, sign_flip_rate, summarize,
-                                 teacher_token_stats, uncertain_sign_flip_rate, weighted_sign_flip_rate)
+                                 teacher_token_stats, decision_sign_flip_rate, weighted_sign_flip_rate)
 
 B, R, D, V = 3, 7, 8, 50
 
@@ -116,7 +116,7 @@ def test_flip_rate_variants_match_loops(seed):
            out["advantage_sign_flip_rate_decisions"], out["uncertain_token_fraction"])
     assert got == pytest.approx(want, abs=1e-12, nan_ok=True)
     assert got[:3] == pytest.approx((sign_flip_rate(adv, mask), weighted_sign_flip_rate(adv, mask),
-                                     uncertain_sign_flip_rate(adv, entropy, mask, threshold)), abs=1e-12, nan_ok=True)
+                                     decision_sign_flip_rate(adv, entropy, mask, threshold)), abs=1e-12, nan_ok=True)
 
 
 def test_flip_rate_variants_hand_case():
@@ -129,8 +129,8 @@ def test_flip_rate_variants_hand_case():
     assert weighted_sign_flip_rate(adv, mask) == pytest.approx(3.02 / 3.03)
     # entropy > 0.1 (valid): row 0 tokens 0, 1, 4 (a = 2, -3, -1); row 1 tokens 0, 3 (a = 1, 4; token 2 is
     # masked): successive pairs (2, -3) flip, (-3, -1) and (1, 4) do not; the tokens between are skipped
-    assert uncertain_sign_flip_rate(adv, entropy, mask, 0.1) == pytest.approx(1 / 3)
-    assert np.isnan(uncertain_sign_flip_rate(adv, entropy, mask, 1.0))  # nothing to compare: NaN, not 0
+    assert decision_sign_flip_rate(adv, entropy, mask, 0.1) == pytest.approx(1 / 3)
+    assert np.isnan(decision_sign_flip_rate(adv, entropy, mask, 1.0))  # nothing to compare: NaN, not 0
     out = summarize(_stats(entropy), mask, student_logp=np.zeros_like(adv), teacher_logp=adv)
     assert out["uncertain_token_fraction"] == pytest.approx(5 / 8)
     assert out["advantage_sign_flip_rate_decisions"] == pytest.approx(1 / 3)

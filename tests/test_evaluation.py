@@ -112,6 +112,12 @@ def test_broadened():
         broadened([0], [1], initial_n=4, final_n=8)
     with pytest.raises(ValueError, match=r"final_counts \[5\] are not all in \[0, n=4\]"):
         broadened([0], [5], initial_n=4, final_n=4)
+    # Evaluations that cannot be compared (another problem count or n) give None instead of an error.
+    assert evaluation.broadened_if_comparable([0, 3, 0], 4, [1, 4, 0], 4) == 1
+    assert evaluation.broadened_if_comparable([0, 3, 0], 4, [1, 4], 4) is None
+    assert evaluation.broadened_if_comparable([0, 3, 0], 4, [1, 4, 0], 8) is None
+    with pytest.raises(ValueError, match="not all in"):  # comparable but out of range: still an error
+        evaluation.broadened_if_comparable([0], 4, [5], 4)
 
 
 def test_write_report(tmp_path):

@@ -115,7 +115,7 @@ def weighted_sign_flip_rate(advantages, mask) -> float:
     return float((w * (np.sign(a0) * np.sign(a1) < 0)).sum() / total)
 
 
-def uncertain_sign_flip_rate(advantages, entropy, mask, threshold: float) -> float:
+def decision_sign_flip_rate(advantages, entropy, mask, threshold: float) -> float:
     """Sign-flip rate between successive *uncertain* tokens of a row (valid, teacher entropy > threshold nats),
     the near-certain tokens between them skipped; NaN when no row has two such tokens.
 
@@ -138,7 +138,7 @@ def summarize(stats: TokenStats, mask, *, student_logp=None, teacher_logp=None, 
     valid tokens with teacher entropy > entropy_threshold (uncertain_token_fraction), and with both
     log-prob arrays the sign-flip rates of the advantages log q - log p: all pairs
     (advantage_sign_flip_rate), weighted by min |advantage| (..._weighted) and between successive uncertain
-    tokens (..._uncertain; NaN when there are none to compare)."""
+    tokens (..._decisions; NaN when there are none to compare)."""
     mask = np.asarray(mask, bool)
     uncertain = mask & (np.asarray(stats.entropy, np.float64) > entropy_threshold)
     out = {f"{prefix}teacher_entropy": masked_mean(stats.entropy, mask),
@@ -152,6 +152,6 @@ def summarize(stats: TokenStats, mask, *, student_logp=None, teacher_logp=None, 
         adv = np.asarray(teacher_logp, np.float64) - np.asarray(student_logp, np.float64)
         out[f"{prefix}advantage_sign_flip_rate"] = sign_flip_rate(adv, mask)
         out[f"{prefix}advantage_sign_flip_rate_weighted"] = weighted_sign_flip_rate(adv, mask)
-        out[f"{prefix}advantage_sign_flip_rate_decisions"] = uncertain_sign_flip_rate(adv, stats.entropy, mask,
-                                                                                      entropy_threshold)
+        out[f"{prefix}advantage_sign_flip_rate_decisions"] = decision_sign_flip_rate(adv, stats.entropy, mask,
+                                                                                     entropy_threshold)
     return out

@@ -86,6 +86,15 @@ def summarize(correct: Any, k: int | None = None, *, problem_ids: Sequence[Any] 
     return out
 
 
+def broadened_if_comparable(initial_counts: Sequence[int], initial_n: int, final_counts: Sequence[int],
+                            final_n: int) -> int | None:
+    """broadened() when both evaluations count the same number of problems with the same n; None otherwise
+    (eval.* may differ between a run's evaluations, e.g. after a resume, or between a run and its reference)."""
+    if len(initial_counts) != len(final_counts) or initial_n != final_n:
+        return None
+    return broadened(initial_counts, final_counts, initial_n=initial_n, final_n=final_n)
+
+
 def broadened(initial_counts: Sequence[int], final_counts: Sequence[int], *, initial_n: int | None = None,
               final_n: int | None = None) -> int:
     """Problems solved by no sample of the initial evaluation (0 correct) and by at least one sample of the

@@ -51,10 +51,8 @@ def training_summary(s: Settings, *, status: str, done: int, evals: list[dict], 
         # Problems no initial sample solved and some final sample does (evaluation.broadened). eval.* may
         # change on resume: evaluations of other problems or another n are not compared (None), not an error.
         a, b = initial["correct_counts"], final["correct_counts"]
-        if len(a) == len(b) and initial["n"] == final["n"]:
-            summary["broadened_problems"] = evaluation.broadened(a, b, initial_n=initial["n"], final_n=final["n"])
-        else:
+        summary["broadened_problems"] = evaluation.broadened_if_comparable(a, initial["n"], b, final["n"])
+        if summary["broadened_problems"] is None:
             log.warning("broadened_problems not computed: the initial evaluation (%d problems, n=%d) and the "
                         "final one (%d problems, n=%d) differ", len(a), initial["n"], len(b), final["n"])
-            summary["broadened_problems"] = None
     return summary

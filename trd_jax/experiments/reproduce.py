@@ -49,15 +49,16 @@ SETTINGS = ("opd", "opsd")
 FULL_METHODS = (*METHODS, "forward_kl@2x", "reverse_kl@2x")
 QUICK = {"bootstraps": 1, "seeds": 2, "methods": ("trd", "trd_vanilla_context", "forward_kl", "reverse_kl")}
 # Every method on bootstrap 0; the further bootstraps (is a conclusion robust to the draw?) run TRD and the
-# two main token-level baselines, which keeps the whole within about 2 hours on 2 cores.
+# two main token-level baselines. At 120 steps this is still about 4 hours on 2 cores (docs/reproduction/budget.md).
 FULL = {"bootstraps": 3, "seeds": 5, "methods": FULL_METHODS, "other_methods": ("trd", "forward_kl", "reverse_kl")}
 REFERENCE = "trd"  # the method every other one is compared with
 FLOP_PHASES = ("rollout", "refine", "score", "update")
 DIAGNOSTICS = ("diag/trained/advantage_sign_flip_rate", "diag/trained/teacher_entropy",
                "diag/trained/teacher_top2_gap", "diag/trained/teacher_nll")  # plotted per step
-# Tabulated as means over the run: the sign-flip rate weighted by |advantage| and restricted to uncertain tokens
-# (teacher entropy > 0.1 nats), on what the method trained on and, in the same steps, on the rollouts y_o under
-# the vanilla teacher (for y_o methods the two coincide): is y_r's signal less fragmented than y_o's?
+# Tabulated as means over the run: the sign-flip rate weighted by |advantage| and between successive uncertain
+# tokens (teacher entropy > 0.1 nats: the decision points), on what the method trained on and, in the same steps,
+# on the rollouts y_o under the vanilla teacher (for y_o methods the two coincide): is y_r's signal less
+# fragmented than y_o's?
 FLIP_TABLE = ("diag/trained/advantage_sign_flip_rate_weighted", "diag/y_o/advantage_sign_flip_rate_weighted",
               "diag/trained/advantage_sign_flip_rate_decisions", "diag/y_o/advantage_sign_flip_rate_decisions",
               "diag/trained/uncertain_token_fraction", "diag/y_o/uncertain_token_fraction")
@@ -212,9 +213,7 @@ def run_record(path: str, summary: dict, reference: dict | None = None) -> dict:
         evals = [initial, *evals]
     broadened = summary.get("broadened_problems")
     if broadened is None and initial is not None and initial.get("correct_counts") is not None:
-        before = initial["correct_counts"]
-        if len(before) == len(counts) and initial.get("n") == n:
-            broadened = evaluation.broadened(before, counts, initial_n=n, final_n=n)
+        broadened = evaluation.broadened_if_comparable(initial["correct_counts"], initial.get("n"), counts, n)
     # Cumulative generated tokens at the end of each step, from the per-step counts where metrics.jsonl has
     # them; FLOPs per step are only totalled (summary.json), so cumulative FLOPs are the mean per step x step.
     cumulative = {0: 0.0}
@@ -420,16 +419,17 @@ def _flip_table(results: dict) -> list[str]:
     if not any(FLIP_TABLE[0] in r["diagnostics"] for r in rows):
         return []
 
-    def cell(r, key, scale=100.0):
+    def cell(r, key):
         v = r["diagnostics"].get(key)
-        return "-" if v is None else f"{scale * v:.1f}"
+        return "-" if v is None else f"{100 * v:.1f}"
 
     lines = ["## Is the signal less fragmented on y_r? (prefix-failure diagnostics, pooled)", "",
-             ("Advantage sign-flip rate (%) between adjacent response tokens, weighted by the smaller |advantage| of "
-              "each pair, and over pairs whose teacher entropy exceeds 0.1 nats; `trained`: the sequences the method "
-              "trained on (y_r for TRD), `y_o`: the same steps' rollouts under the vanilla teacher; the fraction of "
-              "such uncertain tokens in %. Means over logged steps and runs."), "",
-             "| setting | method | trained: weighted | y_o: weighted | trained: uncertain | y_o: uncertain | "
+             ("Advantage sign-flip rate (%): between adjacent response tokens weighted by the smaller |advantage| "
+              "of each pair, and between successive decision points (tokens whose teacher entropy exceeds 0.1 nats, "
+              "the near-certain ones between them skipped; `-`: not logged by the run); `trained`: the sequences "
+              "the method trained on (y_r for TRD), `y_o`: the same steps' rollouts under the vanilla teacher; "
+              "the fraction of such uncertain tokens in %. Means over logged steps and runs."), "",
+             "| setting | method | trained: weighted | y_o: weighted | trained: decisions | y_o: decisions | "
              "uncertain tokens, trained | uncertain tokens, y_o |", "|---" * 8 + "|"]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['method']} | " + " | ".join(cell(r, k) for k in FLIP_TABLE) + " |")
