@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
         max_prompt_tokens=2048,  # rendered x longer than this is an error naming the row ([code-trd]: 2048)
         # arithmetic and mini_math: split sizes and the seed of the problem generator
         train_size=8000, eval_size=512, data_seed=0,
+        # mini_math: worked examples of the problem's kind shown before it as earlier chat turns (a 135M model
+        # needs one to follow the boxed-answer format); 0 = the problem alone
+        shots=0,
         # arithmetic only: steps per problem, operand range. Operands up to 3 make about one line in five
         # cross the modulus, where the bootstrap student's misconception bites: its Avg@16 is 15% against
         # the teacher's 100% (with 2: 76% against 87%, too little headroom to tell methods apart).
@@ -139,6 +142,19 @@ def base_config() -> ml_collections.ConfigDict:
         # The teacher also learns to repair (this fraction) or continue after a flawed prefix, so that its
         # next-token distribution there is the bimodal mixture of prefix failure (0: it always continues).
         repair_fraction=0.5,
+        seed=0,
+    ))
+
+    # OPD's teacher fine-tuned here from teacher.* on a local math task's reference solutions and refine prompts
+    # (trd_jax/teacher_sft.py), cached in dir/<settings hash> and reused while its settings match.
+    cfg.teacher_sft = ml_collections.ConfigDict(dict(
+        enabled=False,
+        dir="",  # "" = workdir/teacher_sft; point runs that share a teacher at one folder
+        steps=200,
+        learning_rate=5e-5,
+        batch_tokens=2048,  # tokens per SFT batch (rows = batch_tokens // padded row width)
+        refine_weight=1.0,  # sampling weight of refine prompts -> rewrites, against problems -> solutions
+        correct_attempt_rate=0.25,  # refine examples whose attempt is already correct (kept as it is)
         seed=0,
     ))
 
@@ -356,6 +372,37 @@ def bootstrap_config(cfg):
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherSFTConfig:
+    """cfg.teacher_sft, checked (trd_jax/teacher_sft.py)."""
+    steps: int
+    learning_rate: float
+    batch_tokens: int
+    refine_weight: float  # sampling weight of the refine set against the solve set (weight 1)
+    correct_attempt_rate: float
+    seed: int
+
+
+def teacher_sft_config(cfg):
+    """The TeacherSFTConfig of cfg.teacher_sft (checked), or None when it is off."""
+    if not isinstance(cfg.teacher_sft.enabled, bool):
+        raise ConfigError("teacher_sft.enabled", f"{cfg.teacher_sft.enabled!r} is not a bool")
+    if not cfg.teacher_sft.enabled:
+        return None
+    if cfg.distill.mode != "opd":
+        raise ConfigError("teacher_sft.enabled", "fine-tunes OPD's separate teacher; OPSD has none")
+    if cfg.task.name not in ("math", "mini_math"):
+        raise ConfigError("teacher_sft.enabled", f"trains on reference solutions of a math task, not {cfg.task.name!r}")
+    if not isinstance(cfg.teacher_sft.dir, str):
+        raise ConfigError("teacher_sft.dir", f"{cfg.teacher_sft.dir!r} is not a string")
+    return TeacherSFTConfig(steps=_int(cfg, "teacher_sft.steps", 1),
+                            learning_rate=_float(cfg, "teacher_sft.learning_rate", 0.0, open_low=True),
+                            batch_tokens=_int(cfg, "teacher_sft.batch_tokens", 64),
+                            refine_weight=_float(cfg, "teacher_sft.refine_weight", 0.0),
+                            correct_attempt_rate=_float(cfg, "teacher_sft.correct_attempt_rate", 0.0, 1.0),
+                            seed=_int(cfg, "teacher_sft.seed", 0))
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """The validated, typed view of a run configuration."""
 
@@ -520,6 +567,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
     _choice(cfg, "mode", ("train", "eval"))
     bootstrap_config(cfg)
     mode = _choice(cfg, "distill.mode", ("opd", "opsd"))
+    teacher_sft_config(cfg)
     trajectory = _choice(cfg, "distill.trajectory", ("y_r", "y_o"))
     teacher_context = _choice(cfg, "distill.teacher_context", ("refine", "vanilla"))
     if teacher_context == "refine" and trajectory == "y_o":
@@ -619,6 +667,11 @@ def _check_task(cfg) -> None:
     _int(cfg, "task.grade_workers", 1)
     _float(cfg, "task.code_timeout_s", 0.0, open_low=True)
     _int(cfg, "task.code_memory_mb", 64)
+    if _int(cfg, "task.shots", 0):
+        if cfg.task.name != "mini_math":
+            raise ConfigError("task.shots", f"worked examples are made for task 'mini_math', not {cfg.task.name!r}")
+        if cfg.task.prompt_mode == "plain":
+            raise ConfigError("task.shots", "worked examples are chat turns: use task.prompt_mode 'chat' or 'thinking'")
     for key in ("task.train_files", "task.eval_files", "task.data_dir", "task.tokenizer"):
         if not isinstance(_get(cfg, key), str):
             raise ConfigError(key, f"{_get(cfg, key)!r} is not a string")

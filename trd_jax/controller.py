@@ -32,6 +32,7 @@ from trd_jax.data.registry import make_task_once
 from trd_jax.data.task import PromptIterator
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
+from trd_jax.teacher_sft import teacher_source
 from trd_jax.roles import bootstrap_sources, build_roles, convert_smollm2, tokenizer_home
 from trd_jax.run_checkpoint import check_resume_config, checkpoint_steps, is_run_dir
 from trd_jax.run_summary import training_summary
@@ -79,6 +80,11 @@ class Trainer:
         self.s = s
         if boot is not None:
             self.extra["bootstrap"] = boot
+        if not self.evaluating:
+            self.s, sft = teacher_source(cfg, self.s, self.task, self.tok, self.workdir)
+            if sft is not None:
+                self.extra["teacher_sft"] = sft
+        s = self.s
         self.mesh = make_mesh(s.mesh)
         row_groups.check_group(s.max_score_rows, self.mesh)
         base = jax.random.key(s.seed)
@@ -125,7 +131,7 @@ class Trainer:
         # Local datasets stream through grain (skipping prompts over task.max_prompt_tokens, counted, as
         # [code-trd] drops them); generated tasks hold their examples in memory.
         if hasattr(self.task, "prompt_iterator"):
-            self.task.set_filter(lambda ex: len(tok.encode_prompt(ex.problem, s.prompt_mode)) <= s.max_prompt_tokens)
+            self.task.set_filter(lambda ex: len(tok.encode_prompt(ex.prompt(), s.prompt_mode)) <= s.max_prompt_tokens)
             self.data = self.task.prompt_iterator(s.seed)
         else:
             self.data = PromptIterator(self.task.split("train"), seed=s.seed)
@@ -400,8 +406,9 @@ class Trainer:
         self.timer.restore(meta["timer"])
         self.counters = dict(meta["counters"])
         self.evals = list(meta["evals"])
-        self.extra = {**dict(meta.get("extra", {})), **({"bootstrap": self.extra["bootstrap"]}
-                                                        if "bootstrap" in self.extra else {})}
+        # The model sources found by this process (bootstrap, teacher SFT) over what the checkpoint recorded.
+        self.extra = {**dict(meta.get("extra", {})),
+                      **{k: v for k, v in self.extra.items() if k in ("bootstrap", "teacher_sft")}}
         log.info("resumed from %s at step %d", ckpt.directory, step)
         return int(meta["step"])
 

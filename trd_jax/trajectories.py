@@ -45,7 +45,7 @@ def encode_prompts(tokenizer: Tokenizer, examples: Sequence[Example], prompt_mod
     """x ids per example; a prompt over ``max_tokens`` is an error naming the example."""
     out = []
     for ex in examples:
-        ids = tokenizer.encode_prompt(ex.problem, prompt_mode)
+        ids = tokenizer.encode_prompt(ex.prompt(), prompt_mode)
         if len(ids) > max_tokens:
             raise ValueError(f"example {ex.id!r}: prompt of {len(ids)} tokens exceeds "
                              f"task.max_prompt_tokens={max_tokens}")

@@ -113,7 +113,7 @@ def sft_sets(task: ArithmeticTask, tok: Tokenizer, role: str, cfg: BootstrapConf
     rng = np.random.default_rng([cfg.seed, 1 if role == "teacher" else 2])
     train = list(task.split("train"))
     problems = [task.problem_of(ex) for ex in train]
-    x = [tok.encode_prompt(ex.problem, prompt_mode) for ex in train]
+    x = [tok.encode_prompt(ex.prompt(), prompt_mode) for ex in train]
     eos = dict(append_eos=True)
     attempts = [_attempt(task, ex, rng, cfg) for ex in train]
     rewrites = [tok.encode_response(_rewrite(task, ex, a), **eos) for ex, a in zip(train, attempts)]

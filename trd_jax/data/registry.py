@@ -33,11 +33,16 @@ def make_task(task_cfg, directory: str, *, student_dir: str = ""):
                                             "student folder that has one)")
     data_dir = task_cfg.data_dir or os.path.join(directory, "tfds")
     files = {"train": task_cfg.train_files, "eval": task_cfg.eval_files}
+    if task_cfg.shots and name != "mini_math":
+        raise ConfigError("task.shots", f"worked examples are generated for task 'mini_math', not {name!r}")
     if name == "mini_math":
-        from trd_jax.data.mini_math import write
+        from trd_jax.data.mini_math import MiniMathTask, write
 
         files = write(os.path.join(directory, "mini_math"), train=task_cfg.train_size, eval=task_cfg.eval_size,
-                      seed=task_cfg.data_seed)
+                      seed=task_cfg.data_seed, shots=task_cfg.shots)
+        return MiniMathTask(name, files, shots=task_cfg.shots, data_dir=data_dir, dataset_name=task_cfg.dataset_name,
+                            tokenizer_dir=tokenizer, timeout_s=task_cfg.grade_timeout_s,
+                            workers=task_cfg.grade_workers)
     if name == "code":
         from trd_jax.data.code_task import make_code_task
 

@@ -21,6 +21,16 @@ class Example:
     problem: str  # x, the student's prompt text (ends with its answer instruction)
     answer: str  # a*, for grading only
     reference: str | None = None  # y*, the reference solution: OPSD's privileged context
+    # Worked examples (problem, solution) shown before x as earlier chat turns: the few-shot prompt a small
+    # model needs to follow the answer format. Refine and OPSD prompts show the problem alone.
+    shots: tuple[tuple[str, str], ...] = ()
+
+    def prompt(self) -> str | list[dict[str, str]]:
+        """What the student is prompted with: x, or the worked examples' turns followed by x."""
+        if not self.shots:
+            return self.problem
+        turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in self.shots]
+        return [m for turn in turns for m in turn] + [{"role": "user", "content": self.problem}]
 
 
 class Task(Protocol):

@@ -70,7 +70,7 @@ def _student_mistakes(student_dir: str, cfg, rows: int) -> dict:
     task = make_task(cfg.task, tempfile.mkdtemp())
     tok = Tokenizer.from_dir(student_dir)
     examples = list(task.split("eval"))[:rows]
-    prompts = [tok.encode_prompt(ex.problem, cfg.task.prompt_mode) for ex in examples]
+    prompts = [tok.encode_prompt(ex.prompt(), cfg.task.prompt_mode) for ex in examples]
     out = generate(load_model(student_dir), prompts, max_new_tokens=cfg.eval.max_new_tokens,
                    temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seed=0)
     counts = np.array([len(step_errors(tok.decode(ids, skip_special_tokens=True), task.problem_of(ex)))
