@@ -11,7 +11,7 @@ layers, 9 / 3 heads, MLP 1536, tied), with random weights.
 2. The update step compiled (not run) for each, XLA's memory_analysis on this CPU with the memory-minimising
    scheduler (memory_plan.measure_in_subprocess): its temporaries, and its arguments (LoRA: the frozen base
    is an argument, not part of the donated state).
-3. The planner's per-device plan of configs/smollm2_opsd_trd.py on one 80 GB device, LoRA on and off.
+3. The planner's per-device plan of configs/smollm2.py:opsd,trd on one 80 GB device, LoRA on and off.
 """
 
 from __future__ import annotations
@@ -119,11 +119,11 @@ def main():
                   f"{r['argument'] / MiB:.1f} | {r['state'] / MiB:.1f} | {(r['temp'] + r['argument']) / MiB:.1f} |")
         print()
 
-    print("3. planner, configs/smollm2_opsd_trd.py on one h100-80gb (per device), MiB")
+    print("3. planner, configs/smollm2.py:opsd,trd on one h100-80gb (per device), MiB")
     from trd_jax.config import resolve
     from trd_jax.tools.plan import load_config
 
-    recipe, _, _, _ = load_config("configs/smollm2_opsd_trd.py")
+    recipe, _, _, _ = load_config("configs/smollm2.py:opsd,trd")
     settings = resolve(recipe)
     work = mp.workload_from_settings(settings)
     models = {"student": mp.ModelInfo(cfg, "built-in smollm2-135m")}

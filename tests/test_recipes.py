@@ -121,9 +121,16 @@ def test_eval_and_smollm2_configs_resolve():
     s = resolve(cfg)
     assert cfg.mode == "eval" and s.student.path == "/models/x" and s.eval_n == 16
     assert s.lora is None  # evaluation loads a run's student merged
-    s = resolve(_config_module("smollm2_opsd_trd").get_config())
+    smollm2 = _config_module("smollm2")
+    s = resolve(smollm2.get_config("opsd,trd"))
     assert s.mode == "opsd" and s.trajectory == "y_r" and s.student.source == "smollm2"
     assert s.lora is not None and (s.lora.rank, s.lora.alpha) == (64, 128.0) and len(s.lora.targets) == 7
+    cfg = smollm2.get_config("opd,reverse_kl")
+    s = resolve(cfg)
+    assert (s.mode, s.trajectory, s.teacher.source) == ("opd", "y_o", "smollm2") and cfg.teacher_sft.enabled
+    assert cfg.task.shots == 1 and s.eval_n == 8
+    with pytest.raises(ValueError, match="method 'trd_x' is not one of"):
+        smollm2.get_config("opd,trd_x")
 
 
 def test_task_fields_are_checked():
