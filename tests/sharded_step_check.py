@@ -43,7 +43,9 @@ def run(mesh):
                       context_width=batch.student.context_width)
     micro = to_micro_batches((seq(batch.student), targets, mask, scored.hidden, scored.logp), 2, mesh)
     for _ in range(2):  # two steps: the second sees updated params and optimizer moments
-        state, metrics = step(state, *micro[:4], head, micro[4], None)
+        seq_m, targets_m, mask_m, hidden_m, logp_m = micro
+        state, metrics = step(state, seq=seq_m, targets=targets_m, mask=mask_m, teacher_hidden=hidden_m,
+                              teacher_head=head, teacher_logp=logp_m)
     print(mesh.shape, "param sharding of q_proj:", state.params["layers"][0]["attn"]["q_proj"][...].sharding.spec)
     return float(metrics.loss), float(metrics.grad_norm), jax.tree.map(np.asarray, state.params)
 

@@ -150,8 +150,9 @@ def test_jitted_update_donates_the_adapters_not_the_base(setup):
     before = [np.asarray(x) for x in jax.tree.leaves(base)]
     for _ in range(2):
         old = state
-        state, metrics = step(state, jax.tree.map(m, setup["student"]), m(setup["targets"]), m(setup["mask"]),
-                              m(setup["scored"].hidden), setup["head"], m(setup["scored"].logp), None, base)
+        state, metrics = step(state, seq=jax.tree.map(m, setup["student"]), targets=m(setup["targets"]),
+                              mask=m(setup["mask"]), teacher_hidden=m(setup["scored"].hidden),
+                              teacher_head=setup["head"], teacher_logp=m(setup["scored"].logp), frozen=base)
         assert all(x.is_deleted() for x in jax.tree.leaves(old.params))  # the adapters are donated
     assert not any(x.is_deleted() for x in jax.tree.leaves(base))
     assert all(np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(base)))

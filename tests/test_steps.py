@@ -214,7 +214,7 @@ def test_donated_step_with_live_teacher_keeps_callers_arrays(setup):
                       context_width=width, teacher_head_source="live")
     seq, targets, mask, hidden, logp = to_micro_batches(
         (setup["student"], setup["targets"], setup["mask"], scored.hidden, scored.logp), 1, mesh)
-    new, metrics = step(state, seq, targets, mask, hidden, None, logp, None)
+    new, metrics = step(state, seq=seq, targets=targets, mask=mask, teacher_hidden=hidden, teacher_logp=logp)
     assert abs(float(metrics.loss)) < 1e-6 and not bool(metrics.skipped)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(initial))  # not donated away
     with pytest.raises(ValueError, match="0 < ema_decay < 1"):

@@ -184,8 +184,9 @@ class Trainer:
         seq, targets, mask, hidden, logp = to_micro_batches(
             (_seq(batch.student), batch.targets, batch.response_mask, scored.hidden, scored.logp),
             self.s.micro_batches, self.mesh)
-        self.state, metrics = self._update_fns[width](self.state, seq, targets, mask, hidden, self.roles.frozen_head,
-                                                      logp, None, self.roles.base_params, dropout_key)
+        self.state, metrics = self._update_fns[width](
+            self.state, seq=seq, targets=targets, mask=mask, teacher_hidden=hidden, teacher_head=self.roles.frozen_head,
+            teacher_logp=logp, frozen=self.roles.base_params, dropout_key=dropout_key)
         return metrics
 
     # ------------------------------------------------------------------------------------------ one step

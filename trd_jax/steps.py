@@ -289,21 +289,24 @@ def to_micro_batches(tree, num_micro: int, mesh):
 def jit_update(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, state_shardings, mesh, *,
                context_width: int, ema_decay: float | None = None, teacher_head_source: str = "given",
                frozen_shardings=None):
-    """update() compiled for a mesh: the state is donated (replaced in place) and keeps its shardings;
-    batch arrays are split over (data, fsdp). Call as fn(state, seq, targets, mask, teacher_hidden,
-    teacher_head, teacher_logp, old_logp[, frozen, dropout_key]), any teacher/old argument None when the loss
-    does not use it; under LoRA `frozen` is the base (placed with frozen_shardings, not donated)."""
+    """update() compiled for a mesh: the state is donated (replaced in place) and keeps its shardings; batch
+    arrays ([M, b, ...], to_micro_batches) are split over (data, fsdp). Returns
+    ``step(state, *, seq, targets, mask, teacher_hidden=None, teacher_head=None, teacher_logp=None, frozen=None,
+    dropout_key=None) -> (state, metrics)``: a teacher argument stays None when the loss does not use it; under
+    LoRA ``frozen`` is the base (placed with frozen_shardings, never donated). The sampled-token loss runs in
+    its on-policy form (no behaviour log-probs: one optimizer step per batch)."""
     batch = micro_batch_sharding(mesh)
     fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=cfg, context_width=context_width,
                            ema_decay=ema_decay, teacher_head_source=teacher_head_source)
-    jitted = jax.jit(lambda state, seq, targets, mask, th, thead, tl, ol, frozen, key: fn(
+    jitted = jax.jit(lambda state, seq, targets, mask, th, thead, tl, frozen, key: fn(
         state, seq=seq, targets=targets, mask=mask, teacher_hidden=th, teacher_head=thead, teacher_logp=tl,
-        old_logp=ol, frozen=frozen, dropout_key=key),
-        in_shardings=(state_shardings, batch, batch, batch, batch, None, batch, batch, frozen_shardings, None),
+        old_logp=None, frozen=frozen, dropout_key=key),
+        in_shardings=(state_shardings, batch, batch, batch, batch, None, batch, frozen_shardings, None),
         out_shardings=(state_shardings, None), donate_argnums=(0,))
 
-    def step(state, seq, targets, mask, th, thead, tl, ol, frozen=None, dropout_key=None):
-        return jitted(state, seq, targets, mask, th, thead, tl, ol, frozen, dropout_key)
+    def step(state, *, seq, targets, mask, teacher_hidden=None, teacher_head=None, teacher_logp=None, frozen=None,
+             dropout_key=None):
+        return jitted(state, seq, targets, mask, teacher_hidden, teacher_head, teacher_logp, frozen, dropout_key)
 
     return step
 
