@@ -125,6 +125,24 @@ def aggregate(workdir: str, settings, methods) -> dict:
     return results
 
 
+def merge(new: dict, old: dict) -> dict:
+    """`new` plus what `old` (an earlier results.json) has and `new` lacks: runs of other settings or methods
+    and the reference evaluations, so that sessions that each run part of the comparison add up. Both must
+    start from the same initial student (the same evaluation of the same model), else an error."""
+    if not old.get("runs"):
+        return new
+    student = new["student"]["avg_at_k"]
+    if student is not None and student != old["student"]["avg_at_k"]:
+        raise ValueError(f"results.json holds runs whose initial student scored {old['student']['avg_at_k']}, this "
+                         f"workdir's scored {student}: another task, model or evaluation; write to another --out")
+    out = {**old, **{k: v for k, v in new.items() if k != "runs"}}
+    if student is None:
+        out["student"], out["eval"] = old["student"], old["eval"]
+    done = {(r["setting"], r["method"]) for r in new["runs"]}
+    out["runs"] = new["runs"] + [r for r in old["runs"] if (r["setting"], r["method"]) not in done]
+    return out
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -207,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             reference(a.workdir, s, overrides)
             for m in methods:
                 method_run(a.workdir, s, m, overrides)
-    results = aggregate(a.workdir, settings, methods)
+    results = merge(aggregate(a.workdir, settings, methods), _read(os.path.join(a.out, "results.json")))
     os.makedirs(a.out, exist_ok=True)
     atomic_write_json(os.path.join(a.out, "results.json"), results)
     with open(os.path.join(a.out, "results.md"), "w") as f:
