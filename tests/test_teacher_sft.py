@@ -1,6 +1,7 @@
 """mini_math's worked examples (task.shots, Example.shots) and OPD's teacher fine-tuned here (teacher_sft):
 flawed attempts, the SFT sets, the settings-hash cache, and a run that trains with the fine-tuned teacher."""
 
+import json
 import os
 import re
 
@@ -153,3 +154,20 @@ def test_teacher_sft_is_checked():
         cfg = apply_overrides(tiny_config(), {"task.name": "mini_math", "teacher_sft.enabled": True, **overrides})
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             resolve(cfg)
+
+
+def test_operand_range_bounds_the_problems_and_the_eval_split_is_drawn_first(tmp_path):
+    rows = mini_math.generate(100, 0, max_operand=5)
+    operands = {int(v) for r in rows for v in re.findall(r"\d+", r["problem"])}
+    assert min(operands) == 2 and max(operands) == 10  # operands 2..5; a box of a + b pens holds up to 10
+    assert max(int(r["answer"]) for r in rows) == 25  # 5 notebooks at 5 dollars
+    assert mini_math.num_problems(5) == 3 * 4**2 + 4**3 and mini_math.num_problems() == mini_math.NUM_PROBLEMS
+    with pytest.raises(ValueError, match="112 distinct problems with operands up to 5"):
+        mini_math.generate(113, 0, max_operand=5)
+    # 48 simple problems in all: a large train split drawn after the eval split leaves the eval split's kinds as
+    # drawn, about a quarter each; the train split takes what is left.
+    paths = mini_math.write(str(tmp_path), train=60, eval=40, seed=0, shots=1, max_operand=5)
+    read = {s: [json.loads(line) for line in open(p)] for s, p in paths.items()}
+    kinds = [mini_math.kind_of(r["problem"]) for r in read["eval"]]
+    assert min(kinds.count(k) for k in range(4)) >= 4
+    assert not {r["problem"] for r in read["eval"]} & {r["problem"] for r in read["train"]}

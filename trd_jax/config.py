@@ -96,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
         # mini_math: worked examples of the problem's kind shown before it as earlier chat turns (a 135M model
         # needs one to follow the boxed-answer format); 0 = the problem alone
         shots=0,
+        # mini_math: operands are drawn from 2..mini_math_max_operand (19: 2-digit sums and products)
+        mini_math_max_operand=19,
         # arithmetic only: steps per problem, operand range. Operands up to 3 make about one line in five
         # cross the modulus, where the bootstrap student's misconception bites: its Avg@16 is 15% against
         # the teacher's 100% (with 2: 76% against 87%, too little headroom to tell methods apart).
@@ -667,6 +669,7 @@ def _check_task(cfg) -> None:
     _int(cfg, "task.grade_workers", 1)
     _float(cfg, "task.code_timeout_s", 0.0, open_low=True)
     _int(cfg, "task.code_memory_mb", 64)
+    _int(cfg, "task.mini_math_max_operand", 3)
     if _int(cfg, "task.shots", 0):
         if cfg.task.name != "mini_math":
             raise ConfigError("task.shots", f"worked examples are made for task 'mini_math', not {cfg.task.name!r}")

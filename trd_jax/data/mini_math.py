@@ -6,7 +6,8 @@ model partly solves, so that OPSD and TRD have both right and wrong rollouts to 
 
 SmolLM2-135M-Instruct, prompted with the problem alone, seldom ends with a boxed answer (12% of responses
 at temperature 0.6) and solves almost none; shown one worked example of the same kind first, as an earlier
-chat turn (`task.shots=1`), it copies the format and solves about one in ten (docs/smollm2).
+chat turn (`task.shots=1`), it copies the format, and with operands up to 12 (`max_operand`) it solves
+about one sampled answer in six (docs/smollm2).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from trd_jax.data.math_task import MathTask
 from trd_jax.data.task import Example
 
 
-def _problem(rng: np.random.Generator) -> dict[str, str]:
+def _problem(rng: np.random.Generator, high: int = 20) -> dict[str, str]:
+    """One problem of a random kind, its operands drawn from [2, high)."""
     kind = int(rng.integers(4))
-    a, b, c = (int(v) for v in rng.integers(2, 20, size=3))
+    a, b, c = (int(v) for v in rng.integers(2, high, size=3))
     if kind == 0:
         problem = f"Tom has {a} apples. He buys {b} more apples. How many apples does Tom have now?"
         steps, answer = [f"Tom starts with {a} apples and buys {b} more, so he has {a} + {b} = {a + b} apples."], a + b
@@ -58,45 +60,53 @@ def kind_of(problem: str) -> int:
     raise ValueError(f"not a mini_math problem: {problem[:80]!r}")
 
 
-def shot_rows(per_kind: int) -> dict[int, list[dict[str, str]]]:
+def shot_rows(per_kind: int, max_operand: int = 19) -> dict[int, list[dict[str, str]]]:
     """`per_kind` worked examples of each kind, drawn once from SHOT_SEED; never in a train or eval split."""
     out: dict[int, list[dict[str, str]]] = {k: [] for k in range(len(KIND_MARKERS))}
     rng = np.random.default_rng(SHOT_SEED)
     while any(len(rows) < per_kind for rows in out.values()):
-        row = _problem(rng)
+        row = _problem(rng, max_operand + 1)
         rows = out[kind_of(row["problem"])]
         if len(rows) < per_kind and row not in rows:
             rows.append(row)
     return out
 
 
-# Distinct problems _problem can draw: a, b, c in [2, 20); kinds 0-2 depend on (a, b), kind 3 on (a, b, c).
-NUM_PROBLEMS = 3 * 18**2 + 18**3
+def num_problems(max_operand: int = 19) -> int:
+    """Distinct problems with operands 2..max_operand: kinds 0-2 depend on (a, b), kind 3 on (a, b, c)."""
+    n = max_operand - 1
+    return 3 * n**2 + n**3
 
 
-def generate(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:
-    """`n` distinct problems, none of them in `exclude` (problem texts)."""
-    if n > NUM_PROBLEMS - len(exclude):
-        raise ValueError(f"mini_math has {NUM_PROBLEMS} distinct problems: {n} more than the {len(exclude)} "
-                         "excluded cannot be drawn")
+NUM_PROBLEMS = num_problems()
+
+
+def generate(n: int, seed: int, exclude: set[str] = frozenset(), max_operand: int = 19) -> list[dict[str, str]]:
+    """`n` distinct problems with operands 2..max_operand, none of them in `exclude` (problem texts)."""
+    total = num_problems(max_operand)
+    if n > total - len(exclude):
+        raise ValueError(f"mini_math has {total} distinct problems with operands up to {max_operand}: {n} more "
+                         f"than the {len(exclude)} excluded cannot be drawn")
     rng = np.random.default_rng(seed)
     rows, seen = [], set(exclude)
     while len(rows) < n:
-        row = _problem(rng)
+        row = _problem(rng, max_operand + 1)
         if row["problem"] not in seen:
             seen.add(row["problem"])
             rows.append(row)
     return rows
 
 
-def write(out: str, *, train: int = 256, eval: int = 32, seed: int = 0, shots: int = 0) -> dict[str, str]:
-    """Writes out/train.jsonl and out/eval.jsonl (disjoint problems, none of them one of the first `shots`
-    worked examples per kind); returns their paths."""
+def write(out: str, *, train: int = 256, eval: int = 32, seed: int = 0, shots: int = 0,
+          max_operand: int = 19) -> dict[str, str]:
+    """Writes out/eval.jsonl and out/train.jsonl (disjoint problems, none of them one of the first `shots`
+    worked examples per kind); returns their paths. The eval split is drawn first, so that it keeps the
+    four kinds in equal shares even where the train split exhausts the small kinds (few operands)."""
     os.makedirs(out, exist_ok=True)
     paths = {}
-    seen = {row["problem"] for rows in shot_rows(shots).values() for row in rows}
-    for split, n, s in (("train", train, seed * 2), ("eval", eval, seed * 2 + 1)):
-        rows = generate(n, s, exclude=seen)  # eval problems never appear in train
+    seen = {row["problem"] for rows in shot_rows(shots, max_operand).values() for row in rows}
+    for split, n, s in (("eval", eval, seed * 2 + 1), ("train", train, seed * 2)):
+        rows = generate(n, s, exclude=seen, max_operand=max_operand)  # eval problems never appear in train
         seen |= {r["problem"] for r in rows}
         paths[split] = os.path.join(out, f"{split}.jsonl")
         text = "".join(json.dumps(row) + "\n" for row in rows)
@@ -115,10 +125,10 @@ class MiniMathTask(MathTask):
     """mini_math graded like any local math set; with `shots`, each prompt starts with that many worked
     examples of its problem's kind (Example.shots)."""
 
-    def __init__(self, name: str, files: Mapping[str, str], *, shots: int = 0, **kwargs):
+    def __init__(self, name: str, files: Mapping[str, str], *, shots: int = 0, max_operand: int = 19, **kwargs):
         super().__init__(name, files, **kwargs)
         self.shots = {kind: tuple((r["problem"] + "\n\n" + self.instruction, r["solution"]) for r in rows)
-                      for kind, rows in shot_rows(shots).items()}
+                      for kind, rows in shot_rows(shots, max_operand).items()}
 
     def prepare(self, ex: Example) -> Example:
         ex = super().prepare(ex)
@@ -132,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shots", type=int, default=0, help="worked examples per kind kept out of both splits")
+    p.add_argument("--max-operand", type=int, default=19)
     a = p.parse_args(argv)
-    print(json.dumps(write(a.out, train=a.train, eval=a.eval, seed=a.seed, shots=a.shots)))
+    print(json.dumps(write(a.out, train=a.train, eval=a.eval, seed=a.seed, shots=a.shots,
+                           max_operand=a.max_operand)))
     return 0
 
 

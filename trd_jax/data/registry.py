@@ -39,8 +39,9 @@ def make_task(task_cfg, directory: str, *, student_dir: str = ""):
         from trd_jax.data.mini_math import MiniMathTask, write
 
         files = write(os.path.join(directory, "mini_math"), train=task_cfg.train_size, eval=task_cfg.eval_size,
-                      seed=task_cfg.data_seed, shots=task_cfg.shots)
-        return MiniMathTask(name, files, shots=task_cfg.shots, data_dir=data_dir, dataset_name=task_cfg.dataset_name,
+                      seed=task_cfg.data_seed, shots=task_cfg.shots, max_operand=task_cfg.mini_math_max_operand)
+        return MiniMathTask(name, files, shots=task_cfg.shots, max_operand=task_cfg.mini_math_max_operand,
+                            data_dir=data_dir, dataset_name=task_cfg.dataset_name,
                             tokenizer_dir=tokenizer, timeout_s=task_cfg.grade_timeout_s,
                             workers=task_cfg.grade_workers)
     if name == "code":
