@@ -25,6 +25,7 @@ import numpy as np
 
 from trd_jax import multihost
 from trd_jax.config import ConfigError, Settings, TeacherSFTConfig, teacher_sft_config
+from trd_jax.data.arithmetic_bootstrap import identity_hash
 from trd_jax.metrics import atomic_write_json
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.refine import refine_prompt_text
@@ -94,7 +95,7 @@ def build_teacher(base_dir: str, examples, tok: Tokenizer, cfg: TeacherSFTConfig
     """The fine-tuned teacher's folder, trained here or reused: {"path", "identity", "source", "seconds"}."""
     examples = list(examples)
     record = identity(base_dir, examples, cfg, prompt_mode=prompt_mode, refine_mode=refine_mode)
-    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    key = identity_hash(record)
     home = os.path.join(directory, key)
     manifest = os.path.join(home, MANIFEST)
     if os.path.isfile(manifest) and os.path.isfile(os.path.join(home, "model.safetensors")):

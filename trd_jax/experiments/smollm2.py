@@ -20,25 +20,14 @@ import time
 
 import numpy as np
 
-from trd_jax.metrics import atomic_write_json
+from trd_jax.experiments.reproduce import _finished, _read_json
+from trd_jax.metrics import atomic_write_json, atomic_write_text
 from trd_jax.recipes import apply_overrides, get_method, parse_overrides, smollm2_config
 
 log = logging.getLogger("trd_jax.experiments.smollm2")
 SETTINGS = ("opd", "opsd")
 METHODS = ("trd", "forward_kl", "reverse_kl")
 PHASES = ("rollout", "refine", "score", "update")
-
-
-def _read(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _finished(out: str) -> dict | None:
-    summary = _read(os.path.join(out, "summary.json"))
-    return summary if summary.get("status") == "completed" else None
 
 
 def _config(workdir: str, setting: str, method: str, overrides: dict):
@@ -91,7 +80,7 @@ def _curve(path: str) -> list[dict]:
 
 def record(workdir: str, setting: str, method: str, summary: dict, ref: dict) -> dict:
     steps = max(int(summary["steps"]), 1)
-    wall = sum(v for k, v in summary["phase_seconds"].items())
+    wall = sum(summary["phase_seconds"].values())
     generated = summary["phase_tokens"].get("rollout", 0) + summary["phase_tokens"].get("refine", 0)
     return {"setting": setting, "method": method, **get_method(method).describe(),
             "steps": summary["steps"], "before": ref["initial_eval"]["avg_at_k"],
@@ -225,11 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             reference(a.workdir, s, overrides)
             for m in methods:
                 method_run(a.workdir, s, m, overrides)
-    results = merge(aggregate(a.workdir, settings, methods), _read(os.path.join(a.out, "results.json")))
+    results = merge(aggregate(a.workdir, settings, methods), _read_json(os.path.join(a.out, "results.json")))
     os.makedirs(a.out, exist_ok=True)
     atomic_write_json(os.path.join(a.out, "results.json"), results)
-    with open(os.path.join(a.out, "results.md"), "w") as f:
-        f.write(report(results))
+    atomic_write_text(os.path.join(a.out, "results.md"), report(results))
     plot(a.out, results)
     print(report(results))
     return 0

