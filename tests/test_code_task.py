@@ -11,7 +11,7 @@ from trd_jax.data import code_task as code_task_module
 from trd_jax.data.registry import make_task
 from trd_jax.data.toy_tokenizer import save_tokenizer
 from trd_jax.recipes import apply_overrides
-from trd_jax.refine import CODE_ANSWER_INSTRUCTION
+from trd_jax.prompts import CODE_ANSWER_INSTRUCTION
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def _lines(workdir):
 
 def _initial_params(trainer):
     s = trainer.s
-    return nnx.split(build_model(s.student, trainer.tok, s.seed, "student"))[1]
+    return nnx.split(build_model(trainer.sources.student, trainer.tok, s.seed, "student"))[1]
 
 
 def _leaves(tree):

@@ -66,7 +66,7 @@ def test_teacher_is_the_frozen_base_with_adapters_off(lora_run):
     assert _pointers(trainer.teacher_params) == before["pointers"] == _pointers(trainer.base_params)
     assert not lora.adapters(nnx.merge(trainer.t_graph, trainer.teacher_params))  # adapters off
     # The base model's logits (a fresh build from the same source) = the teacher's, before and after updates.
-    base = build_model(s.student, trainer.tok, s.seed, "student")
+    base = build_model(trainer.sources.student, trainer.tok, s.seed, "student")
     reference = _logits(*nnx.split(base), TOKENS)
     np.testing.assert_array_equal(before["teacher"], reference)
     np.testing.assert_array_equal(_logits(trainer.t_graph, trainer.teacher_params, TOKENS), reference)

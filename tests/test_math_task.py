@@ -12,7 +12,7 @@ from trd_jax.config import ConfigError
 from trd_jax.data import mini_math
 from trd_jax.data.registry import make_task
 from trd_jax.data.toy_tokenizer import save_tokenizer
-from trd_jax.refine import MATH_ANSWER_INSTRUCTION
+from trd_jax.prompts import MATH_ANSWER_INSTRUCTION
 from trd_jax.recipes import apply_overrides
 
 

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from trd_jax.refine import (
+from trd_jax.prompts import (
     ATTEMPT,
     CODE_ANSWER_INSTRUCTION,
     INSTRUCTIONS,
@@ -18,14 +18,11 @@ from trd_jax.refine import (
     PROBLEM,
     REFERENCE,
     TRUNCATION_NOTICE,
-    RefineConfig,
-    build_refine_prompts,
     refine_prompt_text,
-    select_trajectories,
     strip_answer_instruction,
-    validate_rewrites,
     vanilla_teacher_context,
 )
+from trd_jax.refine import RefineConfig, build_refine_prompts, select_trajectories, validate_rewrites
 from trd_jax.sampling import SampleOutput
 from trd_jax.tokenization import Tokenizer
 

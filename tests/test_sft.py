@@ -6,7 +6,8 @@ import pytest
 from flax import nnx
 
 from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask, line_forms, step_errors
-from trd_jax.data.arithmetic_bootstrap import BootstrapConfig, sft_sets
+from trd_jax.bootstrap import sft_sets
+from trd_jax.config import BootstrapConfig
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer, causal_lm_positions
 from trd_jax.sft import SFTSet, _batch, sft_loss, train_sft

@@ -5,7 +5,7 @@ default recipe asks for: a change of the bootstrap code's or the default's setti
 import os
 
 from trd_jax.config import bootstrap_config, resolve
-from trd_jax.data.arithmetic_bootstrap import SHIPPED_DIR, bootstrap, identity, models_hash, read_manifest
+from trd_jax.bootstrap import SHIPPED_DIR, bootstrap, identity, models_hash, read_manifest
 from trd_jax.data.registry import make_task
 from trd_jax.recipes import default_config
 from trd_jax.tokenization import Tokenizer

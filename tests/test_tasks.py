@@ -8,7 +8,8 @@ from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, 
                                      line_forms, parse_problem, parse_steps, problem_text, random_forms,
                                      solution_text, step_errors)
 from trd_jax.data.task import Example, PromptIterator
-from trd_jax.refine import RefineConfig, build_refine_prompts, strip_answer_instruction
+from trd_jax.prompts import strip_answer_instruction
+from trd_jax.refine import RefineConfig, build_refine_prompts
 from trd_jax.rewards.answers import last_boxed
 from trd_jax.tokenization import Tokenizer
 

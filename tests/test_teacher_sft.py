@@ -17,7 +17,7 @@ from trd_jax.data.toy_tokenizer import save_tokenizer
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.models.transformer import init_for_tokenizer
 from trd_jax.recipes import apply_overrides
-from trd_jax.refine import MATH_ANSWER_INSTRUCTION, REFERENCE, refine_prompt_text
+from trd_jax.prompts import MATH_ANSWER_INSTRUCTION, REFERENCE, refine_prompt_text
 from trd_jax.teacher_sft import build_teacher, flawed_attempt, sft_sets
 from trd_jax.tokenization import Tokenizer
 

@@ -17,6 +17,8 @@ from typing import Any
 import ml_collections
 
 from trd_jax.config_defaults import base_config
+from trd_jax.data.task import TaskSettings
+from trd_jax.errors import ConfigError, config_error
 from trd_jax.metrics import WandbSettings
 from trd_jax.models.config import ATTENTION, REMAT
 from trd_jax.models.lora import TARGETS as LORA_TARGETS, LoRAConfig
@@ -25,6 +27,10 @@ from trd_jax.sampling import SamplingConfig
 from trd_jax.sharding import MeshConfig
 from trd_jax.steps import FULL_VOCAB_LOSSES, OPSD_TEACHER_MODES, SAMPLED_TOKEN_LOSSES, LossConfig, OptimConfig
 from trd_jax.tokenization import PROMPT_MODES
+
+# Each task name and the refine templates its prompts take (trd_jax.prompts.TASKS): the kind of every task
+# is fixed by its name, so the refine settings are complete at resolve time.
+TASK_KINDS = {"arithmetic": "math", "math": "math", "mini_math": "math", "code": "code"}
 
 LOSSES = FULL_VOCAB_LOSSES + SAMPLED_TOKEN_LOSSES
 # Which config field feeds which keyword parameter of each loss (unambiguous names: "beta" alone would
@@ -37,21 +43,6 @@ LOSS_PARAMS: dict[str, dict[str, str]] = {
     "k1_policy_gradient": {"clip_eps": "pg_clip_eps", "dual_clip": "pg_dual_clip", "clamp": "pg_clamp"},
     "k3": {"clamp": "k3_clamp"},
 }
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; ``key`` is its dotted path (e.g. "distill.mode")."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"config.{key}: {message}")
-        self.key = key
-
-
-def config_error(section: str, error: ValueError, note: str = "") -> ConfigError:
-    """A settings dataclass's ValueError "<Class or section>.<field>=<value>: <message>" as a ConfigError on
-    "<section>.<field>"."""
-    head, _, message = str(error).partition(": ")
-    return ConfigError(f"{section}.{head.split('=')[0].split('.')[-1]}", message + note)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,15 +96,63 @@ class ModelSource:
     attention_block: int = 512
 
 
+# The embedded task's bootstrap (trd_jax/bootstrap.py trains these models).
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BootstrapConfig:
+    teacher: ModelShape = ModelShape(128, 384, 2, 4, 2, 32)
+    student: ModelShape = ModelShape(96, 256, 2, 4, 2, 24)
+    # Two phases each: solving alone first (the arithmetic is learned fastest without attempts in context,
+    # whose flawed lines would contradict it), then the full mixture.
+    teacher_solve_steps: int = 300
+    # 1000 mixed steps: with fewer (450) the repair skill below costs the teacher most of its rewriting
+    # accuracy (16% of student rollouts repaired instead of 85%).
+    teacher_mixed_steps: int = 1000
+    student_solve_steps: int = 300
+    # 800 steps with the reference sets weighted up: with 200 steps at weight 0.5 the student shown the
+    # reference (OPSD's teacher) solved 9% of problems, worse than alone; with these 93%.
+    student_mixed_steps: int = 800
+    batch_tokens: int = 4096  # tokens per SFT batch (rows = this // padded row width)
+    learning_rate: float = 3e-3
+    # The student's misconception (trd_jax/data/arithmetic.py, buggy_values): each line of its solve targets
+    # that crosses the modulus is off by one with this probability, and later lines carry the error forward.
+    # Above 0.5 its most likely token at a wrap is wrong, so its mistakes survive the evaluation's
+    # temperature 0.6 (random noise does not: the mode of noisy targets is still the right value).
+    student_bug_rate: float = 0.9
+    # Fraction of lines written in the complement form ("add 2" as "- 8") in the solve targets: the task's
+    # alternative derivations. Complement lines cross the modulus more often, so the student's form choices
+    # matter to its accuracy.
+    student_alt_form_rate: float = 0.0
+    teacher_alt_form_rate: float = 0.0
+    student_reference_weight: float = 2.0  # sampling weight of x + y* -> y* against 2 for the noisy solutions
+    # Sampling weight of the OPSD refine prompt -> rewrite (the self-teacher's rewriting skill).
+    student_refine_weight: float = 2.0
+    # The teacher also learns to go on after a flawed prefix: repairing (this fraction) or continuing
+    # consistently with the error, like a real model that sometimes backtracks, so its next-token
+    # distribution after a wrong step is the bimodal mixture of prefix failure (TRD_SPEC §2). With 0 it
+    # always continues consistently and token-level targets on flawed rollouts are not fragmented.
+    repair_fraction: float = 0.5
+    seed: int = 0
+
+
 def bootstrap_config(cfg):
     """The BootstrapConfig of cfg.bootstrap (checked), or None when bootstrapping is off."""
     for key in ("enabled", "from_scratch"):
         if not isinstance(cfg.bootstrap[key], bool):
             raise ConfigError(f"bootstrap.{key}", f"{cfg.bootstrap[key]!r} is not a bool")
+    if not isinstance(cfg.bootstrap.dir, str):
+        raise ConfigError("bootstrap.dir", f"{cfg.bootstrap.dir!r} is not a string")
     if not cfg.bootstrap.enabled:
         return None
-    from trd_jax.data.arithmetic_bootstrap import BootstrapConfig, ModelShape
-
     if cfg.task.name != "arithmetic":
         raise ConfigError("bootstrap.enabled", f"bootstrapping trains models for the 'arithmetic' task, not "
                                                f"{cfg.task.name!r}; give student.path / teacher.path instead")
@@ -214,6 +253,15 @@ class Settings:
     export_dtype: str
     prompt_mode: str
     max_prompt_tokens: int
+    task: TaskSettings
+    evaluate_only: bool  # config.mode == "eval": the student alone is evaluated, nothing trains
+    # The embedded task's bootstrap (None: off) and where its models are cached.
+    bootstrap: BootstrapConfig | None = None
+    bootstrap_dir: str = ""  # "" = workdir/bootstrap
+    bootstrap_from_scratch: bool = False
+    # OPD's teacher fine-tuned before the run (None: off) and where it is cached.
+    teacher_sft: TeacherSFTConfig | None = None
+    teacher_sft_dir: str = ""  # "" = workdir/teacher_sft
     diagnostics_every: int = 1
     wandb: WandbSettings | None = None  # the W&B sink of the metrics; None: off (config.log.wandb)
 
@@ -326,14 +374,15 @@ def _refine(cfg, mode: str, task_kind: str) -> RefineConfig:
         raise config_error("refine", e) from None
 
 
-def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Settings:
-    """Checks every field and combination; returns the typed settings or raises ConfigError."""
+def resolve(cfg: ml_collections.ConfigDict) -> Settings:
+    """Checks every field and combination; returns the typed settings or raises ConfigError. Called once per
+    run (main.py hands the result to the Trainer); nothing rewrites the settings afterwards."""
     known = base_config()
     _check_keys(cfg, known, "")
-    _choice(cfg, "mode", ("train", "eval"))
-    bootstrap_config(cfg)
+    run_mode = _choice(cfg, "mode", ("train", "eval"))
+    bootstrap = bootstrap_config(cfg)
     mode = _choice(cfg, "distill.mode", ("opd", "opsd"))
-    teacher_sft_config(cfg)
+    teacher_sft = teacher_sft_config(cfg)
     trajectory = _choice(cfg, "distill.trajectory", ("y_r", "y_o"))
     teacher_context = _choice(cfg, "distill.teacher_context", ("refine", "vanilla"))
     if teacher_context == "refine" and trajectory == "y_o":
@@ -352,6 +401,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
             raise ConfigError("distill.ema_decay", f"{ema_decay} must be < 1")
     _choice(cfg, "task.prompt_mode", PROMPT_MODES)
     _check_task(cfg)
+    task = TaskSettings(**cfg.task.to_dict())
     rollout_n = _int(cfg, "rollout.n", 1)
     batch_size = _int(cfg, "train.batch_size", 1)
     micro = _int(cfg, "train.micro_batches", 1)
@@ -392,7 +442,7 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         seed=_int(cfg, "seed", 0), mode=mode, trajectory=trajectory, teacher_context=teacher_context,
         opsd_teacher=opsd_teacher, ema_decay=ema_decay, student=_model_source(cfg, "student"),
         teacher=_model_source(cfg, "teacher") if mode == "opd" else None,
-        refine=_refine(cfg, mode, task_kind), rollout=rollout, rollout_n=rollout_n,
+        refine=_refine(cfg, mode, TASK_KINDS[task.name]), rollout=rollout, rollout_n=rollout_n,
         refine_sampling=_refine_sampling(cfg, rollout),
         rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1),
         release_kv_cache=cfg.rollout.release_kv_cache, max_rows_per_call=_int(cfg, "rollout.max_rows_per_call", 0),
@@ -409,7 +459,10 @@ def resolve(cfg: ml_collections.ConfigDict, *, task_kind: str = "math") -> Setti
         diagnostics=cfg.log.diagnostics, diagnostics_every=_int(cfg, "log.diagnostics_every", 1),
         progress=cfg.log.progress, export=cfg.export.enabled,
         export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,
-        max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), wandb=wandb)
+        max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), wandb=wandb, task=task,
+        evaluate_only=run_mode == "eval", bootstrap=bootstrap, bootstrap_dir=cfg.bootstrap.dir,
+        bootstrap_from_scratch=cfg.bootstrap.from_scratch, teacher_sft=teacher_sft,
+        teacher_sft_dir=cfg.teacher_sft.dir)
 
 
 def _wandb(cfg) -> WandbSettings | None:
@@ -428,7 +481,7 @@ def _wandb(cfg) -> WandbSettings | None:
 
 def _check_task(cfg) -> None:
     """The real-data task fields (trd_jax/data/registry.py uses them)."""
-    _choice(cfg, "task.name", ("arithmetic", "math", "mini_math", "code"))
+    _choice(cfg, "task.name", tuple(TASK_KINDS))
     _float(cfg, "task.grade_timeout_s", 0.0, open_low=True)
     _int(cfg, "task.grade_workers", 1)
     _float(cfg, "task.code_timeout_s", 0.0, open_low=True)

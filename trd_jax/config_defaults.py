@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
         allow_unsandboxed=False,
     ))
 
-    # The embedded task's models, trained from scratch by SFT and cached (trd_jax/data/arithmetic_bootstrap.py):
+    # The embedded task's models, trained from scratch by SFT and cached (trd_jax/bootstrap.py):
     # a teacher that solves and rewrites flawed attempts, and a smaller student trained on noisy solutions.
     cfg.bootstrap = ml_collections.ConfigDict(dict(
         enabled=False,  # train or reuse them, and use them as student and (OPD) teacher; task "arithmetic" only

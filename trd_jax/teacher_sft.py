@@ -24,11 +24,11 @@ import time
 import numpy as np
 
 from trd_jax import multihost
-from trd_jax.config import ConfigError, Settings, TeacherSFTConfig, teacher_sft_config
-from trd_jax.data.arithmetic_bootstrap import identity_hash
+from trd_jax.config import ConfigError, ModelSource, Settings, TeacherSFTConfig
+from trd_jax.bootstrap import identity_hash
 from trd_jax.metrics import atomic_write_json
 from trd_jax.models.hf_io import load_hf, save_hf
-from trd_jax.refine import refine_prompt_text
+from trd_jax.prompts import refine_prompt_text
 from trd_jax.sft import SFTSet, train_sft
 from trd_jax.tokenization import Tokenizer
 
@@ -123,17 +123,14 @@ def build_teacher(base_dir: str, examples, tok: Tokenizer, cfg: TeacherSFTConfig
     return {"path": home, "identity": key, "source": "trained", "seconds": seconds}
 
 
-def teacher_source(cfg, s: Settings, task, tok: Tokenizer, workdir: str) -> tuple[Settings, dict | None]:
-    """With cfg.teacher_sft on, the run's teacher becomes the fine-tuned one (built by process 0, reused by the
-    others). Returns (settings, the record kept in summary.json), or (s, None) when it is off."""
-    conf = teacher_sft_config(cfg)
-    if conf is None or s.teacher is None:
-        return s, None
-    if s.teacher.source != "path":
+def teacher_source(s: Settings, teacher: ModelSource, task, tok: Tokenizer, workdir: str) -> tuple[ModelSource, dict]:
+    """OPD's teacher fine-tuned per s.teacher_sft (built by process 0, reused by the others): (the teacher's new
+    source, the record kept in summary.json)."""
+    if teacher.source != "path":
         raise ConfigError("teacher.source", "teacher_sft fine-tunes a pretrained model: give teacher.path or "
                                             "teacher.source='smollm2'")
-    directory = cfg.teacher_sft.dir or os.path.join(workdir, "teacher_sft")
+    directory = s.teacher_sft_dir or os.path.join(workdir, "teacher_sft")
     record = multihost.process0_first("teacher-sft-written", lambda: build_teacher(
-        s.teacher.path, task.split("train"), tok, conf, directory, task_kind=task.kind, prompt_mode=s.prompt_mode,
-        refine_mode=s.refine.prompt_mode))
-    return dataclasses.replace(s, teacher=dataclasses.replace(s.teacher, path=record["path"])), record
+        teacher.path, task.split("train"), tok, s.teacher_sft, directory, task_kind=task.kind,
+        prompt_mode=s.prompt_mode, refine_mode=s.refine.prompt_mode))
+    return dataclasses.replace(teacher, path=record["path"]), record

@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from trd_jax.data.task import Example
-from trd_jax.refine import RefineConfig, RefinePrompts, RewriteVerdicts, build_refine_prompts, select_trajectories
-from trd_jax.refine import validate_rewrites, vanilla_teacher_context
+from trd_jax.prompts import vanilla_teacher_context
+from trd_jax.refine import (RefineConfig, RefinePrompts, RewriteVerdicts, build_refine_prompts, select_trajectories,
+                            validate_rewrites)
 from trd_jax.tokenization import Tokenizer
 
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from trd_jax.data.task import Example
 from trd_jax.data.toy_tokenizer import save_tokenizer
-from trd_jax.refine import MATH_ANSWER_INSTRUCTION, TRUNCATION_NOTICE, refine_prompt_text, vanilla_teacher_context
+from trd_jax.prompts import MATH_ANSWER_INSTRUCTION, TRUNCATION_NOTICE, refine_prompt_text, vanilla_teacher_context
 from trd_jax.rewards.answers import last_boxed
 
 MODULUS = 10

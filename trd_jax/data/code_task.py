@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from trd_jax.config import ConfigError
+from trd_jax.errors import ConfigError
 from trd_jax.data.local_task import LocalFilesTask
 from trd_jax.data.task import Example
-from trd_jax.refine import CODE_ANSWER_INSTRUCTION, strip_answer_instruction
+from trd_jax.prompts import CODE_ANSWER_INSTRUCTION, strip_answer_instruction
 from trd_jax.rewards.code import AssertTests, CodeTests, HumanEvalTests, StdioTests, grade_code_batch
 from trd_jax.rewards.sandbox import SandboxConfig, probe_isolation
 

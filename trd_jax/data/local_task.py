@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from trd_jax.config import ConfigError
+from trd_jax.errors import ConfigError
 from trd_jax.data.grain_source import GrainPromptIterator, load_examples
 from trd_jax.data.task import Example
-from trd_jax.refine import strip_answer_instruction
+from trd_jax.prompts import strip_answer_instruction
 
 log = logging.getLogger(__name__)
 Keep = Callable[[Example], bool]

@@ -10,7 +10,7 @@ import numpy as np
 
 from trd_jax.data.local_task import LocalFilesTask
 from trd_jax.data.task import Example
-from trd_jax.refine import MATH_ANSWER_INSTRUCTION
+from trd_jax.prompts import MATH_ANSWER_INSTRUCTION
 from trd_jax.rewards.math_grading import MathGrader
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from trd_jax import multihost
-from trd_jax.config import ConfigError, config_error
+from trd_jax.errors import ConfigError, config_error
 from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask
 
 TASKS = ("arithmetic", "math", "mini_math", "code")

@@ -33,9 +33,37 @@ class Example:
         return [m for turn in turns for m in turn] + [{"role": "user", "content": self.problem}]
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskSettings:
+    """The run config's `task` section as plain values (config.resolve checks them; the fields' meanings are
+    documented in config_defaults.py). Tasks are built from these, never from the config itself."""
+
+    name: str
+    prompt_mode: str
+    max_prompt_tokens: int
+    train_size: int
+    eval_size: int
+    data_seed: int
+    shots: int
+    mini_math_max_operand: int
+    min_steps: int
+    max_steps: int
+    max_operand: int
+    train_files: str
+    eval_files: str
+    data_dir: str
+    dataset_name: str
+    tokenizer: str
+    grade_timeout_s: float
+    grade_workers: int
+    code_timeout_s: float
+    code_memory_mb: int
+    allow_unsandboxed: bool
+
+
 class Task(Protocol):
     name: str
-    kind: str  # "math" | "code": which refine templates apply (trd_jax.refine.TASKS)
+    kind: str  # "math" | "code": which refine templates apply (trd_jax.prompts.TASKS)
     tokenizer_dir: str  # a local folder Tokenizer.from_dir reads
 
     def split(self, name: str) -> Sequence[Example]:

@@ -81,7 +81,7 @@ def _student_mistakes(student_dir: str, cfg, rows: int) -> dict:
 
 def install(boot: dict, measured: dict, destination: str) -> None:
     """Copies the teacher and student folders and writes the manifest (settings, measurements, hash) last."""
-    from trd_jax.data.arithmetic_bootstrap import MANIFEST, ROLES, read_manifest
+    from trd_jax.bootstrap import MANIFEST, ROLES, read_manifest
     from trd_jax.metrics import atomic_write_json
 
     source = os.path.dirname(boot["teacher"])
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(measured, indent=1))
     print(f"bootstrap {boot['identity']} measured in {time.perf_counter() - start:.0f} s")
     if args.install:
-        from trd_jax.data.arithmetic_bootstrap import SHIPPED_DIR
+        from trd_jax.bootstrap import SHIPPED_DIR
 
         install(boot, measured, SHIPPED_DIR)
         print("installed in", SHIPPED_DIR)

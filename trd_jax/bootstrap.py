@@ -23,63 +23,17 @@ import time
 
 import numpy as np
 
+from trd_jax.config import BootstrapConfig, ModelShape
 from trd_jax.data.arithmetic import (ArithmeticTask, buggy_values, continuation_after_error, corrupted_attempt,
                                      line_forms, random_forms, solution_text)
 from trd_jax.metrics import atomic_write_json
 from trd_jax.models.hf_io import save_hf
 from trd_jax.models.transformer import Transformer, init_for_tokenizer
-from trd_jax.refine import refine_prompt_text, vanilla_teacher_context
+from trd_jax.prompts import refine_prompt_text, vanilla_teacher_context
 from trd_jax.sft import SFTSet, train_sft
 from trd_jax.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-
-
-@dataclasses.dataclass(frozen=True)
-class BootstrapConfig:
-    teacher: ModelShape = ModelShape(128, 384, 2, 4, 2, 32)
-    student: ModelShape = ModelShape(96, 256, 2, 4, 2, 24)
-    # Two phases each: solving alone first (the arithmetic is learned fastest without attempts in context,
-    # whose flawed lines would contradict it), then the full mixture.
-    teacher_solve_steps: int = 300
-    # 1000 mixed steps: with fewer (450) the repair skill below costs the teacher most of its rewriting
-    # accuracy (16% of student rollouts repaired instead of 85%).
-    teacher_mixed_steps: int = 1000
-    student_solve_steps: int = 300
-    # 800 steps with the reference sets weighted up: with 200 steps at weight 0.5 the student shown the
-    # reference (OPSD's teacher) solved 9% of problems, worse than alone; with these 93%.
-    student_mixed_steps: int = 800
-    batch_tokens: int = 4096  # tokens per SFT batch (rows = this // padded row width)
-    learning_rate: float = 3e-3
-    # The student's misconception (trd_jax/data/arithmetic.py, buggy_values): each line of its solve targets
-    # that crosses the modulus is off by one with this probability, and later lines carry the error forward.
-    # Above 0.5 its most likely token at a wrap is wrong, so its mistakes survive the evaluation's
-    # temperature 0.6 (random noise does not: the mode of noisy targets is still the right value).
-    student_bug_rate: float = 0.9
-    # Fraction of lines written in the complement form ("add 2" as "- 8") in the solve targets: the task's
-    # alternative derivations. Complement lines cross the modulus more often, so the student's form choices
-    # matter to its accuracy.
-    student_alt_form_rate: float = 0.0
-    teacher_alt_form_rate: float = 0.0
-    student_reference_weight: float = 2.0  # sampling weight of x + y* -> y* against 2 for the noisy solutions
-    # Sampling weight of the OPSD refine prompt -> rewrite (the self-teacher's rewriting skill).
-    student_refine_weight: float = 2.0
-    # The teacher also learns to go on after a flawed prefix: repairing (this fraction) or continuing
-    # consistently with the error, like a real model that sometimes backtracks, so its next-token
-    # distribution after a wrong step is the bimodal mixture of prefix failure (TRD_SPEC §2). With 0 it
-    # always continues consistently and token-level targets on flawed rollouts are not fragmented.
-    repair_fraction: float = 0.5
-    seed: int = 0
 
 
 def _model(shape: ModelShape, tok: Tokenizer, seed: int) -> Transformer:
@@ -147,7 +101,7 @@ def sft_sets(task: ArithmeticTask, tok: Tokenizer, role: str, cfg: BootstrapConf
             SFTSet("refine_opsd", refine, rewrites, cfg.student_refine_weight)]
 
 
-SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "bootstrap_models")
+SHIPPED_DIR = os.path.join(os.path.dirname(__file__), "data", "bootstrap_models")
 MANIFEST = "bootstrap.json"
 ROLES = ("teacher", "student")
 
