@@ -11,7 +11,8 @@ from trd_jax.layouts import distill_batch
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.sharding import MeshConfig, make_mesh, param_shardings
-from trd_jax.steps import LossConfig, Sequences, init_sharded_state, jit_score, jit_update, to_micro_batches
+from trd_jax.losses import LossConfig
+from trd_jax.steps import Sequences, init_sharded_state, jit_score, jit_update, to_micro_batches
 
 assert len(jax.devices()) == 8, jax.devices()
 V = 64

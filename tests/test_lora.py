@@ -17,7 +17,8 @@ from trd_jax.models import lora
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer, with_runtime
 from trd_jax.sharding import MESH_AXES, logical_to_spec
-from trd_jax.steps import (LossConfig, OptimConfig, init_state, jit_update, make_optimizer, shardings_of, update)
+from trd_jax.losses import LossConfig
+from trd_jax.steps import (OptimConfig, init_state, jit_update, make_optimizer, shardings_of, update)
 
 V = 97
 CFG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -506,3 +506,22 @@ def test_fused_temporary_memory_is_bounded_by_the_chunk():
     assert naive >= 2 * t * v * 4  # student and teacher logits at least
     assert fused <= 3 * chunk * v * 4, fused
     assert tiled <= 3 * chunk * vocab_chunk * 4, tiled
+
+
+def test_loss_table_matches_the_functions_and_the_config():
+    """LOSSES is the one table: every keyword parameter of each loss function (but the shared mask,
+    temperature and behaviour log-probs) has a config field under `loss.`, and every field it names exists."""
+    import inspect
+
+    from trd_jax.config_defaults import base_config
+
+    known = base_config().loss
+    for name, loss in L.LOSSES.items():
+        sig = inspect.signature(loss.fn).parameters
+        own = {p for p, v in sig.items() if v.kind is v.KEYWORD_ONLY} - {"mask", "temperature", "old_logp"}
+        assert set(loss.fields) == own, name
+        assert all(field in known for field in loss.fields.values()), name
+        assert loss.kind in ("full_vocab", "sampled_token")
+    assert set(L.FULL_VOCAB_LOSSES) | set(L.SAMPLED_TOKEN_LOSSES) == set(L.LOSSES)
+    with pytest.raises(ValueError, match="expected one of"):
+        L.LossConfig(name="kl")

@@ -10,7 +10,7 @@ from trd_jax import memory_plan as mp
 from trd_jax.config import base_config, resolve
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.lora import LoRAConfig
-from trd_jax.steps import LossConfig
+from trd_jax.losses import LossConfig
 from trd_jax.tools import plan as cli
 
 # d=64, 2 layers, GQA (4 query heads, 2 kv heads of 16), MLP 128, vocab 256, untied, Qwen3's q/k norms.

@@ -18,7 +18,8 @@ from trd_jax.layouts import distill_batch
 from trd_jax.models.config import REMAT, ModelConfig
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.models.transformer import Transformer, init_cache, with_runtime
-from trd_jax.steps import LossConfig, Sequences, init_state, score, update
+from trd_jax.losses import LossConfig
+from trd_jax.steps import Sequences, init_state, score, update
 
 V = 97
 CFG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

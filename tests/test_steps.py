@@ -19,7 +19,8 @@ from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.roles import teacher_weights
 from trd_jax.sharding import MeshConfig, make_mesh
-from trd_jax.steps import (LossConfig, OptimConfig, init_state, jit_update, make_optimizer, score, shardings_of,
+from trd_jax.losses import LossConfig
+from trd_jax.steps import (OptimConfig, init_state, jit_update, make_optimizer, score, shardings_of,
                            to_micro_batches, update)
 
 V = 97

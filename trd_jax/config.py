@@ -25,25 +25,13 @@ from trd_jax.models.lora import TARGETS as LORA_TARGETS, LoRAConfig
 from trd_jax.refine import RefineConfig
 from trd_jax.sampling import SamplingConfig
 from trd_jax.sharding import MeshConfig
-from trd_jax.steps import FULL_VOCAB_LOSSES, OPSD_TEACHER_MODES, SAMPLED_TOKEN_LOSSES, LossConfig, OptimConfig
+from trd_jax.losses import LOSSES, LossConfig
+from trd_jax.steps import OPSD_TEACHER_MODES, OptimConfig
 from trd_jax.tokenization import PROMPT_MODES
 
 # Each task name and the refine templates its prompts take (trd_jax.prompts.TASKS): the kind of every task
 # is fixed by its name, so the refine settings are complete at resolve time.
 TASK_KINDS = {"arithmetic": "math", "math": "math", "mini_math": "math", "code": "code"}
-
-LOSSES = FULL_VOCAB_LOSSES + SAMPLED_TOKEN_LOSSES
-# Which config field feeds which keyword parameter of each loss (unambiguous names: "beta" alone would
-# not say which distribution it weighs).
-LOSS_PARAMS: dict[str, dict[str, str]] = {
-    "forward_kl": {}, "reverse_kl": {},
-    "jsd": {"beta": "jsd_beta"},
-    "forward_kl_clipped": {"clip": "kl_clip"},
-    "reverse_kl_topk": {"k": "top_k"},
-    "k1_policy_gradient": {"clip_eps": "pg_clip_eps", "dual_clip": "pg_dual_clip", "clamp": "pg_clamp"},
-    "k3": {"clamp": "k3_clamp"},
-}
-
 
 # ------------------------------------------------------------------------------------------------
 # Resolution into typed settings
@@ -321,9 +309,9 @@ def _lora(cfg) -> LoRAConfig | None:
 
 
 def _loss(cfg) -> LossConfig:
-    name = _choice(cfg, "loss.name", LOSSES)
+    name = _choice(cfg, "loss.name", tuple(LOSSES))
     params = []
-    for param, field in LOSS_PARAMS[name].items():
+    for param, field in LOSSES[name].fields.items():
         key = f"loss.{field}"
         if field == "top_k":
             params.append((param, _int(cfg, key, 1)))

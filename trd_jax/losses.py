@@ -22,10 +22,12 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from functools import partial
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -203,15 +205,6 @@ def reverse_kl_topk(student_logits: Array, teacher_logits: Array, *, k: int = 32
     teacher_top, support = jax.lax.top_k(teacher, k)
     student_top = jnp.take_along_axis(_masked(student_logits, mask).astype(_F32), support, axis=-1)
     return _topk_reverse_kl(student_top, teacher_top, temperature)
-
-
-DIVERGENCES: dict[str, Callable[..., Array]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "jsd": jsd,
-    "forward_kl_clipped": forward_kl_clipped,
-    "reverse_kl_topk": reverse_kl_topk,
-}
 
 
 def _bind(name: str, params: dict) -> dict:
@@ -591,3 +584,74 @@ __all__ = [
     "DIVERGENCES", "aggregate", "divergence", "forward_kl", "forward_kl_clipped", "fused_divergence",
     "fused_token_logprobs", "jsd", "k1_policy_gradient", "k3", "reverse_kl", "reverse_kl_topk", "token_logprobs",
 ]
+
+
+# ------------------------------------------------------------------------------------ the loss table
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """One entry of LOSSES. kind: "full_vocab" (a divergence between the two distributions over the whole
+    vocabulary, fused with the lm head; the teacher's hidden states and head are its inputs) or
+    "sampled_token" (an estimator from the log-probs of the trained token; the teacher's log-prob is its
+    input). fields: each keyword parameter of `fn` and the config field (under `loss.`) that sets it;
+    unambiguous names, since "beta" alone would not say which distribution it weighs."""
+
+    kind: str
+    fn: Callable[..., Array]
+    fields: dict[str, str]
+
+
+# THE table of losses: config.resolve reads the names and fields, steps.update the kinds (via
+# per_token_loss), the memory planner the kinds.
+LOSSES: dict[str, Loss] = {
+    "forward_kl": Loss("full_vocab", forward_kl, {}),
+    "reverse_kl": Loss("full_vocab", reverse_kl, {}),
+    "jsd": Loss("full_vocab", jsd, {"beta": "jsd_beta"}),
+    "forward_kl_clipped": Loss("full_vocab", forward_kl_clipped, {"clip": "kl_clip"}),
+    "reverse_kl_topk": Loss("full_vocab", reverse_kl_topk, {"k": "top_k"}),
+    "k1_policy_gradient": Loss("sampled_token", k1_policy_gradient,
+                               {"clip_eps": "pg_clip_eps", "dual_clip": "pg_dual_clip", "clamp": "pg_clamp"}),
+    "k3": Loss("sampled_token", k3, {"clamp": "k3_clamp"}),
+}
+FULL_VOCAB_LOSSES = tuple(n for n, loss in LOSSES.items() if loss.kind == "full_vocab")
+SAMPLED_TOKEN_LOSSES = tuple(n for n, loss in LOSSES.items() if loss.kind == "sampled_token")
+DIVERGENCES = {n: LOSSES[n].fn for n in FULL_VOCAB_LOSSES}  # the full-vocabulary view `divergence` dispatches on
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """name: a key of LOSSES. params: the loss's own parameters as (key, value) pairs, e.g. (("beta", 0.5),)
+    for jsd or (("clip", 0.1),) for forward_kl_clipped. chunk_size / vocab_chunk: the fused path's tiles."""
+
+    name: str = "forward_kl"
+    params: tuple[tuple[str, Any], ...] = ()
+    temperature: float = 1.0
+    aggregation: str = "token_mean"
+    chunk_size: int = 512
+    vocab_chunk: int | None = None
+
+    def __post_init__(self):
+        if self.name not in LOSSES:
+            raise ValueError(f"loss.name={self.name!r}: expected one of {tuple(LOSSES)}")
+
+    @property
+    def kind(self) -> str:
+        return LOSSES[self.name].kind
+
+
+def per_token_loss(cfg: LossConfig, hidden: Array, head: Array, *, targets: Array, mask: Array,
+                   teacher_hidden: Array | None = None, teacher_head: Array | None = None,
+                   teacher_logp: Array | None = None, old_logp: Array | None = None) -> Array:
+    """The per-token values of cfg's loss at the student's response positions: hidden [B, T, d] and head
+    [d, V] (the student's), targets int[B, T], mask bool[B, T] -> f32[B, T] (before aggregation).
+    Full-vocabulary losses need the teacher's hidden [B, T, d'] and head [d', V]; sampled-token losses its
+    log-prob of each target, f32[B, T] (and k1_policy_gradient optionally the behaviour policy's, old_logp)."""
+    params = dict(cfg.params)
+    if cfg.kind == "full_vocab":
+        return fused_divergence(cfg.name, hidden, head, teacher_hidden, teacher_head, chunk_size=cfg.chunk_size,
+                                vocab_chunk=cfg.vocab_chunk, temperature=cfg.temperature, mask=mask, **params)
+    student_logp = fused_token_logprobs(hidden, head, targets, chunk_size=cfg.chunk_size,
+                                        temperature=cfg.temperature, mask=mask)
+    if old_logp is not None:
+        params["old_logp"] = old_logp
+    return LOSSES[cfg.name].fn(student_logp, teacher_logp, mask=mask, **params)

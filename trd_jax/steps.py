@@ -33,34 +33,13 @@ import optax
 from flax import nnx
 
 from trd_jax import losses, multihost
+from trd_jax.losses import LossConfig
 from trd_jax.layouts import response_columns
 from trd_jax.models import lora
 from trd_jax.models.transformer import Transformer
 from trd_jax.sharding import BATCH_AXES, batch_sharding, replicated, shardings_like_params
 
 Array = jax.Array
-
-FULL_VOCAB_LOSSES = ("forward_kl", "reverse_kl", "jsd", "forward_kl_clipped", "reverse_kl_topk")
-SAMPLED_TOKEN_LOSSES = ("k1_policy_gradient", "k3")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """name: a full-vocabulary divergence (FULL_VOCAB_LOSSES) or a sampled-token estimator
-    (SAMPLED_TOKEN_LOSSES). params: the divergence's own parameters as (key, value) pairs, e.g.
-    (("beta", 0.5),) for jsd or (("clip", 0.1),) for forward_kl_clipped."""
-
-    name: str = "forward_kl"
-    params: tuple[tuple[str, Any], ...] = ()
-    temperature: float = 1.0
-    aggregation: str = "token_mean"
-    chunk_size: int = 512
-    vocab_chunk: int | None = None
-
-    def __post_init__(self):
-        if self.name not in FULL_VOCAB_LOSSES + SAMPLED_TOKEN_LOSSES:
-            raise ValueError(f"loss.name={self.name!r}: expected one of {FULL_VOCAB_LOSSES + SAMPLED_TOKEN_LOSSES}")
-
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -178,18 +157,9 @@ def _micro_loss(params, graphdef, cfg: LossConfig, seq: Sequences, targets, mask
     if dropout_key is not None:
         lora.set_dropout_keys(model, dropout_key)
     hidden = _response_hidden(model, seq, context_width, targets.shape[-1])
-    extra = dict(cfg.params)
-    if cfg.name in FULL_VOCAB_LOSSES:
-        values = losses.fused_divergence(cfg.name, hidden, model.lm_head_weight(), teacher_hidden, teacher_head,
-                                         chunk_size=cfg.chunk_size, vocab_chunk=cfg.vocab_chunk,
-                                         temperature=cfg.temperature, mask=mask, **extra)
-    else:
-        student_logp = losses.fused_token_logprobs(hidden, model.lm_head_weight(), targets,
-                                                   chunk_size=cfg.chunk_size, temperature=cfg.temperature, mask=mask)
-        if cfg.name == "k1_policy_gradient":
-            values = losses.k1_policy_gradient(student_logp, teacher_logp, old_logp=old_logp, mask=mask, **extra)
-        else:
-            values = losses.k3(student_logp, teacher_logp, mask=mask, **extra)
+    values = losses.per_token_loss(cfg, hidden, model.lm_head_weight(), targets=targets, mask=mask,
+                                   teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                                   teacher_logp=teacher_logp, old_logp=old_logp)
     loss = losses.aggregate(values, mask, cfg.aggregation, num_tokens=num_tokens, num_rows=num_rows)
     return loss, jnp.where(mask, values, 0.0)
 

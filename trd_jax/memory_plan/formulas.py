@@ -7,7 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from trd_jax.models.config import ModelConfig
-from trd_jax.steps import FULL_VOCAB_LOSSES, LossConfig
+from trd_jax.losses import LossConfig
 
 _F32 = 4  # bytes of the float32 buffers the model and the loss keep whatever the compute dtype
 
@@ -102,7 +102,7 @@ def loss_buffers(student: ModelConfig, teacher_hidden: int, rows: int, response:
     positions = rows * response
     chunk = min(loss.chunk_size, positions)
     b = _b(student)
-    logits = (2 if loss.name in FULL_VOCAB_LOSSES else 1) * chunk * width * _F32 + chunk * width * b
+    logits = (2 if loss.kind == "full_vocab" else 1) * chunk * width * _F32 + chunk * width * b
     head_grad = student.hidden_size * student.vocab_size * _F32
     if loss.name == "reverse_kl_topk":  # gathers student head columns from a float32 copy of the head
         head_grad *= 2

@@ -18,7 +18,8 @@ from trd_jax.memory_plan.formulas import update_activations
 from trd_jax.memory_plan.shards import _abstract_split, abstract_params, tree_bytes
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.lora import TARGETS as LORA_TARGETS, LoRAConfig
-from trd_jax.steps import LossConfig, OptimConfig, make_optimizer
+from trd_jax.losses import LossConfig
+from trd_jax.steps import OptimConfig, make_optimizer
 
 def compiled_update_temp(student: ModelConfig, *, rows: int, context: int, response: int, loss: LossConfig,
                          teacher_hidden: int, remat: str | None = None, micro_batches: int = 2,

@@ -14,7 +14,7 @@ from trd_jax.memory_plan.hardware import Accelerator
 from trd_jax.memory_plan.shards import StateBytes, sharded_bytes, state_bytes
 from trd_jax.memory_plan.workload import ModelInfo, PlanOptions, Workload
 from trd_jax.models.config import ModelConfig
-from trd_jax.steps import LossConfig
+from trd_jax.losses import LossConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import dataclasses
 from trd_jax.models.config import REMAT, ModelConfig
 from trd_jax.models.lora import LoRAConfig
 from trd_jax.shapes import bucket
-from trd_jax.steps import LossConfig
+from trd_jax.losses import LossConfig
 
 KV_CACHE = ("replicated", "sharded")
 
