@@ -30,7 +30,9 @@ from flax import nnx  # noqa: E402
 from trd_jax.models.config import ModelConfig  # noqa: E402
 from trd_jax.models.transformer import Transformer  # noqa: E402
 from trd_jax.sampling import Sampler, SamplingConfig  # noqa: E402
-from trd_jax.steps import LossConfig, OptimConfig, Sequences, init_state, make_optimizer, update  # noqa: E402
+from trd_jax.layouts import Layout  # noqa: E402
+from trd_jax.losses import LossConfig  # noqa: E402
+from trd_jax.steps import OptimConfig, init_state, make_optimizer, update  # noqa: E402
 from update_step import median_seconds, model_flops  # noqa: E402
 
 # bf16 dense tensor-core peaks (FLOP/s) from the vendors' data sheets (sparsity not counted).
@@ -102,12 +104,12 @@ def update_mfu(cfg: ModelConfig, batch: int, seq: int, chunk: int, repeats: int)
     ctx = 128  # a 128-token prompt, the rest response
     r = seq - ctx
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, batch, seq)), jnp.int32)
-    seqs = Sequences(tokens, jnp.broadcast_to(jnp.arange(seq), (1, batch, seq)), jnp.ones((1, batch, seq), bool))
+    seqs = Layout(tokens, jnp.broadcast_to(jnp.arange(seq), (1, batch, seq)), jnp.ones((1, batch, seq), bool), ctx)
     targets = tokens[:, :, ctx:]
     mask = jnp.ones((1, batch, r), bool)
     teacher_hidden = jax.random.normal(jax.random.key(2), (1, batch, r, cfg.hidden_size), jnp.bfloat16)
     teacher_head = nnx.merge(graphdef, params).lm_head_weight()
-    step = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "context_width", "ema_decay"),
+    step = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "ema_decay"),
                    donate_argnums=(0,))
     loss_cfg = LossConfig("forward_kl", chunk_size=chunk)
 
@@ -115,7 +117,7 @@ def update_mfu(cfg: ModelConfig, batch: int, seq: int, chunk: int, repeats: int)
         nonlocal state
         state, metrics = step(state, graphdef=graphdef, optimizer=optimizer, cfg=loss_cfg, seq=seqs, targets=targets,
                               mask=mask, teacher_hidden=teacher_hidden, teacher_head=teacher_head, teacher_logp=None,
-                              old_logp=None, context_width=ctx)
+                              old_logp=None)
         jax.block_until_ready(metrics.loss)
 
     t0 = time.perf_counter()

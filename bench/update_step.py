@@ -31,7 +31,9 @@ from flax import nnx
 
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
-from trd_jax.steps import LossConfig, OptimConfig, Sequences, init_state, make_optimizer, update
+from trd_jax.layouts import Layout
+from trd_jax.losses import LossConfig
+from trd_jax.steps import OptimConfig, init_state, make_optimizer, update
 
 CFG = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=6, num_heads=8,
                   num_kv_heads=4, head_dim=64, tie_word_embeddings=True)
@@ -87,14 +89,14 @@ def main():
     b, t, ctx = args.batch, args.seq, 64  # a 64-token prompt, the rest response
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, b, t)), jnp.int32)
-    seq = Sequences(tokens, jnp.broadcast_to(jnp.arange(t), (1, b, t)), jnp.ones((1, b, t), bool))
+    seq = Layout(tokens, jnp.broadcast_to(jnp.arange(t), (1, b, t)), jnp.ones((1, b, t), bool), ctx)
     r = t - ctx
     targets = tokens[:, :, ctx:]
     targets = jnp.pad(targets, ((0, 0), (0, 0), (0, r - targets.shape[-1])))
     mask = jnp.ones((1, b, r), bool)
     teacher_hidden = jax.random.normal(jax.random.key(2), (1, b, r, CFG.hidden_size), jnp.float32)
     teacher_head = nnx.merge(graphdef, params).lm_head_weight()
-    step = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "context_width", "ema_decay"),
+    step = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "ema_decay"),
                    donate_argnums=(0,))
     loss_cfg = LossConfig("forward_kl", chunk_size=args.chunk)
 
@@ -102,7 +104,7 @@ def main():
         nonlocal state
         state, metrics = step(state, graphdef=graphdef, optimizer=optimizer, cfg=loss_cfg, seq=seq, targets=targets,
                               mask=mask, teacher_hidden=teacher_hidden, teacher_head=teacher_head, teacher_logp=None,
-                              old_logp=None, context_width=ctx)
+                              old_logp=None)
         return metrics.loss
 
     t0 = time.perf_counter()

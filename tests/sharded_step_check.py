@@ -12,7 +12,7 @@ from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.sharding import MeshConfig, make_mesh, param_shardings
 from trd_jax.losses import LossConfig
-from trd_jax.steps import Sequences, init_sharded_state, jit_score, jit_update, to_micro_batches
+from trd_jax.steps import init_sharded_state, jit_score, jit_update, to_micro_batches
 
 assert len(jax.devices()) == 8, jax.devices()
 V = 64
@@ -35,13 +35,12 @@ def run(mesh):
     s_sh, t_sh = param_shardings(s_params, mesh), param_shardings(t_params, mesh)
     state = init_sharded_state(jax.device_put(s_params, s_sh), s_sh, optimizer, mesh)
     teacher = jax.device_put(t_params, t_sh)
-    seq = lambda l: Sequences(*(jnp.asarray(a) for a in (l.tokens, l.positions, l.mask)))  # noqa: E731
+    seq = lambda l: jax.tree.map(jnp.asarray, l)  # noqa: E731
     targets, mask = jnp.asarray(batch.targets), jnp.asarray(batch.response_mask)
-    scored = jit_score(t_graph, t_sh, mesh, context_width=batch.teacher.context_width, chunk_size=8)(
+    scored = jit_score(t_graph, t_sh, mesh, chunk_size=8)(
         teacher, seq(batch.teacher), targets, mask)
     head = nnx.merge(t_graph, teacher).lm_head_weight()
-    step = jit_update(s_graph, optimizer, loss, jax.tree.map(lambda x: x.sharding, state), mesh,
-                      context_width=batch.student.context_width)
+    step = jit_update(s_graph, optimizer, loss, jax.tree.map(lambda x: x.sharding, state), mesh)
     micro = to_micro_batches((seq(batch.student), targets, mask, scored.hidden, scored.logp), 2, mesh)
     for _ in range(2):  # two steps: the second sees updated params and optimizer moments
         seq_m, targets_m, mask_m, hidden_m, logp_m = micro

@@ -53,7 +53,7 @@ def setup():
                 batch=batch, **step_inputs(batch, plain_graph, base))
 
 
-_UPDATE = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "context_width", "ema_decay",
+_UPDATE = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "ema_decay",
                                            "teacher_head_source"))
 
 
@@ -62,8 +62,7 @@ def lora_update(setup, state, opt, **kw):
     return _UPDATE(state, graphdef=setup["graph"], optimizer=opt, cfg=LossConfig(chunk_size=4),
               seq=jax.tree.map(m, setup["student"]), targets=m(setup["targets"]), mask=m(setup["mask"]),
               teacher_hidden=m(setup["scored"].hidden), teacher_head=setup["head"],
-              teacher_logp=m(setup["scored"].logp), old_logp=None,
-              context_width=setup["batch"].student.context_width, frozen=setup["base"], **kw)
+              teacher_logp=m(setup["scored"].logp), old_logp=None, frozen=setup["base"], **kw)
 
 
 def test_zero_b_gives_the_base_logits_exactly(setup):
@@ -102,8 +101,8 @@ def test_merged_and_unmerged_forward_agree(setup):
     merged = lora.merge_lora(model)
     assert not lora.adapters(merged) and len(lora.adapters(model)) == 14
     seq = setup["teacher"]
-    unmerged = np.asarray(model.logits(model(*seq)[0]))
-    np.testing.assert_allclose(np.asarray(merged.logits(merged(*seq)[0])), unmerged, atol=1e-5, rtol=1e-5)
+    unmerged = np.asarray(model.logits(model(*seq.inputs())[0]))
+    np.testing.assert_allclose(np.asarray(merged.logits(merged(*seq.inputs())[0])), unmerged, atol=1e-5, rtol=1e-5)
     assert np.abs(unmerged - logits(setup["plain_graph"], setup["plain_params"], seq=seq)).max() > 1e-2
     # merging leaves the model and its base as they were
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(lora.split_lora(model)[2]),
@@ -146,7 +145,7 @@ def test_jitted_update_donates_the_adapters_not_the_base(setup):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
     state = init_state(setup["adapters"], opt)
     step = jit_update(setup["graph"], opt, LossConfig(chunk_size=4), shardings_of(state), mesh,
-                      context_width=setup["batch"].student.context_width, frozen_shardings=shardings_of(base))
+                      frozen_shardings=shardings_of(base))
     m = lambda x: x[None]  # noqa: E731
     before = [np.asarray(x) for x in jax.tree.leaves(base)]
     for _ in range(2):

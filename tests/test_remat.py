@@ -19,7 +19,7 @@ from trd_jax.models.config import REMAT, ModelConfig
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.models.transformer import Transformer, init_cache, with_runtime
 from trd_jax.losses import LossConfig
-from trd_jax.steps import Sequences, init_state, score, update
+from trd_jax.steps import init_state, score, update
 
 V = 97
 CFG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -31,7 +31,7 @@ RESPONSES = [list(RNG.integers(1, V, n)) for n in (6, 1, 9, 4)]
 
 
 def _seq(layout):
-    return Sequences(jnp.asarray(layout.tokens), jnp.asarray(layout.positions), jnp.asarray(layout.mask))
+    return jax.tree.map(jnp.asarray, layout)
 
 
 def _graphs():
@@ -99,22 +99,21 @@ def test_update_step_equal_without_remat():
     t_graph, t_params = nnx.split(Transformer(TEACHER, rngs=nnx.Rngs(1)))
     batch = distill_batch(PROMPTS, RESPONSES, PROMPTS)
     targets, mask = jnp.asarray(batch.targets), jnp.asarray(batch.response_mask)
-    scored = jax.jit(score, static_argnums=0, static_argnames=("context_width",))(
-        t_graph, t_params, _seq(batch.teacher), targets, mask, context_width=batch.teacher.context_width)
+    scored = jax.jit(score, static_argnums=0)(
+        t_graph, t_params, _seq(batch.teacher), targets, mask)
     t_head = nnx.merge(t_graph, t_params).lm_head_weight()
 
     def micro(x):
         return jax.tree.map(lambda a: a.reshape((2, a.shape[0] // 2) + a.shape[1:]), x)
 
     opt = optax.sgd(1.0)
-    fn = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "context_width"))
+    fn = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg"))
     out = {}
     for remat in REMAT:
         state, metrics = fn(init_state(params, opt), graphdef=graphs[remat], optimizer=opt,
                             cfg=LossConfig(name="forward_kl", chunk_size=8), seq=micro(_seq(batch.student)),
                             targets=micro(targets), mask=micro(mask), teacher_hidden=micro(scored.hidden),
-                            teacher_head=t_head, teacher_logp=micro(scored.logp), old_logp=None,
-                            context_width=batch.student.context_width)
+                            teacher_head=t_head, teacher_logp=micro(scored.logp), old_logp=None)
         out[remat] = (state.params, metrics)
     ref_params, ref = out["none"]
     assert float(ref.grad_norm) > 0

@@ -57,8 +57,8 @@ def naive_loss(s_graph, params, setup, name, **kw):
     b = setup["batch"]
     st = nnx.merge(s_graph, params)
     te = nnx.merge(setup["t_graph"], setup["t_params"])
-    h_s, _ = st(*setup["student"])
-    h_t, _ = te(*setup["teacher"])
+    h_s, _ = st(*setup["student"].inputs())
+    h_t, _ = te(*setup["teacher"].inputs())
     cs, ct, r = b.student.context_width, b.teacher.context_width, b.targets.shape[1]
     ls = st.logits(h_s)[:, cs - 1:cs - 1 + r]
     lt = te.logits(h_t)[:, ct - 1:ct - 1 + r]
@@ -70,18 +70,18 @@ def run_update(setup, cfg, m=1, opt=None, state=None, teacher_hidden=None, **kw)
     opt = opt or optax.sgd(1.0)
     state = state or init_state(setup["s_params"], opt)
     th = setup["scored"].hidden if teacher_hidden is None else teacher_hidden
-    fn = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "context_width", "ema_decay",
+    fn = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "ema_decay",
                                           "teacher_head_source"))
     return fn(state, graphdef=setup["s_graph"], optimizer=opt, cfg=cfg, seq=micro(setup["student"], m),
               targets=micro(setup["targets"], m), mask=micro(setup["mask"], m), teacher_hidden=micro(th, m),
               teacher_head=setup["t_head"], teacher_logp=micro(setup["scored"].logp, m),
-              old_logp=kw.pop("old_logp", None), context_width=setup["batch"].student.context_width, **kw)
+              old_logp=kw.pop("old_logp", None), **kw)
 
 
 def test_score_logprobs_match_full_logits(setup):
     b = setup["batch"]
     te = nnx.merge(setup["t_graph"], setup["t_params"])
-    h, _ = te(*setup["teacher"])
+    h, _ = te(*setup["teacher"].inputs())
     c, r = b.teacher.context_width, b.targets.shape[1]
     full = jax.nn.log_softmax(te.logits(h)[:, c - 1:c - 1 + r], axis=-1)
     expected = np.take_along_axis(np.asarray(full), b.targets[..., None], axis=-1)[..., 0] * b.response_mask
@@ -165,8 +165,8 @@ def test_opsd_teacher_modes(setup):
     with pytest.raises(ValueError, match="expected one of"):
         teacher_weights("frozen", state, initial)
     # score never differentiates into the teacher: live-teacher gradients stay those of the loss alone
-    g = jax.grad(lambda p: score(setup["s_graph"], p, setup["student"], setup["targets"], setup["mask"],
-                                 context_width=setup["batch"].student.context_width).logp.sum())(initial)
+    g = jax.grad(lambda p: score(setup["s_graph"], p, setup["student"], setup["targets"],
+                                 setup["mask"]).logp.sum())(initial)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
 
 
@@ -176,7 +176,7 @@ def test_sampled_token_losses(setup, name):
     cfg = LossConfig(name, chunk_size=4)
     st = nnx.merge(setup["s_graph"], setup["s_params"])
     b = setup["batch"]
-    h, _ = st(*setup["student"])
+    h, _ = st(*setup["student"].inputs())
     c, r = b.student.context_width, b.targets.shape[1]
     logp = jax.nn.log_softmax(st.logits(h)[:, c - 1:c - 1 + r], axis=-1)
     s_logp = jnp.take_along_axis(logp, setup["targets"][..., None], axis=-1)[..., 0]
@@ -208,11 +208,10 @@ def test_donated_step_with_live_teacher_keeps_callers_arrays(setup):
     opt = optax.sgd(0.1)
     initial = setup["s_params"]
     state = init_state(initial, opt)
-    width = setup["batch"].student.context_width
     scored = score(setup["s_graph"], teacher_weights("live", state, initial), setup["student"], setup["targets"],
-                   setup["mask"], context_width=width)
+                   setup["mask"])
     step = jit_update(setup["s_graph"], opt, LossConfig(chunk_size=4), shardings_of(state), mesh,
-                      context_width=width, teacher_head_source="live")
+                      teacher_head_source="live")
     seq, targets, mask, hidden, logp = to_micro_batches(
         (setup["student"], setup["targets"], setup["mask"], scored.hidden, scored.logp), 1, mesh)
     new, metrics = step(state, seq=seq, targets=targets, mask=mask, teacher_hidden=hidden, teacher_logp=logp)

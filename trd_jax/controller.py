@@ -36,17 +36,13 @@ from trd_jax.run_checkpoint import check_resume_config, checkpoint_steps, is_run
 from trd_jax.run_summary import training_summary
 from trd_jax.sampling import Sampler, SamplingConfig
 from trd_jax.sharding import batch_sharding, make_mesh, replicated
-from trd_jax.steps import (Sequences, init_sharded_state, jit_score, jit_update, learning_rate_schedule,
+from trd_jax.steps import (init_sharded_state, jit_score, jit_update, learning_rate_schedule,
                            make_optimizer, to_micro_batches)
 from trd_jax.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
 
 GREEDY = SamplingConfig(temperature=0.0)  # eval.greedy: argmax decoding (top-k / top-p are moot)
-
-
-def _seq(layout: Layout) -> Sequences:
-    return Sequences(layout.tokens, layout.positions, layout.mask)
 
 
 class Trainer:
@@ -93,7 +89,7 @@ class Trainer:
         self.counters: dict[str, float] = {}
         self.evals: list[dict] = []
         self._score_fns: dict = {}
-        self._update_fns: dict = {}
+        self._update_fn = None
         self._warm = False
         self._stats_fn = jax.jit(diagnostics.teacher_token_stats, static_argnames=("chunk_size", "temperature"))
         self._setup_models()
@@ -152,12 +148,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ compiled steps
 
     def _score(self, side: str, params, layout: Layout, targets, mask):
-        key = (side, layout.context_width)
+        key = side  # one jitted function per side, compiled once per context width (Layout's static field)
         if key not in self._score_fns:
             graph, shard = self.roles.graph_and_shardings(side)
-            self._score_fns[key] = jit_score(graph, shard, self.mesh, context_width=layout.context_width,
-                                             temperature=self.s.loss.temperature, chunk_size=self.s.loss.chunk_size)
-        args = (_seq(layout), targets, mask)
+            self._score_fns[key] = jit_score(graph, shard, self.mesh, temperature=self.s.loss.temperature,
+                                             chunk_size=self.s.loss.chunk_size)
+        args = (layout, targets, mask)
         rows = np.shape(targets)[0]
         if not self.s.max_score_rows or self.s.max_score_rows >= rows:
             return self._score_fns[key](params, *self._score_args(args))
@@ -171,17 +167,15 @@ class Trainer:
         return args
 
     def _update(self, batch: DistillBatch, scored, dropout_key=None):
-        width = batch.student.context_width
-        if width not in self._update_fns:
+        if self._update_fn is None:  # compiled once per context width (Layout's static field)
             state_sh = jax.tree.map(lambda x: x.sharding, self.state)
-            self._update_fns[width] = jit_update(self.roles.student_graph, self.optimizer, self.s.loss, state_sh,
-                                                 self.mesh, context_width=width, ema_decay=self.s.ema_decay,
-                                                 teacher_head_source=self.roles.teacher_head_source,
-                                                 frozen_shardings=self.roles.base_shardings)
+            self._update_fn = jit_update(self.roles.student_graph, self.optimizer, self.s.loss, state_sh, self.mesh,
+                                         ema_decay=self.s.ema_decay, teacher_head_source=self.roles.teacher_head_source,
+                                         frozen_shardings=self.roles.base_shardings)
         seq, targets, mask, hidden, logp = to_micro_batches(
-            (_seq(batch.student), batch.targets, batch.response_mask, scored.hidden, scored.logp),
+            (batch.student, batch.targets, batch.response_mask, scored.hidden, scored.logp),
             self.s.micro_batches, self.mesh)
-        self.state, metrics = self._update_fns[width](
+        self.state, metrics = self._update_fn(
             self.state, seq=seq, targets=targets, mask=mask, teacher_hidden=hidden, teacher_head=self.roles.frozen_head,
             teacher_logp=logp, frozen=self.roles.base_params, dropout_key=dropout_key)
         return metrics

@@ -15,22 +15,34 @@ in every row, for student and teacher alike, whatever their context lengths: sli
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from trd_jax.shapes import bucket
 
 
-class Layout(NamedTuple):
-    """One side's model input. tokens i32[B, C + R]; mask bool[B, C + R] (real tokens); positions
-    i32[B, C + R] (0 at each row's first real token); context_width C (static)."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "positions", "mask"],
+                   meta_fields=["context_width"])
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One side's model input, on the host (numpy) and on device (jax arrays) alike: tokens i32[..., C + R];
+    positions i32[..., C + R] (0 at each row's first real token); mask bool[..., C + R] (real tokens). A
+    pytree whose context_width C is static metadata: the jitted steps read it from their argument and
+    compile once per width. Leading axes are [B] or, micro-batched, [M, b]."""
 
-    tokens: np.ndarray
-    mask: np.ndarray
-    positions: np.ndarray
+    tokens: Any
+    positions: Any
+    mask: Any
     context_width: int
+
+    def inputs(self) -> tuple:
+        """(tokens, positions, mask): the model's call arguments."""
+        return self.tokens, self.positions, self.mask
 
 
 class DistillBatch(NamedTuple):
@@ -65,7 +77,7 @@ def build_layout(contexts: Sequence[Sequence[int]], responses: Sequence[Sequence
         tokens[i, context_width:context_width + len(resp)] = resp
         mask[i, context_width - len(ctx):context_width + len(resp)] = True
     positions = np.maximum(np.cumsum(mask, axis=1, dtype=np.int32) - 1, 0).astype(np.int32)
-    return Layout(tokens, mask, positions, context_width)
+    return Layout(tokens, positions, mask, context_width)
 
 
 def distill_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],

@@ -34,7 +34,7 @@ from flax import nnx
 
 from trd_jax import losses, multihost
 from trd_jax.losses import LossConfig
-from trd_jax.layouts import response_columns
+from trd_jax.layouts import Layout, response_columns
 from trd_jax.models import lora
 from trd_jax.models.transformer import Transformer
 from trd_jax.sharding import BATCH_AXES, batch_sharding, replicated, shardings_like_params
@@ -104,14 +104,6 @@ def init_sharded_state(params, param_shardings, optimizer: optax.GradientTransfo
 OPSD_TEACHER_MODES = ("initial", "live", "ema")  # distill.opsd_teacher; roles.teacher_weights uses them
 
 
-class Sequences(NamedTuple):
-    """One side's layout on device: tokens i32[..., L], positions i32[..., L], mask bool[..., L]."""
-
-    tokens: Array
-    positions: Array
-    mask: Array
-
-
 class ScoreOutput(NamedTuple):
     hidden: Array  # [B, R, d_teacher] final hidden states (compute dtype) predicting each response token
     logp: Array  # f32[B, R] teacher log-probability of each response token (temperature applied)
@@ -126,18 +118,18 @@ def merged_model(graphdef, params, frozen=None) -> Transformer:
     return nnx.merge(graphdef, params, jax.tree.map(lambda x: x, frozen))
 
 
-def _response_hidden(model: Transformer, seq: Sequences, context_width: int, response_width: int) -> Array:
+def _response_hidden(model: Transformer, seq: Layout, response_width: int) -> Array:
     hidden, _ = model(seq.tokens, seq.positions, seq.mask)
-    return response_columns(hidden, context_width, response_width)
+    return response_columns(hidden, seq.context_width, response_width)
 
 
-def score(graphdef, params, seq: Sequences, targets: Array, mask: Array, *, context_width: int,
-          temperature: float = 1.0, chunk_size: int = 512) -> ScoreOutput:
+def score(graphdef, params, seq: Layout, targets: Array, mask: Array, *, temperature: float = 1.0,
+          chunk_size: int = 512) -> ScoreOutput:
     """Teacher forward under stop_gradient: hidden states and token log-probs (0 where ~mask) of the
-    response slice. targets i32[B, R], mask bool[B, R]."""
+    response slice. seq: the teacher's Layout [B, C + R]; targets i32[B, R], mask bool[B, R]."""
     params = jax.lax.stop_gradient(params)
     model: Transformer = nnx.merge(graphdef, params)
-    hidden = _response_hidden(model, seq, context_width, targets.shape[-1])
+    hidden = _response_hidden(model, seq, targets.shape[-1])
     logp = losses.fused_token_logprobs(hidden, model.lm_head_weight(), targets, chunk_size=chunk_size,
                                        temperature=temperature, mask=mask)
     return ScoreOutput(hidden, jnp.where(mask, logp, 0.0))
@@ -151,12 +143,12 @@ class StepMetrics(NamedTuple):
     per_token: Array  # f32[M, b, R] per-token divergence values (0 where masked), for diagnostics
 
 
-def _micro_loss(params, graphdef, cfg: LossConfig, seq: Sequences, targets, mask, teacher_hidden, teacher_head,
-                teacher_logp, old_logp, num_tokens, num_rows, context_width, frozen=None, dropout_key=None):
+def _micro_loss(params, graphdef, cfg: LossConfig, seq: Layout, targets, mask, teacher_hidden, teacher_head,
+                teacher_logp, old_logp, num_tokens, num_rows, frozen=None, dropout_key=None):
     model = merged_model(graphdef, params, frozen)
     if dropout_key is not None:
         lora.set_dropout_keys(model, dropout_key)
-    hidden = _response_hidden(model, seq, context_width, targets.shape[-1])
+    hidden = _response_hidden(model, seq, targets.shape[-1])
     values = losses.per_token_loss(cfg, hidden, model.lm_head_weight(), targets=targets, mask=mask,
                                    teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                                    teacher_logp=teacher_logp, old_logp=old_logp)
@@ -168,9 +160,9 @@ TEACHER_HEAD_SOURCES = ("given", "live", "ema")
 
 
 def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig,
-           seq: Sequences, targets: Array, mask: Array, teacher_hidden: Array | None, teacher_head: Array | None,
-           teacher_logp: Array | None, old_logp: Array | None, *, context_width: int,
-           ema_decay: float | None = None, teacher_head_source: str = "given", frozen=None,
+           seq: Layout, targets: Array, mask: Array, teacher_hidden: Array | None, teacher_head: Array | None,
+           teacher_logp: Array | None, old_logp: Array | None, *, ema_decay: float | None = None,
+           teacher_head_source: str = "given", frozen=None,
            dropout_key: Array | None = None) -> tuple[TrainState, StepMetrics]:
     """One optimizer step over M micro-batches: every batch array has shape [M, b, ...].
 
@@ -200,7 +192,7 @@ def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation,
         seq_m, tgt, msk, th, tl, ol, index = xs
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
         (loss, per_token), g = grad_fn(state.params, graphdef, cfg, seq_m, tgt, msk, th, teacher_head, tl, ol,
-                                       num_tokens, num_rows, context_width, frozen, key)
+                                       num_tokens, num_rows, frozen, key)
         return (jax.tree.map(jnp.add, grads, g), total + loss), per_token
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -257,17 +249,18 @@ def to_micro_batches(tree, num_micro: int, mesh):
 
 
 def jit_update(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, state_shardings, mesh, *,
-               context_width: int, ema_decay: float | None = None, teacher_head_source: str = "given",
+               ema_decay: float | None = None, teacher_head_source: str = "given",
                frozen_shardings=None):
     """update() compiled for a mesh: the state is donated (replaced in place) and keeps its shardings; batch
-    arrays ([M, b, ...], to_micro_batches) are split over (data, fsdp). Returns
+    arrays ([M, b, ...], to_micro_batches; seq a Layout, compiled once per context width) are split over
+    (data, fsdp). Returns
     ``step(state, *, seq, targets, mask, teacher_hidden=None, teacher_head=None, teacher_logp=None, frozen=None,
     dropout_key=None) -> (state, metrics)``: a teacher argument stays None when the loss does not use it; under
     LoRA ``frozen`` is the base (placed with frozen_shardings, never donated). The sampled-token loss runs in
     its on-policy form (no behaviour log-probs: one optimizer step per batch)."""
     batch = micro_batch_sharding(mesh)
-    fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=cfg, context_width=context_width,
-                           ema_decay=ema_decay, teacher_head_source=teacher_head_source)
+    fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=cfg, ema_decay=ema_decay,
+                           teacher_head_source=teacher_head_source)
     jitted = jax.jit(lambda state, seq, targets, mask, th, thead, tl, frozen, key: fn(
         state, seq=seq, targets=targets, mask=mask, teacher_hidden=th, teacher_head=thead, teacher_logp=tl,
         old_logp=None, frozen=frozen, dropout_key=key),
@@ -281,10 +274,8 @@ def jit_update(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfi
     return step
 
 
-def jit_score(graphdef, param_shardings, mesh, *, context_width: int, temperature: float = 1.0,
-              chunk_size: int = 512):
+def jit_score(graphdef, param_shardings, mesh, *, temperature: float = 1.0, chunk_size: int = 512):
     """score() compiled for a mesh, on [b, ...] arrays (one micro-batch, or all rows at once)."""
     rows = batch_sharding(mesh)
-    fn = functools.partial(score, graphdef, context_width=context_width, temperature=temperature,
-                           chunk_size=chunk_size)
+    fn = functools.partial(score, graphdef, temperature=temperature, chunk_size=chunk_size)
     return jax.jit(fn, in_shardings=(param_shardings, rows, rows, rows), out_shardings=ScoreOutput(rows, rows))

@@ -33,7 +33,8 @@ def compiled_update_temp(student: ModelConfig, *, rows: int, context: int, respo
     XLA:CPU's default scheduler favours concurrency and places recomputation beside the forward pass, so
     remat would not lower the peak at all; TPU and GPU schedulers are memory-aware. `lora`: the state holds
     adapters and the frozen base is an argument of its own (counted in `argument`, reported as `frozen`)."""
-    from trd_jax.steps import Sequences, init_state, update
+    from trd_jax.layouts import Layout
+    from trd_jax.steps import init_state, update
 
     student = student if remat is None else student.replace(remat=remat)
     graphdef, params, frozen = _abstract_split(student, lora)
@@ -41,12 +42,12 @@ def compiled_update_temp(student: ModelConfig, *, rows: int, context: int, respo
     state = jax.eval_shape(functools.partial(init_state, optimizer=optimizer), params)
     spec, length, dt = jax.ShapeDtypeStruct, context + response, jnp.dtype(student.dtype)
     m = micro_batches
-    seq = Sequences(spec((m, rows, length), jnp.int32), spec((m, rows, length), jnp.int32),
-                    spec((m, rows, length), jnp.bool_))
+    seq = Layout(spec((m, rows, length), jnp.int32), spec((m, rows, length), jnp.int32),
+                 spec((m, rows, length), jnp.bool_), context)
     args = (state, seq, spec((m, rows, response), jnp.int32), spec((m, rows, response), jnp.bool_),
             spec((m, rows, response, teacher_hidden), dt), spec((teacher_hidden, student.vocab_size), dt),
             spec((m, rows, response), jnp.float32))
-    step = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=loss, context_width=context)
+    step = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=loss)
 
     def fn(state, seq, targets, mask, hidden, head, logp, frozen):
         return step(state, seq=seq, targets=targets, mask=mask, teacher_hidden=hidden, teacher_head=head,
