@@ -27,7 +27,7 @@ from trd_jax.sharding import make_mesh, param_shardings, replicated
 from trd_jax.steps import state_shardings
 
 HERE = os.path.dirname(__file__)
-KILL_SCRIPT = os.path.join(HERE, "checkpoint_kill_check.py")
+KILL_SCRIPT = os.path.join(HERE, "helpers", "checkpoint_kill_check.py")
 
 
 def _load_helper():

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tiny_run import tiny_config
+from helpers.tiny_run import tiny_config
 from trd_jax.config import ConfigError
 from trd_jax.data import code_task as code_task_module
 from trd_jax.data.registry import make_task

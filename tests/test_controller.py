@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tb_events import read_tb_scalars
-from tiny_run import tiny_config
+from helpers.tb_events import read_tb_scalars
+from helpers.tiny_run import tiny_config
 from trd_jax.api import generate, load_model
 from trd_jax.config import ConfigError
 from trd_jax.controller import Trainer
@@ -199,7 +199,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 def _main(workdir, *args, **popen):
     env = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "JAX_PLATFORMS": "cpu"}
-    cmd = [sys.executable, "-m", "trd_jax.main", "--config", os.path.join(TESTS, "tiny_recipe.py"),
+    cmd = [sys.executable, "-m", "trd_jax.main", "--config", os.path.join(TESTS, "helpers", "tiny_recipe.py"),
            "--workdir", str(workdir), *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from step_inputs import step_inputs
+from helpers.step_inputs import step_inputs
 from trd_jax.config import ConfigError, base_config, resolve
 from trd_jax.layouts import distill_batch
 from trd_jax.models import lora

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from tiny_run import tiny_config
+from helpers.tiny_run import tiny_config
 from trd_jax.controller import Trainer
 from trd_jax.models import lora
 from trd_jax.models.hf_io import load_hf

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tb_events import read_tb_events, read_tb_scalars, read_wandb_records, wandb_history
-from tiny_run import tiny_config
+from helpers.tb_events import read_tb_events, read_tb_scalars, read_wandb_records, wandb_history
+from helpers.tiny_run import tiny_config
 from trd_jax.config import ConfigError, resolve
 from trd_jax.metrics import (
     MetricsWriter,

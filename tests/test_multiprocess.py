@@ -1,11 +1,11 @@
-"""Multi-process correctness on CPU: a tiny training run (tests/tiny_run.py: the arithmetic task, random
+"""Multi-process correctness on CPU: a tiny training run (tests/helpers/tiny_run.py: the arithmetic task, random
 2-layer models, OPD with refinement, diagnostics, eval and export) as 2 jax.distributed processes with one
 CPU device each (a localhost coordinator, gloo collectives) must end with the same parameters, bit for bit,
 as 1 process with 2 fake CPU devices on the same mesh (fsdp=2: parameters and batch rows split over the two
 devices). Bitwise, because both runs execute the same partitioned programs: only the transport of the
 collectives differs (in-process vs gloo), and a 2-way sum is exact whichever side adds. Also checked: only
 process 0 wrote metrics, TensorBoard events, summary and export; every process saved its checkpoint shards
-and restored them (tests/multiprocess_check.py)."""
+and restored them (tests/helpers/multiprocess_check.py)."""
 
 import json
 import os
@@ -19,7 +19,7 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-CHECK = os.path.join(TESTS, "multiprocess_check.py")
+CHECK = os.path.join(TESTS, "helpers", "multiprocess_check.py")
 # Also the paths that place rows on devices: scoring in row groups, and blockwise attention's prefill into the
 # sampler's row-sharded cache.
 OVERRIDES = {"train.steps": 2, "train.micro_batches": 2, "train.max_score_rows": 2, "student.attention": "blockwise",

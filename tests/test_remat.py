@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from tiny_run import tiny_config
+from helpers.tiny_run import tiny_config
 from trd_jax import memory_plan as mp
 from trd_jax.config import ConfigError, base_config, resolve
 from trd_jax.layouts import distill_batch

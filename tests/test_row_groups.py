@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tiny_run import tiny_config
+from helpers.tiny_run import tiny_config
 from trd_jax.config import ConfigError
 from trd_jax.controller import Trainer
 
@@ -19,7 +19,7 @@ TESTS = os.path.dirname(__file__)
 
 def test_groups_on_a_sharded_mesh():
     """4 CPU devices in a subprocess (the device count is fixed when JAX starts)."""
-    done = subprocess.run([sys.executable, os.path.join(TESTS, "row_groups_check.py")], capture_output=True,
+    done = subprocess.run([sys.executable, os.path.join(TESTS, "helpers", "row_groups_check.py")], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.path.dirname(TESTS)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "row groups ok" in done.stdout

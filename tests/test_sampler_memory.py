@@ -211,7 +211,7 @@ def test_sharded_cache_equals_unsharded_on_4_cpu_devices():
 def test_controller_releases_caches_and_samples_in_row_groups(tmp_path):
     """rollout.release_kv_cache frees each sampler's cache when its phase ends; evaluation always frees its
     cache; rollout.max_rows_per_call samples in groups and trains on exactly the same rows."""
-    from tiny_run import tiny_config
+    from helpers.tiny_run import tiny_config
     from trd_jax.controller import Trainer
 
     common = {"distill.mode": "opd", "distill.trajectory": "y_r", "train.steps": 1}

@@ -294,17 +294,28 @@ def test_pad_id_outside_vocab(tiny_lms):
 # ---------------------------------------------------------------- compile reuse, buckets, bad input
 
 
-def test_no_recompilation_within_bucket(tiny_lms):
+def test_no_recompilation_within_bucket(tiny_lms, monkeypatch):
+    """Prompts of other lengths in the same buckets reuse the compiled prefill and decode; a new batch bucket
+    compiles once more. The steps are re-jitted around chex.assert_max_traces, which raises on a second trace."""
+    import chex
+
+    jit_args = {"prefill": dict(static_argnames=("graphdef", "n", "cache_sharding"), donate_argnames=("cache",)),
+                "decode": dict(static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
+                                                "total_rows", "cache_sharding"), donate_argnames=("cache",))}
+    for name, kw in jit_args.items():
+        raw = getattr(sampling, name).__wrapped__
+        monkeypatch.setattr(sampling, name, jax.jit(chex.assert_max_traces(raw, n=1), **kw))
     lm = tiny_lms["qwen3"]
     greedy = SamplingConfig(0.0)
-    lm.sampler(lm.params, [[1, 2, 3], list(range(9))], 9, sampling=greedy)
-    sizes = prefill_size, decode_size = sampling.prefill._cache_size(), sampling.decode._cache_size()
-    assert prefill_size > 0 and decode_size > 0
-    out = lm.sampler(lm.params, [list(range(30, 44)), [7, 7]], 12, sampling=greedy)  # same buckets
-    assert (sampling.prefill._cache_size(), sampling.decode._cache_size()) == sizes
-    assert out.tokens.shape[1] == 12
-    lm.sampler(lm.params, [[1]] * 5, 9, sampling=greedy)  # another batch bucket: compiles
-    assert sampling.decode._cache_size() == decode_size + 1
+    sampler = sampling.Sampler(lm.graphdef)  # a fresh sampler: no cache from other tests
+    try:
+        sampler(lm.params, [[1, 2, 3], list(range(9))], 9, sampling=greedy)
+        out = sampler(lm.params, [list(range(30, 44)), [7, 7]], 12, sampling=greedy)  # same buckets: no trace
+        assert out.tokens.shape[1] == 12
+        with pytest.raises(AssertionError, match="traced > 1 times"):
+            sampler(lm.params, [[1]] * 5, 9, sampling=greedy)  # another batch bucket: a second trace
+    finally:
+        chex.clear_trace_counter()
 
 
 def test_kv_cache_reuse_across_calls(tiny_lms):

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from step_inputs import step_inputs
+from helpers.step_inputs import step_inputs
 from trd_jax import losses
 from trd_jax.layouts import distill_batch
 from trd_jax.models.config import ModelConfig
@@ -194,7 +194,7 @@ def test_sampled_token_losses(setup, name):
 def test_one_device_and_eight_fake_devices_agree():
     """Same loss, gradient norm and updated parameters on a 1-device mesh and a 2x2x2 mesh."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    script = os.path.join(os.path.dirname(__file__), "sharded_step_check.py")
+    script = os.path.join(os.path.dirname(__file__), "helpers", "sharded_step_check.py")
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "MATCH" in out.stdout, out.stdout

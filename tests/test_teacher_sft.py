@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from tiny_run import tiny_config
+from helpers.tiny_run import tiny_config
 from trd_jax.config import ConfigError, resolve, teacher_sft_config
 from trd_jax.data import mini_math
 from trd_jax.data.registry import make_task

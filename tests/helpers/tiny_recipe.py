@@ -1,6 +1,6 @@
 """tiny_config() as a recipe file for `python -m trd_jax.main --config` (PYTHONPATH must hold tests/)."""
 
-from tiny_run import tiny_config
+from helpers.tiny_run import tiny_config
 
 
 def get_config():

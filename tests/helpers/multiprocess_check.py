@@ -1,8 +1,8 @@
-"""Run by test_multiprocess.py: one process of a tiny training run (tests/tiny_run.py's config) in WORKDIR,
+"""Run by test_multiprocess.py: one process of a tiny training run (tests/helpers/tiny_run.py's config) in WORKDIR,
 either one of several jax.distributed processes (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
 or a single process with fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N).
 
-    python tests/multiprocess_check.py WORKDIR '{"dotted.key": value, ...}'
+    python tests/helpers/multiprocess_check.py WORKDIR '{"dotted.key": value, ...}'
 
 After training it restores the latest checkpoint (every process, each reading its own shards) and checks
 that the restored parameters equal the live ones; process 0 then writes WORKDIR/final_params.npz (the
