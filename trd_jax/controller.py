@@ -28,7 +28,6 @@ from trd_jax import diagnostics, evaluation, multihost, row_groups, trajectories
 from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
 from trd_jax.config import Settings, resolve
 from trd_jax.data.registry import make_task_once
-from trd_jax.data.task import PromptIterator
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
 from trd_jax.roles import build_roles, converted, prepared_sources, tokenizer_home
@@ -121,13 +120,10 @@ class Trainer:
             log.info("LoRA r=%d alpha=%g on %s: %s trainable parameters (%.2f%% of %s); persistent bytes %s",
                      s.lora.rank, s.lora.alpha, ",".join(s.lora.targets), f"{trainable:,}", 100 * trainable / frozen,
                      f"{frozen:,}", self.memory["bytes"])
-        # Local datasets stream through grain (skipping prompts over task.max_prompt_tokens, counted, as
-        # [code-trd] drops them); generated tasks hold their examples in memory.
-        if hasattr(self.task, "prompt_iterator"):
-            self.task.set_filter(lambda ex: len(tok.encode_prompt(ex.prompt(), s.prompt_mode)) <= s.max_prompt_tokens)
-            self.data = self.task.prompt_iterator(s.seed)
-        else:
-            self.data = PromptIterator(self.task.split("train"), seed=s.seed)
+        # Prompts over task.max_prompt_tokens are skipped (local datasets count them, as [code-trd] drops
+        # them); local datasets stream through grain, generated tasks hold their examples in memory.
+        self.task.set_filter(lambda ex: len(tok.encode_prompt(ex.prompt(), s.prompt_mode)) <= s.max_prompt_tokens)
+        self.data = self.task.prompt_iterator(s.seed)
 
     # What tests and experiments read on the Trainer: the roles' graphs and fixed weights.
     s_graph = property(lambda self: self.roles.student_graph)
@@ -466,13 +462,11 @@ class Trainer:
 
     def task_close(self) -> None:
         """Stops the task's grading workers (a later grade starts them again)."""
-        if hasattr(self.task, "close"):
-            self.task.close()
+        self.task.close()
 
     def _grading(self) -> dict:
         """Answers per grading status (math: exact, match, timeout, ...), for tasks that count them."""
-        stats = getattr(self.task, "stats", None)
-        return {"grading": dict(stats)} if stats else {}
+        return {"grading": dict(self.task.stats)} if self.task.stats else {}
 
     def _finish(self, done: int, status: str) -> dict:
         s = self.s

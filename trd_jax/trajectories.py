@@ -61,9 +61,7 @@ def sampled_rows(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
 def grade(task, tokenizer: Tokenizer, rows: Sequence[Sequence[int]], examples: Sequence[Example]) -> np.ndarray:
     """Rewards of decoded responses (special tokens skipped); in parallel where the task grades batches."""
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-    if hasattr(task, "grade_batch"):
-        return np.asarray(task.grade_batch(texts, list(examples)), np.float32)
-    return np.array([task.grade(t, ex) for t, ex in zip(texts, examples)], np.float32)
+    return np.asarray(task.grade_batch(texts, list(examples)), np.float32)
 
 
 def capped(rows: Sequence[Sequence[int]], eos_ids: Sequence[int], budget: int) -> np.ndarray:

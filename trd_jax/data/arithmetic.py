@@ -33,11 +33,11 @@ import dataclasses
 import hashlib
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from trd_jax.data.task import Example
+from trd_jax.data.task import Example, PromptIterator
 from trd_jax.data.toy_tokenizer import save_tokenizer
 from trd_jax.prompts import MATH_ANSWER_INSTRUCTION, TRUNCATION_NOTICE, refine_prompt_text, vanilla_teacher_context
 from trd_jax.rewards.answers import last_boxed
@@ -301,6 +301,8 @@ class ArithmeticTask:
 
     def __init__(self, directory: str, cfg: ArithmeticConfig = ArithmeticConfig()):
         self.cfg = cfg
+        self.stats: dict[str, int] = {}  # nothing to count: grading is exact and every example is usable
+        self._keep: Callable[[Example], bool] = lambda ex: True
         self.tokenizer_dir = os.path.join(directory, "tokenizer")
         if not os.path.isfile(os.path.join(self.tokenizer_dir, "tokenizer.json")):
             save_tokenizer(self.tokenizer_dir, _tokenizer_corpus())
@@ -332,6 +334,19 @@ class ArithmeticTask:
         """The paper's grading: the last boxed answer against the reference answer. ``first_error`` and
         ``step_errors`` verify the steps themselves (either form of each), for diagnostics."""
         return float(last_boxed(response) == example.answer)
+
+    def grade_batch(self, responses: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
+        return np.array([self.grade(r, ex) for r, ex in zip(responses, examples, strict=True)], np.float32)
+
+    def set_filter(self, keep: Callable[[Example], bool]) -> None:
+        self._keep = keep
+
+    def prompt_iterator(self, seed: int) -> PromptIterator:
+        """The train split in memory (examples `keep` rejects left out), reshuffled every epoch."""
+        return PromptIterator([ex for ex in self.split("train") if self._keep(ex)], seed=seed)
+
+    def close(self) -> None:
+        """Nothing to release: grading runs in this process."""
 
     @staticmethod
     def problem_of(example: Example) -> Problem:

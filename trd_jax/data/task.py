@@ -9,7 +9,7 @@ an uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -62,15 +62,32 @@ class TaskSettings:
 
 
 class Task(Protocol):
+    """Everything the loop asks of a task (ArithmeticTask, and the local-file tasks' LocalFilesTask, implement
+    all of it; nothing is looked up with hasattr)."""
+
     name: str
     kind: str  # "math" | "code": which refine templates apply (trd_jax.prompts.TASKS)
     tokenizer_dir: str  # a local folder Tokenizer.from_dir reads
+    stats: dict[str, int]  # counted grading outcomes and skipped examples, for summary.json (may stay empty)
 
     def split(self, name: str) -> Sequence[Example]:
         """The examples of split "train" or "eval", in a fixed order."""
 
     def grade(self, response: str, example: Example) -> float:
         """1.0 for a correct response (decoded text, special tokens skipped), else 0.0."""
+
+    def grade_batch(self, responses: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
+        """grade() of each pair, in parallel where the task can."""
+
+    def set_filter(self, keep: Callable[[Example], bool]) -> None:
+        """Also skip the examples `keep` rejects (the trainer passes its prompt-length check)."""
+
+    def prompt_iterator(self, seed: int):
+        """The training prompts, in a per-epoch shuffled order fixed by `seed`; `next(size)`, `state()` and
+        `restore(state)` like PromptIterator's."""
+
+    def close(self) -> None:
+        """Releases grading resources (worker processes); a later grade starts them again."""
 
 
 class PromptIterator:
