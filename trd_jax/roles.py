@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from typing import Any, NamedTuple
@@ -34,7 +35,9 @@ from trd_jax.run_checkpoint import (MODEL_DIR, check_bootstrap_models, checkpoin
                                     write_model_card)
 from trd_jax.sharding import param_shardings
 from trd_jax.steps import OPSD_TEACHER_MODES, TrainState
-from trd_jax.tokenization import Tokenizer
+from trd_jax.tokenization import TOKENIZER_FILES, Tokenizer, tokenizer_mismatch
+
+log = logging.getLogger(__name__)
 
 TEACHER_MODES = ("opd", *OPSD_TEACHER_MODES)
 
@@ -247,6 +250,30 @@ class Roles:
                           base_model_name_or_path=os.path.abspath(base_dir))
 
 
+def check_teacher_tokenizer(teacher: ModelSource, tok: Tokenizer) -> None:
+    """OPD compares the two models' distributions id by id (TRD_SPEC §7.2): a teacher whose folder brings its
+    own tokenizer must map ids to the same strings, and text to the same ids, as the run's tokenizer `tok`
+    (a ConfigError naming both folders and the first difference). A random teacher is built from `tok`; a
+    folder without tokenizer files cannot be checked (logged)."""
+    home = tokenizer_home(teacher)
+    if not home:
+        return
+    if not any(os.path.isfile(os.path.join(home, f)) for f in TOKENIZER_FILES):
+        log.warning("teacher folder %s has no tokenizer files: its ids are assumed to mean what %s's do", home,
+                    tok.path)
+        return
+    if os.path.realpath(home) == os.path.realpath(tok.path):
+        return
+    try:
+        theirs = Tokenizer.from_dir(home)
+    except ValueError as e:
+        raise ConfigError("teacher.path", str(e)) from None
+    difference = tokenizer_mismatch(tok, theirs)
+    if difference:
+        raise ConfigError("teacher.path", f"the teacher's tokenizer ({home}) differs from the run's ({tok.path}): "
+                                          f"{difference}; OPD needs one tokenizer for both models")
+
+
 def build_roles(s: Settings, sources: Sources, tok: Tokenizer, mesh, workdir: str, tokenizer_dir: str, *,
                 evaluating: bool) -> tuple[Roles, Any]:
     """(the roles, the student's trainable parameters placed on the mesh: the TrainState's initial params).
@@ -296,6 +323,7 @@ def build_roles(s: Settings, sources: Sources, tok: Tokenizer, mesh, workdir: st
         pass
     elif mode == "opd":
         teacher = build_model(sources.teacher, tok, s.seed + 1, "teacher")
+        check_teacher_tokenizer(sources.teacher, tok)
         if teacher.cfg.vocab_size != student.cfg.vocab_size:
             # Full-vocabulary and top-k losses compare distributions id by id (TRD_SPEC §7.2).
             raise ConfigError("teacher.path", f"teacher vocabulary {teacher.cfg.vocab_size} != student's "

@@ -23,7 +23,7 @@ Message = dict[str, str]
 
 # Any one of these marks a folder as holding a tokenizer. Checked up front because AutoTokenizer
 # on an empty folder fails with an error about sentencepiece/tiktoken that does not name the path.
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -69,8 +69,8 @@ class Tokenizer:
         """Load from a local folder (never the hub); EOS ids also come from its generation_config.json."""
         if not os.path.isdir(path):
             raise ValueError(f"tokenizer folder {path!r} does not exist")
-        if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-            raise ValueError(f"no tokenizer files in {path!r} (looked for {', '.join(_TOKENIZER_FILES)})")
+        if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise ValueError(f"no tokenizer files in {path!r} (looked for {', '.join(TOKENIZER_FILES)})")
         try:
             from transformers import AutoTokenizer
 
@@ -78,6 +78,24 @@ class Tokenizer:
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot load a tokenizer from {path!r}: {e}") from e
         return cls(hf, extra_eos_ids=eos_from_generation_config(path), path=path)
+
+    def id_table(self) -> list[str]:
+        """The string of every id, added tokens included (index = id; "" for an id the tokenizer leaves unused)."""
+        table = [""] * self.vocab_size
+        for token, i in self.hf.get_vocab().items():
+            if 0 <= i < len(table):
+                table[i] = token
+        return table
+
+    def mapping_identity(self) -> dict:
+        """Everything that decides how text maps to ids and back, beyond the id table: the special ids and the
+        fast backend's normalizer, pre-tokenizer, model (merges included) and decoder (tokenizer.json)."""
+        backend = {}
+        if getattr(self.hf, "backend_tokenizer", None) is not None:
+            spec = json.loads(self.hf.backend_tokenizer.to_str())
+            backend = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model", "decoder")}
+        return {"eos_ids": list(self.eos_ids), "bos_id": self.bos_id, "pad_id": self.pad_id,
+                "special_ids": sorted(self.hf.all_special_ids), "backend": backend}
 
     @property
     def vocab_size(self) -> int:
@@ -150,3 +168,22 @@ class Tokenizer:
         """Ids ``[n]`` (``[n + 1]`` with ``append_eos``) of a response, tokenized on its own."""
         ids = self.encode(text)
         return ids + [self.eos_id] if append_eos else ids
+
+
+def tokenizer_mismatch(a: Tokenizer, b: Tokenizer) -> str | None:
+    """None when `a` and `b` map text to the same ids and ids to the same strings; otherwise what differs
+    first, in words (the first differing id and its strings, else the differing special ids or backend part)."""
+    ta, tb = a.id_table(), b.id_table()
+    for i in range(min(len(ta), len(tb))):
+        if ta[i] != tb[i]:
+            return f"id {i} is {ta[i]!r} in {a.path} but {tb[i]!r} in {b.path}"
+    if len(ta) != len(tb):
+        return f"{a.path} has {len(ta)} ids, {b.path} {len(tb)}"
+    ia, ib = a.mapping_identity(), b.mapping_identity()
+    for key in ("eos_ids", "bos_id", "pad_id", "special_ids"):
+        if ia[key] != ib[key]:
+            return f"{key} {ia[key]} in {a.path} but {ib[key]} in {b.path}"
+    for key, value in ia["backend"].items():
+        if value != ib["backend"].get(key):
+            return f"the tokenizer.json {key} differs between {a.path} and {b.path}"
+    return None
