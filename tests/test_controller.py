@@ -256,6 +256,22 @@ def test_config_errors_exit_2_with_one_line(args, message, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_mostly_skipped_steps_fail_the_run_with_exit_3(tmp_path):
+    """A learning rate that overflows the weights after one step: every later step is non-finite and skipped.
+    Past train.max_skipped_fraction the run stops with exit 3 and one error line; the console report and
+    summary.json count the skipped steps, and the checkpoints stay."""
+    proc = _main(tmp_path / "run", "--config.optim.learning_rate=1e38", "--config.train.steps=4",
+                 "--config.eval.initial=False")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, (out, err)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "3 of 4 steps were skipped as non-finite" in lines[0], err
+    assert "**3 of 4 steps skipped**" in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["status"], summary["skipped_steps"], summary["final_eval"]) == ("failed", 3, None)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+
+
 def test_resume_accepts_memory_settings_and_refuses_training_changes(tmp_path):
     """The planner's memory fixes (kernel, remat, row groups, cache release) may change on resume; a training
     setting may not, and the error names it."""

@@ -251,6 +251,7 @@ class Settings:
     teacher_sft: TeacherSFTConfig | None = None
     teacher_sft_dir: str = ""  # "" = workdir/teacher_sft
     diagnostics_every: int = 1
+    max_skipped_fraction: float = 0.5  # train.max_skipped_fraction
     wandb: WandbSettings | None = None  # the W&B sink of the metrics; None: off (config.log.wandb)
 
 
@@ -397,6 +398,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         raise ConfigError("train.micro_batches", f"{micro} does not divide the {batch_size * rollout_n} rows of a "
                                                  f"step (train.batch_size * rollout.n)")
     steps = _int(cfg, "train.steps", 0)
+    max_skipped_fraction = _float(cfg, "train.max_skipped_fraction", 0.0, 1.0)
     remat = _choice(cfg, "train.remat", REMAT)
     rollout = _sampling(cfg, "rollout")
     warmup = _float(cfg, "optim.warmup_ratio", 0.0, 1.0)
@@ -448,7 +450,8 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         progress=cfg.log.progress, export=cfg.export.enabled,
         export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,
         max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), wandb=wandb, task=task,
-        evaluate_only=run_mode == "eval", bootstrap=bootstrap, bootstrap_dir=cfg.bootstrap.dir,
+        max_skipped_fraction=max_skipped_fraction, evaluate_only=run_mode == "eval", bootstrap=bootstrap,
+        bootstrap_dir=cfg.bootstrap.dir,
         bootstrap_from_scratch=cfg.bootstrap.from_scratch, teacher_sft=teacher_sft,
         teacher_sft_dir=cfg.teacher_sft.dir)
 

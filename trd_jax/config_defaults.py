@@ -189,6 +189,10 @@ def base_config() -> ml_collections.ConfigDict:
         # at once): the forward's activations scale with it, the ScoreOutput kept for the update does not. A
         # last group short of it is padded with masked copies, so every group has one compiled shape.
         max_score_rows=0,
+        # A step whose loss or gradient is not finite is skipped (the weights stay as they were). Once more than
+        # this fraction of train.steps has been skipped the run stops with an error (exit 3) instead of
+        # reporting success; summary.json and the console count the skipped steps either way.
+        max_skipped_fraction=0.5,
     ))
 
     # Low-rank adapters on the student (trd_jax/models/lora.py): only the adapters are trained and held in the

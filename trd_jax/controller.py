@@ -27,6 +27,7 @@ import numpy as np
 from trd_jax import diagnostics, evaluation, multihost, row_groups, trajectories
 from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
 from trd_jax.config import Settings, resolve
+from trd_jax.errors import TrainingError
 from trd_jax.data.registry import make_task_once
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
@@ -267,6 +268,10 @@ class Trainer:
         mask = batch.response_mask.reshape(np.shape(out.per_token))
         metrics.update({"loss": float(out.loss), "grad_norm": float(out.grad_norm), "learning_rate": lr,
                         "tokens": int(out.num_tokens), "skipped": bool(out.skipped)})
+        if out.skipped:
+            self.counters["skipped_steps"] = self.counters.get("skipped_steps", 0) + 1
+            log.warning("step %d skipped: loss %s, gradient norm %s (the weights are unchanged; %d skipped so far)",
+                        step, float(out.loss), float(out.grad_norm), self.counters["skipped_steps"])
         metrics.update({f"divergence/{k}": v for k, v in quantiles(multihost.to_host(out.per_token), mask).items()})
         self._count(metrics, "y_o_correct", float(rows.y_o_reward.sum()))
         metrics.update({"accuracy/y_o": float(rows.y_o_reward.mean()),
@@ -432,6 +437,9 @@ class Trainer:
                     writer.write(done, metrics)
                     tps = metrics.get("tokens_per_s/rollout")
                     bar.update(done, phase="done", tokens_per_s=tps)
+                    if self.counters.get("skipped_steps", 0) > s.max_skipped_fraction * s.steps:
+                        status = "failed"
+                        break
                     if stop and done < s.steps:
                         status = "preempted"
                         log.warning("stopping at step %d (checkpoint saved); rerun the same command to resume", done)
@@ -443,6 +451,10 @@ class Trainer:
             ckpt.close()
             writer.close()
             self.task_close()
+        if status == "failed":
+            raise TrainingError(f"{summary['skipped_steps']} of {done} steps were skipped as non-finite, more than "
+                                f"train.max_skipped_fraction={s.max_skipped_fraction} of train.steps={s.steps}: "
+                                f"training stopped (checkpoints and {self.workdir}/summary.json kept)", summary)
         return summary
 
     def evaluate_only(self) -> dict:

@@ -1,5 +1,6 @@
-"""The error a bad configuration value raises. Its own module, so that data/, roles and tools can raise it
-without importing config (and config can import them without a cycle)."""
+"""The errors a run stops with: a bad configuration value (exit 2) and training that went wrong (exit 3).
+Their own module, so that data/, roles and tools can raise them without importing config (and config can
+import them without a cycle)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,12 @@ def config_error(section: str, error: ValueError, note: str = "") -> ConfigError
     "<section>.<field>"."""
     head, _, message = str(error).partition(": ")
     return ConfigError(f"{section}.{head.split('=')[0].split('.')[-1]}", message + note)
+
+
+class TrainingError(RuntimeError):
+    """Training that cannot be reported as a success (e.g. too many non-finite steps skipped). What was written
+    before (checkpoints, metrics, summary.json with status "failed") is kept; `summary` is that summary."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary

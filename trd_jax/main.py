@@ -20,6 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, evals, export, summary.json.")
 
 USAGE_ERROR = 2
+TRAINING_ERROR = 3  # training ran but cannot be reported as a success (errors.TrainingError)
 
 
 def _fail(message: str) -> None:
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from trd_jax.config import ConfigError, resolve
+    from trd_jax.errors import TrainingError
     from trd_jax.distributed import maybe_initialize
 
     try:
@@ -104,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             summary = trainer.run()
     except ConfigError as e:
         _fail(str(e))
+    except TrainingError as e:
+        if jax.process_index() == 0 and e.summary:
+            print_run_report(e.summary, workdir)
+        print(f"error: {e}", file=sys.stderr)
+        return TRAINING_ERROR
     if jax.process_index() == 0:
         print_run_report(summary, workdir)
     return 0

@@ -49,6 +49,9 @@ def run_report(summary: Mapping[str, Any]) -> str:
         return eval_report(summary)
     parts = [f"## {summary.get('mode', '?').upper()} on {summary.get('trajectory', '?')}, loss "
              f"{summary.get('loss', '?')}: {summary.get('status', '?')} after {summary.get('steps', 0)} steps", ""]
+    if summary.get("skipped_steps"):
+        parts += [f"**{summary['skipped_steps']} of {summary.get('steps', 0)} steps skipped** (non-finite loss or "
+                  "gradient: the weights were left unchanged)", ""]
     before, after = summary.get("initial_eval"), summary.get("final_eval")
     if before and after:
         parts += ["Student on the eval split:", "", compare_table(before, after)]

@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 def training_summary(s: Settings, *, status: str, done: int, evals: list[dict], final: dict | None,
                      totals: Mapping[str, Any], counters: Mapping[str, float], memory: dict,
                      extra: Mapping[str, Any]) -> dict:
-    """status: "completed" or "preempted"; done: steps run; final: the evaluation at `done` (None when
-    preempted); totals: PhaseTimer.totals(); counters: the controller's rows, flops/* and warm_* counters;
+    """status: "completed", "preempted" or "failed" (too many non-finite steps skipped); done: steps run; final:
+    the evaluation at `done` (None unless completed); totals: PhaseTimer.totals(); counters: the controller's
+    rows, flops/*, warm_* and skipped_steps counters;
     extra: results kept across resumes (grading counts, teacher eval, bootstrap), appended as they are."""
     phase_flops = {k.split("/", 1)[1]: v for k, v in counters.items() if k.startswith("flops/")}
     cost_s = {p: totals["phase_seconds"].get(p, 0.0) for p in COST_PHASES}
@@ -28,7 +29,8 @@ def training_summary(s: Settings, *, status: str, done: int, evals: list[dict], 
     warm = {p: counters.get(f"warm_s/{p}", 0.0) / warm_steps for p in COST_PHASES} if warm_steps else {}
     initial = next((e for e in evals if e["step"] == 0), None)
     summary = {
-        "status": status, "steps": done, "mode": s.mode, "trajectory": s.trajectory, "loss": s.loss.name,
+        "status": status, "steps": done, "skipped_steps": int(counters.get("skipped_steps", 0)), "mode": s.mode,
+        "trajectory": s.trajectory, "loss": s.loss.name,
         "initial_eval": initial, "final_eval": final,
         "evals": evals,
         "phase_seconds": totals["phase_seconds"], "phase_tokens": totals["phase_tokens"],
