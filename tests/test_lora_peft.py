@@ -103,6 +103,26 @@ def test_peft_made_adapters_load_into_our_model(tiny_hf_models, tmp_path):
     assert np.abs(ours_logits(ours, IDS) - torch_logits(peft_model, IDS)).max() <= TOL
 
 
+def test_a_refused_adapter_leaves_the_model_as_it_was(tiny_hf_models, tmp_path):
+    """An adapter with a mis-shaped tensor is refused, naming the tensor, and leaves no adapter behind: the
+    correct adapter then loads into the same model and gives the logits of a fresh load."""
+    model = lora.add_lora(load_hf(tiny_hf_models["qwen3"]), lora.LoRAConfig(rank=4, alpha=8.0, targets=("q", "v")),
+                          rngs=nnx.Rngs(0))
+    save_peft_adapter(randomized(model, 1), str(tmp_path / "good"))
+    (tmp_path / "bad").mkdir()
+    for name in os.listdir(tmp_path / "good"):
+        (tmp_path / "bad" / name).write_bytes((tmp_path / "good" / name).read_bytes())
+    cfg = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3}))  # tensors are rank 4
+    target = load_hf(tiny_hf_models["qwen3"])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: tensor .* has shape"):
+        load_peft_adapter(target, str(tmp_path / "bad"))
+    assert lora.lora_config(target) is None
+    loaded = load_peft_adapter(target, str(tmp_path / "good"))
+    fresh = load_peft_adapter(load_hf(tiny_hf_models["qwen3"]), str(tmp_path / "good"))
+    np.testing.assert_array_equal(ours_logits(loaded, IDS), ours_logits(fresh, IDS))
+
+
 def test_unsupported_peft_configs_are_named(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True}))

@@ -122,12 +122,13 @@ def add_lora(model: nnx.Module, cfg: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Modul
     """Attaches adapters for cfg.targets to `model` in place (the base parameters are untouched) and returns it."""
     if lora_config(model) is not None:
         raise ValueError("add_lora: the model already has adapters")
-    for target in cfg.targets:
+    owners = {target: _owners(model, target) for target in cfg.targets}  # all checked before any is attached
+    for target, found in owners.items():
+        if not found:
+            raise ValueError(f"add_lora: the model has no {_WEIGHTS[target][0]} for target {target!r}")
+    for target, found in owners.items():
         weight, in_dims = _WEIGHTS[target]
-        owners = _owners(model, target)
-        if not owners:
-            raise ValueError(f"add_lora: the model has no {weight} for target {target!r}")
-        for owner in owners:
+        for owner in found:
             setattr(owner, f"{target}_lora", LoRA(getattr(owner, weight), in_dims, cfg, rngs))
     return model
 
@@ -142,6 +143,13 @@ def adapters(model: nnx.Module) -> list[tuple[str, nnx.Module, LoRA]]:
                 if isinstance(adapter, LoRA):
                     out.append((target, node, adapter))
     return out
+
+
+def remove_lora(model: nnx.Module) -> nnx.Module:
+    """Detaches every adapter from `model` in place (the base weights are untouched) and returns it."""
+    for target, owner, _ in adapters(model):
+        delattr(owner, f"{target}_lora")
+    return model
 
 
 def lora_config(model: nnx.Module) -> LoRAConfig | None:

@@ -25,7 +25,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from trd_jax.models.lora import HF_MODULES, LoRAConfig, add_lora, lora_config, split_lora
+from trd_jax.models.lora import HF_MODULES, LoRAConfig, add_lora, lora_config, remove_lora, split_lora
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _PREFIX = "base_model.model.model.layers."
@@ -108,12 +108,24 @@ def read_peft_config(path: str) -> LoRAConfig:
 
 def load_peft_adapter(model: nnx.Module, path: str) -> nnx.Module:
     """Attaches the PEFT adapters in `path` to `model` (a Transformer without adapters), in place, and returns
-    it. Every tensor is checked by name and shape; an error names the tensor and the file."""
+    it. Every tensor is checked by name and shape; an error names the tensor and the file and leaves `model`
+    without adapters, as it was."""
+    if lora_config(model) is not None:
+        raise ValueError(f"{path}: the model already has LoRA adapters")
     cfg = read_peft_config(path)
-    add_lora(model, cfg, rngs=nnx.Rngs(0))
     file = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(file):
         raise ValueError(f"{file}: not found")
+    add_lora(model, cfg, rngs=nnx.Rngs(0))
+    try:
+        _fill_adapters(model, file)
+    except BaseException:
+        remove_lora(model)  # a refused adapter must not stay attached to the caller's model
+        raise
+    return model
+
+
+def _fill_adapters(model: nnx.Module, file: str) -> None:
     _, adapters_state, _ = split_lora(model)
     values: dict = {}
     with safe_open(file, framework="numpy") as f:
@@ -138,4 +150,3 @@ def load_peft_adapter(model: nnx.Module, path: str) -> nnx.Module:
         layer, target, matrix = int(key[1]), key[3][: -len("_lora")], key[4]
         variable.set_value(jnp.asarray(values[layer][target][matrix]))
     nnx.update(model, adapters_state)
-    return model
