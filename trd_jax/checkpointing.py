@@ -15,6 +15,12 @@ complete (on object stores: a commit_success.txt marker instead), so a save cut 
 replaces the last good step; stale temporary directories are removed when a Checkpointer opens the
 directory. tests/test_checkpointing.py kills a process mid-save to check this.
 
+Verification: once a step is finalised, a background thread of process 0 writes its content manifest
+(checkpoint_manifest.py: every file's size and SHA-256, written last). `verified_latest()` picks the newest
+step whose files match their manifest, moves any newer step that fails aside (`<dir>.corrupt/`, never
+deleted) and reports it; when no step verifies it raises CheckpointError (a directory written before
+manifests existed, with no manifest at all, is restored unverified with a warning).
+
 Use in the host loop:
 
     ckpt = Checkpointer(workdir / "checkpoints", save_every=cfg.save_every, keep=cfg.keep)
@@ -32,6 +38,7 @@ Use in the host loop:
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -43,6 +50,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from trd_jax import multihost
+from trd_jax.checkpoint_manifest import set_aside, verify, write_manifest
+from trd_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +94,11 @@ class Checkpointer:
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._last_saved: int | None = None
+        # Manifests: written by process 0 on a thread of their own once a step is finalised on disk.
+        self._writes_manifests = jax.process_index() == 0
+        self._unhashed: list[int] = []
+        self._hashing: list[concurrent.futures.Future] = []
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-manifest")
 
     def save(self, step: int, state, meta: dict[str, Any], *, force: bool = False) -> bool:
         """Saves when step % save_every == 0 or force; returns whether a save started. A step that is
@@ -102,11 +118,66 @@ class Checkpointer:
                                                                  meta=ocp.args.JsonSave(meta)), force=force)
         if saved:
             self._last_saved = step
+            if self._writes_manifests:
+                self._unhashed.append(step)
+        self._hash_finalised()
         return saved
 
+    def _hash_finalised(self) -> None:
+        """Hands every saved step that is now finalised (renamed into place) to the manifest thread."""
+        for step in list(self._unhashed):
+            path = os.path.join(self.directory, str(step))
+            if os.path.isdir(path):
+                self._unhashed.remove(step)
+                self._hashing.append(self._hasher.submit(self._manifest, path))
+        self._hashing = [f for f in self._hashing if not f.done()]
+
+    @staticmethod
+    def _manifest(path: str) -> None:
+        try:
+            write_manifest(path)
+        except FileNotFoundError:  # the step was deleted (keep) while it was hashed
+            log.debug("checkpoint %s removed before its manifest was written", path)
+
     def wait(self) -> None:
-        """Blocks until any in-flight async save is written and finalised (renamed into place)."""
+        """Blocks until any in-flight async save is written and finalised (renamed into place) and its
+        manifest written."""
         self._manager.wait_until_finished()
+        self._hash_finalised()
+        concurrent.futures.wait(self._hashing)
+        for future in self._hashing:
+            future.result()  # an error while hashing surfaces here
+        self._hashing = []
+
+    def verified_latest(self) -> tuple[int | None, list[dict]]:
+        """(the newest step whose files match their manifest, the newer steps set aside as
+        [{"step", "reason", "moved_to"}]); (None, []) when there is no checkpoint. Raises CheckpointError,
+        moving nothing, when checkpoints exist but none verifies."""
+        self.wait()
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            return None, []
+        verdicts = {step: verify(os.path.join(self.directory, str(step))) for step in steps}
+        good = [step for step in steps if verdicts[step].ok]
+        if not good:
+            if all(v.reason == "no manifest" for v in verdicts.values()):  # written before manifests existed
+                log.warning("checkpoints in %s have no manifests: restoring step %d unverified", self.directory,
+                            steps[0])
+                return steps[0], []
+            detail = "; ".join(f"step {step}: {verdicts[step].reason}" for step in steps)
+            raise CheckpointError(f"no checkpoint in {self.directory} verifies ({detail}); nothing was moved or "
+                                  "deleted")
+        aside = [{"step": step, "reason": verdicts[step].reason} for step in steps if step > good[0]]
+        if aside:
+            if jax.process_index() == 0:
+                for entry in aside:
+                    entry["moved_to"] = set_aside(self.directory, entry["step"])
+                    log.warning("checkpoint step %d fails verification (%s): moved to %s", entry["step"],
+                                entry["reason"], entry["moved_to"])
+            if multihost.multi_process():
+                multihost.sync("checkpoints-set-aside")
+            self._manager.reload()
+        return good[0], aside
 
     def latest_step(self) -> int | None:
         """The newest step saved, or None. Like orbax, this counts an async save still in flight (on disk
@@ -132,8 +203,12 @@ class Checkpointer:
         return restored.state, restored.meta
 
     def close(self) -> None:
-        """Waits for in-flight saves, then releases orbax's threads."""
-        self._manager.close()
+        """Waits for in-flight saves and their manifests, then releases the threads."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+            self._hasher.shutdown()
 
     def __enter__(self) -> Self:
         return self

@@ -387,7 +387,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
 
     def _restore(self, ckpt: Checkpointer) -> int:
-        step = ckpt.latest_step()
+        step, aside = ckpt.verified_latest()  # CheckpointError when checkpoints exist but none verifies
         if step is None:
             return 0
         tree, meta = ckpt.restore(step, abstract_state=self._checkpoint_tree())
@@ -402,6 +402,10 @@ class Trainer:
         # The model sources found by this process (bootstrap, teacher SFT) over what the checkpoint recorded.
         self.extra = {**dict(meta.get("extra", {})),
                       **{k: v for k, v in self.extra.items() if k in ("bootstrap", "teacher_sft")}}
+        if aside:  # summary.json says which steps were set aside and why
+            self.extra["checkpoints_set_aside"] = [*self.extra.get("checkpoints_set_aside", []), *aside]
+            log.warning("resuming from step %d, the newest checkpoint that verifies (%d newer set aside)", step,
+                        len(aside))
         log.info("resumed from %s at step %d", ckpt.directory, step)
         return int(meta["step"])
 

@@ -27,3 +27,7 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, summary: dict | None = None):
         super().__init__(message)
         self.summary = summary
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run's directory can be trusted (each fails verification); nothing was moved."""

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from trd_jax.config import ConfigError, resolve
-    from trd_jax.errors import TrainingError
+    from trd_jax.errors import CheckpointError, TrainingError
     from trd_jax.distributed import maybe_initialize
 
     try:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = trainer.evaluate_only()
         else:
             summary = trainer.run()
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         _fail(str(e))
     except TrainingError as e:
         if jax.process_index() == 0 and e.summary:

@@ -49,6 +49,9 @@ def run_report(summary: Mapping[str, Any]) -> str:
         return eval_report(summary)
     parts = [f"## {summary.get('mode', '?').upper()} on {summary.get('trajectory', '?')}, loss "
              f"{summary.get('loss', '?')}: {summary.get('status', '?')} after {summary.get('steps', 0)} steps", ""]
+    for entry in summary.get("checkpoints_set_aside") or []:
+        parts += [f"**Checkpoint step {entry['step']} failed verification** ({entry['reason']}): set aside in "
+                  f"{entry.get('moved_to', '?')}; the run resumed from an older step", ""]
     if summary.get("skipped_steps"):
         parts += [f"**{summary['skipped_steps']} of {summary.get('steps', 0)} steps skipped** (non-finite loss or "
                   "gradient: the weights were left unchanged)", ""]
