@@ -16,6 +16,7 @@ same parameters, bit for bit, as an uninterrupted one (tests/test_controller.py)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -27,8 +28,9 @@ import numpy as np
 from trd_jax import diagnostics, evaluation, multihost, row_groups, trajectories
 from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
 from trd_jax.config import Settings, resolve
-from trd_jax.errors import TrainingError
+from trd_jax.errors import ConfigError, TrainingError
 from trd_jax.data.registry import make_task_once
+from trd_jax.data.task import NoUsableExamples
 from trd_jax.layouts import DistillBatch, Layout, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
 from trd_jax.roles import build_roles, converted, prepared_sources, tokenizer_home
@@ -78,7 +80,11 @@ class Trainer:
         self.sources = prepared_sources(s, student, teacher, self.task, self.tok, self.workdir)
         # JSON results kept across resumes (teacher eval, bootstrap, teacher SFT)
         self.extra: dict[str, Any] = dict(self.sources.records)
-        self.mesh = make_mesh(s.mesh)
+        try:
+            self.mesh = make_mesh(s.mesh)
+        except ValueError as e:  # axis sizes these devices cannot form
+            raise ConfigError("mesh", f"{e} (mesh.data={s.mesh.data}, mesh.fsdp={s.mesh.fsdp}, "
+                                      f"mesh.tensor={s.mesh.tensor}; {jax.device_count()} devices)") from None
         row_groups.check_group(s.max_score_rows, self.mesh)
         base = jax.random.key(s.seed)
         self.train_key, self.eval_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
@@ -124,7 +130,18 @@ class Trainer:
         # Prompts over task.max_prompt_tokens are skipped (local datasets count them, as [code-trd] drops
         # them); local datasets stream through grain, generated tasks hold their examples in memory.
         self.task.set_filter(lambda ex: len(tok.encode_prompt(ex.prompt(), s.prompt_mode)) <= s.max_prompt_tokens)
-        self.data = self.task.prompt_iterator(s.seed)
+        with self._usable_prompts():
+            self.data = self.task.prompt_iterator(s.seed)
+
+    @contextlib.contextmanager
+    def _usable_prompts(self):
+        """A training stream left empty by the prompt-length filter is a configuration problem: one line naming
+        the key."""
+        try:
+            yield
+        except NoUsableExamples as e:
+            raise ConfigError("task.max_prompt_tokens", f"{e}; every training prompt may be longer than "
+                                                        f"{self.s.max_prompt_tokens} tokens") from None
 
     # What tests and experiments read on the Trainer: the roles' graphs and fixed weights.
     s_graph = property(lambda self: self.roles.student_graph)
@@ -195,7 +212,8 @@ class Trainer:
         """Runs step `step` (0-based) and returns its metrics."""
         s, tok, timer = self.s, self.tok, self.timer
         k_rollout, k_refine = jax.random.split(jax.random.fold_in(self.train_key, step))
-        examples = self.data.next(s.batch_size)
+        with self._usable_prompts():
+            examples = self.data.next(s.batch_size)
         n = s.rollout_n
         metrics: dict[str, float] = {}
 

@@ -51,6 +51,33 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def _flag_error_line(message: str) -> str:
+    """One line for a flag error. A recipe file that raised while loading comes with the traceback inside the
+    message: keep its first line, the recipe's own line number and the exception at the end."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if "Traceback (most recent call last):" not in lines:
+        return lines[0] if lines else message
+    head = lines[0].rstrip(":")
+    recipe = head.split("=", 1)[1].split(":", 1)[0] if "=" in head else ""
+    where = [line for line in lines if line.startswith("File ") and recipe and f'"{recipe}"' in line]
+    at = f" ({where[-1].split(', in ')[0].replace('File ', '')})" if where else ""
+    return f"{head}{at}: {lines[-1]}"
+
+
+def _check_workdir(workdir: str) -> None:
+    """The run folder must be a folder this process can create or write into."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        _fail(f"--workdir {workdir}: is a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):  # the nearest existing ancestor must take new folders
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        _fail(f"--workdir {workdir}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _fail(f"--workdir {workdir}: {parent} is not writable")
+
+
 def parse(argv: list[str]):
     """Parses flags and loads the config file; every problem becomes one line on stderr and exit code 2."""
     try:
@@ -59,7 +86,7 @@ def parse(argv: list[str]):
         if cfg is not None:
             cfg.keys()  # config_flags reports a config file that failed to load only on first use
     except flags.Error as e:
-        _fail(str(e).splitlines()[0])
+        _fail(_flag_error_line(str(e)))
     except (KeyError, AttributeError) as e:  # an override naming a missing key
         _fail(_unknown_override(argv) or f"{type(e).__name__}: {e}".replace("\n", " "))
     except (OSError, TypeError, ValueError, SyntaxError, ImportError) as e:  # the recipe file itself
@@ -68,6 +95,7 @@ def parse(argv: list[str]):
         _fail("--config is required (e.g. --config configs/default.py)")
     if not _WORKDIR.value:
         _fail("--workdir is required")
+    _check_workdir(_WORKDIR.value)
     return _CONFIG.value, _WORKDIR.value
 
 

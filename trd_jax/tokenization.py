@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, get_args
 
+from trd_jax.json_files import read_json_object
+
 if TYPE_CHECKING:  # transformers is imported on first load: importing this module stays cheap
     from transformers import PreTrainedTokenizerBase
 
@@ -37,8 +39,7 @@ def eos_from_generation_config(path: str) -> list[int]:
     file = os.path.join(path, "generation_config.json")
     if not os.path.isfile(file):
         return []
-    with open(file, encoding="utf-8") as f:
-        eos = json.load(f).get("eos_token_id")
+    eos = read_json_object(file).get("eos_token_id")
     if eos is None:
         return []
     ids = [eos] if isinstance(eos, int) else list(eos)

@@ -18,7 +18,7 @@ import numpy as np
 
 from trd_jax.errors import ConfigError
 from trd_jax.data.grain_source import GrainPromptIterator, load_examples
-from trd_jax.data.task import Example
+from trd_jax.data.task import Example, NoUsableExamples
 from trd_jax.prompts import strip_answer_instruction
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ class _FilteredIterator:
                     self.on_skip()
                     skipped_in_a_row += 1
             if skipped_in_a_row > self.inner.size:  # a whole epoch without a usable example
-                raise ValueError("no training example is usable (all skipped: prompt too long or not gradable)")
+                raise NoUsableExamples("no training example is usable (a whole epoch skipped: prompt too long or "
+                                       "not gradable)")
         return out
 
     def state(self) -> dict[str, Any]:

@@ -33,6 +33,10 @@ class Example:
         return [m for turn in turns for m in turn] + [{"role": "user", "content": self.problem}]
 
 
+class NoUsableExamples(ValueError):
+    """A split (or the training stream) holds no example that passes the task's and the trainer's filters."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskSettings:
     """The run config's `task` section as plain values (config.resolve checks them; the fields' meanings are
@@ -96,7 +100,7 @@ class PromptIterator:
 
     def __init__(self, examples: Sequence[Example], *, seed: int, shuffle: bool = True):
         if not examples:
-            raise ValueError("PromptIterator: the split has no examples")
+            raise NoUsableExamples("PromptIterator: the split has no usable examples")
         self.examples = examples
         self.seed = int(seed)
         self.shuffle = shuffle

@@ -4,9 +4,10 @@ Hugging Face `config.json`."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
+
+from trd_jax.json_files import read_json_object
 
 # Architectures the single decoder in transformer.py covers, with the switches that tell them apart.
 SUPPORTED_ARCHITECTURES = {
@@ -160,8 +161,7 @@ class ModelConfig:
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise ValueError(f"{file}: not found (expected a Hugging Face model folder)")
-        with open(file) as f:
-            return cls.from_hf_dict(json.load(f), source=file, **overrides)
+        return cls.from_hf_dict(read_json_object(file), source=file, **overrides)
 
     def to_hf_dict(self) -> dict[str, Any]:
         model_type = SUPPORTED_ARCHITECTURES[self.architecture]["model_type"]

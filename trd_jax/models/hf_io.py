@@ -7,6 +7,7 @@ Every tensor is checked by name and shape; an error names the tensor and the fil
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -18,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from trd_jax.json_files import read_json_object
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.lora import lora_config
 from trd_jax.models.transformer import Transformer
@@ -86,8 +88,7 @@ def _tensor_index(path: str) -> dict[str, str]:
     """Tensor name -> safetensors file, from the sharded index or from the files themselves."""
     index_file = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index_file):
-        with open(index_file) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = read_json_object(index_file).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index_file}: no 'weight_map' object")
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
@@ -97,10 +98,20 @@ def _tensor_index(path: str) -> dict[str, str]:
                          "(only safetensors checkpoints are supported)")
     index = {}
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 index[name] = file
     return index
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: str):
+    """safe_open, with a truncated or corrupt file reported as a ValueError naming it."""
+    try:
+        with safe_open(file, framework="numpy") as handle:
+            yield handle
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def read_hf_tensors(path: str, cfg: ModelConfig) -> Iterator[tuple[tuple, np.ndarray]]:
@@ -121,7 +132,7 @@ def read_hf_tensors(path: str, cfg: ModelConfig) -> Iterator[tuple[tuple, np.nda
     for file, group in by_file.items():
         if not os.path.isfile(file):
             raise ValueError(f"{file}: listed in the index but not found")
-        with safe_open(file, framework="numpy") as f:
+        with _open_safetensors(file) as f:
             names = set(f.keys())
             for mp in group:
                 if mp.hf_name not in names:

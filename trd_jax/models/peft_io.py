@@ -25,6 +25,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from trd_jax.json_files import read_json_object
 from trd_jax.models.lora import HF_MODULES, LoRAConfig, add_lora, lora_config, remove_lora, split_lora
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -90,8 +91,7 @@ def read_peft_config(path: str) -> LoRAConfig:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise ValueError(f"{file}: not found (expected a PEFT adapter folder)")
-    with open(file) as f:
-        hf = json.load(f)
+    hf = read_json_object(file)
     if hf.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type {hf.get('peft_type')!r} is not supported (only LORA)")
     for key, neutral in _UNSUPPORTED.items():

@@ -107,9 +107,10 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     def _generate_examples(self, paths: Sequence[str]) -> Iterator[tuple[int, dict[str, str]]]:
         seen_content: set[bytes] = set()
         seen_ids: dict[str, str] = {}  # id -> "file, row" of its first example
-        key = 0
+        key = rows = 0
         for path in paths:
             for record in read_records(path):
+                rows += 1
                 example = self.parse(record)
                 if self.config.drop_duplicates:
                     content = {k: v for k, v in example.items() if k != "id"}
@@ -123,6 +124,8 @@ class LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                 # The key only orders examples (shuffling is off); the running count keeps it unique.
                 yield key, example
                 key += 1
+        if key == 0:  # TFDS would fail later with an assertion that names no file
+            raise ValueError(f"{', '.join(paths)}: no examples" + (f" ({rows} rows, all duplicates)" if rows else ""))
 
     @abc.abstractmethod
     def parse(self, record: Record) -> dict[str, str]:
