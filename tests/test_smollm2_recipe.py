@@ -39,3 +39,10 @@ def test_smollm2_opd_trd_recipe_runs_two_steps(smollm2_dir, tmp_path):
     boxed = grading["exact"] + grading["match"] + grading["mismatch"]
     assert boxed > 0, grading  # the one-shot prompt gets boxed answers the grader parsed
     assert np.isfinite(summary["cost"]["seconds_per_step"])
+    # The export is a Hugging Face folder transformers loads by itself; it answers a held-out problem with the
+    # recipe's one-shot prompt, and the answer is graded like any rollout (docs/smollm2's demonstration).
+    from trd_jax.experiments.smollm2_answer import answer
+
+    (shown,) = answer(os.path.join(str(tmp_path), "export"), [0], max_new_tokens=48)
+    assert "\\boxed{}" in shown["problem"] and shown["answer"]  # eval problem 0 of the split, with its reference
+    assert shown["response"].strip() and isinstance(shown["correct"], bool)
