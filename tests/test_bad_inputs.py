@@ -49,6 +49,9 @@ CASES = {
     "every prompt over the budget": (["--config.task.max_prompt_tokens=2"],
                                      "config.task.max_prompt_tokens: PromptIterator: the split has no usable"),
     "workdir is a file": (["WORKDIR={root}/a_file"], "--workdir {root}/a_file: is a file, not a folder"),
+    "a model the bootstrap would replace": (["RECIPE=" + os.path.join(ROOT, "configs", "default.py"),
+                                             "--config.student.source=path", "--config.student.path={root}/good"],
+                                            "config.student.source: 'path' (path '{root}/good') would be replaced"),
     "recipe sets a wrong type": (["RECIPE={root}/recipe.py"],
                                  '("{root}/recipe.py", line 8): TypeError: Could not override field \'steps\''),
 }

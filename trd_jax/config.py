@@ -144,6 +144,10 @@ def bootstrap_config(cfg):
     if cfg.task.name != "arithmetic":
         raise ConfigError("bootstrap.enabled", f"bootstrapping trains models for the 'arithmetic' task, not "
                                                f"{cfg.task.name!r}; give student.path / teacher.path instead")
+    for side in ("student", "teacher"):  # the bootstrap supplies both models: a given one would be ignored
+        if cfg[side].source != "random" or cfg[side].path:
+            raise ConfigError(f"{side}.source", f"{cfg[side].source!r} (path {cfg[side].path!r}) would be replaced "
+                                                f"by the bootstrap's {side}: set bootstrap.enabled=false to use it")
     shapes = {}
     for role in ("teacher", "student"):
         fields = {f.name: _int(cfg, f"bootstrap.{role}_model.{f.name}", 1) for f in dataclasses.fields(ModelShape)}
