@@ -237,6 +237,29 @@ def test_file_size_and_disk_limits():
     assert full_disk.status == "failed" and "No space left on device" in full_disk.stderr
 
 
+def test_inode_flood_hits_the_file_limit():
+    """Empty files cost kernel memory that disk_mb does not see: the working tmpfs has max_files inodes."""
+    flood = "import os\nfor i in range(5000):\n    open(f'e{i}', 'w').close()\nprint('done')"
+    limited = run_program(flood, config(max_files=1000))
+    assert limited.status == "failed" and "No space left on device" in limited.stderr, limited.stderr
+    assert run_program(flood, config(max_files=8192)).stdout == "done\n"  # the same flood under a higher limit
+
+
+def test_sysv_shared_memory_and_message_queues_are_closed():
+    """A determined program (ctypes allowed: audit hook off) cannot park memory outside RLIMIT_AS in SysV
+    shared memory (shmget of 256 MiB fails) or POSIX message queues (RLIMIT_MSGQUEUE is 0)."""
+    program = ("import ctypes, ctypes.util, resource\n"
+               "libc = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True)\n"
+               "libc.shmget.restype = ctypes.c_int\n"
+               "print(libc.shmget(0, ctypes.c_size_t(256 << 20), 0o1600), ctypes.get_errno())\n"
+               "print(resource.getrlimit(resource.RLIMIT_MSGQUEUE))")
+    result = run_program(program, config())
+    assert result.status == "ok", result.stderr
+    segment, errno = result.stdout.splitlines()[0].split()
+    assert int(segment) == -1 and int(errno) != 0, result.stdout
+    assert result.stdout.splitlines()[1] == "(0, 0)"
+
+
 def test_audit_hook_refuses_processes_and_ctypes():
     for program, event in (("import subprocess\nsubprocess.run(['true'])", "subprocess.Popen"),
                            ("import os\nos.fork()", "os.fork"), ("import ctypes", "ctypes.dlopen")):

@@ -75,7 +75,11 @@ Not guaranteed:
   unprivileged process (its own entries);
 - kernel keyrings: the session keyring is inherited from the parent (unreachable from the standard
   library without ctypes, which the audit hook refuses);
-- memory is limited per process, so the total is at most max_processes * memory_mb; CPU time likewise;
+- memory is limited per process, so the total is at most max_processes * memory_mb; CPU time likewise.
+  SysV shared memory and message queues are closed in the sandbox's IPC namespace (where the kernel lets
+  its owner set /proc/sys/kernel/shm*, msgmni; always as root), POSIX queues get RLIMIT_MSGQUEUE 0 and
+  /dev/shm is read-only; memfd_create is not blocked (no seccomp), but each memfd is a file bounded by
+  file_size_mb and their number by max_open_files; the working directory holds at most max_files inodes;
 - with allow_unsandboxed=True and no namespaces: no network isolation, no read-only filesystem, no
   hidden paths; a process that calls setsid() escapes the group kill; a parent running as root that
   cannot hand the interpreter to sandbox_uid runs the program as root (where RLIMIT_NPROC is void);
@@ -94,6 +98,9 @@ class SandboxConfig:
     memory_mb: int = 1024  # address space per process (RLIMIT_AS)
     file_size_mb: int = 16  # largest file the program may write (RLIMIT_FSIZE)
     disk_mb: int = 64  # size of the private working directory (tmpfs; with namespaces only)
+    # Files and directories the working directory can hold (its tmpfs's inode limit: empty files cost
+    # kernel memory that disk_mb does not count).
+    max_files: int = 4096
     max_processes: int = 32  # processes and threads of the program, itself included (RLIMIT_NPROC)
     max_open_files: int = 64  # RLIMIT_NOFILE
     output_limit_bytes: int = 1 << 20  # stdout and stderr are each cut to this many bytes
@@ -111,7 +118,8 @@ class SandboxConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"SandboxConfig.{name}={value!r}: must be a number > 0")
         # memory_mb >= 64: the interpreter itself needs some tens of MiB of address space to start.
-        for name, low in (("memory_mb", 64), ("file_size_mb", 1), ("disk_mb", 1), ("max_processes", 1),
+        for name, low in (("memory_mb", 64), ("file_size_mb", 1), ("disk_mb", 1), ("max_files", 16),
+                          ("max_processes", 1),
                           ("max_open_files", 16), ("output_limit_bytes", 1), ("sandbox_uid", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -212,7 +220,7 @@ def _execute(source: str, config: SandboxConfig, stdin: str | bytes | None, isol
         spec = dict(isolate=isolate, workdir=workdir, python=python, exposed=exposed,
                     hidden=list(config.hidden_paths), uid=config.sandbox_uid, status_fd=status_write,
                     cpu_s=math.ceil(config.cpu_s), memory_mb=config.memory_mb, file_size_mb=config.file_size_mb,
-                    disk_mb=config.disk_mb, max_processes=config.max_processes,
+                    disk_mb=config.disk_mb, max_files=config.max_files, max_processes=config.max_processes,
                     max_open_files=config.max_open_files, audit_hook=config.audit_hook)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         start = time.monotonic()
@@ -534,6 +542,7 @@ def _run_init(spec: dict, libc: _Libc, uid: int | None, report_fd: int) -> None:
     # user namespace of our own can be made below (the count is racy but bounded).
     charged = 2 if uid is None else _count_tasks(uid, os.getpid())
     _build_filesystem(spec, libc, *((os.geteuid(), os.getegid()) if uid is None else (uid, uid)))
+    _close_sysv_ipc()
     if uid is not None:
         _drop_privileges(uid)
         # A user namespace of our own, so that this sandbox's process count starts at zero whatever
@@ -559,6 +568,20 @@ def _run_init(spec: dict, libc: _Libc, uid: int | None, report_fd: int) -> None:
     os._exit(0)
 
 
+# The sandbox's own IPC namespace: no SysV shared memory segment, no message queue (their memory escapes
+# RLIMIT_AS: it belongs to no process). /proc/sys/kernel shows the namespace of the writer.
+_SYSV_LIMITS = {"shmmax": "0", "shmall": "0", "shmmni": "0", "msgmni": "0"}
+
+
+def _close_sysv_ipc() -> None:
+    for name, value in _SYSV_LIMITS.items():
+        try:
+            with open(f"/proc/sys/kernel/{name}", "w") as f:
+                f.write(value)
+        except OSError:  # a kernel that does not let this namespace's owner set it: documented below
+            pass
+
+
 def _set_limits(spec: dict, charged: int) -> None:
     """The program's resource limits (`charged`: processes already counted against RLIMIT_NPROC that
     are not the program's)."""
@@ -569,6 +592,7 @@ def _set_limits(spec: dict, charged: int) -> None:
                          (resource.RLIMIT_FSIZE, (spec["file_size_mb"] * mib,) * 2),
                          (resource.RLIMIT_NOFILE, (spec["max_open_files"],) * 2),
                          (resource.RLIMIT_CORE, (0, 0)),
+                         (resource.RLIMIT_MSGQUEUE, (0, 0)),  # POSIX message queues hold kernel memory
                          (resource.RLIMIT_NPROC, (nproc, nproc))):
         resource.setrlimit(limit, value)
 
@@ -629,7 +653,7 @@ def _build_filesystem(spec: dict, libc: _Libc, uid: int, gid: int) -> None:
         os.close(fd)
     os.makedirs(workdir, exist_ok=True)
     libc.mount("tmpfs", workdir, "tmpfs", _MS_NOSUID | _MS_NODEV,
-               f"size={spec['disk_mb']}m,mode=0700,uid={uid},gid={gid}")
+               f"size={spec['disk_mb']}m,nr_inodes={spec['max_files']},mode=0700,uid={uid},gid={gid}")
     libc.mount_setattr("/", _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, recursive=True)
     libc.mount_setattr(workdir, 0, _MOUNT_ATTR_RDONLY, recursive=False)
     # /proc stays writable: a process writes its own uid_map there (the program cannot write more than
