@@ -7,7 +7,7 @@ from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, 
                                      continuation_after_error, corrupted_attempt, first_error, flawed_solution,
                                      line_forms, parse_problem, parse_steps, problem_text, random_forms,
                                      solution_text, step_errors)
-from trd_jax.data.task import Example, PromptIterator
+from trd_jax.data.task import Example, NoUsableExamples, PromptIterator
 from trd_jax.prompts import strip_answer_instruction
 from trd_jax.refine import RefineConfig, build_refine_prompts
 from trd_jax.rewards.answers import last_boxed
@@ -231,5 +231,5 @@ def test_prompt_iterator_is_deterministic_and_resumes():
     assert [e.id for e in it3.next(8)] == seen[4:12]
     with pytest.raises(ValueError, match="dataset or data seed changed"):
         PromptIterator(examples[:9], seed=3).restore(state)
-    with pytest.raises(ValueError, match="no examples"):
+    with pytest.raises(NoUsableExamples, match="no usable examples"):
         PromptIterator([], seed=0)
