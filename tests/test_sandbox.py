@@ -345,10 +345,13 @@ def test_humaneval_off_by_one_mutants_fail(humaneval, task, old, new):
 
 def test_programs_that_exit_before_the_tests_fail():
     tests = AssertTests(tests=("assert add(1, 2) == 3", "assert add(2, 2) == 5"))
-    for early_exit in ("import sys\nsys.exit(0)", "import os\nos._exit(0)", "exit()"):
+    for early_exit, why in (("import sys\nsys.exit(0)", "failed before the tests ran: SystemExit: 0"),
+                            ("import os\nos._exit(0)", "ended before the tests finished"),
+                            ("exit()", "failed before the tests ran: SystemExit"),
+                            ("def add(a, b):\n    import os; os._exit(0)", "ended before the tests finished")):
         grade = grade_code(f"def add(a, b):\n    return a + b\n{early_exit}\n", tests)
-        assert grade.reward == 0.0 and grade.cases[0].status == "ok"
-        assert grade.cases[0].detail == "exited before the tests finished"
+        assert grade.reward == 0.0 and grade.cases[0].status == "failed", (early_exit, grade)
+        assert why in grade.cases[0].detail, (early_exit, grade.cases[0].detail)
 
 
 def test_mbpp_style_asserts():

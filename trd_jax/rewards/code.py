@@ -7,8 +7,9 @@ Three test styles:
   output after stripping trailing whitespace per line (and trailing blank lines).
 The reward is 1.0 when every test passes, else 0.0; ``CodeGrade.cases`` has the details.
 
-The assert styles end the program with a random marker line: a program that exits early (``exit()``,
-``os._exit(0)``) before the tests ran would otherwise exit 0 and look correct.
+The assert styles are judged outside the program (rewards/judge.py): the tests run in a process of their
+own, on plain data the program's functions return, so that no ``__eq__``, trace function, excepthook or
+early exit of the program's can make a wrong program pass.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 
 from trd_jax.rewards.sandbox import SandboxConfig, SandboxResult, run_many
@@ -139,54 +139,53 @@ def grade_code_batch(responses: Sequence[str], tests: Sequence[CodeTests], confi
     if len(responses) != len(tests):
         raise ValueError(f"grade_code_batch: {len(responses)} responses for {len(tests)} test sets")
     programs = [extract_program(r) for r in responses]
-    # Every sandbox run of the batch: (response index, source, stdin, judge(result) -> CaseResult).
+    # Every sandbox run of the batch: (response index, source, stdin, tests for the judge or None,
+    # verdict(result) -> CaseResult).
     jobs = []
     for i, (program, spec) in enumerate(zip(programs, tests)):
         if program.strip():  # an empty program fails without a run
             jobs += [(i, *job) for job in _jobs(program, spec)]
-    results = run_many([job[1] for job in jobs], config, [job[2] for job in jobs], max_workers)
+    results = run_many([job[1] for job in jobs], config, [job[2] for job in jobs], max_workers,
+                       tests=[job[3] for job in jobs])
     cases: list[list[CaseResult]] = [[] if p.strip() else [CaseResult(False, "failed", "no program in the response")]
                                      for p in programs]
-    for (i, _, _, judge), result in zip(jobs, results):
-        if result.status == "error":  # the sandbox itself failed: not the model's fault, not a 0 reward
+    for (i, _, _, _, verdict), result in zip(jobs, results):
+        if result.status == "error":  # the sandbox or the tests failed: not the model's fault, not a 0 reward
             raise RuntimeError(f"code grading: the sandbox could not run a program: {result.error}")
-        cases[i].append(judge(result))
+        cases[i].append(verdict(result))
     return [CodeGrade(reward=float(bool(c) and all(case.passed for case in c)), cases=tuple(c), program=p)
             for c, p in zip(cases, programs)]
 
 
 def _jobs(program: str, tests: CodeTests) -> list[tuple]:
-    """(source, stdin, judge) of each sandbox run that grades `program` against `tests`."""
+    """(source, stdin, tests for the judge, verdict) of each sandbox run that grades `program` against
+    `tests`."""
     if isinstance(tests, StdioTests):
-        return [(program, stdin, _stdout_judge(expected)) for stdin, expected in zip(tests.inputs, tests.outputs)]
+        return [(program, stdin, None, _stdout_verdict(expected))
+                for stdin, expected in zip(tests.inputs, tests.outputs)]
     if isinstance(tests, HumanEvalTests):
         # A completion that (re)defines the function follows the prompt (its def replaces the prompt's
         # docstring-only one); otherwise it is the body that continues the prompt.
         defines = re.search(rf"^\s*def\s+{tests.entry_point}\s*\(", program, re.MULTILINE)
         body = tests.prompt + ("\n" if defines else "") + program
-        checks = f"{tests.test}\n\ncheck({tests.entry_point})"
+        judged = dict(style="humaneval", prompt=tests.prompt, test=tests.test, entry_point=tests.entry_point)
     elif isinstance(tests, AssertTests):
         body = f"{tests.setup}\n{program}" if tests.setup else program
-        checks = "\n".join(tests.tests)
+        judged = dict(style="asserts", setup=tests.setup, tests=list(tests.tests))
     else:
         raise TypeError(f"grade_code: unknown test style {type(tests).__name__}")
-    marker = f"tests-passed-{secrets.token_hex(16)}"
-    return [(f"{body}\n\n{checks}\n\nprint({marker!r})\n", None, _marker_judge(marker))]
+    return [(body, None, judged, _judge_verdict)]
 
 
-def _marker_judge(marker: str):
-    def judge(result: SandboxResult) -> CaseResult:
-        if result.ok and result.stdout.rstrip().endswith(marker):
-            return CaseResult(True, result.status)
-        detail = _tail(result.stderr) or (
-            "exited before the tests finished" if result.ok else f"{result.status} (exit {result.returncode})")
-        return CaseResult(False, result.status, detail)
-
-    return judge
+def _judge_verdict(result: SandboxResult) -> CaseResult:
+    """The judge exits 0 only when every test ran to the end (rewards/judge.py)."""
+    if result.ok:
+        return CaseResult(True, result.status)
+    return CaseResult(False, result.status, _tail(result.stderr) or f"{result.status} (exit {result.returncode})")
 
 
-def _stdout_judge(expected: str):
-    def judge(result: SandboxResult) -> CaseResult:
+def _stdout_verdict(expected: str):
+    def verdict(result: SandboxResult) -> CaseResult:
         if not result.ok:
             detail = _tail(result.stderr) or f"{result.status} (exit {result.returncode})"
             return CaseResult(False, result.status, detail)
@@ -195,7 +194,7 @@ def _stdout_judge(expected: str):
             return CaseResult(True, result.status)
         return CaseResult(False, result.status, f"wrong answer: expected {_head(expected)!r}, got {_head(got)!r}")
 
-    return judge
+    return verdict
 
 
 def normalize_output(text: str) -> str:

@@ -44,11 +44,15 @@ from collections.abc import Sequence
 STATUSES = ("ok", "failed", "timeout", "killed", "memory", "error")
 # Exit code of the prelude when the program dies of MemoryError (Python would exit 1 like any error).
 MEMORY_EXIT_CODE = 86
+# Exit code of the judge (tests given) when it cannot set the tests up: the tests are broken, not the program.
+JUDGE_ERROR_EXIT_CODE = 87
 # Directories replaced by an empty read-only tmpfs in the sandbox: scratch space shared with other
 # processes (and the sockets of /run), and home directories (credentials, tokens, caches).
 DEFAULT_HIDDEN_PATHS = ("/tmp", "/var/tmp", "/run", "/root", "/home")
 NOBODY_UID = 65534
 _PROGRAM_NAME = "main.py"
+_TESTS_NAME = "tests.json"  # the judge's trusted tests (judge mode): read and deleted before the program starts
+_JUDGE_SOURCE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge.py")
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 
 SANDBOX_GUARANTEES = """\
@@ -68,6 +72,21 @@ Guaranteed with namespaces (the default; run_program refuses without them):
   (max_processes), open files (max_open_files), no core dumps;
 - no privilege: as root the program runs as sandbox_uid; it ends up with no capability and with
   no_new_privs (setuid binaries do not elevate).
+Guaranteed in judge mode (run_program(..., tests=...), the HumanEval and MBPP styles of rewards/code.py):
+- the verdict is the exit code of the judge (rewards/judge.py), a process that runs the trusted tests
+  and starts the program as a separate interpreter; it is 0 only when every test ran to the end, so the
+  program's exit code, early exit, excepthook, trace function or output cannot make it pass, and killing
+  the judge fails the program;
+- the tests are read and deleted before the program starts and the judge is non-dumpable: the program
+  (same uid) cannot ptrace it or read its memory, environment or descriptors under /proc;
+- what the program returns is rebuilt in the judge as plain data of exact builtin types and compared
+  by the judge; its other objects stay in the program and refuse ==, ordering, hashing, truth and `in`
+  (an always-true __eq__ or __bool__ never decides); names of builtins and of the trusted setup or
+  prompt (HumanEval's helpers, MBPP's imports) are never replaced by the program's;
+- not supported, so such tests fail: a test that checks the program mutated an argument in place (the
+  program gets copies), and a test that passes the program a callback or an object of a class the tests
+  define (only plain data and the program's own objects cross); a process of the program's that outlives
+  it while holding the pipe is noticed within half a second.
 Not guaranteed:
 - kernel bugs: namespaces and rlimits are not a VM; there is no seccomp filter;
 - files readable by the sandbox uid outside the hidden paths stay readable (e.g. /etc, /usr, /work),
@@ -164,25 +183,33 @@ def probe_isolation() -> tuple[bool, str]:
     return False, result.error or f"{result.status}: {result.stderr.strip()[-500:]}"
 
 
-def run_program(source: str, config: SandboxConfig | None = None, stdin: str | bytes | None = None) -> SandboxResult:
-    """Run the Python program ``source`` (stdin: text or bytes fed to it) in the sandbox."""
+def run_program(source: str, config: SandboxConfig | None = None, stdin: str | bytes | None = None,
+                tests: dict | None = None) -> SandboxResult:
+    """Run the Python program ``source`` (stdin: text or bytes fed to it) in the sandbox.
+
+    With ``tests`` (JSON-ready: ``{"style": "humaneval", "prompt", "test", "entry_point"}`` or
+    ``{"style": "asserts", "setup", "tests": [statements]}``) the sandbox runs the judge of
+    rewards/judge.py instead: the tests run in a process of their own that the program cannot reach, and
+    the result's status is ``ok`` only when every test ran to the end."""
     config = config or SandboxConfig()
     available, reason = probe_isolation()
     if not available and not config.allow_unsandboxed:
         raise SandboxUnavailableError(
             f"cannot create the sandbox's namespaces here ({reason}); refusing to run untrusted code with "
             "network access and a writable filesystem. Set SandboxConfig.allow_unsandboxed=True to run anyway.")
-    return _execute(source, config, stdin, isolate=available)
+    return _execute(source, config, stdin, isolate=available, tests=tests)
 
 
 def run_many(sources: Sequence[str], config: SandboxConfig | None = None,
-             stdins: Sequence[str | bytes | None] | None = None, max_workers: int | None = None) -> list[SandboxResult]:
+             stdins: Sequence[str | bytes | None] | None = None, max_workers: int | None = None,
+             tests: Sequence[dict | None] | None = None) -> list[SandboxResult]:
     """``run_program`` over many programs, at most ``max_workers`` (default: the CPU count) at a time;
     results in the order of ``sources``."""
     from concurrent.futures import ThreadPoolExecutor  # only the parent needs it (the launcher imports this file)
 
-    if stdins is not None and len(stdins) != len(sources):
-        raise ValueError(f"run_many: stdins has {len(stdins)} entries for {len(sources)} sources")
+    for name, values in (("stdins", stdins), ("tests", tests)):
+        if values is not None and len(values) != len(sources):
+            raise ValueError(f"run_many: {name} has {len(values)} entries for {len(sources)} sources")
     if max_workers is not None and max_workers < 1:
         raise ValueError(f"run_many: max_workers={max_workers!r}: must be >= 1")
     if not sources:
@@ -190,9 +217,10 @@ def run_many(sources: Sequence[str], config: SandboxConfig | None = None,
     config = config or SandboxConfig()
     probe_isolation()  # once, before the threads (and its refusal raises here, not in a worker)
     inputs = stdins if stdins is not None else [None] * len(sources)
+    judged = tests if tests is not None else [None] * len(sources)
     # Threads suffice: each one only waits on its child process.
     with ThreadPoolExecutor(max_workers=max_workers or os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda job: run_program(job[0], config, job[1]), zip(sources, inputs)))
+        return list(pool.map(lambda job: run_program(*job), zip(sources, [config] * len(sources), inputs, judged)))
 
 
 def _interpreter() -> tuple[str, list[str]]:
@@ -204,24 +232,33 @@ def _interpreter() -> tuple[str, list[str]]:
     return python, [d for d in dirs if not any(d != o and d.startswith(o.rstrip("/") + "/") for o in dirs)]
 
 
-def _execute(source: str, config: SandboxConfig, stdin: str | bytes | None, isolate: bool) -> SandboxResult:
+def _execute(source: str, config: SandboxConfig, stdin: str | bytes | None, isolate: bool,
+             tests: dict | None = None) -> SandboxResult:
     python, exposed = _interpreter()
     workdir = tempfile.mkdtemp(prefix="trd-sandbox-")
     status_read, status_write = os.pipe()  # the launcher's setup errors (closed unread on a good exec)
     try:
         with open(os.path.join(workdir, _PROGRAM_NAME), "w", encoding="utf-8") as f:
             f.write(source)
+        judge = None
+        if tests is not None:
+            with open(os.path.join(workdir, _TESTS_NAME), "w", encoding="utf-8") as f:
+                json.dump(tests, f)
+            with open(_JUDGE_SOURCE_PATH, encoding="utf-8") as f:
+                judge_source = f.read()
+            judge = dict(source=judge_source, candidate_source=_PRELUDE_HEAD + "\n" + judge_source)
         stdin_path = os.path.join(workdir, ".stdin")
         with open(stdin_path, "wb") as f:
             f.write(stdin.encode("utf-8") if isinstance(stdin, str) else stdin or b"")
         if os.geteuid() == 0:  # the program runs as sandbox_uid: give it its directory
-            for path in (workdir, os.path.join(workdir, _PROGRAM_NAME)):
-                os.chown(path, config.sandbox_uid, config.sandbox_uid)
+            for path in (workdir, *(os.path.join(workdir, name) for name in (_PROGRAM_NAME, _TESTS_NAME))):
+                if os.path.exists(path):
+                    os.chown(path, config.sandbox_uid, config.sandbox_uid)
         spec = dict(isolate=isolate, workdir=workdir, python=python, exposed=exposed,
                     hidden=list(config.hidden_paths), uid=config.sandbox_uid, status_fd=status_write,
                     cpu_s=math.ceil(config.cpu_s), memory_mb=config.memory_mb, file_size_mb=config.file_size_mb,
                     disk_mb=config.disk_mb, max_files=config.max_files, max_processes=config.max_processes,
-                    max_open_files=config.max_open_files, audit_hook=config.audit_hook)
+                    max_open_files=config.max_open_files, audit_hook=config.audit_hook, judge=judge)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         start = time.monotonic()
         with open(stdin_path, "rb") as stdin_file:
@@ -245,8 +282,12 @@ def _execute(source: str, config: SandboxConfig, stdin: str | bytes | None, isol
             if fd >= 0:
                 os.close(fd)
         _remove_tree(workdir)
+    stderr_text = stderr.decode("utf-8", "replace")
+    if not setup_error and tests is not None and returncode == JUDGE_ERROR_EXIT_CODE:
+        # Only the judge's own setup exits so (the program's exit codes never reach the launcher).
+        setup_error = "the judge could not set the tests up: " + stderr_text.strip()[-1000:]
     return SandboxResult(status=_status(setup_error, timed_out, returncode), returncode=returncode,
-                         stdout=stdout.decode("utf-8", "replace"), stderr=stderr.decode("utf-8", "replace"),
+                         stdout=stdout.decode("utf-8", "replace"), stderr=stderr_text,
                          wall_s=wall_s, truncated=truncated, isolated=isolate, error=setup_error)
 
 
@@ -339,9 +380,10 @@ def _remove_tree(path: str) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # The program's prelude: run by the sandboxed interpreter (``-c``) before the program. argv:
-# [-c, "1" to install the audit hook | "0", program path].
+# [-c, "1" to install the audit hook | "0", program path]. Its head (the audit hook and exit()) also
+# starts the judge's candidate process (rewards/judge.py, whose source follows it).
 
-_PRELUDE = r'''
+_PRELUDE_HEAD = r'''
 import os, sys
 
 def _install_audit_hook():
@@ -378,6 +420,9 @@ def _exit(code=None):
 
 import builtins
 builtins.exit = builtins.quit = _exit  # normally set by the site module, which -S skips
+'''
+
+_PRELUDE = _PRELUDE_HEAD + r'''
 if sys.argv[1] == "1":
     _install_audit_hook()
 _path = sys.argv[2]
@@ -601,9 +646,15 @@ def _exec_program(spec: dict, libc: _Libc) -> None:
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries do not elevate
     os.set_inheritable(spec["status_fd"], False)  # closed by a good exec: the parent reads EOF
     python = spec["python"]
+    if spec["judge"]:  # the judge runs first, without the audit hook; it starts the program itself
+        judge_spec = dict(python=python, audit_hook=spec["audit_hook"], program=_PROGRAM_NAME, tests=_TESTS_NAME,
+                          candidate_source=spec["judge"]["candidate_source"], memory_exit_code=MEMORY_EXIT_CODE,
+                          error_exit_code=JUDGE_ERROR_EXIT_CODE)
+        argv = [python, "-I", "-S", "-B", "-c", spec["judge"]["source"], "judge", json.dumps(judge_spec)]
+    else:
+        argv = [python, "-I", "-S", "-B", "-c", _PRELUDE, "1" if spec["audit_hook"] else "0", _PROGRAM_NAME]
     try:
-        os.execve(python, [python, "-I", "-S", "-B", "-c", _PRELUDE, "1" if spec["audit_hook"] else "0",
-                           _PROGRAM_NAME], dict(os.environ))
+        os.execve(python, argv, dict(os.environ))
     except OSError as e:
         # Typically a directory above the interpreter that the uid cannot enter (and that hidden_paths
         # does not cover: the sandbox re-shows the interpreter only inside the hidden paths).
@@ -628,8 +679,11 @@ def _build_filesystem(spec: dict, libc: _Libc, uid: int, gid: int) -> None:
     interpreter shown, a private tmpfs as the working directory, /proc of our PID namespace."""
     workdir, hidden = spec["workdir"], [p for p in spec["hidden"] if os.path.isdir(p) and not os.path.islink(p)]
     libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount propagates to the host
-    with open(_PROGRAM_NAME, "rb") as f:  # the cwd is the host's working directory, still visible
-        program = f.read()
+    files = {}  # the cwd is the host's working directory, still visible
+    for name in (_PROGRAM_NAME, _TESTS_NAME):
+        if os.path.exists(name):
+            with open(name, "rb") as f:
+                files[name] = f.read()
     # Descriptors of what gets covered below, to bind it back (binding needs a mount of this namespace,
     # so they are opened here, not before the unshare).
     exposed = {d: os.open(d, os.O_PATH) for d in spec["exposed"] if _is_under(d, hidden + ["/dev"])}
@@ -660,10 +714,11 @@ def _build_filesystem(spec: dict, libc: _Libc, uid: int, gid: int) -> None:
     # any unprivileged process can, in its own PID namespace).
     libc.mount_setattr("/proc", 0, _MOUNT_ATTR_RDONLY, recursive=False)
     os.chdir(workdir)
-    fd = os.open(_PROGRAM_NAME, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
-    os.write(fd, program)
-    os.close(fd)
-    os.chown(_PROGRAM_NAME, uid, gid)
+    for name, content in files.items():
+        fd = os.open(name, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644 if name == _PROGRAM_NAME else 0o600)
+        os.write(fd, content)
+        os.close(fd)
+        os.chown(name, uid, gid)
 
 
 def _is_under(path: str, roots: Sequence[str]) -> bool:
