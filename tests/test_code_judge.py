@@ -86,6 +86,12 @@ def test_the_program_cannot_replace_builtins_or_the_setup_the_tests_use():
               "def area(r):\n    return math.pi * r * r\n")
     result = grades({"cheat": cheat, "honest": honest}, tests)
     assert result["cheat"].reward == 0.0 and result["honest"].reward == 1.0, result
+    # A module the tests import after the program started, shadowed by a file the program wrote in the
+    # shared working directory: the judge's import path is the standard library only.
+    late_import = AssertTests(tests=("import statistics\nassert mean(4, 6) == statistics.mean([4, 6])",))
+    shadow = "open('statistics.py', 'w').write('def mean(values):\\n    return 0\\n')\ndef mean(a, b):\n    return 0\n"
+    assert grade_code(shadow, late_import, NO_HOOK).reward == 0.0
+    assert grade_code("def mean(a, b):\n    return (a + b) / 2\n", late_import, NO_HOOK).reward == 1.0
 
 
 def test_the_judge_is_out_of_the_programs_reach():
