@@ -60,7 +60,7 @@ def processes_with(marker: str) -> list[int]:
 
 @pytest.mark.parametrize("field, value", [
     ("timeout_s", 0), ("cpu_s", -1), ("memory_mb", 8), ("file_size_mb", 0), ("disk_mb", 0), ("max_processes", 0),
-    ("max_open_files", 3), ("output_limit_bytes", 0), ("sandbox_uid", 0), ("audit_hook", 1),
+    ("max_open_files", 3), ("total_memory_mb", 10), ("output_limit_bytes", 0), ("sandbox_uid", 0), ("audit_hook", 1),
     ("allow_unsandboxed", "yes"), ("hidden_paths", ("relative",)), ("hidden_paths", "/tmp"), ("timeout_s", True),
 ])
 def test_config_errors_name_the_field(field, value):
@@ -258,6 +258,39 @@ def test_sysv_shared_memory_and_message_queues_are_closed():
     segment, errno = result.stdout.splitlines()[0].split()
     assert int(segment) == -1 and int(errno) != 0, result.stdout
     assert result.stdout.splitlines()[1] == "(0, 0)"
+
+
+def test_memfds_and_many_processes_count_against_the_sandboxs_total_memory():
+    """Memory no single process's RLIMIT_AS sees - memfds held open, and the sum over processes - is
+    bounded by total_memory_mb where a memory cgroup can be made (here: the kernel kills, status
+    "memory"); elsewhere the documented fallback holds (each memfd bounded by file_size_mb)."""
+    from trd_jax.rewards.memory_cgroup import MemoryCgroup
+
+    memfds = ("import os\nfds = [os.memfd_create(f'm{i}') for i in range(12)]\n"
+              "for fd in fds:\n    for _ in range(4):\n        os.write(fd, bytes(16 << 20))\n"
+              "print('held', 12 * 64, 'MiB')")
+    # Three processes of 150 MiB each at once: the kernel kills one (SIGKILL, wait status 9), the parent
+    # lives on and reports it.
+    processes = ("import os, time\nfor _ in range(3):\n    if os.fork() == 0:\n        block = b'x' * (150 << 20)\n"
+                 "        time.sleep(1.0)\n        os._exit(0)\n"
+                 "print(sorted(os.wait()[1] for _ in range(3)))")
+    probe = MemoryCgroup.create(64 << 20)
+    if probe is not None:
+        probe.remove()
+    small = config(file_size_mb=64, memory_mb=512, total_memory_mb=256, timeout_s=30.0)
+    roomy = dataclasses.replace(small, total_memory_mb=4096)
+    limited = run_program(memfds, small)
+    assert limited.memory_cgroup == (probe is not None)
+    if probe is not None:
+        assert limited.status == "memory", (limited.status, limited.stdout, limited.stderr[-300:])
+        assert run_program(memfds, roomy).stdout == "held 768 MiB\n"
+        statuses = ast.literal_eval(run_program(processes, small).stdout)
+        assert signal.SIGKILL in statuses, statuses
+        assert run_program(processes, roomy).stdout == "[0, 0, 0]\n"
+    else:
+        assert limited.status == "ok" and limited.stdout == "held 768 MiB\n", limited.stderr[-300:]
+    if probe is not None:  # every sandbox's group is gone
+        assert not [d for d in os.listdir(os.path.dirname(probe.directory)) if d.startswith("trd-sandbox-")]
 
 
 def test_audit_hook_refuses_processes_and_ctypes():

@@ -10,7 +10,8 @@ Layers, outermost first (see ``SANDBOX_GUARANTEES`` below for what they do and d
    working directory is a private size-bounded tmpfs.
 2. Credentials: when the parent is root the program runs as ``sandbox_uid`` (nobody); the program
    never keeps a capability (it execs as a non-root uid of its user namespace, with no_new_privs).
-3. Resource limits (setrlimit in the child before exec): CPU seconds, address space, file size,
+3. Resource limits: a memory cgroup for the whole sandbox where the machine allows one
+   (rewards/memory_cgroup.py), and setrlimit in the child before exec: CPU seconds, address space, file size,
    processes (counted per sandbox: each sandbox gets a fresh user namespace, whose process count starts
    at zero), open files, no core dumps; a wall-clock timeout kills the whole process group.
 4. A scrubbed environment (PATH, LANG, HOME and TMPDIR only) and Python's isolated mode (-I -S -B).
@@ -94,11 +95,13 @@ Not guaranteed:
   unprivileged process (its own entries);
 - kernel keyrings: the session keyring is inherited from the parent (unreachable from the standard
   library without ctypes, which the audit hook refuses);
-- memory is limited per process, so the total is at most max_processes * memory_mb; CPU time likewise.
-  SysV shared memory and message queues are closed in the sandbox's IPC namespace (where the kernel lets
-  its owner set /proc/sys/kernel/shm*, msgmni; always as root), POSIX queues get RLIMIT_MSGQUEUE 0 and
-  /dev/shm is read-only; memfd_create is not blocked (no seccomp), but each memfd is a file bounded by
-  file_size_mb and their number by max_open_files; the working directory holds at most max_files inodes;
+- memory as a whole where no memory cgroup can be made (SandboxResult.memory_cgroup False; with one,
+  total_memory_mb bounds everything the sandbox holds: processes, working tmpfs, memfds, shared memory):
+  memory is then limited per process, so the total is at most max_processes * memory_mb, and memfds
+  (not blocked: no seccomp) add up to file_size_mb each, max_open_files per process. CPU time is per
+  process in any case. SysV shared memory and message queues are closed in the sandbox's IPC namespace
+  (where the kernel lets its owner set /proc/sys/kernel/shm*, msgmni; always as root), POSIX queues get
+  RLIMIT_MSGQUEUE 0 and /dev/shm is read-only; the working directory holds at most max_files inodes;
 - with allow_unsandboxed=True and no namespaces: no network isolation, no read-only filesystem, no
   hidden paths; a process that calls setsid() escapes the group kill; a parent running as root that
   cannot hand the interpreter to sandbox_uid runs the program as root (where RLIMIT_NPROC is void);
@@ -122,6 +125,10 @@ class SandboxConfig:
     max_files: int = 4096
     max_processes: int = 32  # processes and threads of the program, itself included (RLIMIT_NPROC)
     max_open_files: int = 64  # RLIMIT_NOFILE
+    # Everything the sandbox holds together (its processes, working tmpfs, memfds, shared memory): a memory
+    # cgroup, where this machine lets us create one (rewards/memory_cgroup.py); beyond it the kernel kills
+    # a process of the sandbox and the status is "memory".
+    total_memory_mb: int = 2048
     output_limit_bytes: int = 1 << 20  # stdout and stderr are each cut to this many bytes
     audit_hook: bool = True  # the second-layer audit hook (see the module docstring)
     # Emptied in the sandbox (absolute paths). The interpreter's installation is shown again when it lies
@@ -137,7 +144,8 @@ class SandboxConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"SandboxConfig.{name}={value!r}: must be a number > 0")
         # memory_mb >= 64: the interpreter itself needs some tens of MiB of address space to start.
-        for name, low in (("memory_mb", 64), ("file_size_mb", 1), ("disk_mb", 1), ("max_files", 16),
+        for name, low in (("memory_mb", 64), ("total_memory_mb", 64), ("file_size_mb", 1), ("disk_mb", 1),
+                          ("max_files", 16),
                           ("max_processes", 1),
                           ("max_open_files", 16), ("output_limit_bytes", 1), ("sandbox_uid", 1)):
             value = getattr(self, name)
@@ -164,6 +172,7 @@ class SandboxResult:
     truncated: bool  # stdout or stderr was cut to output_limit_bytes
     isolated: bool  # ran inside the namespaces (False only with allow_unsandboxed)
     error: str = ""
+    memory_cgroup: bool = False  # total_memory_mb was enforced by a memory cgroup
 
     @property
     def ok(self) -> bool:
@@ -234,8 +243,12 @@ def _interpreter() -> tuple[str, list[str]]:
 
 def _execute(source: str, config: SandboxConfig, stdin: str | bytes | None, isolate: bool,
              tests: dict | None = None) -> SandboxResult:
+    from trd_jax.rewards.memory_cgroup import MemoryCgroup  # parent only (the launcher imports this file)
+
     python, exposed = _interpreter()
     workdir = tempfile.mkdtemp(prefix="trd-sandbox-")
+    group = MemoryCgroup.create(config.total_memory_mb << 20)
+    oom = False
     status_read, status_write = os.pipe()  # the launcher's setup errors (closed unread on a good exec)
     try:
         with open(os.path.join(workdir, _PROGRAM_NAME), "w", encoding="utf-8") as f:
@@ -258,7 +271,8 @@ def _execute(source: str, config: SandboxConfig, stdin: str | bytes | None, isol
                     hidden=list(config.hidden_paths), uid=config.sandbox_uid, status_fd=status_write,
                     cpu_s=math.ceil(config.cpu_s), memory_mb=config.memory_mb, file_size_mb=config.file_size_mb,
                     disk_mb=config.disk_mb, max_files=config.max_files, max_processes=config.max_processes,
-                    max_open_files=config.max_open_files, audit_hook=config.audit_hook, judge=judge)
+                    max_open_files=config.max_open_files, audit_hook=config.audit_hook, judge=judge,
+                    cgroup_procs=group.procs_file if group else None)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
         start = time.monotonic()
         with open(stdin_path, "rb") as stdin_file:
@@ -277,23 +291,29 @@ def _execute(source: str, config: SandboxConfig, stdin: str | bytes | None, isol
             returncode = proc.wait()
         wall_s = time.monotonic() - start
         setup_error = _read_all(status_read).decode("utf-8", "replace")
+        oom = group is not None and group.oom_killed()
     finally:
         for fd in (status_read, status_write):
             if fd >= 0:
                 os.close(fd)
         _remove_tree(workdir)
+        if group is not None:
+            group.remove()
     stderr_text = stderr.decode("utf-8", "replace")
     if not setup_error and tests is not None and returncode == JUDGE_ERROR_EXIT_CODE:
         # Only the judge's own setup exits so (the program's exit codes never reach the launcher).
         setup_error = "the judge could not set the tests up: " + stderr_text.strip()[-1000:]
-    return SandboxResult(status=_status(setup_error, timed_out, returncode), returncode=returncode,
+    return SandboxResult(status=_status(setup_error, timed_out, returncode, oom), returncode=returncode,
                          stdout=stdout.decode("utf-8", "replace"), stderr=stderr_text,
-                         wall_s=wall_s, truncated=truncated, isolated=isolate, error=setup_error)
+                         wall_s=wall_s, truncated=truncated, isolated=isolate, error=setup_error,
+                         memory_cgroup=group is not None)
 
 
-def _status(setup_error: str, timed_out: bool, returncode: int) -> str:
+def _status(setup_error: str, timed_out: bool, returncode: int, oom: bool = False) -> str:
     if setup_error:
         return "error"
+    if oom and returncode != 0:  # the memory cgroup's limit: the kernel killed a process of the sandbox
+        return "memory"
     if timed_out or returncode == -signal.SIGXCPU:  # SIGXCPU: RLIMIT_CPU reached
         return "timeout"
     if returncode < 0:
@@ -496,6 +516,9 @@ def _launch(spec: dict) -> None:
     status_fd = spec["status_fd"]
     isolate = spec["isolate"]
     try:
+        if spec["cgroup_procs"]:  # first: every process of the sandbox descends from this one
+            with open(spec["cgroup_procs"], "w") as f:
+                f.write(str(os.getpid()))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # it may re-raise the program's fatal signal
         libc = _Libc()
         uid = spec["uid"] if os.geteuid() == 0 else None  # the program's uid when we are root
