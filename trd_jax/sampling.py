@@ -159,12 +159,18 @@ def _categorical(probs: Array, key: Array, row_offset: Array | None = None, tota
     """One draw per row from unnormalised probs f32[B, V] >= 0 by inverse CDF: one uniform per row
     (instead of a Gumbel per entry), a cumulative sum over chunk totals, then within one chunk.
     row_offset / total_rows: see _row_uniforms."""
+    return inverse_cdf(probs, _row_uniforms(key, probs.shape[0], row_offset, total_rows))
+
+
+def inverse_cdf(probs: Array, uniforms: Array) -> Array:
+    """The draw of each row from unnormalised probs f32[B, V] >= 0 that the uniform f32[B, 1] in [0, 1)
+    picks (see _categorical)."""
     b, v = probs.shape
     chunk = _chunk_size(v)
     chunks = _as_chunks(probs, chunk, 0.0)
     totals = jnp.sum(chunks, axis=-1)  # [B, C]
     ends = jnp.cumsum(totals, axis=-1)
-    u = 1.0 - _row_uniforms(key, b, row_offset, total_rows)  # (0, 1]: a zero-probability entry is never drawn
+    u = 1.0 - uniforms  # (0, 1]: a zero-probability entry is never drawn
     target = u * ends[:, -1:]
     c = jnp.minimum(jnp.sum(ends < target, axis=-1), ends.shape[1] - 1)
     rest = target[:, 0] - (jnp.take_along_axis(ends, c[:, None], axis=1)[:, 0]
@@ -374,6 +380,7 @@ class Sampler:
         self._cache_placement = None  # the sharding it was made with (None: _new_cache's default)
         self._cfg = None
         self._cache_fns: dict = {}  # sharding -> init_cache jitted with those out_shardings
+        self.last_draft_stats: dict | None = None  # the last speculative call's passes, proposed, accepted
 
     def release(self) -> None:
         """Frees the cached KV buffers (e.g. before a memory-hungry update step on an accelerator)."""
@@ -400,7 +407,8 @@ class Sampler:
     def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
                  eos_ids: Sequence[int] | None = None, max_prompt_len: int | None = None,
-                 max_rows: int = 0) -> SampleOutput:
+                 max_rows: int = 0, drafts: Sequence[Sequence[int]] | None = None,
+                 draft_tokens: int = 0) -> SampleOutput:
         """prompts: token id lists of any lengths. Returns numpy arrays for len(prompts) * n rows, the
         n samples of prompt i in rows i*n .. i*n + n - 1, tokens cut to the longest row. eos_ids
         overrides the sampler's stop tokens for this call (an empty tuple: never stop early).
@@ -412,7 +420,11 @@ class Sampler:
         all rows (same key, see _row_uniforms): the same tokens as the one call, log-probs equal up to the
         backend's rounding on another batch shape (tests/test_sampler_memory.py). A cache
         sharded over the batch axes likewise (each device multiplies fewer rows; fsdp-sharded parameters are
-        gathered instead of reduced in partial sums). max_rows=0 on one device is the code as before."""
+        gathered instead of reduced in partial sums). max_rows=0 on one device is the code as before.
+
+        drafts (one token list per prompt) with draft_tokens K > 0: speculative decoding (speculative.py),
+        each pass verifying the next K tokens of the row's draft; greedy outputs equal plain decoding's,
+        sampled ones are equal in distribution. The draft statistics of the call are in `last_draft_stats`."""
         eos_ids = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         if not prompts:
             raise ValueError("prompts: empty batch")
@@ -422,6 +434,9 @@ class Sampler:
             raise ValueError(f"n={n}: must be >= 1")
         if max_rows < 0:
             raise ValueError(f"max_rows={max_rows}: must be >= 0 (0: all rows at once)")
+        speculate = drafts is not None and draft_tokens > 0
+        if drafts is not None and len(drafts) != len(prompts):
+            raise ValueError(f"drafts: {len(drafts)} drafts for {len(prompts)} prompts")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}]: empty prompt")
@@ -434,6 +449,8 @@ class Sampler:
             plen = min(plen, max_prompt_len)
         buffer_len = bucket(max_new_tokens, 8)
         batch, samples, groups = row_groups(len(prompts), n, max_rows)
+        if speculate:
+            draft_width = bucket(max(max((len(d) for d in drafts), default=1), 1), 8)
         # Several groups: each draws its rows' numbers from the one call's table (bucket(prompts) * n rows).
         total_rows = bucket(len(prompts)) * n if len(groups) > 1 else 0
         rows_per_call = batch * samples
@@ -463,14 +480,15 @@ class Sampler:
             put_prompts = put_rows = put_one = jnp.asarray
         if replicated is not None or sharding is not None:
             key = put_one(key)
-        shape = (batch, plen, buffer_len, samples, sampling, eos_ids)
+        shape = (batch, plen, buffer_len, samples, sampling, eos_ids) + ((draft_width, draft_tokens) if speculate else ())
         if shape not in self._shapes_seen:
             # The first shape compiles by design; later ones mean the buckets did not absorb a change.
             (log.warning if self._shapes_seen else log.info)(
-                "sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s eos=%s", *shape)
+                "sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s eos=%s"
+                + (" draft=%d draft_tokens=%d" if speculate else ""), *shape)
             self._shapes_seen.add(shape)
         max_new, pad_id = put_one(np.int32(max_new_tokens)), put_one(np.int32(self.pad_id))
-        outs = []
+        outs, stats = [], []
         for first, count, offset, keep in groups:
             # Padding fed to the model is id 0: pad_id may lie outside the vocabulary.
             tokens = np.zeros((batch, plen), np.int32)
@@ -479,15 +497,35 @@ class Sampler:
                 tokens[i, plen - len(p):] = p
                 pad[i] = plen - len(p)
             live = np.arange(rows_per_call) < keep
-            cache = self._cache_for(cfg, rows_per_call, plen + buffer_len, replicated or sharding)
+            cache = self._cache_for(cfg, rows_per_call, plen + buffer_len + (draft_tokens if speculate else 0),
+                                    replicated or sharding)
             cache, logits = prefill(self.graphdef, params, cache, put_prompts(tokens), put_prompts(pad), n=samples,
                                     cache_sharding=sharding)
+            if speculate:
+                from trd_jax.speculative import speculative_decode  # noqa: PLC0415 - it imports this module
+
+                draft_ids = np.zeros((batch, draft_width), np.int32)
+                draft_lengths = np.zeros((batch,), np.int32)
+                for i, d in enumerate(drafts[first:first + count]):
+                    draft_ids[i, :len(d)] = d
+                    draft_lengths[i] = len(d)
+                out, group_stats, self._cache = speculative_decode(
+                    self.graphdef, params, cache, logits, put_rows(np.repeat(pad, samples)), key, max_new, pad_id,
+                    put_rows(np.repeat(draft_ids, samples, axis=0)), put_rows(np.repeat(draft_lengths, samples)),
+                    put_rows(live), put_one(np.int32(offset)), prompt_len=plen, buffer_len=buffer_len,
+                    sampling=sampling, eos_ids=eos_ids, draft_tokens=draft_tokens, cache_sharding=sharding)
+                outs.append((out, keep))
+                stats.append([multihost.to_host(x)[:keep] for x in group_stats])
+                continue
             out, self._cache = decode(self.graphdef, params, cache, logits, put_rows(np.repeat(pad, samples)), key,
                                       max_new, pad_id, put_rows(live),
                                       put_one(np.int32(offset)) if total_rows else None, prompt_len=plen,
                                       buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids,
                                       total_rows=total_rows, cache_sharding=sharding)
             outs.append((out, keep))
+        if speculate:
+            passes, proposed, accepted = (int(np.sum(np.concatenate(xs))) for xs in zip(*stats))
+            self.last_draft_stats = dict(passes=passes, proposed=proposed, accepted=accepted)
         parts = [[multihost.to_host(x)[:keep] for x in out] for out, keep in outs]
         tokens, logprobs, lengths = (np.concatenate(xs) if len(xs) > 1 else xs[0] for xs in zip(*parts))
         width = max(int(lengths.max()), 1)

@@ -31,10 +31,11 @@ _F32 = jnp.float32
 
 
 def dense_mask(key_mask: Array, query_start, num_queries: int) -> Array:
-    """bool[B, T, S]: query t (slot query_start + t) sees slot s iff s <= its slot and key_mask[b, s]."""
-    query_slot = query_start + jnp.arange(num_queries)
-    causal = jnp.arange(key_mask.shape[1])[None, :] <= query_slot[:, None]
-    return causal[None] & key_mask[:, None, :]
+    """bool[B, T, S]: query t (slot query_start + t) sees slot s iff s <= its slot and key_mask[b, s].
+    query_start: i32[] or, per row, i32[B]."""
+    query_slot = jnp.asarray(query_start)[..., None] + jnp.arange(num_queries)  # [T] or [B, T]
+    causal = jnp.arange(key_mask.shape[1]) <= query_slot[..., None]  # [T, S] or [B, T, S]
+    return (causal if causal.ndim == 3 else causal[None]) & key_mask[:, None, :]
 
 
 def dense_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:

@@ -9,12 +9,14 @@ may carry LoRA adapters (models/lora.py), which `adapted` adds where a module ha
 One call signature serves training, scoring, prefill and decode:
 
     hidden, cache = model(tokens: i32[B, T], positions: i32[B, T], key_mask: bool[B, S],
-                          cache=None | KVCache, cache_index=i32[])
+                          cache=None | KVCache, cache_index=i32[] | i32[B])
 
 Without a cache the keys are the T input positions (S == T). With a cache of length S, the new keys
 and values are written at slots [cache_index, cache_index + T) and the queries attend over all S
 slots. Either way query t sits at slot cache_index + t and sees slot s iff s <= cache_index + t and
-key_mask[b, s]: causal by slot, padding masked by key_mask (left or right padding both work).
+key_mask[b, s]: causal by slot, padding masked by key_mask (left or right padding both work). A
+per-row cache_index i32[B] (speculative decoding: rows advance by different counts) writes each row at
+its own slot and always uses the dense kernel.
 
 cfg.attention picks the kernel of every call with more than one query (models/attention.py): "dense" builds the
 [B, T, S] mask and f32 scores; "blockwise" (flash attention) never does. Decode's single query is always dense.
@@ -46,7 +48,7 @@ class Mask(NamedTuple):
     key_mask[b, s]. `dense` is that as bool[B, T, S] for the dense kernel, None for the blockwise one."""
 
     key_mask: Array  # bool[B, S]
-    query_start: Array  # i32[]
+    query_start: Array  # i32[] (or i32[B] with the dense kernel only)
     dense: Array | None
 
 
@@ -144,7 +146,12 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = k.transpose(0, 2, 1, 3)  # [B, kv_heads, T, hd]
         v = v.transpose(0, 2, 1, 3)
-        if cache is not None:
+        if cache is not None and jnp.ndim(cache_index) == 1:  # each row at its own slot
+            put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (0, i, 0)))
+            cache = LayerCache(put(cache.k, k.astype(cache.k.dtype), cache_index),
+                               put(cache.v, v.astype(cache.v.dtype), cache_index))
+            k, v = cache.k.astype(dt), cache.v.astype(dt)
+        elif cache is not None:
             at = (0, 0, cache_index, 0)
             cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
                                jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at))
@@ -222,8 +229,9 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.cfg))
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        blockwise = self.cfg.attention == "blockwise" and t > 1
-        mask = Mask(key_mask, jnp.asarray(cache_index, jnp.int32),
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        blockwise = self.cfg.attention == "blockwise" and t > 1 and cache_index.ndim == 0
+        mask = Mask(key_mask, cache_index,
                     None if blockwise else attention.dense_mask(key_mask, cache_index, t))
         if cache is None and self.cfg.remat != "none":  # training / scoring forward: remat each layer
             remat_layer = _REMAT_LAYER[self.cfg.remat]

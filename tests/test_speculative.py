@@ -1,0 +1,159 @@
+"""Speculative decoding against a per-row draft (trd_jax/speculative.py): greedy outputs identical to plain
+decoding's whatever the draft; sampled outputs distributed exactly as plain sampling's (chi-square against
+the model's own filtered distributions, computed here with numpy sorts); draft alignment; statistics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from trd_jax.models.config import ModelConfig
+from trd_jax.models.transformer import Transformer
+from trd_jax.sampling import Sampler, SamplingConfig
+from trd_jax.speculative import _resync
+
+from test_sampling import chi2, chi2_critical
+
+PROMPTS = [[5, 9, 13], list(range(20, 37)), [42], [7, 8]]
+EOS = 3
+
+
+def tiny(vocab: int, seed: int = 0, sharpen: float = 1.0):
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    model = Transformer(cfg, rngs=nnx.Rngs(seed))
+    model.lm_head[...] = model.lm_head[...] * sharpen  # peaked distributions: filters and drafts matter
+    return nnx.split(model)
+
+
+@pytest.fixture(scope="module")
+def greedy_setup():
+    graph, params = tiny(64)
+    sampler = Sampler(graph, eos_ids=(EOS,))
+    plain = sampler(params, PROMPTS, 40, sampling=SamplingConfig(0.0))
+    return sampler, params, plain
+
+
+def rows(out):
+    return [out.tokens[i, :n].tolist() for i, n in enumerate(out.lengths)]
+
+
+@pytest.mark.parametrize("draft_tokens", [1, 4])
+def test_greedy_output_is_plain_decodings_whatever_the_draft(greedy_setup, draft_tokens):
+    sampler, params, plain = greedy_setup
+    reference = rows(plain)
+    rng = np.random.default_rng(0)
+    drafts = {
+        "its own output": reference,
+        "20% of tokens changed": [[t if rng.random() > 0.2 else int(rng.integers(64)) for t in r] for r in reference],
+        "a token inserted and one deleted": [r[:5] + [11] + r[5:20] + r[21:] for r in reference],
+        "random": [rng.integers(0, 64, 30).tolist() for _ in reference],
+        "one token": [[1]] * len(reference),
+    }
+    accepted = {}
+    for name, draft in drafts.items():
+        out = sampler(params, PROMPTS, 40, sampling=SamplingConfig(0.0), drafts=draft, draft_tokens=draft_tokens)
+        assert rows(out) == reference, name
+        np.testing.assert_allclose(out.logprobs, plain.logprobs, atol=1e-5, err_msg=name)
+        stats = sampler.last_draft_stats
+        assert stats["proposed"] == stats["passes"] * draft_tokens
+        assert stats["passes"] + stats["accepted"] >= int(plain.lengths.sum()) - len(PROMPTS)  # every token
+        # Accepted over the most a pass can accept (K of its K + 1 tokens).
+        accepted[name] = stats["accepted"] / (int(plain.lengths.sum()) * draft_tokens / (draft_tokens + 1))
+    # The draft sets the speed: its own output is accepted all along, a random one almost never.
+    assert accepted["its own output"] > 0.7 and accepted["random"] < 0.1, accepted
+    assert accepted["a token inserted and one deleted"] > 0.5, accepted  # re-synchronised after each edit
+
+
+def test_greedy_speculation_with_eos_row_groups_and_samples(greedy_setup):
+    sampler, params, _ = greedy_setup
+    # EOS early: the last emitted token of the greedy path of prompt 0 is made the stop token.
+    plain = sampler(params, PROMPTS, 24, sampling=SamplingConfig(0.0), n=3, eos_ids=(EOS, 17))
+    for max_rows in (0, 6):
+        out = sampler(params, PROMPTS, 24, sampling=SamplingConfig(0.0), n=3, eos_ids=(EOS, 17),
+                      drafts=[r for r in rows(plain)[::3]], draft_tokens=4, max_rows=max_rows)
+        assert rows(out) == rows(plain) and out.lengths.tolist() == plain.lengths.tolist()
+
+
+def test_sampled_draws_do_not_depend_on_row_groups(greedy_setup):
+    sampler, params, plain = greedy_setup
+    cfg = SamplingConfig(0.8, top_k=10)
+    whole = sampler(params, PROMPTS, 16, sampling=cfg, n=2, key=3, drafts=rows(plain), draft_tokens=4)
+    grouped = sampler(params, PROMPTS, 16, sampling=cfg, n=2, key=3, drafts=rows(plain), draft_tokens=4, max_rows=4)
+    assert rows(whole) == rows(grouped)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exactness of sampling
+
+
+def reference_weights(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """Plain sampling's distribution, by sorting (numpy): tempered softmax, top-k, then top-p over the rest."""
+    x = logits.astype(np.float64) / cfg.temperature
+    p = np.exp(x - x.max())
+    if 0 < cfg.top_k < len(p):
+        p = np.where(p >= np.sort(p)[-cfg.top_k], p, 0.0)
+    if cfg.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        mass = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(mass, cfg.top_p * p.sum() - 1e-12)) + 1]
+        p = np.where(np.isin(np.arange(len(p)), keep), p, 0.0)
+    return p / p.sum()
+
+
+def exact_joint(graph, params, prompt: list[int], vocab: int, cfg: SamplingConfig) -> np.ndarray:
+    """P(t1, t2, t3) of plain sampling, from the model's logits on every two-token continuation."""
+    model = nnx.merge(graph, params)
+    pairs = np.array([(a, b) for a in range(vocab) for b in range(vocab)])
+    tokens = jnp.asarray(np.concatenate([np.tile(prompt, (len(pairs), 1)), pairs], axis=1))
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    hidden, _ = model(tokens, positions, jnp.ones(tokens.shape, bool))
+    logits = np.asarray(model.logits(hidden[:, -3:]), np.float64)  # next-token logits after t0, t1, t2
+    joint = np.zeros((vocab,) * 3)
+    p1 = reference_weights(logits[0, 0], cfg)
+    for i, (a, b) in enumerate(pairs):
+        if b == 0:  # P(t2 | a) is the same for every b: read it from the row (a, 0)
+            p2 = reference_weights(logits[i, 1], cfg)
+        joint[a, b] = p1[a] * p2[b] * reference_weights(logits[i, 2], cfg)
+    return joint.reshape(-1)
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(1.0), SamplingConfig(0.7, top_k=3), SamplingConfig(1.0, top_p=0.8),
+                                 SamplingConfig(0.6, top_k=4, top_p=0.9)], ids=str)
+def test_sampled_tokens_are_distributed_as_plain_sampling(cfg):
+    vocab, samples = 8, 6000
+    graph, params = tiny(vocab, seed=1, sharpen=40.0)
+    prompt = [1, 5, 2]
+    joint = exact_joint(graph, params, prompt, vocab, cfg)
+    greedy = Sampler(graph)(params, [prompt], 3, sampling=SamplingConfig(0.0), eos_ids=()).tokens[0].tolist()
+    # A draft that is often right (the greedy path) and sometimes not: both the acceptance and the
+    # residual draw are exercised.
+    draft = greedy + [greedy[-1]]
+    out = Sampler(graph)(params, [prompt], 3, sampling=cfg, n=samples, key=7, eos_ids=(), drafts=[draft],
+                         draft_tokens=2)
+    codes = out.tokens[:, 0] * vocab * vocab + out.tokens[:, 1] * vocab + out.tokens[:, 2]
+    counts = np.bincount(codes, minlength=vocab ** 3)
+    stat, df = chi2(counts, joint)
+    assert stat < chi2_critical(df), (stat, df)
+    # Power: a sampler that always took the draft when it is in the support fails the same test.
+    always = joint.copy()
+    always[greedy[0] * vocab * vocab + greedy[1] * vocab + greedy[2]] += 1.0
+    stat_wrong, df_wrong = chi2(counts, always / always.sum())
+    assert stat_wrong > chi2_critical(df_wrong), ("no power", stat_wrong)
+    assert 0 < np.mean([c == d for c, d in zip(out.tokens[:, 1], [greedy[1]] * samples)]) < 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Draft alignment
+
+
+def test_resync_follows_substitutions_insertions_and_deletions():
+    draft = jnp.asarray([[10, 11, 12, 13, 14, 15, 16, 17]] * 4, jnp.int32)
+    lengths = jnp.full((4,), 8, jnp.int32)
+    q = jnp.asarray([2, 2, 2, 7], jnp.int32)  # the pointer was at 12 (at 17 for the last row)
+    emitted = jnp.asarray([12, 14, 99, 11], jnp.int32)
+    # 12: aligned -> 3; 14: tokens 12, 13 deleted -> one past 14 (5); 99: a substitution -> 3;
+    # 11 with the pointer at 17: the rewrite went back (an insertion repeating text) -> one past 11 (2).
+    assert _resync(draft, lengths, q, emitted, window=16).tolist() == [3, 5, 3, 2]
+    assert _resync(draft, lengths, q, emitted, window=1).tolist() == [3, 3, 3, 8]  # 14 and 11 out of reach

@@ -1,0 +1,185 @@
+"""Speculative decoding against a per-row draft (TRD's refine: the draft is the row's own y_o).
+
+Each teacher pass feeds, per row, the last emitted token and the next `draft_tokens` draft tokens, and
+verifies the draft with the teacher's own decoding rule:
+- greedy: a draft token is accepted iff it is the argmax, so the output is plain greedy decoding's,
+  token for token (up to the float rounding of a K+1-token forward against a 1-token one);
+- sampling (temperature, top-k, top-p): draft token d is accepted with probability p(d) under the
+  filtered teacher distribution p; at the first rejection the token is drawn from p with d removed and
+  renormalised. Every emitted token is then distributed exactly as plain sampling's (for a
+  deterministic draft: P(d) = p(d), P(x != d) = (1 - p(d)) p(x) / (1 - p(d)) = p(x)).
+The pass emits the accepted prefix plus one token of the teacher's own (the resample at the rejection,
+or a fresh draw after a fully accepted draft): 1 to K+1 tokens per row and pass.
+
+Rows advance by different counts, so each row keeps its own cache slot (the model's per-row
+cache_index); rejected tokens' keys and values lie beyond the row's committed end and are overwritten by
+its next pass before any query can see them. Draft alignment: a row's draft pointer q advances over
+accepted tokens; after the teacher's own token x it moves to just past the occurrence of x in the draft
+nearest to where the rewrite is (within `resync_window` tokens either way: a deletion or insertion in
+the rewrite), else one past (a substitution). A draft that has run out proposes id 0 and is rejected
+like any wrong guess: correctness never depends on the draft, only speed does.
+
+Random numbers: per pass and per row (its index in the whole call, `row_offset + b`), so a row's draws
+do not depend on how rows are grouped or padded. They are not plain decoding's draws: sampled outputs are
+equal in distribution, not draw for draw (tests/test_speculative.py tests both).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from trd_jax.models.transformer import KVCache, Transformer
+from trd_jax.sampling import (SampleOutput, SamplingConfig, _constrain, _top_k_candidates, _top_p_mask,
+                              first_argmax, inverse_cdf)
+
+Array = jax.Array
+
+
+class DraftStats(NamedTuple):
+    """Per row: teacher passes run, draft tokens proposed (K per pass) and accepted."""
+
+    passes: Array  # i32[B]
+    proposed: Array  # i32[B]
+    accepted: Array  # i32[B]
+
+
+def filtered_weights(scaled: Array, cfg: SamplingConfig) -> Array:
+    """Unnormalised f32[N, V] of the distribution plain sampling draws from (select_tokens): softmax of
+    the tempered logits `scaled`, restricted to the top-k candidates and the top-p nucleus."""
+    n, v = scaled.shape
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    weights = jnp.exp(scaled - top)
+    if 0 < cfg.top_k < v:
+        values, ids = _top_k_candidates(scaled, cfg.top_k)
+        rows = jnp.broadcast_to(jnp.arange(n)[:, None], ids.shape)
+        weights = jnp.zeros_like(weights).at[rows, ids].set(jnp.exp(values - top))
+    if cfg.top_p < 1.0:
+        weights = jnp.where(_top_p_mask(weights, cfg.top_p), weights, 0.0)
+    return weights
+
+
+def _row_keys(key: Array, step: Array, row_ids: Array) -> Array:
+    step_key = jax.random.fold_in(key, step)
+    return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(row_ids)
+
+
+def _resync(drafts: Array, draft_lengths: Array, q: Array, x: Array, window: int) -> Array:
+    """The draft pointer after the teacher emitted x with the pointer at q: one past the occurrence of x
+    nearest to q (offsets -window..window, the nearest first, later before earlier), else q + 1."""
+    offsets = jnp.asarray(sorted(range(-window, window + 1), key=lambda o: (abs(o), -o)), jnp.int32)
+    at = q[:, None] + offsets[None, :]  # candidate positions of x in the draft
+    valid = (at >= 0) & (at < draft_lengths[:, None])
+    tokens = jnp.take_along_axis(drafts, jnp.clip(at, 0, drafts.shape[1] - 1), axis=1)
+    hit = valid & (tokens == x[:, None])
+    first = jnp.argmax(hit, axis=1)  # the nearest hit (offsets are sorted by distance)
+    return jnp.where(jnp.any(hit, axis=1), jnp.take_along_axis(at, first[:, None], axis=1)[:, 0], q) + 1
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
+                                             "draft_tokens", "resync_window", "cache_sharding"),
+                   donate_argnames=("cache",))
+def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array,
+                       max_new_tokens: Array, pad_id: Array, drafts: Array, draft_lengths: Array,
+                       live: Array | None = None, row_offset: Array | None = None, *, prompt_len: int,
+                       buffer_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], draft_tokens: int,
+                       resync_window: int = 16, cache_sharding=None) -> tuple[SampleOutput, DraftStats, KVCache]:
+    """decode() with a draft per row: drafts i32[B, L] (any ids, L >= 1), draft_lengths i32[B]. The cache
+    needs buffer_len + draft_tokens slots after the prompt. Returns the outputs (as decode's), the draft
+    statistics per row, and the cache."""
+    model: Transformer = nnx.merge(graphdef, params)
+    b, k = logits.shape[0], draft_tokens
+    cache_len = cache[0].k.shape[2]
+    key_mask = jnp.arange(cache_len)[None, :] >= pad[:, None]
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    row_ids = (jnp.int32(0) if row_offset is None else row_offset) + jnp.arange(b, dtype=jnp.int32)
+    greedy = sampling.temperature == 0.0
+    vocab = logits.shape[-1]
+
+    def scale(x):
+        return x if greedy else x / sampling.temperature
+
+    def log_probs(scaled, tokens):  # log softmax(scaled)[tokens] over the last axis
+        top = jnp.max(scaled, axis=-1)
+        norm = top + jnp.log(jnp.sum(jnp.exp(scaled - top[..., None]), axis=-1))
+        return jnp.take_along_axis(scaled, tokens[..., None], axis=-1)[..., 0] - norm
+
+    def draw(scaled, uniforms, exclude):
+        """One token per row from [B, V] (greedy: the argmax); `exclude` i32[B] (-1: none) removed first."""
+        if greedy:
+            return first_argmax(scaled)
+        weights = filtered_weights(scaled, sampling)
+        weights = jnp.where(jnp.arange(vocab)[None, :] == exclude[:, None], 0.0, weights)
+        return inverse_cdf(weights, uniforms)
+
+    # The first token, from the prefill's logits.
+    done = jnp.zeros((b,), bool) if live is None else ~live
+    u0 = jax.vmap(lambda kk: jax.random.uniform(kk, (1,)))(_row_keys(key, 0, row_ids))
+    scaled0 = scale(logits.astype(jnp.float32))
+    first = draw(scaled0, u0, jnp.full((b,), -1, jnp.int32))
+    width = buffer_len + k + 1
+    tokens_buf = jnp.zeros((b, width), jnp.int32).at[:, 0].set(first)
+    logp_buf = jnp.zeros((b, width), jnp.float32).at[:, 0].set(log_probs(scaled0, first))
+    n = jnp.where(done, 0, 1)
+    done = done | jnp.any(first[:, None] == eos[None, :], axis=-1) | (n >= max_new_tokens)
+    q = _resync(drafts, draft_lengths, jnp.zeros((b,), jnp.int32), first, resync_window)
+    zeros = jnp.zeros((b,), jnp.int32)
+    put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (i,)))
+
+    def cond(state):
+        it, _, _, _, _, _, _, done, *_ = state
+        return (it <= max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        it, head, cache, last, slot, n, q, done, tokens_buf, logp_buf, stats = state
+        at = q[:, None] + jnp.arange(k)
+        draft = jnp.take_along_axis(drafts, jnp.clip(at, 0, drafts.shape[1] - 1), axis=1)
+        draft = jnp.where(at < draft_lengths[:, None], draft, 0)
+        inputs = jnp.concatenate([jnp.where(done, 0, last)[:, None], draft], axis=1)  # [B, K+1]
+        positions = (slot - pad)[:, None] + jnp.arange(k + 1)
+        hidden, cache = model(inputs, positions, key_mask, cache=cache, cache_index=slot)
+        cache = _constrain(cache, cache_sharding)
+        scaled = scale(model.logits(hidden, head))  # [B, K+1, V]
+        uniforms = jax.vmap(lambda kk: jax.random.uniform(kk, (k + 1,)))(_row_keys(key, it, row_ids))
+        if greedy:
+            ok = first_argmax(scaled[:, :k]) == draft
+        else:
+            weights = filtered_weights(scaled[:, :k].reshape(b * k, vocab), sampling).reshape(b, k, vocab)
+            p_draft = (jnp.take_along_axis(weights, draft[..., None], axis=-1)[..., 0]
+                       / jnp.sum(weights, axis=-1))
+            ok = uniforms[:, :k] < p_draft
+        accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B] in [0, K]
+        at_reject = jnp.take_along_axis(scaled, accepted[:, None, None], axis=1)[:, 0]  # [B, V]
+        rejected = jnp.where(accepted < k, jnp.take_along_axis(jnp.pad(draft, ((0, 0), (0, 1))),
+                                                               accepted[:, None], axis=1)[:, 0], -1)
+        own = draw(at_reject, uniforms[:, k:], rejected)
+        j = jnp.arange(k + 1)[None, :]
+        emitted = jnp.where(j < accepted[:, None], jnp.pad(draft, ((0, 0), (0, 1))), own[:, None])
+        logp = log_probs(scaled, emitted)
+        # Emitted this pass: the accepted prefix and the teacher's token, cut after an EOS and at the budget.
+        is_eos = jnp.any(emitted[..., None] == eos[None, None, :], axis=-1) & (j <= accepted[:, None])
+        count = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, accepted + 1)
+        count = jnp.where(done, 0, jnp.minimum(count, max_new_tokens - n))
+        tokens_buf = put(tokens_buf, emitted, n)
+        logp_buf = put(logp_buf, logp, n)
+        active = ~done
+        stats = DraftStats(stats.passes + active, stats.proposed + active * k,
+                           stats.accepted + jnp.where(active, jnp.minimum(accepted, count), 0))
+        new_n = n + count
+        new_done = done | jnp.any(is_eos, axis=1) | (new_n >= max_new_tokens)
+        new_q = _resync(drafts, draft_lengths, q + accepted, own, resync_window)
+        keep = lambda old, new: jnp.where(done, old, new)  # noqa: E731 - finished rows stay as they were
+        return (it + 1, head, cache, keep(last, own), keep(slot, slot + accepted + 1), new_n, keep(q, new_q),
+                new_done, tokens_buf, logp_buf, stats)
+
+    state = (jnp.int32(1), model.lm_head_weight(), cache, first, jnp.full((b,), prompt_len, jnp.int32), n, q, done,
+             tokens_buf, logp_buf, DraftStats(zeros, zeros, zeros))
+    _, _, cache, _, _, n, _, _, tokens_buf, logp_buf, stats = jax.lax.while_loop(cond, body, state)
+    emitted = jnp.arange(buffer_len)[None, :] < n[:, None]
+    out = SampleOutput(jnp.where(emitted, tokens_buf[:, :buffer_len], pad_id),
+                       jnp.where(emitted, logp_buf[:, :buffer_len], 0.0), n)
+    return out, stats, cache
