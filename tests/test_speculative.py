@@ -2,7 +2,6 @@
 decoding's whatever the draft; sampled outputs distributed exactly as plain sampling's (chi-square against
 the model's own filtered distributions, computed here with numpy sorts); draft alignment; statistics."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

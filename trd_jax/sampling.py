@@ -480,7 +480,8 @@ class Sampler:
             put_prompts = put_rows = put_one = jnp.asarray
         if replicated is not None or sharding is not None:
             key = put_one(key)
-        shape = (batch, plen, buffer_len, samples, sampling, eos_ids) + ((draft_width, draft_tokens) if speculate else ())
+        shape = (batch, plen, buffer_len, samples, sampling, eos_ids)
+        shape += (draft_width, draft_tokens) if speculate else ()
         if shape not in self._shapes_seen:
             # The first shape compiles by design; later ones mean the buckets did not absorb a change.
             (log.warning if self._shapes_seen else log.info)(
