@@ -61,8 +61,8 @@ def _spy_greedy(trainer) -> list:
     """Records (prompts, max_new_tokens, rows) of the trainer's temperature-0 sampler calls."""
     calls, sample = [], trainer._sample
 
-    def spy(sampler, params, prompts, max_new, sampling, n, key, max_prompt_len=None):
-        rows = sample(sampler, params, prompts, max_new, sampling, n, key, max_prompt_len)
+    def spy(sampler, params, prompts, max_new, sampling, n, key, max_prompt_len=None, **drafts):
+        rows = sample(sampler, params, prompts, max_new, sampling, n, key, max_prompt_len, **drafts)
         if sampling.temperature == 0:
             assert sampler is trainer.eval_sampler and n == 1
             calls.append((prompts, max_new, rows))
@@ -270,6 +270,30 @@ def test_mostly_skipped_steps_fail_the_run_with_exit_3(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (summary["status"], summary["skipped_steps"], summary["final_eval"]) == ("failed", 3, None)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+
+
+@pytest.mark.parametrize("mode", ["opd", "opsd"])
+def test_speculative_greedy_refine_trains_on_the_same_trajectories(mode, tmp_path):
+    """Greedy refine with and without speculation: the same y_r, so the same losses step by step and the
+    same final weights; the speculative run reports its draft statistics."""
+    overrides = {"distill.mode": mode, "refine.temperature": 0.0, "eval.initial": False, "eval.teacher": False,
+                 "log.diagnostics": False, "refine.rewrite_budget": 24}
+    finals, lines = {}, {}
+    for speculative in (False, True):
+        workdir = tmp_path / str(speculative)
+        trainer = Trainer(tiny_config(**overrides, **{"refine.speculative": speculative, "refine.draft_tokens": 4}),
+                          str(workdir))
+        trainer.run()
+        finals[speculative] = _leaves(trainer.state.params)
+        lines[speculative] = _lines(workdir)
+    for plain, fast in zip(lines[False], lines[True]):
+        for key in ("loss", "tokens", "rows/trained", "accuracy/y_r", "length/y_r", "phase_tokens/refine"):
+            assert plain.get(key) == fast.get(key), (key, plain.get(key), fast.get(key))
+        assert "refine/passes" not in plain
+        assert fast["refine/draft_proposed"] == 4 * fast["refine/passes"]
+        assert 0 < fast["refine/passes_per_token"] <= 1.0 and fast["refine/accepted_per_pass"] >= 0
+    for a, b in zip(finals[False], finals[True]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_resume_accepts_memory_settings_and_refuses_training_changes(tmp_path):

@@ -34,8 +34,9 @@ def test_refine_keeps_drops_and_counts_rows(setup):
     outputs = [fixed + [eos], [eos], tok.encode("Step 1: 2 + 1 = 3 4 5")[:6], fixed[:1] + [eos]]
     calls = []
 
-    def generate(ids):
+    def generate(ids, drafts):
         calls.append(ids)
+        assert drafts == base.y_o  # speculative refine's drafts: the sent rows' own y_o
         return outputs
 
     tj.refine(rows, tok, cfg, generate)
@@ -64,7 +65,7 @@ def test_prompt_over_budget_falls_back_without_calling_the_teacher(setup):
     _, tok, base = setup
     rows = _copy(base)
     cfg = RefineConfig(prompt_budget=20, rewrite_budget=6, on_prompt_over_budget="fallback")
-    tj.refine(rows, tok, cfg, lambda ids: pytest.fail("no row should reach the teacher"))
+    tj.refine(rows, tok, cfg, lambda ids, drafts: pytest.fail("no row should reach the teacher"))
     assert rows.sources == ["y_o"] * 4 and rows.responses == base.y_o
     assert rows.refine_prompts.counts["fallback"] == 4 and rows.verdicts.counts["prompt_over_budget"] == 4
     vanilla = tj.vanilla_contexts(tok, rows.examples, rows.prompts, mode="opd", task_kind="math", prompt_mode="chat")
@@ -77,7 +78,7 @@ def test_empty_rewrite_error_policy_names_the_row(setup):
     cfg = RefineConfig(prompt_budget=512, rewrite_budget=6, on_empty_rewrite="error")
     with pytest.raises(ValueError, match="rewrite row 2: empty"):
         eos = tok.eos_id
-        tj.refine(_copy(base), tok, cfg, lambda ids: [[40, eos], [41, eos], [eos], [42, eos]])
+        tj.refine(_copy(base), tok, cfg, lambda ids, drafts: [[40, eos], [41, eos], [eos], [42, eos]])
 
 
 def test_opsd_vanilla_context_shows_the_reference(setup):
@@ -109,8 +110,9 @@ def test_refine_wrong_rows_only_sends_wrong_rollouts(setup):
     eos = tok.eos_id
     calls = []
 
-    def generate(ids):
+    def generate(ids, drafts):
         calls.append(ids)
+        assert drafts == [base.y_o[1], base.y_o[3]]  # the sent rows' y_o, in their order
         return [[40, eos], [41, eos]]
 
     tj.refine(rows, tok, RefineConfig(prompt_budget=512, rewrite_budget=6, rows="wrong"), generate)
@@ -132,7 +134,7 @@ def test_refine_wrong_rows_only_sends_wrong_rollouts(setup):
     # Every rollout correct: the teacher is not called at all.
     rows = _graded(base, [1.0] * 4)
     tj.refine(rows, tok, RefineConfig(prompt_budget=512, rewrite_budget=6, rows="wrong"),
-              lambda ids: pytest.fail("no row should reach the teacher"))
+              lambda ids, drafts: pytest.fail("no row should reach the teacher"))
     assert rows.sources == ["y_o"] * 4 and rows.y_r == [] and rows.responses == base.y_o
 
 
@@ -147,7 +149,7 @@ def test_wrong_rewrites_are_kept_fall_back_or_dropped(setup, policy, sources, co
     eos = tok.eos_id
     outputs = [[40, eos], [41, eos], [42, eos], [eos]]  # the last is empty: dropped by on_empty_rewrite
     tj.refine(rows, tok, RefineConfig(prompt_budget=512, rewrite_budget=6, on_empty_rewrite="drop",
-                                      on_wrong_rewrite=policy), lambda ids: outputs)
+                                      on_wrong_rewrite=policy), lambda ids, drafts: outputs)
     rows.y_r_reward = np.array([1.0, 0.0, 0.0, 0.0], np.float32)  # graded: row 0 right, rows 1-2 wrong
     got = tj.apply_wrong_rewrites(rows, policy)
     assert got == dict(zip(tj.WRONG_REWRITE_COUNTERS, counts))

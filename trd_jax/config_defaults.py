@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
         truncation_margin=16,  # tokens left free when truncating ([code-trd])
         rows="all",  # refined rows: all ([code-trd]) | wrong (ablation: only y_o graded wrong; right y_o trains as is)
         on_wrong_rewrite="keep",  # y_r graded wrong: keep ([code-trd]: no filter) | fallback (to y_o) | drop the row
+        # Speculative refine: each teacher pass verifies draft_tokens tokens of the row's y_o (exact outputs).
+        speculative=False,
+        draft_tokens=8,
         # Sampling of y_r; -1 takes the rollout's value (both reference repos sample y_r like y_o).
         temperature=-1.0, top_k=-1, top_p=-1.0,
     ))

@@ -197,11 +197,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one step
 
     def _sample(self, sampler: Sampler, params, prompts, max_new: int, sampling, n: int, key,
-                max_prompt_len: int | None = None):
+                max_prompt_len: int | None = None, drafts=None, draft_tokens: int = 0):
         """max_prompt_len: the longest prompt the phase allows (caps the sampler's prompt bucket and cache);
-        rows go through the sampler at most rollout.max_rows_per_call at a time."""
+        rows go through the sampler at most rollout.max_rows_per_call at a time. drafts: speculative
+        decoding against them (speculative.py)."""
         out = sampler(params, prompts, max_new, sampling=sampling, n=n, key=key, max_prompt_len=max_prompt_len,
-                      max_rows=self.s.max_rows_per_call)
+                      max_rows=self.s.max_rows_per_call, drafts=drafts, draft_tokens=draft_tokens)
         return trajectories.sampled_rows(out.tokens, out.lengths)
 
     def _count(self, metrics: dict, key: str, value: float) -> None:
@@ -238,10 +239,13 @@ class Trainer:
         if s.trajectory == "y_r":
             bar.update(step, phase="refine")
             with timer.phase("refine") as span:
-                trajectories.refine(rows, tok, s.refine, lambda ids: self._sample(
+                trajectories.refine(rows, tok, s.refine, lambda ids, drafts: self._sample(
                     self.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.refine_sampling, 1, k_refine,
-                    s.refine.prompt_budget))
+                    s.refine.prompt_budget, drafts=drafts if s.refine.speculative else None,
+                    draft_tokens=s.refine.draft_tokens))
                 span.tokens = sum(map(len, rows.y_r))
+            if s.refine.speculative and rows.y_r:
+                metrics.update(_draft_metrics(self.refine_sampler.last_draft_stats, span.tokens))
             if s.release_kv_cache:
                 self.refine_sampler.release()
             sent = rows.refine_prompts.generate_rows
@@ -524,3 +528,13 @@ class Trainer:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, **kw) -> dict:
     return Trainer(cfg, workdir, **kw).run()
+
+
+def _draft_metrics(stats: dict, tokens: int) -> dict[str, float]:
+    """Speculative refine's cost per step: teacher passes, draft tokens proposed and accepted, accepted
+    tokens per pass and passes per generated token (1.0: plain decoding's cost)."""
+    passes = max(stats["passes"], 1)
+    return {"refine/passes": float(stats["passes"]), "refine/draft_proposed": float(stats["proposed"]),
+            "refine/draft_accepted": float(stats["accepted"]),
+            "refine/accepted_per_pass": stats["accepted"] / passes,
+            "refine/passes_per_token": stats["passes"] / max(tokens, 1)}

@@ -59,6 +59,10 @@ class RefineConfig:
     # A rewrite graded wrong (reward < 0.5): "keep" ([code-trd] has no correctness filter) | "fallback" (the
     # row trains on its y_o) | "drop" (the row). Applied after grading y_r (trajectories.apply_wrong_rewrites).
     on_wrong_rewrite: str = "keep"
+    # Speculative refine (speculative.py): each teacher pass verifies the next draft_tokens tokens of the
+    # row's own y_o; greedy y_r are plain decoding's token for token, sampled ones equal in distribution.
+    speculative: bool = False
+    draft_tokens: int = 8
 
     def __post_init__(self):
         choices = {"mode": MODES, "task": TASKS, "prompt_mode": PROMPT_MODES,
@@ -68,7 +72,9 @@ class RefineConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"RefineConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(valid)}")
-        for name, low in (("prompt_budget", 1), ("rewrite_budget", 1), ("truncation_margin", 0)):
+        if not isinstance(self.speculative, bool):
+            raise ValueError(f"RefineConfig.speculative={self.speculative!r}: must be a bool")
+        for name, low in (("prompt_budget", 1), ("rewrite_budget", 1), ("truncation_margin", 0), ("draft_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"RefineConfig.{name}={value!r}: must be an int >= {low}")

@@ -70,16 +70,17 @@ def capped(rows: Sequence[Sequence[int]], eos_ids: Sequence[int], budget: int) -
 
 
 def refine(rows: StepRows, tokenizer: Tokenizer, cfg: RefineConfig,
-           generate: Callable[[list[list[int]]], list[list[int]]]) -> None:
-    """Builds refine prompts from y_o (decoded without special tokens), lets ``generate`` write y_r for the
-    rows sent, validates every rewrite before choosing any trajectory (TRD_SPEC §7.1), and fills
-    rows.refine_prompts / verdicts / y_r / responses / sources. With ``cfg.rows == "wrong"`` only rows
-    whose y_o was graded wrong (rows.y_o_reward < 0.5) are sent; the others train on y_o."""
+           generate: Callable[[list[list[int]], list[list[int]]], list[list[int]]]) -> None:
+    """Builds refine prompts from y_o (decoded without special tokens), lets ``generate(prompts, drafts)``
+    write y_r for the rows sent (drafts: those rows' y_o token ids, for speculative refine), validates
+    every rewrite before choosing any trajectory (TRD_SPEC §7.1), and fills rows.refine_prompts / verdicts
+    / y_r / responses / sources. With ``cfg.rows == "wrong"`` only rows whose y_o was graded wrong
+    (rows.y_o_reward < 0.5) are sent; the others train on y_o."""
     attempts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows.y_o]
     send = None if cfg.rows == "all" else (np.asarray(rows.y_o_reward) < 0.5).tolist()
     prompts = build_refine_prompts(tokenizer, [ex.problem for ex in rows.examples], attempts,
                                    [ex.reference for ex in rows.examples], cfg, send=send)
-    y_r = generate(prompts.generate_ids) if prompts.generate_rows else []
+    y_r = generate(prompts.generate_ids, [rows.y_o[i] for i in prompts.generate_rows]) if prompts.generate_rows else []
     verdicts = validate_rewrites(y_r, tokenizer.eos_ids, cfg, tokenizer=tokenizer, prompts=prompts)
     chosen = select_trajectories(rows.y_o, y_r, verdicts)
     rows.refine_prompts, rows.verdicts, rows.y_r = prompts, verdicts, y_r

@@ -94,8 +94,9 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
             for k in keys:
                 target[k].append(worst[k])
     # TRD: the teacher rewrites the same rollouts; sign flips of per-token advantages on y_o and on y_r.
-    trajectories.refine(rows, tok, s.refine, lambda ids: trainer._sample(
-        trainer.refine_sampler, trainer._teacher_params(), ids, s.refine.rewrite_budget, s.refine_sampling, 1, key_r))
+    trajectories.refine(rows, tok, s.refine, lambda ids, drafts: trainer._sample(
+        trainer.refine_sampler, trainer._teacher_params(), ids, s.refine.rewrite_budget, s.refine_sampling, 1, key_r,
+        drafts=drafts if s.refine.speculative else None, draft_tokens=s.refine.draft_tokens))
     rows.y_r_reward = trajectories.grade(task, tok, rows.y_r, [examples[b] for b in rows.refine_prompts.generate_rows])
     kept = [b for b, src in enumerate(rows.sources) if src == "y_r"]
     trajectories.choose_teacher_contexts(rows, vanilla, s.teacher_context)  # as the TRD run trains
