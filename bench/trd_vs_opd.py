@@ -1,11 +1,14 @@
-"""The inference cost of refinement: a TRD step against a plain OPD step at equal batch, by phase.
+"""The inference cost of refinement: a TRD step against a plain OPD step at equal batch, by phase, with
+and without speculative refine (refine.speculative: the teacher verifies y_o as its draft), sampled at the
+recipe's settings and greedy.
 
-    python bench/trd_vs_opd.py [--workdir runs/bench_trd_vs_opd] [--steps 12] [--rounds 2]
+    python bench/trd_vs_opd.py [--workdir runs/bench_trd_vs_opd] [--steps 12] [--rounds 2] [--draft-tokens 8]
 
 Both run the embedded default (configs/default.py: same bootstrap, teacher, student, 32 prompts per step,
 forward KL) with the teacher scoring in its vanilla context (distill.teacher_context=vanilla: the default's
 refine context needs y_r); the only difference is distill.trajectory: y_r (TRD, as trd_vanilla_context)
-or y_o (OPD). Runs alternate OPD, TRD, OPD, TRD, ... so that a noisy machine slows both alike; the figures
+or y_o (OPD), and for TRD refine.speculative and refine.temperature (greedy: 0). Runs alternate OPD, TRD,
+speculative TRD, ... so that a noisy machine slows all alike; the figures
 are medians over rounds of each run's steady-state seconds per step (steps that compiled left out) and
 exact token counts. Diagnostics are off (they are not part of either method's cost).
 """
@@ -26,20 +29,31 @@ from trd_jax.controller import Trainer  # noqa: E402
 from trd_jax.recipes import apply_overrides, default_config  # noqa: E402
 from trd_jax.reports import COST_PHASES  # noqa: E402
 
-METHODS = {"OPD (y_o)": "y_o", "TRD (y_r)": "y_r"}
+GREEDY = {"refine.temperature": 0.0}
+METHODS = {  # name: overrides of the default
+    "OPD (y_o)": {"distill.trajectory": "y_o"},
+    "TRD (y_r)": {"distill.trajectory": "y_r"},
+    "TRD speculative": {"distill.trajectory": "y_r", "refine.speculative": True},
+    "TRD greedy refine": {"distill.trajectory": "y_r", **GREEDY},
+    "TRD greedy speculative": {"distill.trajectory": "y_r", "refine.speculative": True, **GREEDY},
+}
 
 
-def run(workdir: str, bootstrap: str, trajectory: str, steps: int, seed: int) -> dict:
-    out = os.path.join(workdir, f"{trajectory}-{seed}")
+def run(workdir: str, bootstrap: str, name: str, overrides: dict, steps: int, seed: int, draft_tokens: int) -> dict:
+    out = os.path.join(workdir, f"{name.replace(' ', '_').replace('(', '').replace(')', '')}-{seed}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = apply_overrides(default_config(), {
-        "distill.trajectory": trajectory, "distill.teacher_context": "vanilla", "train.steps": steps,
+        **overrides, "refine.draft_tokens": draft_tokens, "distill.teacher_context": "vanilla", "train.steps": steps,
         "bootstrap.dir": bootstrap, "seed": seed,
         "eval.initial": False, "eval.teacher": False, "log.diagnostics": False, "log.progress": False,
         "export.enabled": False, "checkpoint.every": steps})
     summary = Trainer(cfg, out).run()
     steps_run = max(summary["steps"], 1)
-    return {"warm": summary["phase_seconds_per_warm_step"],
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    drafts = {k: statistics.mean(m[f"refine/{k}"] for m in lines)
+              for k in ("accepted_per_pass", "passes_per_token") if lines and f"refine/{k}" in lines[0]}
+    return {"warm": summary["phase_seconds_per_warm_step"], "drafts": drafts,
             "tokens": {p: summary["phase_tokens"].get(p, 0) / steps_run for p in COST_PHASES}}
 
 
@@ -49,27 +63,42 @@ def main() -> None:
     ap.add_argument("--bootstrap", default="", help="a bootstrap folder to reuse (default: workdir/bootstrap)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--draft-tokens", type=int, default=8)
+    ap.add_argument("--methods", default=",".join(METHODS), help="a comma-separated subset of " + ", ".join(METHODS))
     args = ap.parse_args()
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
     bootstrap = args.bootstrap or os.path.join(args.workdir, "bootstrap")
-    results: dict[str, list[dict]] = {m: [] for m in METHODS}
+    results: dict[str, list[dict]] = {m: [] for m in methods}
     for r in range(args.rounds):
-        for name, trajectory in METHODS.items():
-            results[name].append(run(args.workdir, bootstrap, trajectory, args.steps, seed=r))
+        for name, overrides in methods.items():
+            results[name].append(run(args.workdir, bootstrap, name, overrides, args.steps, r, args.draft_tokens))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; the default recipe, 32 prompts per step, "
-          f"{args.steps} steps x {args.rounds} rounds, medians over rounds")
-    print("| phase | OPD s / step | TRD s / step | OPD tokens / step | TRD tokens / step |")
-    print("|---|---:|---:|---:|---:|")
+          f"{args.steps} steps x {args.rounds} rounds, medians over rounds; draft_tokens {args.draft_tokens}")
     med = {m: {p: statistics.median(x["warm"].get(p, 0.0) for x in runs) for p in COST_PHASES}
            for m, runs in results.items()}
     tok = {m: {p: statistics.median(x["tokens"][p] for x in runs) for p in COST_PHASES} for m, runs in results.items()}
-    opd, trd = METHODS
+    print("| phase | " + " | ".join(f"{m} s / step" for m in methods) + " | " +
+          " | ".join(f"{m} tokens / step" for m in methods) + " |")
+    print("|---|" + "---:|" * (2 * len(methods)))
     for p in COST_PHASES:
-        print(f"| {p} | {med[opd][p]:.3f} | {med[trd][p]:.3f} | {tok[opd][p]:,.0f} | {tok[trd][p]:,.0f} |")
+        print(f"| {p} | " + " | ".join(f"{med[m][p]:.3f}" for m in methods) + " | " +
+              " | ".join(f"{tok[m][p]:,.0f}" for m in methods) + " |")
     total = {m: sum(v.values()) for m, v in med.items()}
-    print(f"| **step** | {total[opd]:.3f} | {total[trd]:.3f} | | |")
-    print(f"TRD / OPD step time: {total[trd] / total[opd]:.2f}x; refine is {med[trd]['refine'] / total[trd]:.0%} of "
-          f"a TRD step; generated tokens (rollout + refine) {tok[trd]['rollout'] + tok[trd]['refine']:,.0f} against "
-          f"{tok[opd]['rollout']:,.0f}")
+    print("| **step** | " + " | ".join(f"{total[m]:.3f}" for m in methods) + " |" + " |" * len(methods))
+    opd = "OPD (y_o)"
+    for m in methods:
+        drafts = {k: statistics.median(x["drafts"][k] for x in results[m]) for k in results[m][0]["drafts"]}
+        line = f"{m}: step {total[m]:.3f} s"
+        if opd in methods and m != opd:
+            line += (f" = {total[m] / total[opd]:.2f}x OPD; refine {med[m]['refine']:.3f} s "
+                     f"({med[m]['refine'] / total[m]:.0%})")
+        if drafts:
+            line += f"; {drafts['accepted_per_pass']:.2f} draft tokens accepted per pass, " \
+                    f"{drafts['passes_per_token']:.2f} passes per token"
+        print(line)
+    for plain, fast in (("TRD (y_r)", "TRD speculative"), ("TRD greedy refine", "TRD greedy speculative")):
+        if plain in methods and fast in methods and med[fast]["refine"] > 0:
+            print(f"refine speed-up, {fast}: {med[plain]['refine'] / med[fast]['refine']:.2f}x")
     print(json.dumps({"median_seconds": med, "tokens_per_step": tok}))
 
 

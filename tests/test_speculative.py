@@ -148,11 +148,13 @@ def test_sampled_tokens_are_distributed_as_plain_sampling(cfg):
 
 
 def test_resync_follows_substitutions_insertions_and_deletions():
-    draft = jnp.asarray([[10, 11, 12, 13, 14, 15, 16, 17]] * 4, jnp.int32)
-    lengths = jnp.full((4,), 8, jnp.int32)
-    q = jnp.asarray([2, 2, 2, 7], jnp.int32)  # the pointer was at 12 (at 17 for the last row)
-    emitted = jnp.asarray([12, 14, 99, 11], jnp.int32)
-    # 12: aligned -> 3; 14: tokens 12, 13 deleted -> one past 14 (5); 99: a substitution -> 3;
-    # 11 with the pointer at 17: the rewrite went back (an insertion repeating text) -> one past 11 (2).
-    assert _resync(draft, lengths, q, emitted, window=16).tolist() == [3, 5, 3, 2]
-    assert _resync(draft, lengths, q, emitted, window=1).tolist() == [3, 3, 3, 8]  # 14 and 11 out of reach
+    draft = jnp.asarray([[10, 11, 12, 13, 14, 15, 16, 17]] * 5, jnp.int32)
+    lengths = jnp.full((5,), 8, jnp.int32)
+    q = jnp.asarray([2, 2, 2, 7, 2], jnp.int32)  # the draft expected 12 (17 in row 3)
+    prev = jnp.asarray([11, 13, 11, 10, 11], jnp.int32)
+    emitted = jnp.asarray([12, 14, 99, 11, 14], jnp.int32)
+    # (11, 12): aligned -> 3; (13, 14): back on the draft after deleting 12 -> one past 14 (5);
+    # 99: a substitution -> 3; (10, 11) with the pointer at 17: the rewrite went back -> 2;
+    # (11, 14): 14 alone is in the draft, but not after 11: a substitution, not a jump -> 3.
+    assert _resync(draft, lengths, q, prev, emitted, window=16).tolist() == [3, 5, 3, 2, 3]
+    assert _resync(draft, lengths, q, prev, emitted, window=1).tolist() == [3, 3, 3, 8, 3]  # out of reach

@@ -450,7 +450,9 @@ class Sampler:
         buffer_len = bucket(max_new_tokens, 8)
         batch, samples, groups = row_groups(len(prompts), n, max_rows)
         if speculate:
-            draft_width = bucket(max(max((len(d) for d in drafts), default=1), 1), 8)
+            # One width per call shape (no recompiling as drafts' lengths vary): a draft token further than
+            # the output buffer plus one pass could only serve a rewrite that deleted most of its draft.
+            draft_width = buffer_len + draft_tokens
         # Several groups: each draws its rows' numbers from the one call's table (bucket(prompts) * n rows).
         total_rows = bucket(len(prompts)) * n if len(groups) > 1 else 0
         rows_per_call = batch * samples
@@ -508,6 +510,7 @@ class Sampler:
                 draft_ids = np.zeros((batch, draft_width), np.int32)
                 draft_lengths = np.zeros((batch,), np.int32)
                 for i, d in enumerate(drafts[first:first + count]):
+                    d = list(d)[:draft_width]
                     draft_ids[i, :len(d)] = d
                     draft_lengths[i] = len(d)
                 out, group_stats, self._cache = speculative_decode(

@@ -14,10 +14,13 @@ or a fresh draw after a fully accepted draft): 1 to K+1 tokens per row and pass.
 Rows advance by different counts, so each row keeps its own cache slot (the model's per-row
 cache_index); rejected tokens' keys and values lie beyond the row's committed end and are overwritten by
 its next pass before any query can see them. Draft alignment: a row's draft pointer q advances over
-accepted tokens; after the teacher's own token x it moves to just past the occurrence of x in the draft
-nearest to where the rewrite is (within `resync_window` tokens either way: a deletion or insertion in
-the rewrite), else one past (a substitution). A draft that has run out proposes id 0 and is rejected
-like any wrong guess: correctness never depends on the draft, only speed does.
+accepted tokens; after the teacher's own token x (emitted after token p) it moves to just past the
+occurrence of the bigram (p, x) in the draft nearest to q + 1 (within `resync_window` tokens either way:
+the rewrite deleted or inserted text), else to q + 1 (a substitution, the common edit: a wrong number
+replaced). A single token is not enough evidence: digits and spaces recur every few tokens, and jumping to
+the nearest one misaligns after every substitution. After an insertion or deletion the bigram is found
+once the rewrite is back on the draft's text (one or two passes later). A draft that has run out
+proposes id 0 and is rejected like any wrong guess: correctness never depends on the draft, only speed.
 
 Random numbers: per pass and per row (its index in the whole call, `row_offset + b`), so a row's draws
 do not depend on how rows are grouped or padded. They are not plain decoding's draws: sampled outputs are
@@ -68,14 +71,17 @@ def _row_keys(key: Array, step: Array, row_ids: Array) -> Array:
     return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(row_ids)
 
 
-def _resync(drafts: Array, draft_lengths: Array, q: Array, x: Array, window: int) -> Array:
-    """The draft pointer after the teacher emitted x with the pointer at q: one past the occurrence of x
-    nearest to q (offsets -window..window, the nearest first, later before earlier), else q + 1."""
+def _resync(drafts: Array, draft_lengths: Array, q: Array, prev: Array, x: Array, window: int) -> Array:
+    """The draft pointer after the teacher emitted x (after token prev) where the draft expected draft[q]:
+    one past the occurrence of the bigram (prev, x) nearest to q (offsets -window..window, the nearest
+    first, later before earlier), else q + 1."""
     offsets = jnp.asarray(sorted(range(-window, window + 1), key=lambda o: (abs(o), -o)), jnp.int32)
     at = q[:, None] + offsets[None, :]  # candidate positions of x in the draft
-    valid = (at >= 0) & (at < draft_lengths[:, None])
-    tokens = jnp.take_along_axis(drafts, jnp.clip(at, 0, drafts.shape[1] - 1), axis=1)
-    hit = valid & (tokens == x[:, None])
+    valid = (at >= 1) & (at < draft_lengths[:, None])
+    width = drafts.shape[1]
+    here = jnp.take_along_axis(drafts, jnp.clip(at, 0, width - 1), axis=1)
+    before = jnp.take_along_axis(drafts, jnp.clip(at - 1, 0, width - 1), axis=1)
+    hit = valid & (here == x[:, None]) & (before == prev[:, None])
     first = jnp.argmax(hit, axis=1)  # the nearest hit (offsets are sorted by distance)
     return jnp.where(jnp.any(hit, axis=1), jnp.take_along_axis(at, first[:, None], axis=1)[:, 0], q) + 1
 
@@ -126,7 +132,7 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
     logp_buf = jnp.zeros((b, width), jnp.float32).at[:, 0].set(log_probs(scaled0, first))
     n = jnp.where(done, 0, 1)
     done = done | jnp.any(first[:, None] == eos[None, :], axis=-1) | (n >= max_new_tokens)
-    q = _resync(drafts, draft_lengths, jnp.zeros((b,), jnp.int32), first, resync_window)
+    q = jnp.ones((b,), jnp.int32)  # the first token matched draft[0] or replaced it: the draft goes on at 1
     zeros = jnp.zeros((b,), jnp.int32)
     put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (i,)))
 
@@ -171,7 +177,8 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
                            stats.accepted + jnp.where(active, jnp.minimum(accepted, count), 0))
         new_n = n + count
         new_done = done | jnp.any(is_eos, axis=1) | (new_n >= max_new_tokens)
-        new_q = _resync(drafts, draft_lengths, q + accepted, own, resync_window)
+        before_own = jnp.take_along_axis(inputs, accepted[:, None], axis=1)[:, 0]  # the token x follows
+        new_q = _resync(drafts, draft_lengths, q + accepted, before_own, own, resync_window)
         keep = lambda old, new: jnp.where(done, old, new)  # noqa: E731 - finished rows stay as they were
         return (it + 1, head, cache, keep(last, own), keep(slot, slot + accepted + 1), new_n, keep(q, new_q),
                 new_done, tokens_buf, logp_buf, stats)
