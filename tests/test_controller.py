@@ -272,7 +272,7 @@ def test_mostly_skipped_steps_fail_the_run_with_exit_3(tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))
 
 
-@pytest.mark.parametrize("mode", ["opd", "opsd"])
+@pytest.mark.parametrize("mode", ["opd", pytest.param("opsd", marks=pytest.mark.slow)])
 def test_speculative_greedy_refine_trains_on_the_same_trajectories(mode, tmp_path):
     """Greedy refine with and without speculation: the same y_r, so the same losses step by step and the
     same final weights; the speculative run reports its draft statistics."""

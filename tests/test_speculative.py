@@ -118,8 +118,12 @@ def exact_joint(graph, params, prompt: list[int], vocab: int, cfg: SamplingConfi
     return joint.reshape(-1)
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig(1.0), SamplingConfig(0.7, top_k=3), SamplingConfig(1.0, top_p=0.8),
-                                 SamplingConfig(0.6, top_k=4, top_p=0.9)], ids=str)
+@pytest.mark.parametrize("cfg", [
+    pytest.param(SamplingConfig(1.0), marks=pytest.mark.slow),
+    pytest.param(SamplingConfig(0.7, top_k=3), marks=pytest.mark.slow),
+    pytest.param(SamplingConfig(1.0, top_p=0.8), marks=pytest.mark.slow),
+    SamplingConfig(0.6, top_k=4, top_p=0.9),  # the fast tier's: every filter at once
+], ids=str)
 def test_sampled_tokens_are_distributed_as_plain_sampling(cfg):
     vocab, samples = 8, 6000
     graph, params = tiny(vocab, seed=1, sharpen=40.0)
@@ -151,10 +155,9 @@ def test_resync_follows_substitutions_insertions_and_deletions():
     draft = jnp.asarray([[10, 11, 12, 13, 14, 15, 16, 17]] * 5, jnp.int32)
     lengths = jnp.full((5,), 8, jnp.int32)
     q = jnp.asarray([2, 2, 2, 7, 2], jnp.int32)  # the draft expected 12 (17 in row 3)
-    prev = jnp.asarray([11, 13, 11, 10, 11], jnp.int32)
-    emitted = jnp.asarray([12, 14, 99, 11, 14], jnp.int32)
-    # (11, 12): aligned -> 3; (13, 14): back on the draft after deleting 12 -> one past 14 (5);
-    # 99: a substitution -> 3; (10, 11) with the pointer at 17: the rewrite went back -> 2;
-    # (11, 14): 14 alone is in the draft, but not after 11: a substitution, not a jump -> 3.
-    assert _resync(draft, lengths, q, prev, emitted, window=16).tolist() == [3, 5, 3, 2, 3]
-    assert _resync(draft, lengths, q, prev, emitted, window=1).tolist() == [3, 3, 3, 8, 3]  # out of reach
+    context = jnp.asarray([[10, 11, 12], [-1, 13, 14], [10, 11, 99], [-1, 10, 11], [10, 11, 14]], jnp.int32)
+    # (10, 11, 12): aligned -> 3; (13, 14) at the output's start: back on the draft after 12 was deleted ->
+    # one past 14 (5); 99: a substitution -> 3; (10, 11) with the pointer at 17: the rewrite went back ->
+    # 2; (.., 11, 14): 14 alone is in the draft, but not after 11: a substitution, not a jump -> 3.
+    assert _resync(draft, lengths, q, context, window=16).tolist() == [3, 5, 3, 2, 3]
+    assert _resync(draft, lengths, q, context, window=1).tolist() == [3, 3, 3, 8, 3]  # out of reach

@@ -14,12 +14,12 @@ or a fresh draw after a fully accepted draft): 1 to K+1 tokens per row and pass.
 Rows advance by different counts, so each row keeps its own cache slot (the model's per-row
 cache_index); rejected tokens' keys and values lie beyond the row's committed end and are overwritten by
 its next pass before any query can see them. Draft alignment: a row's draft pointer q advances over
-accepted tokens; after the teacher's own token x (emitted after token p) it moves to just past the
-occurrence of the bigram (p, x) in the draft nearest to q + 1 (within `resync_window` tokens either way:
-the rewrite deleted or inserted text), else to q + 1 (a substitution, the common edit: a wrong number
-replaced). A single token is not enough evidence: digits and spaces recur every few tokens, and jumping to
-the nearest one misaligns after every substitution. After an insertion or deletion the bigram is found
-once the rewrite is back on the draft's text (one or two passes later). A draft that has run out
+accepted tokens and, after the teacher's own token, by one more (a substitution, the common edit: a wrong
+number replaced). Only a pass that rejects the draft's very first token, the sign of a misaligned draft
+(the rewrite inserted or deleted text), looks up the last `resync_context` (2) emitted tokens in the draft
+and moves q just past their occurrence nearest to it (within `resync_window` tokens either way), keeping
+q + 1 where they do not occur. Looking up after every rejection would jump to any recurring phrase in
+repetitive text (digits, "Step 2: ", loops), misaligning a draft that was right. A draft that has run out
 proposes id 0 and is rejected like any wrong guess: correctness never depends on the draft, only speed.
 
 Random numbers: per pass and per row (its index in the whole call, `row_offset + b`), so a row's draws
@@ -71,29 +71,34 @@ def _row_keys(key: Array, step: Array, row_ids: Array) -> Array:
     return jax.vmap(lambda r: jax.random.fold_in(step_key, r))(row_ids)
 
 
-def _resync(drafts: Array, draft_lengths: Array, q: Array, prev: Array, x: Array, window: int) -> Array:
-    """The draft pointer after the teacher emitted x (after token prev) where the draft expected draft[q]:
-    one past the occurrence of the bigram (prev, x) nearest to q (offsets -window..window, the nearest
-    first, later before earlier), else q + 1."""
+def _resync(drafts: Array, draft_lengths: Array, q: Array, context: Array, window: int) -> Array:
+    """The draft pointer after the teacher's own token where the draft expected draft[q]: one past the
+    occurrence of `context` i32[B, m] (the last m emitted tokens, the teacher's token last; -1, before the
+    output's start, matches anything) nearest to q (offsets -window..window, the nearest first, later before
+    earlier), else q + 1."""
     offsets = jnp.asarray(sorted(range(-window, window + 1), key=lambda o: (abs(o), -o)), jnp.int32)
-    at = q[:, None] + offsets[None, :]  # candidate positions of x in the draft
-    valid = (at >= 1) & (at < draft_lengths[:, None])
-    width = drafts.shape[1]
-    here = jnp.take_along_axis(drafts, jnp.clip(at, 0, width - 1), axis=1)
-    before = jnp.take_along_axis(drafts, jnp.clip(at - 1, 0, width - 1), axis=1)
-    hit = valid & (here == x[:, None]) & (before == prev[:, None])
+    at = q[:, None] + offsets[None, :]  # candidate positions of the teacher's token in the draft
+    m, width = context.shape[1], drafts.shape[1]
+    hit = (at >= 0) & (at < draft_lengths[:, None])
+    for i in range(m):  # context[:, i] must sit at at - (m - 1 - i)
+        where = at - (m - 1 - i)
+        here = jnp.take_along_axis(drafts, jnp.clip(where, 0, width - 1), axis=1)
+        wildcard = context[:, i:i + 1] == -1
+        hit &= wildcard | ((where >= 0) & (here == context[:, i:i + 1]))
     first = jnp.argmax(hit, axis=1)  # the nearest hit (offsets are sorted by distance)
     return jnp.where(jnp.any(hit, axis=1), jnp.take_along_axis(at, first[:, None], axis=1)[:, 0], q) + 1
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
-                                             "draft_tokens", "resync_window", "cache_sharding"),
+                                             "draft_tokens", "resync_window", "resync_context",
+                                             "cache_sharding"),
                    donate_argnames=("cache",))
 def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array,
                        max_new_tokens: Array, pad_id: Array, drafts: Array, draft_lengths: Array,
                        live: Array | None = None, row_offset: Array | None = None, *, prompt_len: int,
                        buffer_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], draft_tokens: int,
-                       resync_window: int = 16, cache_sharding=None) -> tuple[SampleOutput, DraftStats, KVCache]:
+                       resync_window: int = 16, resync_context: int = 2,
+                       cache_sharding=None) -> tuple[SampleOutput, DraftStats, KVCache]:
     """decode() with a draft per row: drafts i32[B, L] (any ids, L >= 1), draft_lengths i32[B]. The cache
     needs buffer_len + draft_tokens slots after the prompt. Returns the outputs (as decode's), the draft
     statistics per row, and the cache."""
@@ -177,8 +182,14 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
                            stats.accepted + jnp.where(active, jnp.minimum(accepted, count), 0))
         new_n = n + count
         new_done = done | jnp.any(is_eos, axis=1) | (new_n >= max_new_tokens)
-        before_own = jnp.take_along_axis(inputs, accepted[:, None], axis=1)[:, 0]  # the token x follows
-        new_q = _resync(drafts, draft_lengths, q + accepted, before_own, own, resync_window)
+        # The last resync_context emitted tokens, the teacher's own token last (-1 before the output's start).
+        ends = (n + accepted)[:, None] - jnp.arange(resync_context - 1, -1, -1)[None, :]
+        context = jnp.where(ends >= 0, jnp.take_along_axis(tokens_buf, jnp.maximum(ends, 0), axis=1), -1)
+        # A pass that rejected the draft's very first token is the sign of a misaligned draft (an insertion or
+        # deletion): look the context up. Otherwise the edit is taken for a substitution, the common case
+        # (a lookup then would jump to any recurring phrase in repetitive text).
+        looked_up = _resync(drafts, draft_lengths, q + accepted, context, resync_window)
+        new_q = jnp.where(accepted == 0, looked_up, q + accepted + 1)
         keep = lambda old, new: jnp.where(done, old, new)  # noqa: E731 - finished rows stay as they were
         return (it + 1, head, cache, keep(last, own), keep(slot, slot + accepted + 1), new_n, keep(q, new_q),
                 new_done, tokens_buf, logp_buf, stats)
