@@ -127,8 +127,8 @@ class SandboxConfig:
     max_open_files: int = 64  # RLIMIT_NOFILE
     # Everything the sandbox holds together (its processes, working tmpfs, memfds, shared memory): a memory
     # cgroup, where this machine lets us create one (rewards/memory_cgroup.py); beyond it the kernel kills
-    # a process of the sandbox and the status is "memory".
-    total_memory_mb: int = 2048
+    # a process of the sandbox and the status is "memory". None: twice memory_mb.
+    total_memory_mb: int | None = None
     output_limit_bytes: int = 1 << 20  # stdout and stderr are each cut to this many bytes
     audit_hook: bool = True  # the second-layer audit hook (see the module docstring)
     # Emptied in the sandbox (absolute paths). The interpreter's installation is shown again when it lies
@@ -144,13 +144,15 @@ class SandboxConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"SandboxConfig.{name}={value!r}: must be a number > 0")
         # memory_mb >= 64: the interpreter itself needs some tens of MiB of address space to start.
-        for name, low in (("memory_mb", 64), ("total_memory_mb", 64), ("file_size_mb", 1), ("disk_mb", 1),
-                          ("max_files", 16),
+        for name, low in (("memory_mb", 64), ("file_size_mb", 1), ("disk_mb", 1), ("max_files", 16),
                           ("max_processes", 1),
                           ("max_open_files", 16), ("output_limit_bytes", 1), ("sandbox_uid", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"SandboxConfig.{name}={value!r}: must be an int >= {low}")
+        total = self.total_memory_mb
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 64):
+            raise ValueError(f"SandboxConfig.total_memory_mb={total!r}: must be None or an int >= 64")
         for name in ("audit_hook", "allow_unsandboxed"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SandboxConfig.{name}={getattr(self, name)!r}: must be a bool")
@@ -247,7 +249,7 @@ def _execute(source: str, config: SandboxConfig, stdin: str | bytes | None, isol
 
     python, exposed = _interpreter()
     workdir = tempfile.mkdtemp(prefix="trd-sandbox-")
-    group = MemoryCgroup.create(config.total_memory_mb << 20)
+    group = MemoryCgroup.create((config.total_memory_mb or 2 * config.memory_mb) << 20)
     oom = False
     status_read, status_write = os.pipe()  # the launcher's setup errors (closed unread on a good exec)
     try:
