@@ -81,6 +81,9 @@ class MemoryCgroup:
         except OSError:  # no memory controller in this (v2) cgroup, or not ours to configure
             group.remove()
             return None
+        if not os.access(group.procs_file, os.W_OK):  # the launcher could not join it: no limit at all
+            group.remove()
+            return None
         return group
 
     @property
