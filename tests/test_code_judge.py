@@ -65,6 +65,14 @@ def test_cheats_that_fooled_the_pass_marker_fail():
     assert "FileNotFoundError" in result["read the tests file"].cases[0].detail
 
 
+def test_stop_iteration_from_a_call_cannot_cut_a_test_loop_short():
+    tests = AssertTests(tests=("assert all(map(lambda x: square(x) == x * x, range(5)))",))
+    cheat = "def square(x):\n    raise StopIteration\n"  # map() would end at once: all() of nothing holds
+    result = grades({"cheat": cheat, "honest": "def square(x):\n    return x * x\n"}, tests)
+    assert result["cheat"].reward == 0.0 and "StopIteration raised by call" in result["cheat"].cases[0].detail
+    assert result["honest"].reward == 1.0
+
+
 def test_truth_and_membership_are_the_judges():
     tests = AssertTests(tests=("assert is_prime(7)", "assert not is_prime(8)", "assert 3 in primes_below(5)"))
     always_true = ("class Yes:\n    def __bool__(self):\n        return True\n    def __contains__(self, x):\n"

@@ -268,7 +268,12 @@ class Channel:
         if type(reply) is list and len(reply) == 2 and reply[0] == "v":
             return decode(reply[1], self.remote)
         if type(reply) is list and reply[:1] == ["e"]:
-            raise _program_exception(reply)
+            error = _program_exception(reply)
+            if isinstance(error, (StopIteration, StopAsyncIteration)) and op != "next":
+                # Only next() may end an iteration: a call raising StopIteration inside the tests' map() or
+                # filter() would silently cut the loop short (all(map(...)) of nothing holds).
+                error = ProgramError(f"{type(error).__name__} raised by {op}: {error}")
+            raise error
         raise ProtocolError("a reply that is neither a value nor an error")
 
 
