@@ -27,6 +27,7 @@ import builtins
 import json
 import os
 import select
+import signal
 import struct
 import sys
 
@@ -346,9 +347,8 @@ def _exit_like(wait_status: int, memory_exit_code: int) -> None:
     finally:
         if os.WIFSIGNALED(wait_status):
             sig = os.WTERMSIG(wait_status)
-            import signal
-
-            signal.signal(sig, signal.SIG_DFL) if sig not in (signal.SIGKILL, signal.SIGSTOP) else None
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), sig)
         os._exit(memory_exit_code if os.waitstatus_to_exitcode(wait_status) == memory_exit_code else 1)
 
@@ -430,7 +430,7 @@ def _where(frames, tests: dict) -> str:
 
 def _kill(pid: int) -> None:
     try:
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 
