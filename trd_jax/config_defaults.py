@@ -140,6 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
         # Speculative refine: each teacher pass verifies draft_tokens tokens of the row's y_o (exact outputs).
         speculative=False,
         draft_tokens=8,
+        # Refine-context scoring reuses the refine pass's teacher states for y_r (no second forward; one process).
+        reuse_states=True,
         # Sampling of y_r; -1 takes the rollout's value (both reference repos sample y_r like y_o).
         temperature=-1.0, top_k=-1, top_p=-1.0,
     ))

@@ -25,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from trd_jax import diagnostics, evaluation, multihost, row_groups, trajectories
+from trd_jax import diagnostics, evaluation, multihost, row_groups, score_reuse, trajectories
 from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
 from trd_jax.config import Settings, resolve
 from trd_jax.errors import ConfigError, TrainingError
@@ -95,6 +95,7 @@ class Trainer:
         self.counters: dict[str, float] = {}
         self.evals: list[dict] = []
         self._score_fns: dict = {}
+        self._assemble_fn = None  # score_reuse.assemble, compiled on first use
         self._update_fn = None
         self._warm = False
         self._stats_fn = jax.jit(diagnostics.teacher_token_stats, static_argnames=("chunk_size", "temperature"))
@@ -197,13 +198,42 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one step
 
     def _sample(self, sampler: Sampler, params, prompts, max_new: int, sampling, n: int, key,
-                max_prompt_len: int | None = None, drafts=None, draft_tokens: int = 0):
+                max_prompt_len: int | None = None, drafts=None, draft_tokens: int = 0, kept: dict | None = None):
         """max_prompt_len: the longest prompt the phase allows (caps the sampler's prompt bucket and cache);
         rows go through the sampler at most rollout.max_rows_per_call at a time. drafts: speculative
-        decoding against them (speculative.py)."""
+        decoding against them (speculative.py). kept: a dict that receives the rows' final-layer states under
+        "hidden" (score_reuse)."""
         out = sampler(params, prompts, max_new, sampling=sampling, n=n, key=key, max_prompt_len=max_prompt_len,
-                      max_rows=self.s.max_rows_per_call, drafts=drafts, draft_tokens=draft_tokens)
+                      max_rows=self.s.max_rows_per_call, drafts=drafts, draft_tokens=draft_tokens,
+                      keep_hidden=kept is not None)
+        if kept is not None:
+            kept["hidden"] = out.hidden
         return trajectories.sampled_rows(out.tokens, out.lengths)
+
+    @property
+    def reuses_refine_states(self) -> bool:
+        """The score phase takes y_r's teacher states from the refine pass (score_reuse): refine-context
+        scoring with refine.reuse_states, on one process."""
+        s = self.s
+        return (s.trajectory == "y_r" and s.teacher_context == "refine" and s.refine.reuse_states
+                and not multihost.multi_process())
+
+    def _score_batch(self, teacher_params, batch: DistillBatch, rows, kept: dict, metrics: dict):
+        """The teacher's ScoreOutput of the trained batch: from the refine pass's states where they serve
+        (score_reuse), by a forward of the teacher elsewhere."""
+        if kept.get("hidden") is None:
+            return self._score("teacher", teacher_params, batch.teacher, batch.targets, batch.response_mask)
+        src = score_reuse.reused_rows(rows)
+        index, slot = score_reuse.rows_to_recompute(src)
+        recomputed = None
+        if index.size:
+            recomputed = self._score("teacher", teacher_params, *score_reuse.sub_batch(batch, index)).hidden
+        if self._assemble_fn is None:
+            self._assemble_fn = score_reuse.jit_assemble(self.roles.teacher_graph, temperature=self.s.loss.temperature,
+                                                         chunk_size=self.s.loss.chunk_size)
+        metrics["score/reused_rows"] = int((src >= 0).sum())
+        return self._assemble_fn(teacher_params, score_reuse.pad_rows(kept["hidden"]), src, recomputed, slot,
+                                 batch.targets, batch.response_mask)
 
     def _count(self, metrics: dict, key: str, value: float) -> None:
         metrics[f"rows/{key}"] = value
@@ -236,13 +266,14 @@ class Trainer:
             span.tokens = sum(map(len, y_o))
 
         teacher_params = self._teacher_params()
+        kept: dict = {}  # the refine pass's states, when the score phase reuses them
         if s.trajectory == "y_r":
             bar.update(step, phase="refine")
             with timer.phase("refine") as span:
                 trajectories.refine(rows, tok, s.refine, lambda ids, drafts: self._sample(
                     self.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.refine_sampling, 1, k_refine,
                     s.refine.prompt_budget, drafts=drafts if s.refine.speculative else None,
-                    draft_tokens=s.refine.draft_tokens))
+                    draft_tokens=s.refine.draft_tokens, kept=kept if self.reuses_refine_states else None))
                 span.tokens = sum(map(len, rows.y_r))
             if s.refine.speculative and rows.y_r:
                 metrics.update(_draft_metrics(self.refine_sampler.last_draft_stats, span.tokens))
@@ -269,9 +300,14 @@ class Trainer:
 
         bar.update(step, phase="score")
         with timer.phase("score") as span:
-            scored = self._score("teacher", teacher_params, batch.teacher, batch.targets, batch.response_mask)
+            scored = self._score_batch(teacher_params, batch, rows, kept, metrics)
             span.block, span.tokens = scored, int(batch.teacher.mask.sum())
-        self._add_flops("score", self.roles.teacher_count, int(batch.teacher.mask.sum()))
+        kept.clear()  # the states are in `scored` now
+        scored_tokens = int(batch.teacher.mask.sum())
+        if "score/reused_rows" in metrics:  # only the recomputed rows ran a forward (the lm_head product aside)
+            recomputed = score_reuse.reused_rows(rows) < 0
+            scored_tokens = int(batch.teacher.mask[recomputed].sum())
+        self._add_flops("score", self.roles.teacher_count, scored_tokens)
 
         if s.diagnostics and step % s.diagnostics_every == 0:
             with timer.phase("diagnostics") as span:

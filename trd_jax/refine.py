@@ -63,6 +63,9 @@ class RefineConfig:
     # row's own y_o; greedy y_r are plain decoding's token for token, sampled ones equal in distribution.
     speculative: bool = False
     draft_tokens: int = 8
+    # Refine-context scoring (distill.teacher_context=refine) takes y_r's teacher states from the refine pass
+    # instead of a second forward (score_reuse.py); equal within float rounding. One process only.
+    reuse_states: bool = True
 
     def __post_init__(self):
         choices = {"mode": MODES, "task": TASKS, "prompt_mode": PROMPT_MODES,
@@ -72,8 +75,9 @@ class RefineConfig:
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"RefineConfig.{name}={getattr(self, name)!r}: must be one of {', '.join(valid)}")
-        if not isinstance(self.speculative, bool):
-            raise ValueError(f"RefineConfig.speculative={self.speculative!r}: must be a bool")
+        for name in ("speculative", "reuse_states"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RefineConfig.{name}={getattr(self, name)!r}: must be a bool")
         for name, low in (("prompt_budget", 1), ("rewrite_budget", 1), ("truncation_margin", 0), ("draft_tokens", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:

@@ -67,6 +67,9 @@ class SampleOutput(NamedTuple):
     tokens: Array  # i32[B, N]
     logprobs: Array  # f32[B, N]
     lengths: Array  # i32[B]
+    # keep_hidden: the final-layer states that produced each token's distribution, [B, N, d] in the model's
+    # dtype (what a full forward over prompt + tokens gives at those positions: the score phase reuses them).
+    hidden: Array | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,15 +226,15 @@ def _constrain(cache: KVCache, sharding) -> KVCache:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "cache_sharding"), donate_argnames=("cache",))
 def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: int,
-            cache_sharding=None) -> tuple[KVCache, Array]:
+            cache_sharding=None) -> tuple[KVCache, Array, Array]:
     """Writes the prompts' keys and values into slots [0, P) of the donated cache (directly with n == 1 and
     blockwise attention; otherwise through a prompt-sized cache whose rows are repeated n times).
 
     prompts i32[B, P] left-padded, pad i32[B], cache [B*n, kv_heads, S, head_dim] -> (cache, logits
-    f32[B*n, V] of the last prompt position). Each prompt runs once; its keys and values are repeated
-    for its n samples. Slots >= P keep stale values from earlier calls: decode overwrites each slot
-    before any query can see it. cache_sharding: the cache's sharding, kept on the result (None: as
-    the compiler propagates it).
+    f32[B*n, V] and final-layer state [B*n, d] of the last prompt position). Each prompt runs once; its
+    keys and values are repeated for its n samples. Slots >= P keep stale values from earlier calls:
+    decode overwrites each slot before any query can see it. cache_sharding: the cache's sharding, kept
+    on the result (None: as the compiler propagates it).
     """
     model: Transformer = nnx.merge(graphdef, params)
     b, p = prompts.shape
@@ -243,32 +246,34 @@ def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: 
         # and blockwise attention skips those key tiles, so attending "over S slots" costs nothing extra.
         full_mask = jnp.pad(key_mask, ((0, 0), (0, cache[0].k.shape[2] - p)), constant_values=True)
         hidden, cache = model(prompts, positions, full_mask, cache=cache, cache_index=0)
-        return _constrain(cache, cache_sharding), model.logits(hidden[:, -1])
+        return _constrain(cache, cache_sharding), model.logits(hidden[:, -1]), hidden[:, -1]
     hidden, prompt_cache = model(prompts, positions, key_mask, cache=init_cache(model.cfg, b, p), cache_index=0)
     logits = model.logits(hidden[:, -1])
+    repeat = (lambda x: jnp.repeat(x, n, axis=0)) if n > 1 else (lambda x: x)
 
     def put(full, part):  # part [B, K, P, D] -> slots [0, P) of full [B*n, K, S, D]
         part = jnp.repeat(part, n, axis=0) if n > 1 else part
         return jax.lax.dynamic_update_slice(full, part.astype(full.dtype), (0, 0, 0, 0))
 
     cache = tuple(LayerCache(put(c.k, pc.k), put(c.v, pc.v)) for c, pc in zip(cache, prompt_cache))
-    return _constrain(cache, cache_sharding), (jnp.repeat(logits, n, axis=0) if n > 1 else logits)
+    return _constrain(cache, cache_sharding), repeat(logits), repeat(hidden[:, -1])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
                                              "total_rows", "cache_sharding"),
                    donate_argnames=("cache",))
 def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array, max_new_tokens: Array,
-           pad_id: Array, live: Array | None = None, row_offset: Array | None = None, *, prompt_len: int,
-           buffer_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], total_rows: int = 0,
-           cache_sharding=None) -> tuple[SampleOutput, KVCache]:
+           pad_id: Array, live: Array | None = None, row_offset: Array | None = None,
+           first_hidden: Array | None = None, *, prompt_len: int, buffer_len: int, sampling: SamplingConfig,
+           eos_ids: tuple[int, ...], total_rows: int = 0, cache_sharding=None) -> tuple[SampleOutput, KVCache]:
     """Samples up to max_new_tokens (<= buffer_len) tokens per row after the prefilled cache; returns
     the outputs and the cache (donated in, handed back for the next call).
 
     live bool[B] (None: all): rows that are not live (batch padding) count as finished from the start,
     so that they never keep the loop running; they emit pad_id and length 0. row_offset i32[] with
     total_rows > 0: these B rows are rows [row_offset, row_offset + B) of a call of total_rows rows, and
-    draw that call's numbers (select_tokens)."""
+    draw that call's numbers (select_tokens). first_hidden [B, d] (the prefill's last state): also return
+    each token's final-layer state (SampleOutput.hidden)."""
     model: Transformer = nnx.merge(graphdef, params)
     b = logits.shape[0]
     cache_len = cache[0].k.shape[2]
@@ -290,27 +295,34 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
     logp_buf = jnp.zeros((b, buffer_len), jnp.float32)
     done = jnp.zeros((b,), bool) if live is None else ~live
     tok, done, tokens_buf, logp_buf, lengths = emit(0, logits, done, tokens_buf, logp_buf, jnp.zeros((b,), jnp.int32))
+    keep = first_hidden is not None
+    hidden_buf = (jnp.zeros((b, buffer_len, first_hidden.shape[-1]), first_hidden.dtype).at[:, 0].set(first_hidden)
+                  if keep else None)
 
     def cond(state):
         i, _, _, _, done, *_ = state
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        i, head, cache, tok, done, tokens_buf, logp_buf, lengths = state
+        i, head, cache, tok, done, tokens_buf, logp_buf, lengths, hidden_buf = state
         slot = prompt_len + i - 1  # where the token emitted at step i-1 goes
         positions = (slot - pad)[:, None]
         model_in = jnp.where(done, 0, tok)[:, None]  # finished rows emit pad_id; the model sees id 0
         hidden, cache = model(model_in, positions, key_mask, cache=cache, cache_index=slot)
         cache = _constrain(cache, cache_sharding)
         logits = model.logits(hidden[:, 0], head)
+        if keep:  # rows that were done already keep writing: their slots are beyond their length, masked later
+            hidden_buf = jax.lax.dynamic_update_slice(hidden_buf, hidden.astype(hidden_buf.dtype), (0, i, 0))
         tok, done, tokens_buf, logp_buf, lengths = emit(i, logits, done, tokens_buf, logp_buf, lengths)
-        return i + 1, head, cache, tok, done, tokens_buf, logp_buf, lengths
+        return i + 1, head, cache, tok, done, tokens_buf, logp_buf, lengths, hidden_buf
 
     # The lm_head rides in the loop carry: a carried value has a fixed row-major layout, so a tied
     # embedding is transposed once here instead of being read transposed (twice as slow on CPU) each step.
-    state = (jnp.int32(1), model.lm_head_weight(), cache, tok, done, tokens_buf, logp_buf, lengths)
-    _, _, cache, _, _, tokens_buf, logp_buf, lengths = jax.lax.while_loop(cond, body, state)
-    return SampleOutput(tokens_buf, logp_buf, lengths), cache
+    state = (jnp.int32(1), model.lm_head_weight(), cache, tok, done, tokens_buf, logp_buf, lengths, hidden_buf)
+    _, _, cache, _, _, tokens_buf, logp_buf, lengths, hidden_buf = jax.lax.while_loop(cond, body, state)
+    if keep:
+        hidden_buf = jnp.where((jnp.arange(buffer_len)[None, :] < lengths[:, None])[..., None], hidden_buf, 0)
+    return SampleOutput(tokens_buf, logp_buf, lengths, hidden_buf), cache
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,7 +420,7 @@ class Sampler:
                  sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
                  eos_ids: Sequence[int] | None = None, max_prompt_len: int | None = None,
                  max_rows: int = 0, drafts: Sequence[Sequence[int]] | None = None,
-                 draft_tokens: int = 0) -> SampleOutput:
+                 draft_tokens: int = 0, keep_hidden: bool = False) -> SampleOutput:
         """prompts: token id lists of any lengths. Returns numpy arrays for len(prompts) * n rows, the
         n samples of prompt i in rows i*n .. i*n + n - 1, tokens cut to the longest row. eos_ids
         overrides the sampler's stop tokens for this call (an empty tuple: never stop early).
@@ -424,7 +436,11 @@ class Sampler:
 
         drafts (one token list per prompt) with draft_tokens K > 0: speculative decoding (speculative.py),
         each pass verifying the next K tokens of the row's draft; greedy outputs equal plain decoding's,
-        sampled ones are equal in distribution. The draft statistics of the call are in `last_draft_stats`."""
+        sampled ones are equal in distribution. The draft statistics of the call are in `last_draft_stats`.
+
+        keep_hidden: also return each token's final-layer state (SampleOutput.hidden, a device array
+        [rows, width, d], zero past each row's length), the states a forward over prompt + tokens computes
+        at those positions; one process only (the score phase reuses them, steps.score_from_hidden)."""
         eos_ids = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         if not prompts:
             raise ValueError("prompts: empty batch")
@@ -435,6 +451,8 @@ class Sampler:
         if max_rows < 0:
             raise ValueError(f"max_rows={max_rows}: must be >= 0 (0: all rows at once)")
         speculate = drafts is not None and draft_tokens > 0
+        if keep_hidden and multihost.multi_process():
+            raise ValueError("keep_hidden: supported on one process only")
         if drafts is not None and len(drafts) != len(prompts):
             raise ValueError(f"drafts: {len(drafts)} drafts for {len(prompts)} prompts")
         for i, p in enumerate(prompts):
@@ -502,8 +520,9 @@ class Sampler:
             live = np.arange(rows_per_call) < keep
             cache = self._cache_for(cfg, rows_per_call, plen + buffer_len + (draft_tokens if speculate else 0),
                                     replicated or sharding)
-            cache, logits = prefill(self.graphdef, params, cache, put_prompts(tokens), put_prompts(pad), n=samples,
-                                    cache_sharding=sharding)
+            cache, logits, last_hidden = prefill(self.graphdef, params, cache, put_prompts(tokens), put_prompts(pad),
+                                                 n=samples, cache_sharding=sharding)
+            first_hidden = last_hidden if keep_hidden else None
             if speculate:
                 from trd_jax.speculative import speculative_decode  # noqa: PLC0415 - it imports this module
 
@@ -516,21 +535,25 @@ class Sampler:
                 out, group_stats, self._cache = speculative_decode(
                     self.graphdef, params, cache, logits, put_rows(np.repeat(pad, samples)), key, max_new, pad_id,
                     put_rows(np.repeat(draft_ids, samples, axis=0)), put_rows(np.repeat(draft_lengths, samples)),
-                    put_rows(live), put_one(np.int32(offset)), prompt_len=plen, buffer_len=buffer_len,
+                    put_rows(live), put_one(np.int32(offset)), first_hidden, prompt_len=plen, buffer_len=buffer_len,
                     sampling=sampling, eos_ids=eos_ids, draft_tokens=draft_tokens, cache_sharding=sharding)
                 outs.append((out, keep))
                 stats.append([multihost.to_host(x)[:keep] for x in group_stats])
                 continue
             out, self._cache = decode(self.graphdef, params, cache, logits, put_rows(np.repeat(pad, samples)), key,
                                       max_new, pad_id, put_rows(live),
-                                      put_one(np.int32(offset)) if total_rows else None, prompt_len=plen,
+                                      put_one(np.int32(offset)) if total_rows else None, first_hidden, prompt_len=plen,
                                       buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids,
                                       total_rows=total_rows, cache_sharding=sharding)
             outs.append((out, keep))
         if speculate:
             passes, proposed, accepted = (int(np.sum(np.concatenate(xs))) for xs in zip(*stats))
             self.last_draft_stats = dict(passes=passes, proposed=proposed, accepted=accepted)
-        parts = [[multihost.to_host(x)[:keep] for x in out] for out, keep in outs]
+        parts = [[multihost.to_host(x)[:keep] for x in out[:3]] for out, keep in outs]
         tokens, logprobs, lengths = (np.concatenate(xs) if len(xs) > 1 else xs[0] for xs in zip(*parts))
         width = max(int(lengths.max()), 1)
-        return SampleOutput(tokens[:, :width], logprobs[:, :width], lengths)
+        hidden = None
+        if keep_hidden:  # stays on the device: [rows, width, d] is the size of the score phase's output
+            kept = [out.hidden[:keep, :width] for out, keep in outs]
+            hidden = jnp.concatenate(kept) if len(kept) > 1 else kept[0]
+        return SampleOutput(tokens[:, :width], logprobs[:, :width], lengths, hidden)

@@ -95,13 +95,15 @@ def _resync(drafts: Array, draft_lengths: Array, q: Array, context: Array, windo
                    donate_argnames=("cache",))
 def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array,
                        max_new_tokens: Array, pad_id: Array, drafts: Array, draft_lengths: Array,
-                       live: Array | None = None, row_offset: Array | None = None, *, prompt_len: int,
+                       live: Array | None = None, row_offset: Array | None = None,
+                       first_hidden: Array | None = None, *, prompt_len: int,
                        buffer_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], draft_tokens: int,
                        resync_window: int = 16, resync_context: int = 2,
                        cache_sharding=None) -> tuple[SampleOutput, DraftStats, KVCache]:
     """decode() with a draft per row: drafts i32[B, L] (any ids, L >= 1), draft_lengths i32[B]. The cache
-    needs buffer_len + draft_tokens slots after the prompt. Returns the outputs (as decode's), the draft
-    statistics per row, and the cache."""
+    needs buffer_len + draft_tokens slots after the prompt. Returns the outputs (as decode's, with each
+    emitted token's final-layer state when first_hidden is given), the draft statistics per row, and the
+    cache."""
     model: Transformer = nnx.merge(graphdef, params)
     b, k = logits.shape[0], draft_tokens
     cache_len = cache[0].k.shape[2]
@@ -135,18 +137,21 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
     width = buffer_len + k + 1
     tokens_buf = jnp.zeros((b, width), jnp.int32).at[:, 0].set(first)
     logp_buf = jnp.zeros((b, width), jnp.float32).at[:, 0].set(log_probs(scaled0, first))
+    keep_hidden = first_hidden is not None
+    hidden_buf = (jnp.zeros((b, width, first_hidden.shape[-1]), first_hidden.dtype).at[:, 0].set(first_hidden)
+                  if keep_hidden else None)
     n = jnp.where(done, 0, 1)
     done = done | jnp.any(first[:, None] == eos[None, :], axis=-1) | (n >= max_new_tokens)
     q = jnp.ones((b,), jnp.int32)  # the first token matched draft[0] or replaced it: the draft goes on at 1
     zeros = jnp.zeros((b,), jnp.int32)
-    put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (i,)))
+    put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (i,) + (0,) * (full.ndim - 1)))
 
     def cond(state):
         it, _, _, _, _, _, _, done, *_ = state
         return (it <= max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        it, head, cache, last, slot, n, q, done, tokens_buf, logp_buf, stats = state
+        it, head, cache, last, slot, n, q, done, tokens_buf, logp_buf, hidden_buf, stats = state
         at = q[:, None] + jnp.arange(k)
         draft = jnp.take_along_axis(drafts, jnp.clip(at, 0, drafts.shape[1] - 1), axis=1)
         draft = jnp.where(at < draft_lengths[:, None], draft, 0)
@@ -177,6 +182,8 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
         count = jnp.where(done, 0, jnp.minimum(count, max_new_tokens - n))
         tokens_buf = put(tokens_buf, emitted, n)
         logp_buf = put(logp_buf, logp, n)
+        if keep_hidden:  # hidden[:, j] produced emitted[:, j]'s distribution; slots past the count are rewritten
+            hidden_buf = put(hidden_buf, hidden.astype(hidden_buf.dtype), n)
         active = ~done
         stats = DraftStats(stats.passes + active, stats.proposed + active * k,
                            stats.accepted + jnp.where(active, jnp.minimum(accepted, count), 0))
@@ -192,12 +199,14 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
         new_q = jnp.where(accepted == 0, looked_up, q + accepted + 1)
         keep = lambda old, new: jnp.where(done, old, new)  # noqa: E731 - finished rows stay as they were
         return (it + 1, head, cache, keep(last, own), keep(slot, slot + accepted + 1), new_n, keep(q, new_q),
-                new_done, tokens_buf, logp_buf, stats)
+                new_done, tokens_buf, logp_buf, hidden_buf, stats)
 
     state = (jnp.int32(1), model.lm_head_weight(), cache, first, jnp.full((b,), prompt_len, jnp.int32), n, q, done,
-             tokens_buf, logp_buf, DraftStats(zeros, zeros, zeros))
-    _, _, cache, _, _, n, _, _, tokens_buf, logp_buf, stats = jax.lax.while_loop(cond, body, state)
+             tokens_buf, logp_buf, hidden_buf, DraftStats(zeros, zeros, zeros))
+    _, _, cache, _, _, n, _, _, tokens_buf, logp_buf, hidden_buf, stats = jax.lax.while_loop(cond, body, state)
     emitted = jnp.arange(buffer_len)[None, :] < n[:, None]
+    if keep_hidden:
+        hidden_buf = jnp.where(emitted[..., None], hidden_buf[:, :buffer_len], 0)
     out = SampleOutput(jnp.where(emitted, tokens_buf[:, :buffer_len], pad_id),
-                       jnp.where(emitted, logp_buf[:, :buffer_len], 0.0), n)
+                       jnp.where(emitted, logp_buf[:, :buffer_len], 0.0), n, hidden_buf)
     return out, stats, cache
