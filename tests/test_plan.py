@@ -168,6 +168,25 @@ def test_plan_kv_caches_replicated_and_sharded():
                    for i in p.items)
 
 
+def test_reused_refine_states_are_planned_in_refine_and_score():
+    """refine.reuse_states under refine-context scoring: [rows, rewrite, d_teacher] per device, twice in refine
+    (the loop's buffer and the rows gathered) and once in score; nothing without it or under vanilla scoring."""
+    models = {"student": mp.ModelInfo(SMALL.replace(dtype="bfloat16"), "test"),
+              "teacher": mp.ModelInfo(SMALL.replace(dtype="bfloat16", hidden_size=96), "test")}
+    mesh, acc = dict(data=2, fsdp=1, tensor=1), mp.ACCELERATORS["v5e"]
+
+    def kept(plan, phase):
+        return sum(i.bytes for p in plan.phases if p.name == phase for i in p.items if i.name.startswith("kept"))
+
+    plan = mp.make_plan(_workload(**{"distill.teacher_context": "refine"}), models, mesh, acc)
+    one = 4 * 64 * 96 * 2  # 8 rows over 2 data shards, rewrite budget 64, d=96, bfloat16
+    assert (kept(plan, "refine"), kept(plan, "score")) == (2 * one, one)
+    for off in ({"distill.teacher_context": "refine", "refine.reuse_states": False},
+                {"distill.teacher_context": "vanilla"}):
+        plan = mp.make_plan(_workload(**off), models, mesh, acc)
+        assert kept(plan, "refine") == kept(plan, "score") == 0
+
+
 def test_fused_loss_is_chunk_by_vocab_not_rows_by_response_by_vocab():
     qwen = mp.builtin_model("qwen3-1.7b", dtype="bfloat16", param_dtype="bfloat16")
     loss = mp.loss_buffers(qwen, 4096, rows=1, response=16384, loss=LossConfig(chunk_size=1024))

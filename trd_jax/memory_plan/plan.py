@@ -118,6 +118,13 @@ class _Step:
         return self.rows_dev * self.work.response * (self.teacher.hidden_size * _b(self.teacher) + _F32)
 
     @property
+    def kept_states(self) -> int:
+        """refine.reuse_states: the refine pass's final-layer states of every row, [rows, rewrite, d_teacher]."""
+        if not self.work.reuse_states:
+            return 0
+        return self.rows_dev * self.work.rewrite * self.teacher.hidden_size * _b(self.teacher)
+
+    @property
     def t_head_full(self) -> int:
         t = self.teacher
         return t.hidden_size * t.vocab_size * _b(t) if self.param_shards > 1 else 0
@@ -231,6 +238,10 @@ def _sampler_phases(step: _Step, rollout_cache: int, refine_cache: int) -> list[
         refine += step.sampler_transient(step.teacher, work.rows, work.refine_prompt, 1)
         if keep_between_steps:
             refine.append(Item("rollout KV cache (held: release_kv_cache=False)", rollout_cache))
+        if step.kept_states:  # one call's buffer in the decode loop, then all calls' rows side by side
+            refine.append(Item("kept teacher states (refine.reuse_states)", 2 * step.kept_states,
+                               f"[rows, {work.rewrite}, {step.teacher.hidden_size}] {step.teacher.dtype}, "
+                               "the loop's buffer and the rows gathered"))
         phases.append(Phase("refine", tuple(refine)))
     return phases
 
@@ -258,6 +269,10 @@ def _score_phases(step: _Step, held_after: list[Item]) -> list[Phase]:
              Item("gathered weights (2 layers + lm_head)", step.t_gather + step.t_head_full),
              Item("ScoreOutput (hidden + logp, all rows)", scored, f"[rows, {work.response}, "
                                                                     f"{teacher.hidden_size}] {teacher.dtype}")]
+    if step.kept_states:  # read by the assembly while it writes the ScoreOutput; the forward is kept above for
+        # the rows scored anew (fallbacks), a bound
+        score.append(Item("kept teacher states (refine.reuse_states)", step.kept_states,
+                          f"[rows, {work.rewrite}, {teacher.hidden_size}] {teacher.dtype}"))
     if score_rows < step.rows_dev:  # a group's output until row_groups writes it into the ScoreOutput
         score.append(Item("one group's output", scored * score_rows // step.rows_dev,
                           f"train.max_score_rows={step.options.score_rows}"))

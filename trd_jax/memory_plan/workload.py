@@ -81,6 +81,7 @@ class Workload:
     teacher_eval_ctx: int  # bucketed vanilla context of the teacher's evaluation
     release_kv_cache: bool
     diagnostics: bool
+    reuse_states: bool  # refine-context scoring takes y_r's states from the refine pass (score_reuse)
     loss: LossConfig
     notes: tuple[str, ...] = ()
 
@@ -116,4 +117,6 @@ def workload_from_settings(s) -> Workload:
                     eval_prompt=prompt, eval_new=bucket(s.eval_max_new, 8),
                     eval_teacher=s.eval_teacher,
                     teacher_eval_ctx=prompt if s.mode == "opd" else refine_prompt,
-                    release_kv_cache=s.release_kv_cache, diagnostics=s.diagnostics, loss=s.loss, notes=tuple(notes))
+                    release_kv_cache=s.release_kv_cache, diagnostics=s.diagnostics,
+                    reuse_states=s.trajectory == "y_r" and s.teacher_context == "refine" and s.refine.reuse_states,
+                    loss=s.loss, notes=tuple(notes))
