@@ -7,7 +7,9 @@ recipe's settings and greedy.
 Both run the embedded default (configs/default.py: same bootstrap, teacher, student, 32 prompts per step,
 forward KL) with the teacher scoring in its vanilla context (distill.teacher_context=vanilla: the default's
 refine context needs y_r); the only difference is distill.trajectory: y_r (TRD, as trd_vanilla_context)
-or y_o (OPD), and for TRD refine.speculative and refine.temperature (greedy: 0). Runs alternate OPD, TRD,
+or y_o (OPD), and for TRD refine.speculative and refine.temperature (greedy: 0). The two "refine-context"
+runs are the paper's TRD (scored in the refine prompt), once recomputing the teacher's states in the score
+phase and once reusing the refine pass's (refine.reuse_states). Runs alternate OPD, TRD,
 speculative TRD, ... so that a noisy machine slows all alike; the figures
 are medians over rounds of each run's steady-state seconds per step (steps that compiled left out) and
 exact token counts. Diagnostics are off (they are not part of either method's cost).
@@ -36,6 +38,11 @@ METHODS = {  # name: overrides of the default
     "TRD speculative": {"distill.trajectory": "y_r", "refine.speculative": True},
     "TRD greedy refine": {"distill.trajectory": "y_r", **GREEDY},
     "TRD greedy speculative": {"distill.trajectory": "y_r", "refine.speculative": True, **GREEDY},
+    # The reference code's TRD scores y_r in its refine context: the score phase may reuse the refine pass's states.
+    "TRD refine-context": {"distill.trajectory": "y_r", "distill.teacher_context": "refine",
+                           "refine.reuse_states": False},
+    "TRD refine-context reuse": {"distill.trajectory": "y_r", "distill.teacher_context": "refine",
+                                 "refine.reuse_states": True},
 }
 
 
@@ -43,7 +50,7 @@ def run(workdir: str, bootstrap: str, name: str, overrides: dict, steps: int, se
     out = os.path.join(workdir, f"{name.replace(' ', '_').replace('(', '').replace(')', '')}-{seed}")
     shutil.rmtree(out, ignore_errors=True)
     cfg = apply_overrides(default_config(), {
-        **overrides, "refine.draft_tokens": draft_tokens, "distill.teacher_context": "vanilla", "train.steps": steps,
+        "distill.teacher_context": "vanilla", **overrides, "refine.draft_tokens": draft_tokens, "train.steps": steps,
         "bootstrap.dir": bootstrap, "seed": seed,
         "eval.initial": False, "eval.teacher": False, "log.diagnostics": False, "log.progress": False,
         "export.enabled": False, "checkpoint.every": steps})
@@ -99,6 +106,10 @@ def main() -> None:
     for plain, fast in (("TRD (y_r)", "TRD speculative"), ("TRD greedy refine", "TRD greedy speculative")):
         if plain in methods and fast in methods and med[fast]["refine"] > 0:
             print(f"refine speed-up, {fast}: {med[plain]['refine'] / med[fast]['refine']:.2f}x")
+    plain, reuse = "TRD refine-context", "TRD refine-context reuse"
+    if plain in methods and reuse in methods and med[reuse]["score"] > 0:
+        print(f"score phase, {reuse}: {med[reuse]['score']:.3f} s against {med[plain]['score']:.3f} s "
+              f"({med[plain]['score'] / med[reuse]['score']:.2f}x); step {total[plain] / total[reuse]:.2f}x")
     print(json.dumps({"median_seconds": med, "tokens_per_step": tok}))
 
 

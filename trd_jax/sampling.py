@@ -118,7 +118,7 @@ def _as_chunks(x: Array, chunk: int, fill) -> Array:
     return x.reshape(b, -1, chunk)
 
 
-def _top_k_candidates(x: Array, k: int) -> tuple[Array, Array]:
+def top_k_candidates(x: Array, k: int) -> tuple[Array, Array]:
     """(values [B, M], vocab ids [B, M]) of a candidate set holding each row's top k entries, with
     everything below the k-th largest set to -inf (ties at the threshold kept).
 
@@ -138,7 +138,7 @@ def _top_k_candidates(x: Array, k: int) -> tuple[Array, Array]:
     return jnp.where(keys >= thresh, x, -jnp.inf), ids
 
 
-def _top_p_mask(probs: Array, top_p: float) -> Array:
+def top_p_mask(probs: Array, top_p: float) -> Array:
     """bool[B, V]: the smallest set of most probable entries whose mass reaches top_p of the row's
     total (ties at the threshold kept), i.e. nucleus filtering without a sort."""
     keys = _ordered_bits(probs)
@@ -203,12 +203,12 @@ def select_tokens(logits: Array, key: Array, cfg: SamplingConfig, *, row_offset:
         tokens = first_argmax(scaled)
     else:
         if 0 < cfg.top_k < logits.shape[-1]:
-            values, ids = _top_k_candidates(scaled, cfg.top_k)
+            values, ids = top_k_candidates(scaled, cfg.top_k)
             weights = jnp.exp(values - top)
         else:
             ids = None
         if cfg.top_p < 1.0:
-            weights = jnp.where(_top_p_mask(weights, cfg.top_p), weights, 0.0)
+            weights = jnp.where(top_p_mask(weights, cfg.top_p), weights, 0.0)
         tokens = _categorical(weights, key, row_offset, total_rows)
         if ids is not None:
             tokens = jnp.take_along_axis(ids, tokens[:, None], axis=-1)[:, 0]
@@ -220,7 +220,8 @@ def select_tokens(logits: Array, key: Array, cfg: SamplingConfig, *, row_offset:
 # Jitted steps
 
 
-def _constrain(cache: KVCache, sharding) -> KVCache:
+def constrain_cache(cache: KVCache, sharding) -> KVCache:
+    """The KV cache kept on `sharding` (None: left to the compiler), so that a loop carry keeps its layout."""
     return cache if sharding is None else jax.lax.with_sharding_constraint(cache, sharding)
 
 
@@ -246,7 +247,7 @@ def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: 
         # and blockwise attention skips those key tiles, so attending "over S slots" costs nothing extra.
         full_mask = jnp.pad(key_mask, ((0, 0), (0, cache[0].k.shape[2] - p)), constant_values=True)
         hidden, cache = model(prompts, positions, full_mask, cache=cache, cache_index=0)
-        return _constrain(cache, cache_sharding), model.logits(hidden[:, -1]), hidden[:, -1]
+        return constrain_cache(cache, cache_sharding), model.logits(hidden[:, -1]), hidden[:, -1]
     hidden, prompt_cache = model(prompts, positions, key_mask, cache=init_cache(model.cfg, b, p), cache_index=0)
     logits = model.logits(hidden[:, -1])
     repeat = (lambda x: jnp.repeat(x, n, axis=0)) if n > 1 else (lambda x: x)
@@ -256,7 +257,7 @@ def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: 
         return jax.lax.dynamic_update_slice(full, part.astype(full.dtype), (0, 0, 0, 0))
 
     cache = tuple(LayerCache(put(c.k, pc.k), put(c.v, pc.v)) for c, pc in zip(cache, prompt_cache))
-    return _constrain(cache, cache_sharding), repeat(logits), repeat(hidden[:, -1])
+    return constrain_cache(cache, cache_sharding), repeat(logits), repeat(hidden[:, -1])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
@@ -309,7 +310,7 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
         positions = (slot - pad)[:, None]
         model_in = jnp.where(done, 0, tok)[:, None]  # finished rows emit pad_id; the model sees id 0
         hidden, cache = model(model_in, positions, key_mask, cache=cache, cache_index=slot)
-        cache = _constrain(cache, cache_sharding)
+        cache = constrain_cache(cache, cache_sharding)
         logits = model.logits(hidden[:, 0], head)
         if keep:  # rows that were done already keep writing: their slots are beyond their length, masked later
             hidden_buf = jax.lax.dynamic_update_slice(hidden_buf, hidden.astype(hidden_buf.dtype), (0, i, 0))

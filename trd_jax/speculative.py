@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from trd_jax.models.transformer import KVCache, Transformer
-from trd_jax.sampling import (SampleOutput, SamplingConfig, _constrain, _top_k_candidates, _top_p_mask,
+from trd_jax.sampling import (SampleOutput, SamplingConfig, constrain_cache, top_k_candidates, top_p_mask,
                               first_argmax, inverse_cdf)
 
 Array = jax.Array
@@ -58,11 +58,11 @@ def filtered_weights(scaled: Array, cfg: SamplingConfig) -> Array:
     top = jnp.max(scaled, axis=-1, keepdims=True)
     weights = jnp.exp(scaled - top)
     if 0 < cfg.top_k < v:
-        values, ids = _top_k_candidates(scaled, cfg.top_k)
+        values, ids = top_k_candidates(scaled, cfg.top_k)
         rows = jnp.broadcast_to(jnp.arange(n)[:, None], ids.shape)
         weights = jnp.zeros_like(weights).at[rows, ids].set(jnp.exp(values - top))
     if cfg.top_p < 1.0:
-        weights = jnp.where(_top_p_mask(weights, cfg.top_p), weights, 0.0)
+        weights = jnp.where(top_p_mask(weights, cfg.top_p), weights, 0.0)
     return weights
 
 
@@ -158,7 +158,7 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
         inputs = jnp.concatenate([jnp.where(done, 0, last)[:, None], draft], axis=1)  # [B, K+1]
         positions = (slot - pad)[:, None] + jnp.arange(k + 1)
         hidden, cache = model(inputs, positions, key_mask, cache=cache, cache_index=slot)
-        cache = _constrain(cache, cache_sharding)
+        cache = constrain_cache(cache, cache_sharding)
         scaled = scale(model.logits(hidden, head))  # [B, K+1, V]
         uniforms = jax.vmap(lambda kk: jax.random.uniform(kk, (k + 1,)))(_row_keys(key, it, row_ids))
         if greedy:
