@@ -10,7 +10,7 @@ from flax import nnx
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.sampling import Sampler, SamplingConfig
-from trd_jax.speculative import _resync
+from trd_jax.speculative import _lookup, _resync
 
 from test_sampling import chi2, chi2_critical
 
@@ -75,6 +75,35 @@ def test_greedy_speculation_with_eos_row_groups_and_samples(greedy_setup):
         assert rows(out) == rows(plain) and out.lengths.tolist() == plain.lengths.tolist()
 
 
+def test_prompt_lookup_greedy_output_is_plain_decodings(greedy_setup):
+    """Prompt lookup (draft_mode="lookup", the prompt as the draft): plain greedy decoding's tokens, with n
+    samples and row groups; a prompt that holds the output's own text gets drafts accepted."""
+    sampler, params, plain = greedy_setup
+    for kwargs in ({}, {"n": 2, "max_rows": 4}):
+        ref = sampler(params, PROMPTS, 40, sampling=SamplingConfig(0.0), **kwargs)
+        out = sampler(params, PROMPTS, 40, sampling=SamplingConfig(0.0), drafts=PROMPTS, draft_tokens=4,
+                      draft_mode="lookup", **kwargs)
+        assert rows(out) == rows(ref)
+    # The greedy path of a prompt that quotes its own continuation: the quote is the draft that gets accepted.
+    quoting = [p + r[:8] + [1] + p for p, r in zip(PROMPTS, rows(plain))]
+    ref = sampler(params, quoting, 40, sampling=SamplingConfig(0.0))
+    out = sampler(params, quoting, 40, sampling=SamplingConfig(0.0), drafts=quoting, draft_tokens=4,
+                  draft_mode="lookup")
+    assert rows(out) == rows(ref)
+    with pytest.raises(ValueError, match="draft_mode"):
+        sampler(params, PROMPTS, 8, sampling=SamplingConfig(0.0), drafts=PROMPTS, draft_tokens=4, draft_mode="x")
+
+
+def test_lookup_finds_the_latest_occurrence_or_nothing():
+    draft = jnp.asarray([[7, 8, 9, 7, 8, 5, 0, 0]] * 3, jnp.int32)
+    lengths = jnp.asarray([6, 6, 3], jnp.int32)
+    context = jnp.asarray([[7, 8], [-1, 9], [7, 8]], jnp.int32)
+    # (7, 8) occurs at 0-1 and 3-4: one past the latest (5); 9 at 2 -> 3; row 2's draft is [7, 8, 9]: -> 2.
+    assert _lookup(draft, lengths, context, window=8).tolist() == [5, 3, 2]
+    missing = jnp.asarray([[4, 4]] * 3, jnp.int32)
+    assert _lookup(draft, lengths, missing, window=8).tolist() == [7, 7, 4]  # past the draft: proposes nothing
+
+
 def test_sampled_draws_do_not_depend_on_row_groups(greedy_setup):
     sampler, params, plain = greedy_setup
     cfg = SamplingConfig(0.8, top_k=10)
@@ -118,13 +147,14 @@ def exact_joint(graph, params, prompt: list[int], vocab: int, cfg: SamplingConfi
     return joint.reshape(-1)
 
 
-@pytest.mark.parametrize("cfg", [
-    pytest.param(SamplingConfig(1.0), marks=pytest.mark.slow),
-    pytest.param(SamplingConfig(0.7, top_k=3), marks=pytest.mark.slow),
-    pytest.param(SamplingConfig(1.0, top_p=0.8), marks=pytest.mark.slow),
-    SamplingConfig(0.6, top_k=4, top_p=0.9),  # the fast tier's: every filter at once
+@pytest.mark.parametrize("cfg,draft_mode", [
+    pytest.param(SamplingConfig(1.0), "aligned", marks=pytest.mark.slow),
+    pytest.param(SamplingConfig(0.7, top_k=3), "aligned", marks=pytest.mark.slow),
+    pytest.param(SamplingConfig(1.0, top_p=0.8), "aligned", marks=pytest.mark.slow),
+    (SamplingConfig(0.6, top_k=4, top_p=0.9), "aligned"),  # the fast tier's: every filter at once
+    pytest.param(SamplingConfig(0.6, top_k=4, top_p=0.9), "lookup", marks=pytest.mark.slow),
 ], ids=str)
-def test_sampled_tokens_are_distributed_as_plain_sampling(cfg):
+def test_sampled_tokens_are_distributed_as_plain_sampling(cfg, draft_mode):
     vocab, samples = 8, 6000
     graph, params = tiny(vocab, seed=1, sharpen=40.0)
     prompt = [1, 5, 2]
@@ -133,8 +163,10 @@ def test_sampled_tokens_are_distributed_as_plain_sampling(cfg):
     # A draft that is often right (the greedy path) and sometimes not: both the acceptance and the
     # residual draw are exercised.
     draft = greedy + [greedy[-1]]
+    if draft_mode == "lookup":  # a text to look up in: the greedy path after the prompt's last token, twice
+        draft = [prompt[-1]] + greedy + [prompt[-1], greedy[0], greedy[1]]
     out = Sampler(graph)(params, [prompt], 3, sampling=cfg, n=samples, key=7, eos_ids=(), drafts=[draft],
-                         draft_tokens=2)
+                         draft_tokens=2, draft_mode=draft_mode)
     codes = out.tokens[:, 0] * vocab * vocab + out.tokens[:, 1] * vocab + out.tokens[:, 2]
     counts = np.bincount(codes, minlength=vocab ** 3)
     stat, df = chi2(counts, joint)

@@ -421,7 +421,7 @@ class Sampler:
                  sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
                  eos_ids: Sequence[int] | None = None, max_prompt_len: int | None = None,
                  max_rows: int = 0, drafts: Sequence[Sequence[int]] | None = None,
-                 draft_tokens: int = 0, keep_hidden: bool = False) -> SampleOutput:
+                 draft_tokens: int = 0, draft_mode: str = "aligned", keep_hidden: bool = False) -> SampleOutput:
         """prompts: token id lists of any lengths. Returns numpy arrays for len(prompts) * n rows, the
         n samples of prompt i in rows i*n .. i*n + n - 1, tokens cut to the longest row. eos_ids
         overrides the sampler's stop tokens for this call (an empty tuple: never stop early).
@@ -438,6 +438,8 @@ class Sampler:
         drafts (one token list per prompt) with draft_tokens K > 0: speculative decoding (speculative.py),
         each pass verifying the next K tokens of the row's draft; greedy outputs equal plain decoding's,
         sampled ones are equal in distribution. The draft statistics of the call are in `last_draft_stats`.
+        draft_mode "aligned": the draft follows the output from its start (refine's y_o); "lookup": prompt
+        lookup, the draft (e.g. the prompt itself) searched for the last emitted tokens (speculative.py).
 
         keep_hidden: also return each token's final-layer state (SampleOutput.hidden, a device array
         [rows, width, d], zero past each row's length), the states a forward over prompt + tokens computes
@@ -472,6 +474,8 @@ class Sampler:
             # One width per call shape (no recompiling as drafts' lengths vary): a draft token further than
             # the output buffer plus one pass could only serve a rewrite that deleted most of its draft.
             draft_width = buffer_len + draft_tokens
+            if draft_mode == "lookup":  # the whole prompt (or draft) is searched
+                draft_width = max(draft_width, bucket(max(len(d) for d in drafts), self.min_prompt_bucket))
         # Several groups: each draws its rows' numbers from the one call's table (bucket(prompts) * n rows).
         total_rows = bucket(len(prompts)) * n if len(groups) > 1 else 0
         rows_per_call = batch * samples
@@ -502,12 +506,12 @@ class Sampler:
         if replicated is not None or sharding is not None:
             key = put_one(key)
         shape = (batch, plen, buffer_len, samples, sampling, eos_ids)
-        shape += (draft_width, draft_tokens) if speculate else ()
+        shape += (draft_width, draft_tokens, draft_mode) if speculate else ()
         if shape not in self._shapes_seen:
             # The first shape compiles by design; later ones mean the buckets did not absorb a change.
             (log.warning if self._shapes_seen else log.info)(
                 "sampler: compiling for batch=%d prompt_len=%d buffer=%d n=%d %s eos=%s"
-                + (" draft=%d draft_tokens=%d" if speculate else ""), *shape)
+                + (" draft=%d draft_tokens=%d draft_mode=%s" if speculate else ""), *shape)
             self._shapes_seen.add(shape)
         max_new, pad_id = put_one(np.int32(max_new_tokens)), put_one(np.int32(self.pad_id))
         outs, stats = [], []
@@ -537,7 +541,8 @@ class Sampler:
                     self.graphdef, params, cache, logits, put_rows(np.repeat(pad, samples)), key, max_new, pad_id,
                     put_rows(np.repeat(draft_ids, samples, axis=0)), put_rows(np.repeat(draft_lengths, samples)),
                     put_rows(live), put_one(np.int32(offset)), first_hidden, prompt_len=plen, buffer_len=buffer_len,
-                    sampling=sampling, eos_ids=eos_ids, draft_tokens=draft_tokens, cache_sharding=sharding)
+                    sampling=sampling, eos_ids=eos_ids, draft_tokens=draft_tokens, draft_mode=draft_mode,
+                    cache_sharding=sharding)
                 outs.append((out, keep))
                 stats.append([multihost.to_host(x)[:keep] for x in group_stats])
                 continue

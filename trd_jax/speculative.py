@@ -22,6 +22,12 @@ q + 1 where they do not occur. Looking up after every rejection would jump to an
 repetitive text (digits, "Step 2: ", loops), misaligning a draft that was right. A draft that has run out
 proposes id 0 and is rejected like any wrong guess: correctness never depends on the draft, only speed.
 
+Prompt lookup (draft_mode="lookup", for rollouts and evaluation: the draft is the row's prompt, which is
+not aligned with the output): the draft pointer is looked up after every pass that did not accept its whole
+draft, as one past the latest occurrence of the last `resync_context` emitted tokens anywhere in the draft;
+where they do not occur, the pass proposes nothing the teacher will take (as a draft that ran out). A pass
+whose whole draft was accepted goes on along the prompt.
+
 Random numbers: per pass and per row (its index in the whole call, `row_offset + b`), so a row's draws
 do not depend on how rows are grouped or padded. They are not plain decoding's draws: sampled outputs are
 equal in distribution, not draw for draw (tests/test_speculative.py tests both).
@@ -89,21 +95,33 @@ def _resync(drafts: Array, draft_lengths: Array, q: Array, context: Array, windo
     return jnp.where(jnp.any(hit, axis=1), jnp.take_along_axis(at, first[:, None], axis=1)[:, 0], q) + 1
 
 
+def _lookup(drafts: Array, draft_lengths: Array, context: Array, window: int) -> Array:
+    """Prompt lookup: one past the latest occurrence of `context` [B, m] in each row's draft; the draft's
+    length (nothing left to propose) where it does not occur. A leading -1 in context matches anything."""
+    found = _resync(drafts, draft_lengths, draft_lengths, context, window)
+    # _resync returns q + 1 = length + 1 when nothing matched: that is past the draft, which proposes id 0s.
+    return jnp.minimum(found, draft_lengths + 1)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
                                              "draft_tokens", "resync_window", "resync_context",
-                                             "cache_sharding"),
+                                             "draft_mode", "cache_sharding"),
                    donate_argnames=("cache",))
 def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array,
                        max_new_tokens: Array, pad_id: Array, drafts: Array, draft_lengths: Array,
                        live: Array | None = None, row_offset: Array | None = None,
                        first_hidden: Array | None = None, *, prompt_len: int,
                        buffer_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], draft_tokens: int,
-                       resync_window: int = 16, resync_context: int = 2,
+                       resync_window: int = 16, resync_context: int = 2, draft_mode: str = "aligned",
                        cache_sharding=None) -> tuple[SampleOutput, DraftStats, KVCache]:
     """decode() with a draft per row: drafts i32[B, L] (any ids, L >= 1), draft_lengths i32[B]. The cache
     needs buffer_len + draft_tokens slots after the prompt. Returns the outputs (as decode's, with each
     emitted token's final-layer state when first_hidden is given), the draft statistics per row, and the
-    cache."""
+    cache. draft_mode: "aligned" (the draft follows the output from its start: refine's y_o) or "lookup"
+    (prompt lookup: the draft pointer found by the last emitted tokens)."""
+    if draft_mode not in ("aligned", "lookup"):
+        raise ValueError(f"draft_mode={draft_mode!r}: must be aligned or lookup")
+    lookup = draft_mode == "lookup"
     model: Transformer = nnx.merge(graphdef, params)
     b, k = logits.shape[0], draft_tokens
     cache_len = cache[0].k.shape[2]
@@ -143,6 +161,10 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
     n = jnp.where(done, 0, 1)
     done = done | jnp.any(first[:, None] == eos[None, :], axis=-1) | (n >= max_new_tokens)
     q = jnp.ones((b,), jnp.int32)  # the first token matched draft[0] or replaced it: the draft goes on at 1
+    if lookup:  # anywhere in the draft (the window spans it), the latest occurrence first (searched from its end)
+        lookup_window = drafts.shape[1]
+        context0 = jnp.concatenate([jnp.full((b, resync_context - 1), -1, jnp.int32), first[:, None]], axis=1)
+        q = _lookup(drafts, draft_lengths, context0, lookup_window)
     zeros = jnp.zeros((b,), jnp.int32)
     put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (i,) + (0,) * (full.ndim - 1)))
 
@@ -195,8 +217,11 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
         # A pass that rejected the draft's very first token is the sign of a misaligned draft (an insertion or
         # deletion): look the context up. Otherwise the edit is taken for a substitution, the common case
         # (a lookup then would jump to any recurring phrase in repetitive text).
-        looked_up = _resync(drafts, draft_lengths, q + accepted, context, resync_window)
-        new_q = jnp.where(accepted == 0, looked_up, q + accepted + 1)
+        if lookup:
+            new_q = jnp.where(accepted == k, q + k + 1, _lookup(drafts, draft_lengths, context, lookup_window))
+        else:
+            looked_up = _resync(drafts, draft_lengths, q + accepted, context, resync_window)
+            new_q = jnp.where(accepted == 0, looked_up, q + accepted + 1)
         keep = lambda old, new: jnp.where(done, old, new)  # noqa: E731 - finished rows stay as they were
         return (it + 1, head, cache, keep(last, own), keep(slot, slot + accepted + 1), new_n, keep(q, new_q),
                 new_done, tokens_buf, logp_buf, hidden_buf, stats)
