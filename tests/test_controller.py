@@ -296,6 +296,25 @@ def test_speculative_greedy_refine_trains_on_the_same_trajectories(mode, tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
+def test_prompt_lookup_rollouts_and_evaluation_train_on_the_same_trajectories(tmp_path):
+    """Greedy rollouts and evaluation with and without rollout.prompt_lookup_tokens: the same y_o, losses and
+    accuracies; the lookup run reports its rollout draft statistics."""
+    overrides = {"rollout.temperature": 0.0, "eval.temperature": 0.0, "eval.initial": True, "eval.teacher": False,
+                 "log.diagnostics": False, "distill.trajectory": "y_o", "distill.teacher_context": "vanilla"}
+    lines, evals = {}, {}
+    for k in (0, 3):
+        workdir = tmp_path / str(k)
+        summary = Trainer(tiny_config(**overrides, **{"rollout.prompt_lookup_tokens": k}), str(workdir)).run()
+        lines[k], evals[k] = _lines(workdir), summary["final_eval"]
+    for plain, fast in zip(lines[0], lines[3]):
+        for key in ("loss", "tokens", "accuracy/y_o", "length/y_o"):
+            assert plain[key] == fast[key], (key, plain[key], fast[key])
+        assert "rollout/passes" not in plain
+        assert fast["rollout/draft_proposed"] == 3 * fast["rollout/passes"]
+        assert 0 < fast["rollout/passes_per_token"] <= 1.0
+    assert evals[0]["avg_at_k"] == evals[3]["avg_at_k"] and evals[0]["mean_length"] == evals[3]["mean_length"]
+
+
 def test_resume_accepts_memory_settings_and_refuses_training_changes(tmp_path):
     """The planner's memory fixes (kernel, remat, row groups, cache release) may change on resume; a training
     setting may not, and the error names it."""

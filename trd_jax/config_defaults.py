@@ -158,6 +158,9 @@ def base_config() -> ml_collections.ConfigDict:
         # sampled in groups of at most this many, one KV cache of this many rows reused by every group. The
         # draws stay those of one call (same tokens; log-probs up to float rounding on another batch shape).
         max_rows_per_call=0,
+        # Prompt lookup for rollouts and evaluation (0: off): each pass verifies this many tokens drafted from the
+        # row's own prompt (speculative.py, draft_mode=lookup); outputs exactly plain sampling's in distribution.
+        prompt_lookup_tokens=0,
     ))
 
     cfg.loss = ml_collections.ConfigDict(dict(

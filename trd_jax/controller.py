@@ -198,13 +198,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one step
 
     def _sample(self, sampler: Sampler, params, prompts, max_new: int, sampling, n: int, key,
-                max_prompt_len: int | None = None, drafts=None, draft_tokens: int = 0, kept: dict | None = None):
+                max_prompt_len: int | None = None, drafts=None, draft_tokens: int = 0, kept: dict | None = None,
+                lookup: bool = False):
         """max_prompt_len: the longest prompt the phase allows (caps the sampler's prompt bucket and cache);
         rows go through the sampler at most rollout.max_rows_per_call at a time. drafts: speculative
         decoding against them (speculative.py). kept: a dict that receives the rows' final-layer states under
-        "hidden" (score_reuse)."""
+        "hidden" (score_reuse). lookup: draft from the prompts themselves (rollout.prompt_lookup_tokens)."""
+        mode = "aligned"
+        if lookup and self.s.prompt_lookup_tokens:
+            drafts, draft_tokens, mode = prompts, self.s.prompt_lookup_tokens, "lookup"
         out = sampler(params, prompts, max_new, sampling=sampling, n=n, key=key, max_prompt_len=max_prompt_len,
-                      max_rows=self.s.max_rows_per_call, drafts=drafts, draft_tokens=draft_tokens,
+                      max_rows=self.s.max_rows_per_call, drafts=drafts, draft_tokens=draft_tokens, draft_mode=mode,
                       keep_hidden=kept is not None)
         if kept is not None:
             kept["hidden"] = out.hidden
@@ -252,8 +256,10 @@ class Trainer:
         with timer.phase("rollout") as span:
             prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
             y_o = self._sample(self.rollout_sampler, self._student_params(), prompts, s.rollout_max_new, s.rollout, n,
-                               k_rollout, s.max_prompt_tokens)
+                               k_rollout, s.max_prompt_tokens, lookup=True)
             span.tokens = sum(map(len, y_o))
+        if s.prompt_lookup_tokens:
+            metrics.update(_draft_metrics(self.rollout_sampler.last_draft_stats, span.tokens, "rollout"))
         if s.release_kv_cache:  # each sampler's cache is freed as its phase ends
             self.rollout_sampler.release()
         row_examples = [ex for ex in examples for _ in range(n)]
@@ -411,7 +417,7 @@ class Trainer:
                 for c in range(0, len(examples), chunk):
                     key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)
                     rows = self._sample(sampler, params, prompts[c:c + chunk], s.eval_max_new, s.eval_sampling,
-                                        s.eval_n, key, max_prompt_len)
+                                        s.eval_n, key, max_prompt_len, lookup=True)
                     exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval_n)]
                     correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval_n) > 0.5)
                     lengths += [len(r) for r in rows]
@@ -419,7 +425,7 @@ class Trainer:
                 for c in range(0, len(examples) if greedy else 0, chunk):
                     key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)  # unused at temperature 0
                     rows = self._sample(sampler, params, prompts[c:c + chunk], s.eval_max_new, GREEDY, 1, key,
-                                        max_prompt_len)
+                                        max_prompt_len, lookup=True)
                     greedy_correct.append(trajectories.grade(self.task, tok, rows, examples[c:c + chunk]) > 0.5)
                     greedy_lengths += [len(r) for r in rows]
             finally:
@@ -566,11 +572,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, **kw) -> dict:
     return Trainer(cfg, workdir, **kw).run()
 
 
-def _draft_metrics(stats: dict, tokens: int) -> dict[str, float]:
-    """Speculative refine's cost per step: teacher passes, draft tokens proposed and accepted, accepted
-    tokens per pass and passes per generated token (1.0: plain decoding's cost)."""
+def _draft_metrics(stats: dict, tokens: int, phase: str = "refine") -> dict[str, float]:
+    """Speculative decoding's cost per step in a phase (refine: the y_o draft; rollout: prompt lookup): model
+    passes, draft tokens proposed and accepted, accepted tokens per pass and passes per generated token
+    (1.0: plain decoding's cost)."""
     passes = max(stats["passes"], 1)
-    return {"refine/passes": float(stats["passes"]), "refine/draft_proposed": float(stats["proposed"]),
-            "refine/draft_accepted": float(stats["accepted"]),
-            "refine/accepted_per_pass": stats["accepted"] / passes,
-            "refine/passes_per_token": stats["passes"] / max(tokens, 1)}
+    return {f"{phase}/passes": float(stats["passes"]), f"{phase}/draft_proposed": float(stats["proposed"]),
+            f"{phase}/draft_accepted": float(stats["accepted"]),
+            f"{phase}/accepted_per_pass": stats["accepted"] / passes,
+            f"{phase}/passes_per_token": stats["passes"] / max(tokens, 1)}

@@ -45,7 +45,8 @@ BOOTSTRAP_RECORD = "bootstrap_models.json"
 # planner proposes (kernels, remat, row groups, cache release), which change float rounding at most, so that a
 # run that ran out of memory resumes with them.
 RESUMABLE_CHANGES = ("eval.", "log.", "checkpoint.", "export.", "student.attention", "teacher.attention",
-                     "train.remat", "train.max_score_rows", "rollout.max_rows_per_call", "rollout.release_kv_cache")
+                     "train.remat", "train.max_score_rows", "rollout.max_rows_per_call", "rollout.release_kv_cache",
+                     "refine.reuse_states")
 
 
 def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_dir: str | None) -> str:
