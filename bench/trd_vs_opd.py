@@ -43,12 +43,16 @@ METHODS = {  # name: overrides of the default
                            "refine.reuse_states": False},
     "TRD refine-context reuse": {"distill.trajectory": "y_r", "distill.teacher_context": "refine",
                                  "refine.reuse_states": True},
+    # Prompt lookup for the rollouts (rollout.prompt_lookup_tokens = --draft-tokens).
+    "OPD prompt lookup": {"distill.trajectory": "y_o", "rollout.prompt_lookup_tokens": -1},
 }
 
 
 def run(workdir: str, bootstrap: str, name: str, overrides: dict, steps: int, seed: int, draft_tokens: int) -> dict:
     out = os.path.join(workdir, f"{name.replace(' ', '_').replace('(', '').replace(')', '')}-{seed}")
     shutil.rmtree(out, ignore_errors=True)
+    overrides = {k: (draft_tokens if k == "rollout.prompt_lookup_tokens" and v == -1 else v)
+                 for k, v in overrides.items()}
     cfg = apply_overrides(default_config(), {
         "distill.teacher_context": "vanilla", **overrides, "refine.draft_tokens": draft_tokens, "train.steps": steps,
         "bootstrap.dir": bootstrap, "seed": seed,
@@ -58,8 +62,8 @@ def run(workdir: str, bootstrap: str, name: str, overrides: dict, steps: int, se
     steps_run = max(summary["steps"], 1)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
-    drafts = {k: statistics.mean(m[f"refine/{k}"] for m in lines)
-              for k in ("accepted_per_pass", "passes_per_token") if lines and f"refine/{k}" in lines[0]}
+    drafts = {k: statistics.mean(m[f"{phase}/{k}"] for m in lines) for phase in ("refine", "rollout")
+              for k in ("accepted_per_pass", "passes_per_token") if lines and f"{phase}/{k}" in lines[0]}
     return {"warm": summary["phase_seconds_per_warm_step"], "drafts": drafts,
             "tokens": {p: summary["phase_tokens"].get(p, 0) / steps_run for p in COST_PHASES}}
 
@@ -106,6 +110,9 @@ def main() -> None:
     for plain, fast in (("TRD (y_r)", "TRD speculative"), ("TRD greedy refine", "TRD greedy speculative")):
         if plain in methods and fast in methods and med[fast]["refine"] > 0:
             print(f"refine speed-up, {fast}: {med[plain]['refine'] / med[fast]['refine']:.2f}x")
+    if "OPD (y_o)" in methods and "OPD prompt lookup" in methods and med["OPD prompt lookup"]["rollout"] > 0:
+        print(f"rollout speed-up, OPD prompt lookup: "
+              f"{med['OPD (y_o)']['rollout'] / med['OPD prompt lookup']['rollout']:.2f}x")
     plain, reuse = "TRD refine-context", "TRD refine-context reuse"
     if plain in methods and reuse in methods and med[reuse]["score"] > 0:
         print(f"score phase, {reuse}: {med[reuse]['score']:.3f} s against {med[plain]['score']:.3f} s "
