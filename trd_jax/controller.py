@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -45,6 +45,17 @@ from trd_jax.tokenization import Tokenizer
 log = logging.getLogger(__name__)
 
 GREEDY = SamplingConfig(temperature=0.0)  # eval.greedy: argmax decoding (top-k / top-p are moot)
+
+
+class StepTargets(NamedTuple):
+    """What a step distils on: the rows (trajectories, grades, contexts), their batch layouts, the teacher's
+    scores, the teacher weights that scored them, and the vanilla contexts (diagnostics)."""
+
+    rows: trajectories.StepRows
+    batch: DistillBatch
+    scored: Any
+    teacher_params: Any
+    vanilla: list
 
 
 class Trainer:
@@ -245,12 +256,26 @@ class Trainer:
 
     def train_step(self, step: int, bar: ProgressBar) -> dict[str, float]:
         """Runs step `step` (0-based) and returns its metrics."""
-        s, tok, timer = self.s, self.tok, self.timer
-        k_rollout, k_refine = jax.random.split(jax.random.fold_in(self.train_key, step))
+        s, timer = self.s, self.timer
         with self._usable_prompts():
             examples = self.data.next(s.batch_size)
-        n = s.rollout_n
         metrics: dict[str, float] = {}
+        rows, batch, scored, teacher_params, vanilla = self.distill_targets(step, examples, metrics, bar)
+        y_o = rows.y_o
+
+        if s.diagnostics and step % s.diagnostics_every == 0:
+            with timer.phase("diagnostics"):
+                self._diagnostics(rows, batch, scored, teacher_params, vanilla, metrics)
+        return self._finish_step(step, bar, rows, batch, scored, y_o, metrics)
+
+    def distill_targets(self, step: int, examples, metrics: dict, bar: ProgressBar | None = None) -> StepTargets:
+        """The first half of a step (TRD_SPEC §3): rollouts y_o of `examples` by the current student, for TRD the
+        teacher's rewrites y_r, grading, the trajectories and teacher contexts, and the teacher's scores of the
+        trained batch. Random streams are those of step `step`. Fills `metrics` with the phases' counters."""
+        s, tok, timer = self.s, self.tok, self.timer
+        bar = bar or ProgressBar(0, enabled=False)
+        k_rollout, k_refine = jax.random.split(jax.random.fold_in(self.train_key, step))
+        n = s.rollout_n
 
         bar.update(step, phase="rollout")
         with timer.phase("rollout") as span:
@@ -314,11 +339,11 @@ class Trainer:
             recomputed = score_reuse.reused_rows(rows) < 0
             scored_tokens = int(batch.teacher.mask[recomputed].sum())
         self._add_flops("score", self.roles.teacher_count, scored_tokens)
+        return StepTargets(rows, batch, scored, teacher_params, vanilla)
 
-        if s.diagnostics and step % s.diagnostics_every == 0:
-            with timer.phase("diagnostics") as span:
-                self._diagnostics(rows, batch, scored, teacher_params, vanilla, metrics)
-
+    def _finish_step(self, step, bar, rows, batch, scored, y_o, metrics):
+        """update, then the step's metrics (train_step's second half)."""
+        s, timer = self.s, self.timer
         bar.update(step, phase="update")
         lr = float(self.lr_schedule(step))
         dropout_key = None
