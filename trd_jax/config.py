@@ -373,7 +373,11 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
     run (main.py hands the result to the Trainer); nothing rewrites the settings afterwards."""
     known = base_config()
     _check_keys(cfg, known, "")
-    run_mode = _choice(cfg, "mode", ("train", "eval"))
+    run_mode = _choice(cfg, "mode", ("train", "eval", "generate"))
+    if run_mode == "generate":
+        if not str(cfg.offline.dir):
+            raise ConfigError("offline.dir", "mode=generate writes its targets there: give a folder")
+        _int(cfg, "offline.top_k", 1)
     bootstrap = bootstrap_config(cfg)
     mode = _choice(cfg, "distill.mode", ("opd", "opsd"))
     teacher_sft = teacher_sft_config(cfg)

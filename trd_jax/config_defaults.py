@@ -31,8 +31,12 @@ def _model_fields() -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """Every field of a run, with its default. Values marked [code-trd] follow TRD_SPEC.md §5."""
     cfg = ml_collections.ConfigDict()
-    cfg.mode = "train"  # "train": distil, evaluate, export | "eval": evaluate the student only
+    cfg.mode = "train"  # "train": distil, evaluate, export | "eval": evaluate the student only | "generate": write
+    # the targets of train.steps steps to offline.dir (trd_jax/offline)
     cfg.seed = 0  # root of every random stream: model init, data order, rollouts, evaluation
+    # Offline targets (mode "generate"): the folder of shards and manifest, and the teacher log-probs kept per
+    # position (the k most probable plus the tail mass; the whole distribution when the vocabulary is <= k).
+    cfg.offline = ml_collections.ConfigDict(dict(dir="", top_k=64))
 
     # The prompts, reference solutions and grader (trd_jax/data/registry.py):
     # "arithmetic": the embedded running-arithmetic task (trd_jax/data/arithmetic.py);

@@ -130,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, os.path.abspath(workdir), settings=settings)
         if cfg.mode == "eval":
             summary = trainer.evaluate_only()
+        elif cfg.mode == "generate":
+            from trd_jax.offline.generate import generate_targets
+
+            manifest = generate_targets(trainer, os.path.abspath(cfg.offline.dir), k=int(cfg.offline.top_k))
+            print(f"offline targets in {cfg.offline.dir}: {manifest['counts']['shards']} shards, "
+                  f"{manifest['counts']['rows']} rows, k={manifest['identity']['k']}")
+            return 0
         else:
             summary = trainer.run()
     except (ConfigError, CheckpointError) as e:

@@ -1,0 +1,86 @@
+"""config.mode "generate" (trd_jax/offline/generate.py, shards.py): one call writes the targets of train.steps
+steps as atomic shards with a manifest; the rows are the online step's (trajectories, grades) with the
+teacher's top-k targets at each response position, equal to scoring the stored rows anew; a killed
+generation resumes without duplicating or losing a row; a folder from other settings is refused."""
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers.tiny_run import tiny_config
+from trd_jax.controller import Trainer
+from trd_jax.layouts import distill_batch
+from trd_jax.offline import shards
+from trd_jax.offline.generate import generate_targets
+from trd_jax.offline.topk import teacher_topk
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offline")
+    # Vanilla-context scoring: for OPD the teacher's context is the prompt itself, so a test can score a
+    # stored row anew from what the shard holds.
+    trainer = Trainer(tiny_config(**{"train.steps": 3, "log.diagnostics": False,
+                                     "distill.teacher_context": "vanilla"}), str(root / "run"))
+    out = str(root / "targets")
+    manifest = generate_targets(trainer, out, k=K)
+    return trainer, out, manifest
+
+
+def test_shards_hold_every_trained_row_with_its_targets(generated):
+    trainer, out, manifest = generated
+    assert shards.finished_shards(out) == [0, 1, 2]
+    rows = list(shards.iter_rows(out))
+    assert manifest["counts"]["shards"] == 3 and manifest["counts"]["rows"] == len(rows) > 0
+    on_disk = json.load(open(f"{out}/manifest.json"))
+    assert on_disk["identity"]["k"] == K and on_disk["counts"]["rows"] == len(rows)
+    for row in rows:
+        n = len(row["response"])
+        assert row["topk_ids"].shape == (n, K) and row["topk_logp"].shape == (n, K)
+        assert row["tail"].shape == row["token_logp"].shape == (n,)
+        assert np.all(np.diff(row["topk_logp"], axis=1) <= 1e-6)  # most probable first
+        assert row["source"] in ("y_r", "y_o") and 0 <= row["y_o_reward"] <= 1
+        mass = np.exp(row["topk_logp"]).sum(-1) + np.exp(row["tail"])
+        np.testing.assert_allclose(mass, 1.0, atol=1e-4)
+    # The targets of shard 0 equal the teacher's scores of its stored rows computed anew.
+    first = shards.read_shard(shards.shard_path(out, 0))
+    batch = distill_batch([r["prompt"].tolist() for r in first], [r["response"].tolist() for r in first], pad_id=0)
+    params = trainer._teacher_params()
+    scored = trainer._score("teacher", params, batch.teacher, batch.targets, batch.response_mask)
+    anew = teacher_topk(scored.hidden, trainer.roles.teacher_head(params), batch.targets, batch.response_mask, k=K,
+                        temperature=trainer.s.loss.temperature)
+    for b, row in enumerate(first):
+        n = len(row["response"])
+        assert np.asarray(anew.ids)[b, :n].tolist() == row["topk_ids"].tolist()
+        np.testing.assert_allclose(np.asarray(anew.logp)[b, :n], row["topk_logp"], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(anew.tail)[b, :n], row["tail"], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(anew.token_logp)[b, :n], row["token_logp"], atol=1e-5)
+
+
+def test_a_killed_generation_resumes_without_duplicates(generated, tmp_path):
+    trainer, out, manifest = generated
+    again = str(tmp_path / "targets")
+    generate_targets(trainer, again, k=K, num_shards=1)  # "killed" after shard 0
+    open(shards.shard_path(again, 1) + ".tmp", "wb").write(b"half a shard")  # a write cut short
+    assert shards.finished_shards(again) == [0]
+    resumed = generate_targets(trainer, again, k=K)
+    assert shards.finished_shards(again) == [0, 1, 2]
+    first, second = list(shards.iter_rows(out)), list(shards.iter_rows(again))
+    assert [r["example_id"] for r in first] == [r["example_id"] for r in second]
+    for a, b in zip(first, second):
+        assert a["response"].tolist() == b["response"].tolist()
+        np.testing.assert_allclose(a["topk_logp"], b["topk_logp"], atol=1e-6)
+    assert resumed["counts"]["rows"] == len(second)
+    with pytest.raises(ValueError, match="k differ"):
+        generate_targets(trainer, again, k=K + 1)
+
+
+def test_generate_mode_needs_a_folder():
+    from trd_jax.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="offline.dir"):
+        resolve(tiny_config(**{"mode": "generate"}))
+    resolve(tiny_config(**{"mode": "generate", "offline.dir": "/tmp/x"}))  # accepted

@@ -1,0 +1,112 @@
+"""config.mode "generate": the targets of `train.steps` steps written once to offline.dir, for training without
+the teacher (issue 20).
+
+Shard i holds what step i of the online loop would distil on, from the current (initial) student: the
+prompts the step's data order gives it, the student's rollouts y_o, for TRD the teacher's rewrites y_r,
+both grades, the trained trajectory, and the teacher's top-k log-probs, tail mass and token log-prob at
+each of its positions (offline/topk.py), under the step's own random streams. A generation that is killed
+resumes where it stopped: finished shards are kept (each is written atomically) and the data order is
+replayed past them, so no row is duplicated or lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from trd_jax import multihost
+from trd_jax.offline import shards
+from trd_jax.offline.topk import teacher_topk
+
+log = logging.getLogger(__name__)
+
+
+def _tree_hash(tree) -> str:
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        h.update(np.ascontiguousarray(multihost.to_host(leaf)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _folder_hash(directory: str) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            h.update(name.encode())
+            with open(path, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
+def identity(trainer, k: int) -> dict:
+    """What decides the targets: a folder generated with another identity is refused."""
+    s = trainer.s
+    return {"mode": s.mode, "trajectory": s.trajectory, "teacher_context": s.teacher_context, "k": k,
+            "seed": s.seed, "batch_size": s.batch_size, "rollout_n": s.rollout_n, "task": trainer.task.name,
+            "rollout": repr(s.rollout), "refine_sampling": repr(s.refine_sampling), "refine": repr(s.refine),
+            "rollout_max_new": s.rollout_max_new, "temperature": s.loss.temperature,
+            "student_sha256": _tree_hash(trainer.state.params), "teacher_sha256": _tree_hash(trainer._teacher_params()),
+            "tokenizer_sha256": _folder_hash(trainer.task.tokenizer_dir)}
+
+
+def _rows(t, targets, examples_of_rows) -> list[dict]:
+    """One record per trained row (dropped rows have nothing to train on), response positions only."""
+    rows, batch = t.rows, t.batch
+    ids, logp, tail, token = (np.asarray(multihost.to_host(x)) for x in targets)
+    out = []
+    for b, source in enumerate(rows.sources):
+        if source == "dropped":
+            continue
+        n = len(rows.responses[b])
+        if not np.all(batch.response_mask[b, :n]):
+            raise AssertionError(f"row {b}: the response mask does not cover its {n} tokens")
+        j = rows.verdicts.rewrite_index[b] if rows.verdicts is not None else -1
+        out.append({"prompt": np.asarray(rows.prompts[b], np.int32),
+                    "response": np.asarray(rows.responses[b], np.int32),
+                    "topk_ids": ids[b, :n], "topk_logp": logp[b, :n], "tail": tail[b, :n], "token_logp": token[b, :n],
+                    "source": source, "y_o_reward": float(rows.y_o_reward[b]),
+                    "y_r_reward": float(rows.y_r_reward[j]) if j >= 0 else -1.0,
+                    "example_id": str(examples_of_rows[b].id)})
+    return out
+
+
+def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None = None) -> dict:
+    """Writes shards 0 .. num_shards - 1 (default train.steps) into `directory`, skipping finished ones;
+    returns the manifest."""
+    if multihost.multi_process():
+        raise ValueError("mode=generate: one process only for now (each shard is one batch on one host)")
+    s = trainer.s
+    num_shards = s.steps if num_shards is None else num_shards
+    head = trainer.roles.teacher_head(trainer._teacher_params())  # fixed: nothing trains while generating
+    k = min(k, int(head.shape[1]))  # a small vocabulary is stored whole (exact targets)
+    manifest = shards.check_or_write_manifest(directory, identity(trainer, k))
+    done = set(shards.finished_shards(directory))
+    if done:
+        log.info("offline targets: %d of %d shards already in %s; resuming", len(done & set(range(num_shards))),
+                 num_shards, directory)
+    per_shard = dict(manifest["counts"].get("rows_per_shard", {}))
+    with trainer._usable_prompts():
+        data = trainer.task.prompt_iterator(s.seed)
+        for i in range(num_shards):
+            examples = data.next(s.batch_size)  # replayed for finished shards: the order stays the step's
+            if i in done:
+                continue
+            start = time.perf_counter()
+            t = trainer.distill_targets(i, examples, {})
+            targets = teacher_topk(t.scored.hidden, head, t.batch.targets, t.batch.response_mask, k=k,
+                                   temperature=s.loss.temperature, chunk_size=s.loss.chunk_size)
+            row_examples = [ex for ex in examples for _ in range(s.rollout_n)]
+            rows = _rows(t, targets, row_examples)
+            shards.write_shard(directory, i, rows)
+            per_shard[str(i)] = len(rows)
+            shards.update_counts(directory, manifest, shards=len(per_shard), rows=sum(per_shard.values()),
+                                 rows_per_shard=per_shard)
+            log.info("offline targets: shard %d/%d, %d rows, %.1f s", i + 1, num_shards, len(rows),
+                     time.perf_counter() - start)
+    return manifest
