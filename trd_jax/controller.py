@@ -244,6 +244,7 @@ class Trainer:
         if index.size:
             recomputed = self._score("teacher", teacher_params, *score_reuse.sub_batch(batch, index)).hidden
         if self._assemble_fn is None:
+            self._teacher_head_size = int(np.prod(self.roles.teacher_head(teacher_params).shape))  # FLOPs estimate
             self._assemble_fn = score_reuse.jit_assemble(self.roles.teacher_graph, temperature=self.s.loss.temperature,
                                                          chunk_size=self.s.loss.chunk_size)
         metrics["score/reused_rows"] = int((src >= 0).sum())
@@ -335,9 +336,10 @@ class Trainer:
             span.block, span.tokens = scored, int(batch.teacher.mask.sum())
         kept.clear()  # the states are in `scored` now
         scored_tokens = int(batch.teacher.mask.sum())
-        if "score/reused_rows" in metrics:  # only the recomputed rows ran a forward (the lm_head product aside)
+        if "score/reused_rows" in metrics:  # only the recomputed rows ran a forward; the reused ones the lm_head
             recomputed = score_reuse.reused_rows(rows) < 0
             scored_tokens = int(batch.teacher.mask[recomputed].sum())
+            self._add_flops("score", self._teacher_head_size, int(batch.response_mask[~recomputed].sum()))
         self._add_flops("score", self.roles.teacher_count, scored_tokens)
         return StepTargets(rows, batch, scored, teacher_params, vanilla)
 
