@@ -84,3 +84,37 @@ def test_generate_mode_needs_a_folder():
     with pytest.raises(ConfigError, match="offline.dir"):
         resolve(tiny_config(**{"mode": "generate"}))
     resolve(tiny_config(**{"mode": "generate", "offline.dir": "/tmp/x"}))  # accepted
+
+
+def _metrics(workdir):
+    with open(f"{workdir}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "k3"])
+def test_training_from_targets_matches_the_online_step_without_a_teacher(tmp_path, loss):
+    """OPD on y_o (no rows dropped): shard 0 is step 0's batch, with the whole distribution stored (k >= V). A run
+    on the shard trains its first step on the same rows (one shard, one step's rows: grain's shuffle only
+    reorders them) with no teacher loaded, and its loss equals the online step's."""
+    overrides = {"train.steps": 1, "log.diagnostics": False, "distill.trajectory": "y_o",
+                 "distill.teacher_context": "vanilla", "loss.name": loss, "eval.initial": False,
+                 "eval.teacher": False}
+    online = Trainer(tiny_config(**overrides), str(tmp_path / "online"))
+    online_summary = online.run()
+    generator = Trainer(tiny_config(**overrides), str(tmp_path / "gen"))
+    generate_targets(generator, str(tmp_path / "targets"), k=4096)
+    offline = Trainer(tiny_config(**overrides, **{"offline.dir": str(tmp_path / "targets")}),
+                      str(tmp_path / "offline"))
+    assert offline.roles.teacher_mode == "offline" and offline.roles.frozen_teacher is None
+    summary = offline.run()
+    assert summary["memory"]["bytes"]["teacher"] == 0 and online_summary["memory"]["bytes"]["teacher"] > 0
+    (a,), (b,) = _metrics(tmp_path / "online"), _metrics(tmp_path / "offline")
+    assert a["tokens"] == b["tokens"]
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
+
+
+def test_training_needs_generated_targets(tmp_path):
+    from trd_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="offline.dir.*manifest"):
+        Trainer(tiny_config(**{"offline.dir": str(tmp_path / "none")}), str(tmp_path / "run"))

@@ -248,6 +248,8 @@ class Settings:
     max_prompt_tokens: int
     task: TaskSettings
     evaluate_only: bool  # config.mode == "eval": the student alone is evaluated, nothing trains
+    # mode "train" with offline.dir: the stored targets (trd_jax/offline) train the student, no teacher is loaded
+    targets_dir: str = ""
     # The embedded task's bootstrap (None: off) and where its models are cached.
     bootstrap: BootstrapConfig | None = None
     bootstrap_dir: str = ""  # "" = workdir/bootstrap
@@ -461,6 +463,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,
         max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), wandb=wandb, task=task,
         max_skipped_fraction=max_skipped_fraction, evaluate_only=run_mode == "eval", bootstrap=bootstrap,
+        targets_dir=str(cfg.offline.dir) if run_mode == "train" else "",
         bootstrap_dir=cfg.bootstrap.dir,
         bootstrap_from_scratch=cfg.bootstrap.from_scratch, teacher_sft=teacher_sft,
         teacher_sft_dir=cfg.teacher_sft.dir)

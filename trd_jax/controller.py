@@ -36,9 +36,11 @@ from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write
 from trd_jax.roles import build_roles, converted, prepared_sources, tokenizer_home
 from trd_jax.run_checkpoint import check_resume_config, checkpoint_steps, is_run_dir
 from trd_jax.run_summary import training_summary
+from trd_jax.offline import shards
+from trd_jax.offline.batches import offline_batch
 from trd_jax.sampling import Sampler, SamplingConfig
 from trd_jax.sharding import batch_sharding, make_mesh, replicated
-from trd_jax.steps import (init_sharded_state, jit_score, jit_update, learning_rate_schedule,
+from trd_jax.steps import (ScoreOutput, init_sharded_state, jit_score, jit_update, learning_rate_schedule,
                            make_optimizer, to_micro_batches)
 from trd_jax.tokenization import Tokenizer
 
@@ -142,6 +144,12 @@ class Trainer:
         # Prompts over task.max_prompt_tokens are skipped (local datasets count them, as [code-trd] drops
         # them); local datasets stream through grain, generated tasks hold their examples in memory.
         self.task.set_filter(lambda ex: len(tok.encode_prompt(ex.prompt(), s.prompt_mode)) <= s.max_prompt_tokens)
+        if s.targets_dir:  # stored targets: their rows, not the task's prompts, are the training data
+            try:
+                self.data = shards.open_rows(s.targets_dir, seed=s.seed)
+            except ValueError as e:
+                raise ConfigError("offline.dir", str(e)) from None
+            return
         with self._usable_prompts():
             self.data = self.task.prompt_iterator(s.seed)
 
@@ -258,6 +266,8 @@ class Trainer:
     def train_step(self, step: int, bar: ProgressBar) -> dict[str, float]:
         """Runs step `step` (0-based) and returns its metrics."""
         s, timer = self.s, self.timer
+        if s.targets_dir:
+            return self._offline_step(step, bar)
         with self._usable_prompts():
             examples = self.data.next(s.batch_size)
         metrics: dict[str, float] = {}
@@ -343,6 +353,19 @@ class Trainer:
         self._add_flops("score", self.roles.teacher_count, scored_tokens)
         return StepTargets(rows, batch, scored, teacher_params, vanilla)
 
+    def _offline_step(self, step: int, bar: ProgressBar) -> dict[str, float]:
+        """A step on stored targets (offline.dir): rows from the shards in grain's order, no teacher."""
+        with self.timer.phase("load"):
+            stored = self.data.next(self.s.batch_size * self.s.rollout_n)
+            batch, targets = offline_batch(stored, pad_id=self.tok.pad_id)
+        sources = [r["source"] for r in stored]
+        metrics = {"accuracy/trained": float(np.mean([r["y_r_reward"] if r["source"] == "y_r" else r["y_o_reward"]
+                                                      for r in stored])),
+                   "rows/y_r": float(sum(src == "y_r" for src in sources)),
+                   "length/trained": float(np.mean([len(r["response"]) for r in stored]))}
+        self._count(metrics, "total", len(stored))
+        return self._finish_step(step, bar, None, batch, ScoreOutput(targets, targets.token_logp), None, metrics)
+
     def _finish_step(self, step, bar, rows, batch, scored, y_o, metrics):
         """update, then the step's metrics (train_step's second half)."""
         s, timer = self.s, self.timer
@@ -364,13 +387,14 @@ class Trainer:
             log.warning("step %d skipped: loss %s, gradient norm %s (the weights are unchanged; %d skipped so far)",
                         step, float(out.loss), float(out.grad_norm), self.counters["skipped_steps"])
         metrics.update({f"divergence/{k}": v for k, v in quantiles(multihost.to_host(out.per_token), mask).items()})
-        self._count(metrics, "y_o_correct", float(rows.y_o_reward.sum()))
-        metrics.update({"accuracy/y_o": float(rows.y_o_reward.mean()),
-                        "length/y_o": float(np.mean([len(r) for r in y_o])),
-                        "capped/y_o": float(rows.y_o_capped.mean())})
-        self._count(metrics, "total", rows.num_rows)
-        self._count(metrics, "trained", sum(src != "dropped" for src in rows.sources))
-        self._count(metrics, "dropped", sum(src == "dropped" for src in rows.sources))
+        if rows is not None:  # None: stored targets (their metrics are _offline_step's)
+            self._count(metrics, "y_o_correct", float(rows.y_o_reward.sum()))
+            metrics.update({"accuracy/y_o": float(rows.y_o_reward.mean()),
+                            "length/y_o": float(np.mean([len(r) for r in y_o])),
+                            "capped/y_o": float(rows.y_o_capped.mean())})
+            self._count(metrics, "total", rows.num_rows)
+            self._count(metrics, "trained", sum(src != "dropped" for src in rows.sources))
+            self._count(metrics, "dropped", sum(src == "dropped" for src in rows.sources))
         snapshot = timer.snapshot()
         if self._warm:  # the first step of a process includes compilation: kept out of the steady-state cost
             for key, value in snapshot.items():
@@ -514,7 +538,7 @@ class Trainer:
             start = self._restore(ckpt)
             if start == 0 and s.eval_initial and not self.evals:
                 self.evals.append(self.evaluate(0))
-            if s.eval_teacher and "teacher_eval" not in self.extra:
+            if s.eval_teacher and not s.targets_dir and "teacher_eval" not in self.extra:
                 self.extra["teacher_eval"] = self.evaluate(start, teacher=True)
             bar = ProgressBar(s.steps, enabled=self.host0 and s.progress, initial=start)
             status, done = "completed", start

@@ -39,7 +39,7 @@ from trd_jax.tokenization import TOKENIZER_FILES, Tokenizer, tokenizer_mismatch
 
 log = logging.getLogger(__name__)
 
-TEACHER_MODES = ("opd", *OPSD_TEACHER_MODES)
+TEACHER_MODES = ("opd", *OPSD_TEACHER_MODES, "offline")  # offline: stored targets, no teacher
 
 
 def build_model(src: ModelSource, tokenizer: Tokenizer, seed: int, side: str) -> Transformer:
@@ -172,7 +172,9 @@ class Roles:
     @property
     def teacher_head_source(self) -> str:
         """Where the update step reads the teacher's lm_head (steps.TEACHER_HEAD_SOURCES)."""
-        return "given" if self.frozen_teacher is not None else self.teacher_mode
+        if self.frozen_teacher is not None or self.teacher_mode == "offline":  # offline: no head is read
+            return "given"
+        return self.teacher_mode
 
     def graph_and_shardings(self, side: str):
         """(graph, shardings of the whole weights) of the "student" or the "teacher"."""
@@ -301,6 +303,8 @@ def build_roles(s: Settings, sources: Sources, tok: Tokenizer, mesh, workdir: st
                 write_lora_base(workdir, student, lora_cfg, tokenizer_dir)
     base_count = student.cfg.num_params
     mode = "opd" if s.mode == "opd" else s.opsd_teacher
+    if s.targets_dir and not evaluating:  # stored targets (trd_jax/offline) replace the teacher: none is loaded
+        mode = "offline"
     base = base_shardings = None
     if lora_cfg is not None:
         plain_graph, _ = nnx.split(student)  # the base without adapters: OPSD's initial teacher
@@ -319,7 +323,7 @@ def build_roles(s: Settings, sources: Sources, tok: Tokenizer, mesh, workdir: st
     params = jax.device_put(params, trainable_shardings)
     # The teacher: by default the student's graph and weights (OPSD live / EMA, and evaluation alone).
     t_graph, t_shardings, t_count, frozen = graph, shardings, count, None
-    if evaluating:  # the student alone: no teacher
+    if evaluating or mode == "offline":  # the student alone: no teacher
         pass
     elif mode == "opd":
         teacher = build_model(sources.teacher, tok, s.seed + 1, "teacher")

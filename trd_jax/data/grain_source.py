@@ -68,7 +68,7 @@ class GrainPromptIterator:
     a batch may span two epochs. ``state()`` / ``restore()`` carry the position through checkpoints."""
 
     def __init__(self, source: RandomAccessSource | Sequence[Mapping[str, Any]], *, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, decode=record_to_example):
         self.size = len(source)
         if self.size == 0:
             raise ValueError("GrainPromptIterator: the split has no examples")
@@ -80,7 +80,7 @@ class GrainPromptIterator:
         if self.shuffle:
             ds = ds.shuffle(seed=_grain_seed(self.seed))
         # repeat() passes indices past the first epoch through to shuffle, which reseeds per epoch
-        self._dataset = ds.repeat().map(record_to_example)
+        self._dataset = ds.repeat().map(decode)  # decode: a stored record -> what next() returns
         self._position = 0  # index into the infinite sequence: epoch * size + index
 
     @classmethod

@@ -67,6 +67,26 @@ def _restore(row: dict) -> dict:
     return {k: (np.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in row.items()}
 
 
+def decode_row(record: bytes) -> dict:
+    return _restore(serialization.msgpack_restore(record))
+
+
+def open_rows(directory: str, *, seed: int):
+    """The rows of every finished shard as a GrainPromptIterator (next(n), state(), restore()): grain's
+    deterministic shuffle, reshuffled every epoch, its position carried through checkpoints."""
+    import grain
+
+    from trd_jax.data.grain_source import GrainPromptIterator
+
+    if read_manifest(directory) is None:
+        raise ValueError(f"offline.dir={directory}: no {MANIFEST} (generate the targets first: mode=generate)")
+    found = finished_shards(directory)
+    if not found:
+        raise ValueError(f"offline.dir={directory}: no finished shard")
+    source = grain.sources.ArrayRecordDataSource([shard_path(directory, i) for i in found])
+    return GrainPromptIterator(source, seed=seed, decode=decode_row)
+
+
 def iter_rows(directory: str) -> Iterator[dict]:
     """Every row of every finished shard, in shard order."""
     for index in finished_shards(directory):
