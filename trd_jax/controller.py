@@ -359,11 +359,11 @@ class Trainer:
             stored = self.data.next(self.s.batch_size * self.s.rollout_n)
             batch, targets = offline_batch(stored, pad_id=self.tok.pad_id)
         sources = [r["source"] for r in stored]
-        metrics = {"accuracy/trained": float(np.mean([r["y_r_reward"] if r["source"] == "y_r" else r["y_o_reward"]
-                                                      for r in stored])),
-                   "rows/y_r": float(sum(src == "y_r" for src in sources)),
-                   "length/trained": float(np.mean([len(r["response"]) for r in stored]))}
+        grades = [r["y_r_reward"] if r["source"] == "y_r" else r["y_o_reward"] for r in stored]
+        metrics = {"accuracy/stored": float(np.mean(grades)), "rows/y_r": float(sum(src == "y_r" for src in sources)),
+                   "length/stored": float(np.mean([len(r["response"]) for r in stored]))}
         self._count(metrics, "total", len(stored))
+        self._count(metrics, "stored_correct", float(np.sum(grades)))
         return self._finish_step(step, bar, None, batch, ScoreOutput(targets, targets.token_logp), None, metrics)
 
     def _finish_step(self, step, bar, rows, batch, scored, y_o, metrics):

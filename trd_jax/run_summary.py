@@ -43,9 +43,13 @@ def training_summary(s: Settings, *, status: str, done: int, evals: list[dict], 
                  "refine_seconds": cost_s["refine"]},
         "rows": {k: v for k, v in counters.items() if not k.startswith(("flops/", "warm_"))},
         "trajectory_accuracy": {
-            "y_o": counters.get("y_o_correct", 0.0) / max(counters.get("total", 0), 1),
+            **({"y_o": counters["y_o_correct"] / max(counters.get("total", 0), 1)} if "y_o_correct" in counters
+               else {}),
             **({"y_r": counters.get("y_r_correct", 0.0) / max(counters["y_r_generated"], 1)}
-               if "y_r_generated" in counters else {})},
+               if "y_r_generated" in counters else {}),
+            # offline.dir: the grade of each stored trajectory trained on
+            **({"stored": counters["stored_correct"] / max(counters.get("total", 0), 1)}
+               if "stored_correct" in counters else {})},
         "memory": memory,
         **extra,
     }
