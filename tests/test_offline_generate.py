@@ -118,3 +118,29 @@ def test_training_needs_generated_targets(tmp_path):
 
     with pytest.raises(ConfigError, match="offline.dir.*manifest"):
         Trainer(tiny_config(**{"offline.dir": str(tmp_path / "none")}), str(tmp_path / "run"))
+
+
+def test_rounds_regenerate_with_the_current_student_and_resume_exactly(tmp_path):
+    """offline.rounds=2 x steps_per_round=1: round 1's targets come from the student after step 0 (another
+    student hash in its manifest); a run halted after step 1 and resumed ends with the weights of an
+    uninterrupted one, bit for bit."""
+    import jax
+
+    from trd_jax.offline.rounds import round_dir
+
+    overrides = {"train.steps": 2, "log.diagnostics": False, "eval.initial": False, "eval.teacher": False,
+                 "offline.rounds": 2, "offline.steps_per_round": 1, "offline.top_k": 16}
+    whole = Trainer(tiny_config(**overrides, **{"offline.dir": str(tmp_path / "a")}), str(tmp_path / "run_a"))
+    whole.run()
+    ids = [shards.read_manifest(round_dir(str(tmp_path / "a"), r))["identity"]["student_sha256"] for r in (0, 1)]
+    assert ids[0] != ids[1]
+    cfg = tiny_config(**overrides, **{"offline.dir": str(tmp_path / "b")})
+    Trainer(cfg, str(tmp_path / "run_b"), halt_after=1).run()
+    resumed = Trainer(cfg, str(tmp_path / "run_b"))
+    resumed.run()
+    for x, y in zip(jax.tree.leaves(whole.state.params), jax.tree.leaves(resumed.state.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    from trd_jax.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="offline.rounds"):
+        resolve(tiny_config(**{**overrides, "train.steps": 3, "offline.dir": "x"}))

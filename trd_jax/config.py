@@ -250,6 +250,9 @@ class Settings:
     evaluate_only: bool  # config.mode == "eval": the student alone is evaluated, nothing trains
     # mode "train" with offline.dir: the stored targets (trd_jax/offline) train the student, no teacher is loaded
     targets_dir: str = ""
+    offline_top_k: int = 64
+    offline_rounds: int = 0  # > 0: targets regenerated every offline_steps_per_round steps (offline/rounds.py)
+    offline_steps_per_round: int = 0
     # The embedded task's bootstrap (None: off) and where its models are cached.
     bootstrap: BootstrapConfig | None = None
     bootstrap_dir: str = ""  # "" = workdir/bootstrap
@@ -376,6 +379,14 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
     known = base_config()
     _check_keys(cfg, known, "")
     run_mode = _choice(cfg, "mode", ("train", "eval", "generate"))
+    offline_rounds = _int(cfg, "offline.rounds", 0)
+    if offline_rounds:
+        if run_mode != "train" or not str(cfg.offline.dir):
+            raise ConfigError("offline.rounds", "needs mode=train and an offline.dir for the rounds' targets")
+        per_round = _int(cfg, "offline.steps_per_round", 1)
+        if offline_rounds * per_round != _int(cfg, "train.steps", 1):
+            raise ConfigError("offline.rounds", f"{offline_rounds} rounds x offline.steps_per_round={per_round} must "
+                                                f"equal train.steps={cfg.train.steps}")
     if run_mode == "generate":
         if not str(cfg.offline.dir):
             raise ConfigError("offline.dir", "mode=generate writes its targets there: give a folder")
@@ -464,6 +475,8 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), wandb=wandb, task=task,
         max_skipped_fraction=max_skipped_fraction, evaluate_only=run_mode == "eval", bootstrap=bootstrap,
         targets_dir=str(cfg.offline.dir) if run_mode == "train" else "",
+        offline_top_k=_int(cfg, "offline.top_k", 1), offline_rounds=offline_rounds,
+        offline_steps_per_round=_int(cfg, "offline.steps_per_round", 0),
         bootstrap_dir=cfg.bootstrap.dir,
         bootstrap_from_scratch=cfg.bootstrap.from_scratch, teacher_sft=teacher_sft,
         teacher_sft_dir=cfg.teacher_sft.dir)

@@ -36,7 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.seed = 0  # root of every random stream: model init, data order, rollouts, evaluation
     # Offline targets (mode "generate"): the folder of shards and manifest, and the teacher log-probs kept per
     # position (the k most probable plus the tail mass; the whole distribution when the vocabulary is <= k).
-    cfg.offline = ml_collections.ConfigDict(dict(dir="", top_k=64))
+    # rounds > 0 (train mode): round r regenerates the targets of steps_per_round steps with the current student
+    # into dir/round-<r>, then trains on them (the teacher is loaded for it); train.steps = rounds x steps_per_round.
+    cfg.offline = ml_collections.ConfigDict(dict(dir="", top_k=64, rounds=0, steps_per_round=0))
 
     # The prompts, reference solutions and grader (trd_jax/data/registry.py):
     # "arithmetic": the embedded running-arithmetic task (trd_jax/data/arithmetic.py);

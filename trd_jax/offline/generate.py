@@ -76,9 +76,10 @@ def _rows(t, targets, examples_of_rows) -> list[dict]:
     return out
 
 
-def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None = None) -> dict:
+def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None = None, first_step: int = 0) -> dict:
     """Writes shards 0 .. num_shards - 1 (default train.steps) into `directory`, skipping finished ones;
-    returns the manifest."""
+    returns the manifest. first_step: shard i is step first_step + i (its prompts and random streams), for
+    the rounds of a multi-round run (offline/rounds.py)."""
     if multihost.multi_process():
         raise ValueError("mode=generate: one process only for now (each shard is one batch on one host)")
     s = trainer.s
@@ -93,12 +94,14 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
     per_shard = dict(manifest["counts"].get("rows_per_shard", {}))
     with trainer._usable_prompts():
         data = trainer.task.prompt_iterator(s.seed)
+        for _ in range(first_step):
+            data.next(s.batch_size)
         for i in range(num_shards):
             examples = data.next(s.batch_size)  # replayed for finished shards: the order stays the step's
             if i in done:
                 continue
             start = time.perf_counter()
-            t = trainer.distill_targets(i, examples, {})
+            t = trainer.distill_targets(first_step + i, examples, {})
             targets = teacher_topk(t.scored.hidden, head, t.batch.targets, t.batch.response_mask, k=k,
                                    temperature=s.loss.temperature, chunk_size=s.loss.chunk_size)
             row_examples = [ex for ex in examples for _ in range(s.rollout_n)]

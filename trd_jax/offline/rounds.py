@@ -1,0 +1,56 @@
+"""Multi-round offline distillation (offline.rounds, offline.steps_per_round): the reference code's chunked
+variant. Round r first writes the targets of its steps_per_round steps into offline.dir/round-<r>, from the
+student as it is at the round's first step (and the teacher, which a multi-round run therefore loads), then
+trains those steps on them. Everything resumes: a killed generation keeps its finished shards (the round's
+manifest pins the student's weights it started from), and a run resumed inside a round restores its
+position in that round's rows."""
+
+from __future__ import annotations
+
+import os
+
+from trd_jax.offline import shards
+from trd_jax.offline.generate import generate_targets
+
+
+def round_dir(directory: str, r: int) -> str:
+    return os.path.join(directory, f"round-{r:03d}")
+
+
+class RoundRows:
+    """The training data of a multi-round run, with the next()/state()/restore() of a prompt iterator; prepare(step)
+    before each step opens (and first generates, when needed) the round the step belongs to."""
+
+    def __init__(self, trainer, directory: str, *, k: int, steps_per_round: int, seed: int):
+        self.trainer, self.directory, self.k = trainer, directory, k
+        self.steps_per_round, self.seed = steps_per_round, seed
+        self.round: int | None = None
+        self.rows = None
+        self._pending: dict | None = None  # a checkpoint's state, applied when its round is opened
+
+    def prepare(self, step: int) -> None:
+        r = step // self.steps_per_round
+        if r == self.round:
+            return
+        path = round_dir(self.directory, r)
+        if len(shards.finished_shards(path)) < self.steps_per_round:  # a complete round is not checked again: a
+            # run resumed inside it has moved its student past the weights the round's manifest pins
+            generate_targets(self.trainer, path, k=self.k, num_shards=self.steps_per_round,
+                             first_step=r * self.steps_per_round)
+        self.rows = shards.open_rows(path, seed=self.seed + r)
+        self.round = r
+        if self._pending is not None and self._pending.get("round") == r:
+            self.rows.restore(self._pending["rows"])
+        self._pending = None
+
+    def next(self, size: int) -> list[dict]:
+        return self.rows.next(size)
+
+    def state(self) -> dict:
+        return {"iterator": "offline_rounds", "round": self.round,
+                "rows": None if self.rows is None else self.rows.state()}
+
+    def restore(self, state: dict) -> None:
+        if state.get("iterator") != "offline_rounds":
+            raise ValueError(f"data iterator state {dict(state)}: not a multi-round offline run's")
+        self._pending = dict(state)
