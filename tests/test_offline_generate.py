@@ -120,6 +120,7 @@ def test_training_needs_generated_targets(tmp_path):
         Trainer(tiny_config(**{"offline.dir": str(tmp_path / "none")}), str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_rounds_regenerate_with_the_current_student_and_resume_exactly(tmp_path):
     """offline.rounds=2 x steps_per_round=1: round 1's targets come from the student after step 0 (another
     student hash in its manifest); a run halted after step 1 and resumed ends with the weights of an
