@@ -187,6 +187,22 @@ def test_reused_refine_states_are_planned_in_refine_and_score():
         assert kept(plan, "refine") == kept(plan, "score") == 0
 
 
+def test_offline_training_plans_no_teacher_and_the_stored_targets():
+    """offline.dir (trd_jax/offline): no teacher, no sampling or scoring phases, the stored top-k targets held in the
+    update, [rows, R, k] ids and log-probs + [rows, R] tail and token log-prob; a lower peak than online."""
+    models = {"student": mp.ModelInfo(SMALL.replace(dtype="bfloat16"), "test"),
+              "teacher": mp.ModelInfo(SMALL.replace(dtype="bfloat16", num_layers=4), "test")}
+    mesh, acc = dict(data=2, fsdp=1, tensor=1), mp.ACCELERATORS["v5e"]
+    online = mp.make_plan(_workload(), models, mesh, acc)
+    offline = mp.make_plan(_workload(**{"offline.dir": "/targets", "offline.top_k": 16}), models, mesh, acc)
+    assert [p.name for p in offline.phases] == ["update", "eval"]
+    assert offline.teacher_state is None and not any("teacher" in i.name for i in offline.persistent)
+    stored = next(i.bytes for i in offline.phases[0].items if i.name.startswith("stored targets"))
+    assert stored == 4 * 64 * (16 * 8 + 8)  # 8 rows over 2 data shards, response width 64
+    assert offline.peak_bytes < online.peak_bytes
+    assert offline.persistent_bytes < online.persistent_bytes
+
+
 def test_fused_loss_is_chunk_by_vocab_not_rows_by_response_by_vocab():
     qwen = mp.builtin_model("qwen3-1.7b", dtype="bfloat16", param_dtype="bfloat16")
     loss = mp.loss_buffers(qwen, 4096, rows=1, response=16384, loss=LossConfig(chunk_size=1024))

@@ -198,6 +198,8 @@ def _persistent(step: _Step) -> list[Item]:
             ema = s_state.trainable
         persistent.append(Item("EMA of the parameters", ema, "float32 (init_state), sharded like the parameters"
                                + (" (adapters only)" if options.lora else "")))
+    if work.offline_k:  # stored targets: no teacher of any kind
+        return persistent
     if work.mode == "opd":
         persistent.append(Item("teacher parameters", t_state.params,
                                f"{t_state.num_params:,} x {teacher.param_dtype}"))
@@ -308,14 +310,19 @@ def _update_phase(step: _Step, held_after: list[Item],
     s_head_full = student.hidden_size * student.vocab_size * _b(student) if step.param_shards > 1 else 0
     # Gradients and AdamW temporaries exist for the trainable parameters (LoRA: the adapters). The activations
     # are the full model's (XLA:CPU measures LoRA's at 0.6-1.1x full fine-tuning's: conservative).
+    offline = work.offline_k > 0
+    # Offline the loss reads stored targets, not the teacher's states: no teacher hidden chunks, no teacher head
+    # (the student's chunked logits are still counted as the online loss's pair of them: conservative).
     update = update_activations(student, rows=micro_dev, context=work.prompt, response=work.response,
-                                loss=work.loss, teacher_hidden=step.teacher.hidden_size,
+                                loss=work.loss, teacher_hidden=0 if offline else step.teacher.hidden_size,
                                 params_bytes=step.s_state.trainable, remat=step.options.remat,
-                                gathered=s_gather + s_head_full + step.t_head_full)
+                                gathered=s_gather + s_head_full + (0 if offline else step.t_head_full))
     batch_arrays = step.rows_dev * ((work.prompt + work.response) * (4 + 4 + 1) + work.response * (4 + 1 + 4))
     upd = [Item("update transients (one micro-batch)", update.total,
                 f"{micro_dev} rows x ({work.prompt} + {work.response}) per device, remat {step.options.remat}"),
-           Item("ScoreOutput (held from score)", step.scored),
+           (Item("stored targets (top-k ids and log-probs, tail, token log-prob)",
+                 step.rows_dev * work.response * (work.offline_k * 8 + 8), f"k={work.offline_k}") if offline
+            else Item("ScoreOutput (held from score)", step.scored)),
            Item("batch arrays (tokens, positions, masks, targets)", batch_arrays)]
     return Phase("update", tuple(upd + held_after)), update, micro_dev
 
@@ -330,7 +337,7 @@ def _eval_phases(step: _Step, held_after: list[Item]) -> list[Phase]:
     ev += step.sampler_transient(student, work.eval_rows, work.eval_prompt, work.eval_n)
     ev += held_after
     phases = [Phase("eval", tuple(ev))]
-    if work.eval_teacher:
+    if work.eval_teacher and not work.offline_k:
         teacher_eval_cache = step.cache(teacher, work.eval_rows, work.teacher_eval_ctx + work.eval_new)
         phases.append(Phase("teacher eval", tuple(
             [Item("teacher eval KV cache", teacher_eval_cache, f"{step.call_rows(work.eval_rows)} rows per call x "
@@ -346,8 +353,15 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
     teacher = models["teacher"].config if "teacher" in models else student
     sizes = tuple(sorted(mesh.items()))
     s_state = state_bytes(student, sizes, True, options.lora)
-    t_state = state_bytes(teacher, sizes, False) if work.mode == "opd" else None
+    t_state = state_bytes(teacher, sizes, False) if work.mode == "opd" and not work.offline_k else None
     step = _Step(work, mesh, options, student, teacher, s_state, t_state)
+    if work.offline_k:  # training from stored targets (trd_jax/offline): the update and evaluation only
+        warnings: list[str] = []
+        update_phase, update, micro_dev = _update_phase(step, [], warnings)
+        return Plan(workload=work, models=models, mesh=mesh, accelerator=accelerator, options=options,
+                    student_state=s_state, teacher_state=None, persistent=tuple(_persistent(step)),
+                    phases=(update_phase, *_eval_phases(step, [])), update=update, micro_rows_per_device=micro_dev,
+                    warnings=tuple(warnings))
 
     rollout_cache = step.cache(student, work.rows, work.prompt + work.max_new)
     refine_cache = step.cache(teacher, work.rows, work.refine_prompt + work.rewrite) if work.trajectory == "y_r" else 0

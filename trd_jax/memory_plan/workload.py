@@ -82,6 +82,8 @@ class Workload:
     release_kv_cache: bool
     diagnostics: bool
     reuse_states: bool  # refine-context scoring takes y_r's states from the refine pass (score_reuse)
+    # > 0: the run trains from stored top-k targets (offline.dir, trd_jax/offline): no teacher, no sampling
+    offline_k: int
     loss: LossConfig
     notes: tuple[str, ...] = ()
 
@@ -119,4 +121,5 @@ def workload_from_settings(s) -> Workload:
                     teacher_eval_ctx=prompt if s.mode == "opd" else refine_prompt,
                     release_kv_cache=s.release_kv_cache, diagnostics=s.diagnostics,
                     reuse_states=s.trajectory == "y_r" and s.teacher_context == "refine" and s.refine.reuse_states,
+                    offline_k=s.offline_top_k if s.targets_dir and not s.offline_rounds else 0,
                     loss=s.loss, notes=tuple(notes))

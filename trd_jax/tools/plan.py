@@ -204,6 +204,8 @@ def format_plan(plan: mp.Plan, title: str, *, exact: bool = False) -> str:
     lines.append(describe_model("student", plan.models["student"], plan.student_state))
     if plan.teacher_state is not None:
         lines.append(describe_model("teacher", plan.models["teacher"], plan.teacher_state))
+    elif w.offline_k:
+        lines.append(f"teacher  none: stored top-k targets (offline.dir, k={w.offline_k})")
     else:
         lines.append(f"teacher  the student itself (OPSD, {w.opsd_teacher} weights)")
     lines.append(f"step     {w.rows} rows ({w.batch_size} prompts x n={w.n}), {w.micro_batches} micro-batches of "
