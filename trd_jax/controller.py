@@ -248,8 +248,10 @@ class Trainer:
 
     def _score_batch(self, teacher_params, batch: DistillBatch, rows, kept: dict, metrics: dict):
         """The teacher's ScoreOutput of the trained batch: from the refine pass's states where they serve
-        (score_reuse), by a forward of the teacher elsewhere."""
+        (score_reuse), by a forward of the teacher elsewhere. Counts the phase's FLOPs: a forward over the
+        rows scored anew, the lm_head product over the reused ones."""
         if kept.get("hidden") is None:
+            self._add_flops("score", self.roles.teacher_count, int(batch.teacher.mask.sum()))
             return self._score("teacher", teacher_params, batch.teacher, batch.targets, batch.response_mask)
         src = score_reuse.reused_rows(rows)
         index, slot = score_reuse.rows_to_recompute(src)
@@ -261,6 +263,8 @@ class Trainer:
             self._assemble_fn = score_reuse.jit_assemble(self.roles.teacher_graph, temperature=self.s.loss.temperature,
                                                          chunk_size=self.s.loss.chunk_size)
         metrics["score/reused_rows"] = int((src >= 0).sum())
+        self._add_flops("score", self.roles.teacher_count, int(batch.teacher.mask[src < 0].sum()))
+        self._add_flops("score", self._teacher_head_size, int(batch.response_mask[src >= 0].sum()))
         return self._assemble_fn(teacher_params, score_reuse.pad_rows(kept["hidden"]), src, recomputed, slot,
                                  batch.targets, batch.response_mask)
 
@@ -350,12 +354,6 @@ class Trainer:
             scored = self._score_batch(teacher_params, batch, rows, kept, metrics)
             span.block, span.tokens = scored, int(batch.teacher.mask.sum())
         kept.clear()  # the states are in `scored` now
-        scored_tokens = int(batch.teacher.mask.sum())
-        if "score/reused_rows" in metrics:  # only the recomputed rows ran a forward; the reused ones the lm_head
-            recomputed = score_reuse.reused_rows(rows) < 0
-            scored_tokens = int(batch.teacher.mask[recomputed].sum())
-            self._add_flops("score", self._teacher_head_size, int(batch.response_mask[~recomputed].sum()))
-        self._add_flops("score", self.roles.teacher_count, scored_tokens)
         return StepTargets(rows, batch, scored, teacher_params, vanilla)
 
     def _offline_step(self, step: int, bar: ProgressBar) -> dict[str, float]:

@@ -150,16 +150,14 @@ def _micro_loss(params, graphdef, cfg: LossConfig, seq: Layout, targets, mask, t
     if dropout_key is not None:
         lora.set_dropout_keys(model, dropout_key)
     hidden = _response_hidden(model, seq, targets.shape[-1])
-    if isinstance(teacher_hidden, TopKTargets):  # stored targets (offline): the teacher's top-k, not its states
-        if cfg.kind == "full_vocab":
-            values = topk_divergence(cfg.name, hidden, model.lm_head_weight(), teacher_hidden, mask=mask,
-                                     temperature=cfg.temperature, chunk_size=cfg.chunk_size, **dict(cfg.params))
-            loss = losses.aggregate(values, mask, cfg.aggregation, num_tokens=num_tokens, num_rows=num_rows)
-            return loss, jnp.where(mask, values, 0.0)
-        teacher_hidden = None
-    values = losses.per_token_loss(cfg, hidden, model.lm_head_weight(), targets=targets, mask=mask,
-                                   teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                                   teacher_logp=teacher_logp, old_logp=old_logp)
+    stored = isinstance(teacher_hidden, TopKTargets)  # offline: the teacher's stored top-k, not its states
+    if stored and cfg.kind == "full_vocab":
+        values = topk_divergence(cfg.name, hidden, model.lm_head_weight(), teacher_hidden, mask=mask,
+                                 temperature=cfg.temperature, chunk_size=cfg.chunk_size, **dict(cfg.params))
+    else:  # a sampled-token loss reads only teacher_logp (offline: the stored token log-probs)
+        values = losses.per_token_loss(cfg, hidden, model.lm_head_weight(), targets=targets, mask=mask,
+                                       teacher_hidden=None if stored else teacher_hidden, teacher_head=teacher_head,
+                                       teacher_logp=teacher_logp, old_logp=old_logp)
     loss = losses.aggregate(values, mask, cfg.aggregation, num_tokens=num_tokens, num_rows=num_rows)
     return loss, jnp.where(mask, values, 0.0)
 

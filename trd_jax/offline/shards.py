@@ -8,7 +8,6 @@ generation resumes into the folder or a training run reads it; its counts are re
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from flax import serialization
 
+from trd_jax.json_files import read_json_object
 from trd_jax.metrics import atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -95,10 +95,7 @@ def iter_rows(directory: str) -> Iterator[dict]:
 
 def read_manifest(directory: str) -> dict | None:
     path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json_object(path) if os.path.exists(path) else None
 
 
 def check_or_write_manifest(directory: str, identity: dict) -> dict:

@@ -20,7 +20,6 @@ student's chunks are rematerialised in the backward pass (jax.checkpoint), so ne
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -80,18 +79,13 @@ def teacher_topk(hidden: Array, head: Array, tokens: Array, mask: Array, *, k: i
 
 
 def _bucket_terms(name: str, params: dict):
-    """Per-bucket terms of a divergence between (k + 1)-bucket log-prob vectors, and its per-token finish."""
-    if name == "forward_kl":
-        return losses._forward_terms, None
-    if name == "reverse_kl":
-        return losses._reverse_terms, None
-    if name == "jsd":
-        beta = losses._check_beta(params["beta"])
-        return functools.partial(losses._jsd_terms, beta=beta), None
-    if name == "forward_kl_clipped":
-        return losses._forward_terms, functools.partial(losses._clip_above, clip=float(params["clip"]))
-    raise ValueError(f"loss.name={name!r}: stored top-k targets support {', '.join(TOPK_DIVERGENCES)} (full-vocabulary "
-                     "losses) and the sampled-token losses; this one needs the teacher's whole distribution")
+    """(terms, finish) of a divergence between (k + 1)-bucket log-prob vectors: the full-vocabulary losses'
+    own per-entry terms (losses._vocab_plan), which apply to any support."""
+    if name not in TOPK_DIVERGENCES:
+        raise ValueError(f"loss.name={name!r}: stored top-k targets support {', '.join(TOPK_DIVERGENCES)} (full-"
+                         "vocabulary losses) and the sampled-token losses; this one needs the teacher's whole "
+                         "distribution")
+    return losses._vocab_plan(name, params)
 
 
 def topk_divergence(name: str, hidden: Array, head: Array, targets: TopKTargets, *, mask: Array,
