@@ -96,11 +96,10 @@ def _resync(drafts: Array, draft_lengths: Array, q: Array, context: Array, windo
 
 
 def _lookup(drafts: Array, draft_lengths: Array, context: Array, window: int) -> Array:
-    """Prompt lookup: one past the latest occurrence of `context` [B, m] in each row's draft; the draft's
-    length (nothing left to propose) where it does not occur. A leading -1 in context matches anything."""
-    found = _resync(drafts, draft_lengths, draft_lengths, context, window)
-    # _resync returns q + 1 = length + 1 when nothing matched: that is past the draft, which proposes id 0s.
-    return jnp.minimum(found, draft_lengths + 1)
+    """Prompt lookup: one past the latest occurrence of `context` [B, m] in each row's draft (searched from the
+    draft's end); where it does not occur, length + 1: past the draft, which proposes nothing that is taken.
+    A leading -1 in context matches anything."""
+    return _resync(drafts, draft_lengths, draft_lengths, context, window)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
