@@ -200,6 +200,25 @@ def teacher_sft_config(cfg):
 
 
 @dataclasses.dataclass(frozen=True)
+class OfflineSettings:
+    """Stored targets (trd_jax/offline): where they are, what a shard keeps, and the rounds of a run that
+    regenerates them (in the run itself, or in a separate teacher job: offline/teacher_job.py)."""
+    dir: str = ""  # "" = no stored targets (config offline.dir)
+    top_k: int = 64
+    rounds: int = 0  # > 0: targets regenerated every steps_per_round steps (offline/rounds.py)
+    steps_per_round: int = 0
+    teacher_job: bool = False  # the rounds' targets come from a separate mode=generate job
+    max_lag: int = 0  # round r's targets come from the student of round r - max_lag (teacher_job)
+    wait_report_s: float = 60.0
+    wait_timeout_s: float = 0.0  # 0: wait for the other job for ever
+
+    @property
+    def loads_teacher(self) -> bool:
+        """Whether a training run on these targets needs the teacher: only to generate its own rounds."""
+        return self.rounds > 0 and not self.teacher_job
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """The validated, typed view of a run configuration."""
 
@@ -249,10 +268,8 @@ class Settings:
     task: TaskSettings
     evaluate_only: bool  # config.mode == "eval": the student alone is evaluated, nothing trains
     # mode "train" with offline.dir: the stored targets (trd_jax/offline) train the student, no teacher is loaded
-    targets_dir: str = ""
-    offline_top_k: int = 64
-    offline_rounds: int = 0  # > 0: targets regenerated every offline_steps_per_round steps (offline/rounds.py)
-    offline_steps_per_round: int = 0
+    targets_dir: str = ""  # offline.dir in train mode: the student trains on stored targets
+    offline: OfflineSettings = OfflineSettings()
     # The embedded task's bootstrap (None: off) and where its models are cached.
     bootstrap: BootstrapConfig | None = None
     bootstrap_dir: str = ""  # "" = workdir/bootstrap
@@ -373,24 +390,43 @@ def _refine(cfg, mode: str, task_kind: str) -> RefineConfig:
         raise config_error("refine", e) from None
 
 
+def _offline(cfg, run_mode: str) -> OfflineSettings:
+    directory = str(cfg.offline.dir)
+    rounds, teacher_job = _int(cfg, "offline.rounds", 0), cfg.offline.teacher_job
+    if not isinstance(teacher_job, bool):
+        raise ConfigError("offline.teacher_job", f"{teacher_job!r} is not true or false")
+    per_round = max_lag = 0
+    if rounds:
+        if run_mode == "eval" or not directory:
+            raise ConfigError("offline.rounds", "needs an offline.dir for the rounds' targets (mode train or generate)")
+        if run_mode == "generate" and not teacher_job:
+            raise ConfigError("offline.rounds", "with mode=generate, set offline.teacher_job=true: the generate job "
+                                                "then writes the rounds of a training job that runs beside it")
+        per_round = _int(cfg, "offline.steps_per_round", 1)
+        if rounds * per_round != _int(cfg, "train.steps", 1):
+            raise ConfigError("offline.rounds", f"{rounds} rounds x offline.steps_per_round={per_round} must "
+                                                f"equal train.steps={cfg.train.steps}")
+        max_lag = _int(cfg, "offline.max_lag", 0)
+        if max_lag >= rounds:
+            raise ConfigError("offline.max_lag", f"{max_lag} must be < offline.rounds={rounds}")
+    elif teacher_job:
+        raise ConfigError("offline.teacher_job", "needs offline.rounds >= 1 (and offline.steps_per_round): the "
+                                                 "teacher job writes the targets round by round")
+    if run_mode == "generate" and not directory:
+        raise ConfigError("offline.dir", "mode=generate writes its targets there: give a folder")
+    return OfflineSettings(dir=directory, top_k=_int(cfg, "offline.top_k", 1), rounds=rounds,
+                           steps_per_round=per_round, teacher_job=teacher_job, max_lag=max_lag,
+                           wait_report_s=_float(cfg, "offline.wait_report_s", 0.0, open_low=True),
+                           wait_timeout_s=_float(cfg, "offline.wait_timeout_s", 0.0))
+
+
 def resolve(cfg: ml_collections.ConfigDict) -> Settings:
     """Checks every field and combination; returns the typed settings or raises ConfigError. Called once per
     run (main.py hands the result to the Trainer); nothing rewrites the settings afterwards."""
     known = base_config()
     _check_keys(cfg, known, "")
     run_mode = _choice(cfg, "mode", ("train", "eval", "generate"))
-    offline_rounds = _int(cfg, "offline.rounds", 0)
-    if offline_rounds:
-        if run_mode != "train" or not str(cfg.offline.dir):
-            raise ConfigError("offline.rounds", "needs mode=train and an offline.dir for the rounds' targets")
-        per_round = _int(cfg, "offline.steps_per_round", 1)
-        if offline_rounds * per_round != _int(cfg, "train.steps", 1):
-            raise ConfigError("offline.rounds", f"{offline_rounds} rounds x offline.steps_per_round={per_round} must "
-                                                f"equal train.steps={cfg.train.steps}")
-    if run_mode == "generate":
-        if not str(cfg.offline.dir):
-            raise ConfigError("offline.dir", "mode=generate writes its targets there: give a folder")
-        _int(cfg, "offline.top_k", 1)
+    offline = _offline(cfg, run_mode)
     bootstrap = bootstrap_config(cfg)
     mode = _choice(cfg, "distill.mode", ("opd", "opsd"))
     teacher_sft = teacher_sft_config(cfg)
@@ -474,9 +510,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,
         max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), wandb=wandb, task=task,
         max_skipped_fraction=max_skipped_fraction, evaluate_only=run_mode == "eval", bootstrap=bootstrap,
-        targets_dir=str(cfg.offline.dir) if run_mode == "train" else "",
-        offline_top_k=_int(cfg, "offline.top_k", 1), offline_rounds=offline_rounds,
-        offline_steps_per_round=_int(cfg, "offline.steps_per_round", 0),
+        targets_dir=offline.dir if run_mode == "train" else "", offline=offline,
         bootstrap_dir=cfg.bootstrap.dir,
         bootstrap_from_scratch=cfg.bootstrap.from_scratch, teacher_sft=teacher_sft,
         teacher_sft_dir=cfg.teacher_sft.dir)

@@ -38,7 +38,12 @@ def base_config() -> ml_collections.ConfigDict:
     # position (the k most probable plus the tail mass; the whole distribution when the vocabulary is <= k).
     # rounds > 0 (train mode): round r regenerates the targets of steps_per_round steps with the current student
     # into dir/round-<r>, then trains on them (the teacher is loaded for it); train.steps = rounds x steps_per_round.
-    cfg.offline = ml_collections.ConfigDict(dict(dir="", top_k=64, rounds=0, steps_per_round=0))
+    # teacher_job: the rounds' targets come from a separate job (offline/teacher_job.py): the training job
+    # (mode "train") publishes its student at each round's start and waits for the round's shards; the teacher
+    # job (mode "generate", the same offline settings) writes round r from the student of round r - max_lag.
+    # A waiting job logs every wait_report_s seconds and gives up after wait_timeout_s (0: never).
+    cfg.offline = ml_collections.ConfigDict(dict(dir="", top_k=64, rounds=0, steps_per_round=0, teacher_job=False,
+                                                 max_lag=0, wait_report_s=60.0, wait_timeout_s=0.0))
 
     # The prompts, reference solutions and grader (trd_jax/data/registry.py):
     # "arithmetic": the embedded running-arithmetic task (trd_jax/data/arithmetic.py);

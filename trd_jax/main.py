@@ -132,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
             summary = trainer.evaluate_only()
         elif cfg.mode == "generate":
             from trd_jax.offline.generate import generate_targets
+            from trd_jax.offline.teacher_job import serve_rounds
 
-            manifest = generate_targets(trainer, os.path.abspath(cfg.offline.dir), k=int(cfg.offline.top_k))
-            print(f"offline targets in {cfg.offline.dir}: {manifest['counts']['shards']} shards, "
-                  f"{manifest['counts']['rows']} rows, k={manifest['identity']['k']}")
+            o = settings.offline
+            manifests = serve_rounds(trainer) if o.teacher_job else [
+                generate_targets(trainer, os.path.abspath(o.dir), k=o.top_k)]
+            counts = [m["counts"] for m in manifests]
+            print(f"offline targets in {o.dir}: {len(manifests)} round(s), {sum(c['shards'] for c in counts)} "
+                  f"shards, {sum(c['rows'] for c in counts)} rows, k={manifests[0]['identity']['k']}")
             return 0
         else:
             summary = trainer.run()

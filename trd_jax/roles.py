@@ -303,8 +303,8 @@ def build_roles(s: Settings, sources: Sources, tok: Tokenizer, mesh, workdir: st
                 write_lora_base(workdir, student, lora_cfg, tokenizer_dir)
     base_count = student.cfg.num_params
     mode = "opd" if s.mode == "opd" else s.opsd_teacher
-    if s.targets_dir and not s.offline_rounds and not evaluating:  # stored targets replace the teacher: none loaded
-        # (a multi-round run generates each round's targets itself: it keeps its teacher)
+    if s.targets_dir and not s.offline.loads_teacher and not evaluating:  # stored targets replace the teacher: none
+        # loaded (a multi-round run that generates each round's targets itself keeps its teacher)
         mode = "offline"
     base = base_shardings = None
     if lora_cfg is not None:

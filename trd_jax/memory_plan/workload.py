@@ -121,5 +121,5 @@ def workload_from_settings(s) -> Workload:
                     teacher_eval_ctx=prompt if s.mode == "opd" else refine_prompt,
                     release_kv_cache=s.release_kv_cache, diagnostics=s.diagnostics,
                     reuse_states=s.trajectory == "y_r" and s.teacher_context == "refine" and s.refine.reuse_states,
-                    offline_k=s.offline_top_k if s.targets_dir and not s.offline_rounds else 0,
+                    offline_k=s.offline.top_k if s.targets_dir and not s.offline.loads_teacher else 0,
                     loss=s.loss, notes=tuple(notes))

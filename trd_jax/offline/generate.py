@@ -26,7 +26,7 @@ from trd_jax.offline.topk import teacher_topk
 log = logging.getLogger(__name__)
 
 
-def _tree_hash(tree) -> str:
+def tree_hash(tree) -> str:
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(tree):
         h.update(np.ascontiguousarray(multihost.to_host(leaf)).tobytes())
@@ -44,15 +44,20 @@ def _folder_hash(directory: str) -> str:
     return h.hexdigest()[:16]
 
 
-def identity(trainer, k: int) -> dict:
-    """What decides the targets: a folder generated with another identity is refused."""
+def settings_identity(trainer, k: int) -> dict:
+    """What decides the targets apart from the weights: a training job checks a teacher job's rounds by it."""
     s = trainer.s
     return {"mode": s.mode, "trajectory": s.trajectory, "teacher_context": s.teacher_context, "k": k,
             "seed": s.seed, "batch_size": s.batch_size, "rollout_n": s.rollout_n, "task": trainer.task.name,
             "rollout": repr(s.rollout), "refine_sampling": repr(s.refine_sampling), "refine": repr(s.refine),
             "rollout_max_new": s.rollout_max_new, "temperature": s.loss.temperature,
-            "student_sha256": _tree_hash(trainer.state.params), "teacher_sha256": _tree_hash(trainer._teacher_params()),
             "tokenizer_sha256": _folder_hash(trainer.task.tokenizer_dir)}
+
+
+def identity(trainer, k: int) -> dict:
+    """What decides the targets: a folder generated with another identity is refused."""
+    return {**settings_identity(trainer, k), "student_sha256": tree_hash(trainer.state.params),
+            "teacher_sha256": tree_hash(trainer._teacher_params())}
 
 
 def _rows(t, targets, examples_of_rows) -> list[dict]:

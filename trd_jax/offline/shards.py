@@ -27,6 +27,11 @@ ROW_FIELDS = ("prompt", "response", "topk_ids", "topk_logp", "tail", "token_logp
               "y_r_reward", "example_id")
 
 
+def round_dir(directory: str, r: int) -> str:
+    """Round r's folder of a multi-round run (offline/rounds.py)."""
+    return os.path.join(directory, f"round-{r:03d}")
+
+
 def shard_path(directory: str, index: int) -> str:
     return os.path.join(directory, f"shard-{index:05d}.array_record")
 
