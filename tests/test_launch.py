@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 TPU = REPO / "launch" / "tpu.sh"
 SLURM = REPO / "launch" / "gpu_slurm.sh"
 GPU_ENV = REPO / "launch" / "gpu_env.sh"
+PAIR = REPO / "launch" / "offline_pair.sh"
 
 STUB = """#!/usr/bin/env bash
 printf '%s\\n' "$(basename "$0") $*" >> "$LAUNCH_CALLS"
@@ -150,7 +151,7 @@ def read_env(path: Path) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------ help
 
-@pytest.mark.parametrize("script", [TPU, SLURM, GPU_ENV])
+@pytest.mark.parametrize("script", [TPU, SLURM, GPU_ENV, PAIR])
 def test_help(script, env):
     r = run(script, "--help", env=env)
     assert r.stdout.startswith("Usage: launch/") and "--dry-run" in r.stdout
@@ -513,3 +514,84 @@ def test_gpu_env_bad_arguments(env, args, flag):
     r = run(GPU_ENV, *args, env=env, check=False)
     assert r.returncode == 2, r.stdout
     assert flag in r.stderr.splitlines()[0], r.stderr
+
+
+# ------------------------------------------------------------------------------------------ offline_pair.sh
+
+PAIR_OK = ["--config", "configs/default.py", "--rounds", "3", "--steps-per-round", "4"]
+SHARED = ["--config.offline.teacher_job=true", "--config.offline.rounds=3", "--config.offline.steps_per_round=4",
+          "--config.offline.max_lag=1", "--config.train.steps=12", "--config.seed=5"]
+
+
+def test_offline_pair_slurm_starts_a_teacher_job_and_a_training_job(env, tmp_path):
+    """Two sbatch scripts, each resolving as a valid run of trd_jax: the teacher job in generate mode, the
+    training job in train mode, with the same offline settings and folder."""
+    import json
+
+    from trd_jax.config import resolve
+    from trd_jax.recipes import apply_overrides, default_config
+
+    def settings_of(cmd):
+        """The command's settings: configs/default.py with its --config.KEY=VALUE words (typed as the flag
+        parser types them: true, numbers, else text)."""
+        def typed(v):
+            try:
+                return json.loads(v)
+            except ValueError:
+                return v
+
+        words = [w[len("--config."):].split("=", 1) for w in cmd if w.startswith("--config.")]
+        return resolve(apply_overrides(default_config(), {k: typed(v) for k, v in words}))
+
+    workdir = tmp_path / "pair"
+    r = run(PAIR, "slurm", *PAIR_OK, "--workdir", str(workdir), "--max-lag", "1", "--teacher=--nodes=1",
+            "--teacher=--gpus-per-node=2", "--student=--nodes=2", "--student=--gpus-per-node=8",
+            "--student=--job-name=mine", "--config.seed=5", "--dry-run", env=env)
+    out = r.stdout
+    assert [l for l in out.splitlines() if l.startswith("sbatch ")] == [
+        f"sbatch {workdir}/teacher/slurm/trd_teacher.sbatch", f"sbatch {workdir}/train/slurm/mine.sbatch"]
+    cmds = [shlex.split(l[len("CMD=("):-1]) for l in out.splitlines() if l.startswith("CMD=(")]
+    assert len(cmds) == 2
+    offline = f"--config.offline.dir={workdir}/targets"
+    for cmd, role_dir in zip(cmds, ("teacher", "train")):
+        assert cmd[cmd.index("--workdir") + 1] == f"{workdir}/{role_dir}"
+        assert offline in cmd and all(flag in cmd for flag in SHARED)
+        assert cmd[cmd.index("--config") + 1] == "configs/default.py"
+        settings = settings_of(cmd)
+        assert settings.offline.teacher_job and settings.offline.rounds == 3 and settings.offline.max_lag == 1
+    assert "--config.mode=generate" in cmds[0] and not any(w.startswith("--config.mode") for w in cmds[1])
+    assert "#SBATCH --nodes=1" in out and "#SBATCH --nodes=2" in out
+    assert out.index("the teacher job") < out.index("the training job")
+    assert not workdir.exists() and calls(env) == []
+
+
+def test_offline_pair_tpu_runs_on_two_tpus(env):
+    r = run(PAIR, "tpu", *PAIR_OK, "--workdir", "gs://my-bucket/runs/p", "--teacher=--name=t1",
+            "--teacher=--zone=us-east5-a", "--student=--name=s1", "--student=--zone=us-east5-a", "--top-k", "32",
+            "--dry-run", env=env)
+    teacher, student = commands(r.stdout)
+    assert "t1" in shlex.split(teacher) and "s1" in shlex.split(student)
+    t, s = remote_command(teacher), remote_command(student)
+    assert "--config.mode=generate" in t and "--config.mode" not in s
+    for remote in (t, s):
+        assert '--config.offline.dir="$HOME"/gcs/my-bucket/runs/p/targets' in remote
+        assert "--config.offline.top_k=32" in remote and "--config.offline.max_lag=0" in remote
+    assert "logs/trd_teacher.pid" in t and "logs/trd_train.pid" in s
+    assert calls(env) == []
+
+
+@pytest.mark.parametrize("args,flag", [
+    ([*PAIR_OK, "--workdir", "/w"], "backend"),
+    (["slurm", *PAIR_OK, "--workdir", "/w", "--max-lag", "3"], "--max-lag"),
+    (["slurm", *PAIR_OK, "--workdir", "/w", "--rounds", "0"], "--rounds"),
+    (["slurm", *PAIR_OK, "--workdir", "/w", "--teacher", "--nodes=2"], "--teacher"),
+    (["slurm", *PAIR_OK, "--workdir", "/w", "--config.offline.dir=/x"], "--config.offline.dir"),
+    (["slurm", *PAIR_OK, "--workdir", "/w", "--config.train.steps=3"], "--config.train.steps"),
+    (["slurm", "tpu", *PAIR_OK, "--workdir", "/w"], "one backend"),
+    (["slurm", "--rounds", "2", "--steps-per-round", "1", "--workdir", "/w"], "--config"),
+])
+def test_offline_pair_bad_arguments(env, args, flag):
+    r = run(PAIR, *args, "--dry-run", env=env, check=False)
+    assert r.returncode == 2, r.stdout
+    assert flag in r.stderr.splitlines()[0], r.stderr
+    assert calls(env) == []

@@ -20,6 +20,7 @@ import pytest
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 CHECK = os.path.join(TESTS, "helpers", "multiprocess_check.py")
+GENERATE_CHECK = os.path.join(TESTS, "helpers", "multiprocess_generate_check.py")
 # Also the paths that place rows on devices: scoring in row groups, and blockwise attention's prefill into the
 # sampler's row-sharded cache.
 # The score phase reuses the refine pass's states on one process only (trd_jax/score_reuse.py): both runs
@@ -107,3 +108,32 @@ def test_two_processes_match_one_process(tmp_path):
     assert summary["final_eval"] == json.loads((single / "summary.json").read_text())["final_eval"]
     assert (multi / "export" / "model.safetensors").is_file()
     assert sorted(os.listdir(multi / "checkpoints")) == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_generate_on_two_processes_writes_the_one_process_targets(tmp_path):
+    """mode=generate over two jax.distributed processes: process 0 alone writes the shards and the manifest,
+    and they hold exactly the rows and top-k targets of one process with 2 fake devices on the same mesh."""
+    from trd_jax.offline import shards
+
+    overrides = {"train.steps": 2, "refine.reuse_states": False, "log.diagnostics": False}
+    coordinator = f"localhost:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, GENERATE_CHECK, str(tmp_path / f"run{i}"), str(tmp_path / "multi"),
+                               json.dumps(overrides)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=_env(JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
+                                                  JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    procs.append(subprocess.Popen([sys.executable, GENERATE_CHECK, str(tmp_path / "single_run"),
+                                   str(tmp_path / "single"), json.dumps(overrides)], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")))
+    outputs = _finish(procs)
+    assert "process 1 of 2: OK" in outputs[1] and "process 0 of 1: OK" in outputs[2]
+    multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+    assert shards.finished_shards(multi) == shards.finished_shards(single) == [0, 1]
+    a, b = shards.read_manifest(multi), shards.read_manifest(single)
+    assert a["identity"] == b["identity"] and a["counts"] == b["counts"]
+    for x, y in zip(shards.iter_rows(multi), shards.iter_rows(single), strict=True):
+        assert x["example_id"] == y["example_id"] and x["source"] == y["source"]
+        for field in ("prompt", "response", "topk_ids", "topk_logp", "tail", "token_logp"):
+            np.testing.assert_array_equal(x[field], y[field], err_msg=field)

@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             manifests = serve_rounds(trainer) if o.teacher_job else [
                 generate_targets(trainer, os.path.abspath(o.dir), k=o.top_k)]
             counts = [m["counts"] for m in manifests]
-            print(f"offline targets in {o.dir}: {len(manifests)} round(s), {sum(c['shards'] for c in counts)} "
-                  f"shards, {sum(c['rows'] for c in counts)} rows, k={manifests[0]['identity']['k']}")
+            if jax.process_index() == 0:
+                print(f"offline targets in {o.dir}: {len(manifests)} round(s), {sum(c['shards'] for c in counts)} "
+                      f"shards, {sum(c['rows'] for c in counts)} rows, k={manifests[0]['identity']['k']}")
             return 0
         else:
             summary = trainer.run()

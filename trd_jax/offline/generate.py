@@ -11,6 +11,7 @@ replayed past them, so no row is duplicated or lost.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -22,6 +23,7 @@ import numpy as np
 from trd_jax import multihost
 from trd_jax.offline import shards
 from trd_jax.offline.topk import teacher_topk
+from trd_jax.sharding import batch_sharding
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +87,17 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
     """Writes shards 0 .. num_shards - 1 (default train.steps) into `directory`, skipping finished ones;
     returns the manifest. first_step: shard i is step first_step + i (its prompts and random streams), for
     the rounds of a multi-round run (offline/rounds.py)."""
-    if multihost.multi_process():
-        raise ValueError("mode=generate: one process only for now (each shard is one batch on one host)")
     s = trainer.s
     num_shards = s.steps if num_shards is None else num_shards
     head = trainer.roles.teacher_head(trainer._teacher_params())  # fixed: nothing trains while generating
     k = min(k, int(head.shape[1]))  # a small vocabulary is stored whole (exact targets)
-    manifest = shards.check_or_write_manifest(directory, identity(trainer, k))
+    # Several processes: every one computes every shard (the controller's steps are collectives over the same
+    # global batch); process 0 alone writes shards and manifest. Each reads what is finished before the first
+    # collective, so all skip the same shards.
+    writer = jax.process_index() == 0
+    manifest = shards.check_or_write_manifest(directory, identity(trainer, k), write=writer)
     done = set(shards.finished_shards(directory))
+    topk = jax.jit(functools.partial(teacher_topk, k=k, temperature=s.loss.temperature, chunk_size=s.loss.chunk_size))
     if done:
         log.info("offline targets: %d of %d shards already in %s; resuming", len(done & set(range(num_shards))),
                  num_shards, directory)
@@ -107,10 +112,14 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
                 continue
             start = time.perf_counter()
             t = trainer.distill_targets(first_step + i, examples, {})
-            targets = teacher_topk(t.scored.hidden, head, t.batch.targets, t.batch.response_mask, k=k,
-                                   temperature=s.loss.temperature, chunk_size=s.loss.chunk_size)
+            tokens, mask = t.batch.targets, t.batch.response_mask
+            if multihost.multi_process():  # host rows, the same on every process -> global arrays split over rows
+                tokens, mask = (multihost.to_global(x, batch_sharding(trainer.mesh)) for x in (tokens, mask))
+            targets = topk(t.scored.hidden, head, tokens, mask)
             row_examples = [ex for ex in examples for _ in range(s.rollout_n)]
-            rows = _rows(t, targets, row_examples)
+            rows = _rows(t, targets, row_examples)  # every process: to_host gathers collectively
+            if not writer:
+                continue
             shards.write_shard(directory, i, rows)
             per_shard[str(i)] = len(rows)
             shards.update_counts(directory, manifest, shards=len(per_shard), rows=sum(per_shard.values()),

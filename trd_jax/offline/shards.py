@@ -103,15 +103,17 @@ def read_manifest(directory: str) -> dict | None:
     return read_json_object(path) if os.path.exists(path) else None
 
 
-def check_or_write_manifest(directory: str, identity: dict) -> dict:
+def check_or_write_manifest(directory: str, identity: dict, *, write: bool = True) -> dict:
     """The folder's manifest: written from `identity` (what decides the targets: settings, model and tokenizer
     hashes, k) when new; when it exists, its identity must be the same, else an error naming the fields
-    that differ (the folder's shards came from something else)."""
-    os.makedirs(directory, exist_ok=True)
+    that differ (the folder's shards came from something else). write=False (processes other than the
+    writer) checks and writes nothing."""
     found = read_manifest(directory)
     if found is None:
         manifest = {"identity": identity, "counts": {"shards": 0, "rows": 0}}
-        atomic_write_json(os.path.join(directory, MANIFEST), manifest)
+        if write:
+            os.makedirs(directory, exist_ok=True)
+            atomic_write_json(os.path.join(directory, MANIFEST), manifest)
         return manifest
     differ = sorted(k for k in set(found["identity"]) | set(identity)
                     if found["identity"].get(k) != identity.get(k))
