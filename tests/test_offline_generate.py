@@ -4,6 +4,7 @@ teacher's top-k targets at each response position, equal to scoring the stored r
 generation resumes without duplicating or losing a row; a folder from other settings is refused."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -45,8 +46,16 @@ def test_shards_hold_every_trained_row_with_its_targets(generated):
         assert row["source"] in ("y_r", "y_o") and 0 <= row["y_o_reward"] <= 1
         mass = np.exp(row["topk_logp"]).sum(-1) + np.exp(row["tail"])
         np.testing.assert_allclose(mass, 1.0, atol=1e-4)
+    # Each shard is a TFDS dataset that TFDS itself opens from its folder, typed.
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(shards.shard_path(out, 0))
+    assert builder.name == "trd_targets" and builder.info.features["topk_logp"].shape == (None, K)
+    source = builder.as_data_source(split="train")
+    assert len(source) == manifest["counts"]["rows_per_shard"]["0"]
     # The targets of shard 0 equal the teacher's scores of its stored rows computed anew.
-    first = shards.read_shard(shards.shard_path(out, 0))
+    first = shards.read_shard(out, 0)
+    assert source[0]["response"].tolist() == first[0]["response"].tolist()
     batch = distill_batch([r["prompt"].tolist() for r in first], [r["response"].tolist() for r in first], pad_id=0)
     params = trainer._teacher_params()
     scored = trainer._score("teacher", params, batch.teacher, batch.targets, batch.response_mask)
@@ -64,7 +73,9 @@ def test_a_killed_generation_resumes_without_duplicates(generated, tmp_path):
     trainer, out, manifest = generated
     again = str(tmp_path / "targets")
     generate_targets(trainer, again, k=K, num_shards=1)  # "killed" after shard 0
-    open(shards.shard_path(again, 1) + ".tmp", "wb").write(b"half a shard")  # a write cut short
+    cut = os.path.join(os.path.dirname(shards.shard_path(again, 1)), "incomplete.X1Y2Z3_1.0.0")  # TFDS's folder
+    os.makedirs(cut)  # of a write cut short
+    open(os.path.join(cut, "trd_targets-train.array_record-00000-of-00001"), "wb").write(b"half a shard")
     assert shards.finished_shards(again) == [0]
     resumed = generate_targets(trainer, again, k=K)
     assert shards.finished_shards(again) == [0, 1, 2]
@@ -76,6 +87,14 @@ def test_a_killed_generation_resumes_without_duplicates(generated, tmp_path):
     assert resumed["counts"]["rows"] == len(second)
     with pytest.raises(ValueError, match="k differ"):
         generate_targets(trainer, again, k=K + 1)
+
+
+def test_a_shard_whose_rows_were_all_dropped_is_finished_and_empty(tmp_path):
+    shards.write_shard(str(tmp_path), 4, [], k=K)
+    assert shards.finished_shards(str(tmp_path)) == [4] and shards.read_shard(str(tmp_path), 4) == []
+    with pytest.raises(ValueError, match="shard 2: a row lacks"):
+        shards.write_shard(str(tmp_path), 2, [{"prompt": np.zeros(2, np.int32)}], k=K)
+    assert shards.finished_shards(str(tmp_path)) == [4]
 
 
 def test_generate_mode_needs_a_folder():

@@ -120,7 +120,7 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
             rows = _rows(t, targets, row_examples)  # every process: to_host gathers collectively
             if not writer:
                 continue
-            shards.write_shard(directory, i, rows)
+            shards.write_shard(directory, i, rows, k=k)
             per_shard[str(i)] = len(rows)
             shards.update_counts(directory, manifest, shards=len(per_shard), rows=sum(per_shard.values()),
                                  rows_per_shard=per_shard)
