@@ -189,11 +189,12 @@ def inverse_cdf(probs: Array, uniforms: Array) -> Array:
     return (c * chunk + jnp.clip(i, first, last)).astype(jnp.int32)
 
 
-def select_tokens(logits: Array, key: Array, cfg: SamplingConfig, *, row_offset: Array | None = None,
-                  total_rows: int = 0) -> tuple[Array, Array]:
+def select_tokens(logits: Array, key: Array | None, cfg: SamplingConfig, *, row_offset: Array | None = None,
+                  total_rows: int = 0, uniforms: Array | None = None) -> tuple[Array, Array]:
     """logits f32[B, V] -> (tokens i32[B], log-probs f32[B] under softmax(logits / temperature)).
     row_offset / total_rows: the rows are rows [row_offset, row_offset + B) of a batch of total_rows rows
-    (their draws are that batch's; see _row_uniforms)."""
+    (their draws are that batch's; see _row_uniforms). uniforms f32[B, 1]: each row's draw given instead of
+    a key (continuous batching: rows at different steps, continuous.py)."""
     logits = logits.astype(jnp.float32)
     scaled = logits if cfg.temperature == 0.0 else logits / cfg.temperature
     top = jnp.max(scaled, axis=-1, keepdims=True)
@@ -209,7 +210,8 @@ def select_tokens(logits: Array, key: Array, cfg: SamplingConfig, *, row_offset:
             ids = None
         if cfg.top_p < 1.0:
             weights = jnp.where(top_p_mask(weights, cfg.top_p), weights, 0.0)
-        tokens = _categorical(weights, key, row_offset, total_rows)
+        tokens = (inverse_cdf(weights, uniforms) if uniforms is not None
+                  else _categorical(weights, key, row_offset, total_rows))
         if ids is not None:
             tokens = jnp.take_along_axis(ids, tokens[:, None], axis=-1)[:, 0]
     chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
@@ -265,8 +267,9 @@ def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: 
                    donate_argnames=("cache",))
 def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array, max_new_tokens: Array,
            pad_id: Array, live: Array | None = None, row_offset: Array | None = None,
-           first_hidden: Array | None = None, *, prompt_len: int, buffer_len: int, sampling: SamplingConfig,
-           eos_ids: tuple[int, ...], total_rows: int = 0, cache_sharding=None) -> tuple[SampleOutput, KVCache]:
+           first_hidden: Array | None = None, budget: Array | None = None, *, prompt_len: int, buffer_len: int,
+           sampling: SamplingConfig, eos_ids: tuple[int, ...], total_rows: int = 0,
+           cache_sharding=None) -> tuple[SampleOutput, KVCache]:
     """Samples up to max_new_tokens (<= buffer_len) tokens per row after the prefilled cache; returns
     the outputs and the cache (donated in, handed back for the next call).
 
@@ -274,7 +277,8 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
     so that they never keep the loop running; they emit pad_id and length 0. row_offset i32[] with
     total_rows > 0: these B rows are rows [row_offset, row_offset + B) of a call of total_rows rows, and
     draw that call's numbers (select_tokens). first_hidden [B, d] (the prefill's last state): also return
-    each token's final-layer state (SampleOutput.hidden)."""
+    each token's final-layer state (SampleOutput.hidden). budget i32[B] (None: max_new_tokens for all): each
+    row's most new tokens; a row that reaches its budget ends as at an EOS."""
     model: Transformer = nnx.merge(graphdef, params)
     b = logits.shape[0]
     cache_len = cache[0].k.shape[2]
@@ -290,6 +294,8 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
         logp_buf = jax.lax.dynamic_update_slice(logp_buf, logp[:, None], (0, i))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        if budget is not None:
+            done = done | (lengths >= budget)
         return tok, done, tokens_buf, logp_buf, lengths
 
     tokens_buf = jnp.zeros((b, buffer_len), jnp.int32) + pad_id
@@ -421,7 +427,8 @@ class Sampler:
                  sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
                  eos_ids: Sequence[int] | None = None, max_prompt_len: int | None = None,
                  max_rows: int = 0, drafts: Sequence[Sequence[int]] | None = None,
-                 draft_tokens: int = 0, draft_mode: str = "aligned", keep_hidden: bool = False) -> SampleOutput:
+                 draft_tokens: int = 0, draft_mode: str = "aligned", keep_hidden: bool = False,
+                 budgets: Sequence[int] | None = None) -> SampleOutput:
         """prompts: token id lists of any lengths. Returns numpy arrays for len(prompts) * n rows, the
         n samples of prompt i in rows i*n .. i*n + n - 1, tokens cut to the longest row. eos_ids
         overrides the sampler's stop tokens for this call (an empty tuple: never stop early).
@@ -443,7 +450,10 @@ class Sampler:
 
         keep_hidden: also return each token's final-layer state (SampleOutput.hidden, a device array
         [rows, width, d], zero past each row's length), the states a forward over prompt + tokens computes
-        at those positions; one process only (the score phase reuses them, steps.score_from_hidden)."""
+        at those positions; one process only (the score phase reuses them, steps.score_from_hidden).
+
+        budgets: each prompt's most new tokens (in [1, max_new_tokens]; None: max_new_tokens for all): a row
+        that reaches its budget ends as at an EOS (not with drafts)."""
         eos_ids = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         if not prompts:
             raise ValueError("prompts: empty batch")
@@ -454,6 +464,11 @@ class Sampler:
         if max_rows < 0:
             raise ValueError(f"max_rows={max_rows}: must be >= 0 (0: all rows at once)")
         speculate = drafts is not None and draft_tokens > 0
+        if budgets is not None:
+            if len(budgets) != len(prompts) or min(budgets) < 1 or max(budgets) > max_new_tokens:
+                raise ValueError(f"budgets: one per prompt, each in [1, max_new_tokens={max_new_tokens}]")
+            if speculate:
+                raise ValueError("budgets: not with speculative decoding (drafts)")
         if keep_hidden and multihost.multi_process():
             raise ValueError("keep_hidden: supported on one process only")
         if drafts is not None and len(drafts) != len(prompts):
@@ -546,9 +561,15 @@ class Sampler:
                 outs.append((out, keep))
                 stats.append([multihost.to_host(x)[:keep] for x in group_stats])
                 continue
+            row_budget = None
+            if budgets is not None:  # padding rows: 1 (they are finished from the start anyway)
+                per_prompt = np.ones((batch,), np.int32)
+                per_prompt[:count] = budgets[first:first + count]
+                row_budget = put_rows(np.repeat(per_prompt, samples))
             out, self._cache = decode(self.graphdef, params, cache, logits, put_rows(np.repeat(pad, samples)), key,
                                       max_new, pad_id, put_rows(live),
-                                      put_one(np.int32(offset)) if total_rows else None, first_hidden, prompt_len=plen,
+                                      put_one(np.int32(offset)) if total_rows else None, first_hidden, row_budget,
+                                      prompt_len=plen,
                                       buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids,
                                       total_rows=total_rows, cache_sharding=sharding)
             outs.append((out, keep))

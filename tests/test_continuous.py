@@ -1,0 +1,78 @@
+"""Continuous batching (trd_jax/continuous.py): rows decoded through fewer slots than rows, admitted as slots free
+up, get exactly the static sampler's tokens and lengths (its draws, row by row) and its log-probs up to the
+rounding of another batch shape: sampled (top-k / top-p), greedy, n samples per prompt, per-prompt budgets, any
+slot count and segment length. And no slot idles while rows wait."""
+
+import numpy as np
+import pytest
+
+from tests.test_sampler_memory import EOS, VOCAB, prompts_of, tiny_model
+from trd_jax.continuous import generate
+from trd_jax.sampling import Sampler, SamplingConfig
+
+CASES = {
+    "sample": dict(sampling=SamplingConfig(1.0), n=1, key=3),
+    "top-k-top-p-n3": dict(sampling=SamplingConfig(0.7, top_k=20, top_p=0.9), n=3, key=5),
+    "greedy-n2": dict(sampling=SamplingConfig(0.0), n=2, key=0),
+}
+PROMPTS = prompts_of((5, 17, 3, 30, 9, 12, 4))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def static(model):
+    graphdef, params = model
+    sampler = Sampler(graphdef, eos_ids=EOS)
+    return {name: sampler(params, PROMPTS, 24, **kw) for name, kw in CASES.items()}
+
+
+def assert_same(out, ref):
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-3, rtol=0)  # as test_sampler_memory, for
+    # another batch shape (the weights are scaled 8x: logits in the hundreds)
+
+
+@pytest.mark.parametrize("name,slots,segment", [(name, 3, 4) for name in sorted(CASES)]
+                         + [("sample", 4, 1), ("greedy-n2", 32, 8)])  # 32 slots: more than rows
+def test_the_static_samplers_tokens_through_fewer_slots(model, static, name, slots, segment):
+    graphdef, params = model
+    stats = {}
+    out = generate(graphdef, params, PROMPTS, 24, slots=slots, segment=segment, eos_ids=EOS, stats=stats,
+                   **CASES[name])
+    assert_same(out, static[name])
+    rows = len(PROMPTS) * CASES[name]["n"]
+    assert stats["admissions"] >= (1 if slots >= rows else 2)
+
+
+def test_no_slot_idles_while_rows_wait(model):
+    """Slot-steps run against the static sampler's row-steps for the same work: with more rows than slots,
+    decoding continues through finished rows' slots instead of waiting for the longest row of a group."""
+    graphdef, params = model
+    sampling = SamplingConfig(1.0)
+    prompts = prompts_of((4,) * 24)
+    budgets = [24 if i % 6 == 0 else 4 for i in range(24)]  # a long tail: every sixth row runs 6x longer
+    stats = {}
+    out = generate(graphdef, params, prompts, 24, slots=4, segment=2, eos_ids=(), budgets=budgets, key=1,
+                   sampling=sampling, stats=stats)
+    np.testing.assert_array_equal(out.lengths, budgets)
+    useful = sum(budgets)
+    # Static groups of 4 rows each wait for their longest: every group holds a 24-token row -> 6 x 24 x 4.
+    static_row_steps = 6 * 24 * 4
+    assert stats["slot_steps"] < 0.5 * static_row_steps and stats["slot_steps"] >= useful
+    # The budgets bind exactly as EOS would: the static sampler with the same budgets emits the same rows.
+    ref = Sampler(graphdef)(params, prompts, 24, sampling=sampling, key=1, eos_ids=(), budgets=budgets)
+    assert_same(out, ref)
+
+
+def test_bad_arguments(model):
+    graphdef, params = model
+    with pytest.raises(ValueError, match="budgets"):
+        generate(graphdef, params, PROMPTS[:2], 8, slots=2, budgets=[9, 1])
+    with pytest.raises(ValueError, match="slots"):
+        generate(graphdef, params, PROMPTS[:2], 8, slots=0)
+    assert VOCAB > 0
