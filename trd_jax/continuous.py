@@ -135,8 +135,8 @@ def decode_segment(graphdef, params, state: SlotState, table: Array, *, steps: i
     return state
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
-def compact(state: SlotState, keep: Array) -> SlotState:
+@jax.jit
+def compact(state: SlotState, keep: Array) -> SlotState:  # no donation: every slot array changes shape
     """The state of slots `keep` i32[S'] only (S' < S: a smaller batch per step once few rows are left); the
     outputs by row are carried whole."""
     take = lambda x: x[keep]  # noqa: E731
