@@ -237,6 +237,7 @@ class Settings:
     release_kv_cache: bool
     max_rows_per_call: int
     prompt_lookup_tokens: int  # rollout and evaluation drafts from the prompt (0: plain decoding)
+    continuous_slots: int  # rollout and evaluation through continuous batching with this many slots (0: off)
     max_score_rows: int
     eval_sampling: SamplingConfig
     refine_sampling: SamplingConfig
@@ -495,6 +496,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1),
         release_kv_cache=cfg.rollout.release_kv_cache, max_rows_per_call=_int(cfg, "rollout.max_rows_per_call", 0),
         prompt_lookup_tokens=_int(cfg, "rollout.prompt_lookup_tokens", 0),
+        continuous_slots=_int(cfg, "rollout.continuous_slots", 0),
         max_score_rows=_int(cfg, "train.max_score_rows", 0),
         eval_sampling=_sampling(cfg, "eval"),
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,

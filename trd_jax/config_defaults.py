@@ -172,6 +172,10 @@ def base_config() -> ml_collections.ConfigDict:
         # Prompt lookup for rollouts and evaluation (0: off): each pass verifies this many tokens drafted from the
         # row's own prompt (speculative.py, draft_mode=lookup); outputs exactly plain sampling's in distribution.
         prompt_lookup_tokens=0,
+        # Continuous batching for rollouts and evaluation (0: off; trd_jax/continuous.py): this many rows in flight,
+        # a finished row's slot refilled at once instead of every row waiting for the longest. The same tokens as
+        # the static sampler; one process; not with prompt lookup.
+        continuous_slots=0,
     ))
 
     cfg.loss = ml_collections.ConfigDict(dict(

@@ -386,7 +386,7 @@ class Sampler:
     row)."""
 
     def __init__(self, graphdef, *, eos_ids: Sequence[int] = (), pad_id: int = 0, min_prompt_bucket: int = 16,
-                 shard_cache: bool = True):
+                 shard_cache: bool = True, continuous_slots: int = 0, continuous_segment: int = 8):
         self.graphdef = graphdef
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
@@ -400,6 +400,10 @@ class Sampler:
         self._cfg = None
         self._cache_fns: dict = {}  # sharding -> init_cache jitted with those out_shardings
         self.last_draft_stats: dict | None = None  # the last speculative call's passes, proposed, accepted
+        # > 0: plain calls (no drafts, no kept states) on one process go through continuous batching with this many
+        # slots (continuous.py): the same tokens, no slot idle while rows wait. last_continuous_stats: its counts.
+        self.continuous_slots, self.continuous_segment = continuous_slots, continuous_segment
+        self.last_continuous_stats: dict | None = None
 
     def release(self) -> None:
         """Frees the cached KV buffers (e.g. before a memory-hungry update step on an accelerator)."""
@@ -476,6 +480,14 @@ class Sampler:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}]: empty prompt")
+        if self.continuous_slots and not speculate and not keep_hidden and not multihost.multi_process():
+            from trd_jax.continuous import generate  # noqa: PLC0415 - it imports this module
+
+            self.last_continuous_stats = {}
+            return generate(self.graphdef, params, prompts, max_new_tokens, slots=self.continuous_slots,
+                            sampling=sampling, n=n, key=key, eos_ids=eos_ids, pad_id=self.pad_id, budgets=budgets,
+                            segment=self.continuous_segment, min_prompt_bucket=self.min_prompt_bucket,
+                            max_prompt_len=max_prompt_len, stats=self.last_continuous_stats)
         longest = max(len(p) for p in prompts)
         plen = bucket(longest, self.min_prompt_bucket)
         if max_prompt_len is not None:
