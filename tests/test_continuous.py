@@ -47,6 +47,8 @@ def test_the_static_samplers_tokens_through_fewer_slots(model, static, name, slo
     assert_same(out, static[name])
     rows = len(PROMPTS) * CASES[name]["n"]
     assert stats["admissions"] >= (1 if slots >= rows else 2)
+    # A prompt is prefilled once per admission that starts any of its samples: once in all with enough slots.
+    assert len(PROMPTS) <= stats["prefilled"] <= rows and (slots < rows or stats["prefilled"] == len(PROMPTS))
 
 
 def test_no_slot_idles_while_rows_wait(model):

@@ -14,8 +14,8 @@ number the static sampler draws for it, so a row gets the same tokens whichever 
 (tests/test_continuous.py; log-probs equal up to the rounding of another batch shape).
 
 Not yet: pages (the cache is slots x (P + N), sized by rows in flight, not tokens in flight), decode
-attention that reads only a row's filled slots, speculative refine, keep_hidden, n samples sharing one prefill,
-a sharded cache; the Sampler uses it only when asked (Sampler(continuous_slots=S)).
+attention that reads only a row's filled slots, speculative refine, keep_hidden, a sharded cache; the Sampler
+uses it only when asked (Sampler(continuous_slots=S), rollout.continuous_slots).
 """
 
 from __future__ import annotations
@@ -74,21 +74,24 @@ def _is_eos(tok: Array, eos_ids: tuple[int, ...]) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids"), donate_argnames=("state",))
-def admit(graphdef, params, state: SlotState, prompts: Array, pad: Array, rows: Array, budgets: Array,
-          slots: Array, table: Array, *, sampling: SamplingConfig, eos_ids: tuple[int, ...]) -> SlotState:
-    """Starts rows `rows` i32[A] (prompts i32[A, P] left-padded by pad i32[A], budgets i32[A]) in slots i32[A]:
-    prefill, keys and values into the slots' cache rows, first token drawn and written. Padding entries carry
-    slot S and row R_pad (scratch): their writes are dropped or land in the scratch row."""
+def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array, src: Array, rows: Array,
+          budgets: Array, slots: Array, table: Array, *, sampling: SamplingConfig,
+          eos_ids: tuple[int, ...]) -> SlotState:
+    """Starts rows `rows` i32[A] (row a: prompt src[a] of prompts i32[U, P], left-padded by prompt_pad i32[U];
+    budgets i32[A]) in slots i32[A]: one prefill per prompt (the n samples of a prompt share it, as in the
+    static sampler), keys and values into the slots' cache rows, first token drawn and written. Padding
+    entries carry slot S and row R_pad (scratch): their writes are dropped or land in the scratch row."""
     model: Transformer = nnx.merge(graphdef, params)
-    a, p = prompts.shape
+    u, p = prompts.shape
     positions_in = jnp.arange(p)
-    key_mask = positions_in[None, :] >= pad[:, None]
-    positions = jnp.maximum(positions_in[None, :] - pad[:, None], 0)
-    hidden, prompt_cache = model(prompts, positions, key_mask, cache=init_cache(model.cfg, a, p), cache_index=0)
-    logits = model.logits(hidden[:, -1])
+    key_mask = positions_in[None, :] >= prompt_pad[:, None]
+    positions = jnp.maximum(positions_in[None, :] - prompt_pad[:, None], 0)
+    hidden, prompt_cache = model(prompts, positions, key_mask, cache=init_cache(model.cfg, u, p), cache_index=0)
+    logits = model.logits(hidden[:, -1])[src]
+    pad = prompt_pad[src]
 
-    def put(full, part):  # part [A, K, P, D] -> slots' rows, slots [0, P); slot S (padding) dropped
-        return full.at[slots, :, :p].set(part.astype(full.dtype), mode="drop")
+    def put(full, part):  # part [U, K, P, D] -> the slots' rows, slots [0, P); slot S (padding) dropped
+        return full.at[slots, :, :p].set(part[src].astype(full.dtype), mode="drop")
 
     cache = tuple(LayerCache(put(c.k, pc.k), put(c.v, pc.v)) for c, pc in zip(state.cache, prompt_cache))
     zeros = jnp.zeros_like(rows)
@@ -167,7 +170,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     """The static sampler's call (Sampler.__call__: rows i*n .. i*n + n - 1 for prompt i, numpy outputs cut to
     the longest row), decoded through `slots` slots. budgets: each prompt's most new tokens (<= max_new_tokens;
     None: max_new_tokens for all). shrink: once every row is admitted and at most half the slots are busy,
-    continue on fewer slots. stats (a dict): filled with segments, admissions, slot-steps and compactions."""
+    continue on fewer slots. stats (a dict): filled with segments, admissions, prompts prefilled, slot-steps and
+    compactions."""
     if not prompts:
         raise ValueError("prompts: empty batch")
     if slots < 1 or segment < 1:
@@ -191,25 +195,28 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
              else uniform_table(key, steps=width, total_rows=total_rows))
     waiting = deque(range(rows))
     free = list(range(slots))
-    counts = {"segments": 0, "admissions": 0, "slot_steps": 0, "compactions": 0}
+    counts = {"segments": 0, "admissions": 0, "prefilled": 0, "slot_steps": 0, "compactions": 0}
     while True:
         take = min(len(free), len(waiting))
         if take:
-            a = min(bucket(take, 1), slots) if take < slots else slots
-            tokens = np.zeros((a, plen), np.int32)
-            pad = np.full((a,), plen - 1, np.int32)
-            row_ids = np.full((a,), rows, np.int32)
-            slot_ids = np.full((a,), slots, np.int32)
-            row_budgets = np.ones((a,), np.int32)
-            for j in range(take):
-                r, s = waiting.popleft(), free.pop(0)
-                p = prompts[r // n]
-                tokens[j, plen - len(p):] = p
-                pad[j], row_ids[j], slot_ids[j] = plen - len(p), r, s
+            a = min(bucket(take), slots)
+            admitted = [waiting.popleft() for _ in range(take)]
+            unique = sorted({r // n for r in admitted})  # each prompt prefilled once for all its admitted samples
+            u = min(bucket(len(unique)), a)
+            tokens = np.zeros((u, plen), np.int32)
+            prompt_pad = np.full((u,), plen - 1, np.int32)  # padding prompts: one token
+            for j, i in enumerate(unique):
+                tokens[j, plen - len(prompts[i]):] = prompts[i]
+                prompt_pad[j] = plen - len(prompts[i])
+            src, row_ids = np.zeros((a,), np.int32), np.full((a,), rows, np.int32)
+            slot_ids, row_budgets = np.full((a,), slots, np.int32), np.ones((a,), np.int32)
+            for j, r in enumerate(admitted):
+                src[j], row_ids[j], slot_ids[j] = unique.index(r // n), r, free.pop(0)
                 row_budgets[j] = max_new_tokens if budgets is None else budgets[r // n]
-            state = admit(graphdef, params, state, tokens, pad, row_ids, row_budgets, slot_ids, table,
+            state = admit(graphdef, params, state, tokens, prompt_pad, src, row_ids, row_budgets, slot_ids, table,
                           sampling=sampling, eos_ids=eos_ids)
             counts["admissions"] += 1
+            counts["prefilled"] += len(unique)
         done = np.asarray(state.done)
         if done.all() and not waiting:
             break
