@@ -168,6 +168,27 @@ def test_plan_kv_caches_replicated_and_sharded():
                    for i in p.items)
 
 
+def test_continuous_batching_plans_its_slots_on_every_device_and_frees_them():
+    """rollout.continuous_slots: the student's rollout and eval caches hold the slots on every device (the engine's
+    cache is not sharded), are not held after rollout, and the teacher's refine cache is unchanged."""
+    work = _workload()
+    models = {"student": mp.ModelInfo(SMALL.replace(dtype="bfloat16"), "test"),
+              "teacher": mp.ModelInfo(SMALL.replace(dtype="bfloat16", num_layers=3), "test")}
+    mesh, acc = dict(data=1, fsdp=4, tensor=1), mp.ACCELERATORS["v5e"]
+
+    def items(plan, phase):
+        return {i.name: i.bytes for p in plan.phases if p.name == phase for i in p.items}
+
+    static = mp.make_plan(work, models, mesh, acc)
+    slots = mp.make_plan(work, models, mesh, acc, mp.options_from_settings(
+        _settings(**{"rollout.continuous_slots": 3})))
+    assert items(slots, "rollout")["rollout KV cache (student)"] == mp.kv_cache_bytes(
+        models["student"].config, 3, 32 + 64)
+    assert items(slots, "refine")["refine KV cache (teacher)"] == items(static, "refine")["refine KV cache (teacher)"]
+    assert not any(name.startswith("rollout KV cache (held") for name in items(slots, "refine"))
+    assert any(name.startswith("rollout KV cache (held") for name in items(static, "refine"))
+
+
 def test_reused_refine_states_are_planned_in_refine_and_score():
     """refine.reuse_states under refine-context scoring: [rows, rewrite, d_teacher] per device, twice in refine
     (the loop's buffer and the rows gathered) and once in score; nothing without it or under vanilla scoring."""

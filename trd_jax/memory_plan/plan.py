@@ -150,24 +150,40 @@ class _Step:
         return ("replicated: every device holds every row" if self.options.kv_cache == "replicated"
                 else f"rows over {self.batch_shards} (data, fsdp) shards")
 
-    def call_rows(self, rows: int) -> int:
+    def call_rows(self, rows: int, continuous: bool = False) -> int:
+        """Rows one sampler call holds: continuous (the student's rollout and eval with continuous_slots): the
+        slots, every device holding all of them; else max_rows_per_call (or all), padded to the batch shards."""
         options = self.options
+        if continuous and options.continuous_slots:
+            return min(rows, options.continuous_slots)
         per_call = min(rows, options.sampler_rows) if options.sampler_rows else rows
         if options.kv_cache == "sharded" and per_call % self.batch_shards:
             per_call = _ceil_div(per_call, self.batch_shards) * self.batch_shards  # padded to the batch shards
         return per_call
 
-    def cache(self, cfg: ModelConfig, rows: int, length: int) -> int:
+    @property
+    def continuous(self) -> bool:
+        """Whether the student's samplers (rollout, eval) run continuous batching (continuous_slots)."""
+        return bool(self.options.continuous_slots)
+
+    def cache(self, cfg: ModelConfig, rows: int, length: int, continuous: bool = False) -> int:
+        """continuous: a student sampler under continuous batching (slots x (prompt + budget), on every device)."""
+        if continuous and self.continuous:
+            return kv_cache_bytes(cfg, self.call_rows(rows, True), length)
         return kv_cache_bytes(cfg, _ceil_div(self.call_rows(rows), self.kv_rows_div), length,
                               kv_shards=self.kv_heads_div)
 
-    def sampler_transient(self, cfg: ModelConfig, rows: int, prompt: int, n: int) -> list[Item]:
+    def sampler_transient(self, cfg: ModelConfig, rows: int, prompt: int, n: int,
+                          continuous: bool = False) -> list[Item]:
         """prefill: one forward over the prompts (and, unless it writes the full cache directly, a prompt-sized
-        cache of its own); decode: vocab buffers."""
-        per_device_rows = _ceil_div(self.call_rows(rows), self.kv_rows_div)
+        cache of its own); decode: vocab buffers. Continuous batching: an admission prefills at most a slot's
+        worth of prompts into a prompt-sized cache."""
+        continuous = continuous and self.continuous
+        per_device_rows = (self.call_rows(rows, True) if continuous
+                           else _ceil_div(self.call_rows(rows), self.kv_rows_div))
         prompt_rows = max(1, per_device_rows // n)
         head = sharded_bytes((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), self.mesh, _b(cfg))
-        direct = n == 1 and cfg.attention == "blockwise"  # sampling.prefill writes into the full cache
+        direct = n == 1 and cfg.attention == "blockwise" and not continuous  # prefill writes into the full cache
         prompt_cache = 0 if direct else kv_cache_bytes(cfg, prompt_rows, prompt, kv_shards=self.kv_heads_div)
         prefill = prompt_cache + forward_transient(cfg, prompt_rows, prompt)
         label = "prefill (one forward)" if direct else "prefill (prompt cache + one forward)"
@@ -227,9 +243,11 @@ def _sampler_phases(step: _Step, rollout_cache: int, refine_cache: int) -> list[
     keep_between_steps = not work.release_kv_cache
     rows_note = f"{step.call_rows(work.rows)} rows per call"
     phases = []
-    rollout = [Item("rollout KV cache (student)", rollout_cache,
-                    f"{rows_note} x ({work.prompt} + {work.max_new}), {step.cache_note}")]
-    rollout += step.sampler_transient(step.student, work.rows, work.prompt, work.n)
+    rollout_note = (f"{step.call_rows(work.rows, True)} continuous slots x ({work.prompt} + {work.max_new}), on "
+                    "every device" if step.continuous
+                    else f"{rows_note} x ({work.prompt} + {work.max_new}), {step.cache_note}")
+    rollout = [Item("rollout KV cache (student)", rollout_cache, rollout_note)]
+    rollout += step.sampler_transient(step.student, work.rows, work.prompt, work.n, continuous=True)
     if keep_between_steps and refine_cache:
         rollout.append(Item("refine KV cache (held from the last step)", refine_cache))
     phases.append(Phase("rollout", tuple(rollout)))
@@ -238,7 +256,7 @@ def _sampler_phases(step: _Step, rollout_cache: int, refine_cache: int) -> list[
         refine = [Item("refine KV cache (teacher)", refine_cache,
                        f"{rows_note} x ({work.refine_prompt} + {work.rewrite}), {step.cache_note}")]
         refine += step.sampler_transient(step.teacher, work.rows, work.refine_prompt, 1)
-        if keep_between_steps:
+        if keep_between_steps and not step.continuous:  # continuous batching frees its slots when a call ends
             refine.append(Item("rollout KV cache (held: release_kv_cache=False)", rollout_cache))
         if step.kept_states:  # one call's buffer in the decode loop, then all calls' rows side by side
             refine.append(Item("kept teacher states (refine.reuse_states)", 2 * step.kept_states,
@@ -252,7 +270,8 @@ def _held_after(step: _Step, rollout_cache: int, refine_cache: int) -> list[Item
     """The sampler caches the phases after sampling still hold (none with rollout.release_kv_cache)."""
     held_after = []
     if not step.work.release_kv_cache:
-        held_after = [Item("rollout KV cache (kept: release_kv_cache=False)", rollout_cache)]
+        if not step.continuous:  # continuous batching frees its slots when a call ends
+            held_after = [Item("rollout KV cache (kept: release_kv_cache=False)", rollout_cache)]
         if refine_cache:
             held_after.append(Item("refine KV cache (kept: release_kv_cache=False)", refine_cache))
     return held_after
@@ -331,10 +350,12 @@ def _eval_phases(step: _Step, held_after: list[Item]) -> list[Phase]:
     """eval (between steps): the student's eval sampler, whose cache is freed when it ends; teacher eval: once,
     before training, the refine sampler on the vanilla contexts."""
     work, student, teacher = step.work, step.student, step.teacher
-    eval_cache = step.cache(student, work.eval_rows, work.eval_prompt + work.eval_new)
-    ev = [Item("eval KV cache (student)", eval_cache, f"{step.call_rows(work.eval_rows)} rows per call x "
-                                                      f"({work.eval_prompt} + {work.eval_new}), {step.cache_note}")]
-    ev += step.sampler_transient(student, work.eval_rows, work.eval_prompt, work.eval_n)
+    eval_cache = step.cache(student, work.eval_rows, work.eval_prompt + work.eval_new, continuous=True)
+    ev_rows = (f"{step.call_rows(work.eval_rows, True)} continuous slots" if step.continuous
+               else f"{step.call_rows(work.eval_rows)} rows per call")
+    ev = [Item("eval KV cache (student)", eval_cache, f"{ev_rows} x ({work.eval_prompt} + {work.eval_new}), "
+                                                      f"{'on every device' if step.continuous else step.cache_note}")]
+    ev += step.sampler_transient(student, work.eval_rows, work.eval_prompt, work.eval_n, continuous=True)
     ev += held_after
     phases = [Phase("eval", tuple(ev))]
     if work.eval_teacher and not work.offline_k:
@@ -363,7 +384,7 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
                     phases=(update_phase, *_eval_phases(step, [])), update=update, micro_rows_per_device=micro_dev,
                     warnings=tuple(warnings))
 
-    rollout_cache = step.cache(student, work.rows, work.prompt + work.max_new)
+    rollout_cache = step.cache(student, work.rows, work.prompt + work.max_new, continuous=True)
     refine_cache = step.cache(teacher, work.rows, work.refine_prompt + work.rewrite) if work.trajectory == "y_r" else 0
     held_after = _held_after(step, rollout_cache, refine_cache)
     warnings: list[str] = []

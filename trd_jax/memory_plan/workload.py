@@ -28,6 +28,9 @@ class PlanOptions:
     # divide the rows of a call); "replicated": every device holds every row (Sampler(shard_cache=False)).
     kv_cache: str = "sharded"
     sampler_rows: int = 0  # rollout.max_rows_per_call: rows per sampler call; 0: all of a call's rows at once
+    # rollout.continuous_slots: the student's samplers (rollout, eval) hold this many rows in flight (continuous.py),
+    # their cache not sharded (every device holds every slot); 0: the static sampler
+    continuous_slots: int = 0
     score_rows: int = 0  # train.max_score_rows: rows per scoring forward; 0: all of a step's rows at once
     # The config's lora section (models/lora.py), None: full fine-tuning. Under LoRA the student's base is frozen
     # and shared with OPSD's initial teacher (no copy); gradients, AdamW moments and the EMA exist for the
@@ -39,13 +42,14 @@ class PlanOptions:
         for name, valid in (("remat", REMAT), ("kv_cache", KV_CACHE)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"PlanOptions.{name}={getattr(self, name)!r}: expected one of {valid}")
-        if self.sampler_rows < 0 or self.score_rows < 0:
-            raise ValueError("PlanOptions.sampler_rows and score_rows must be >= 0")
+        if self.sampler_rows < 0 or self.score_rows < 0 or self.continuous_slots < 0:
+            raise ValueError("PlanOptions.sampler_rows, score_rows and continuous_slots must be >= 0")
 
 
 def options_from_settings(s, **overrides) -> PlanOptions:
     """The PlanOptions a run config (config.Settings) sets; `overrides`: PlanOptions fields."""
-    fields = dict(remat=s.remat, sampler_rows=s.max_rows_per_call, score_rows=s.max_score_rows, lora=s.lora)
+    fields = dict(remat=s.remat, sampler_rows=s.max_rows_per_call, score_rows=s.max_score_rows, lora=s.lora,
+                  continuous_slots=s.continuous_slots)
     return PlanOptions(**{**fields, **overrides})
 
 
