@@ -100,3 +100,50 @@ def test_a_run_with_continuous_batching_trains_the_static_samplers_rows(tmp_path
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
     assert 0 < b["rollout/slot_occupancy"] <= 1.5 and "rollout/slot_occupancy" not in a
     assert cont["final_eval"]["correct_counts"] == static["final_eval"]["correct_counts"]
+
+
+SHARDED_SCRIPT = """
+import sys
+import jax
+import numpy as np
+sys.path.insert(0, {root!r})
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tests.test_sampler_memory import EOS, prompts_of, tiny_model
+from trd_jax.continuous import generate
+from trd_jax.sampling import Sampler, SamplingConfig
+from trd_jax.sharding import MeshConfig, make_mesh, param_shardings
+
+assert jax.device_count() == 4
+graphdef, params = tiny_model()
+prompts = prompts_of((5, 17, 3, 30, 9, 12, 2, 21, 4, 6))
+kw = dict(sampling=SamplingConfig(0.7, top_k=20, top_p=0.9), n=2, key=5)
+ref = Sampler(graphdef, eos_ids=EOS, shard_cache=False)(params, prompts, 24, **kw)
+for mesh_cfg, spec in ((MeshConfig(data=4, fsdp=1), P(("data", "fsdp"), None, None, None)),
+                       (MeshConfig(data=2, fsdp=1, tensor=2), P(("data", "fsdp"), "tensor", None, None))):
+    mesh = make_mesh(mesh_cfg)
+    placed = jax.device_put(params, param_shardings(nnx.state(nnx.merge(graphdef, params)), mesh))
+    stats = {{}}
+    out = generate(graphdef, placed, prompts, 24, slots=8, segment=4, eos_ids=EOS, stats=stats, **kw)
+    assert stats["cache_sharding"].is_equivalent_to(NamedSharding(mesh, spec), 4), stats["cache_sharding"]
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_array_equal(out.lengths, ref.lengths)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-3, rtol=0)
+    print("ok", mesh_cfg, stats["compactions"], flush=True)
+print("ALL OK")
+"""
+
+
+@pytest.mark.slow
+def test_slots_sharded_over_4_cpu_devices_give_the_same_tokens():
+    """The slots' cache sharded over the batch axes (and kv heads over tensor) of a 4-device CPU mesh, the tail's
+    halved batches too: the static sampler's tokens (one device, unsharded)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT.format(root=root)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -14,7 +14,7 @@ number the static sampler draws for it, so a row gets the same tokens whichever 
 (tests/test_continuous.py; log-probs equal up to the rounding of another batch shape).
 
 Not yet: pages (the cache is slots x (P + N), sized by rows in flight, not tokens in flight), decode
-attention that reads only a row's filled slots, speculative refine, keep_hidden, a sharded cache; the Sampler
+attention that reads only a row's filled slots, speculative refine, keep_hidden, several processes; the Sampler
 uses it only when asked (Sampler(continuous_slots=S), rollout.continuous_slots).
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
-from trd_jax.sampling import SampleOutput, SamplingConfig, select_tokens
+from trd_jax.sampling import SampleOutput, SamplingConfig, cache_sharding, constrain_cache, select_tokens
 from trd_jax.shapes import bucket
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,11 @@ def _is_eos(tok: Array, eos_ids: tuple[int, ...]) -> Array:
     return jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "cache_sharding"),
+                   donate_argnames=("state",))
 def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array, src: Array, rows: Array,
-          budgets: Array, slots: Array, table: Array, *, sampling: SamplingConfig,
-          eos_ids: tuple[int, ...]) -> SlotState:
+          budgets: Array, slots: Array, table: Array, *, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+          cache_sharding=None) -> SlotState:
     """Starts rows `rows` i32[A] (row a: prompt src[a] of prompts i32[U, P], left-padded by prompt_pad i32[U];
     budgets i32[A]) in slots i32[A]: one prefill per prompt (the n samples of a prompt share it, as in the
     static sampler), keys and values into the slots' cache rows, first token drawn and written. Padding
@@ -93,7 +94,8 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
     def put(full, part):  # part [U, K, P, D] -> the slots' rows, slots [0, P); slot S (padding) dropped
         return full.at[slots, :, :p].set(part[src].astype(full.dtype), mode="drop")
 
-    cache = tuple(LayerCache(put(c.k, pc.k), put(c.v, pc.v)) for c, pc in zip(state.cache, prompt_cache))
+    cache = constrain_cache(tuple(LayerCache(put(c.k, pc.k), put(c.v, pc.v))
+                                  for c, pc in zip(state.cache, prompt_cache)), cache_sharding)
     zeros = jnp.zeros_like(rows)
     tok, logp = _select(logits, table, zeros, rows, sampling)
     done = _is_eos(tok, eos_ids) | (budgets <= 1)
@@ -105,10 +107,10 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
                      logprobs=state.logprobs.at[rows, 0].set(logp), lengths=state.lengths.at[rows].set(1))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "prompt_len", "sampling", "eos_ids"),
-                   donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "prompt_len", "sampling", "eos_ids",
+                                             "cache_sharding"), donate_argnames=("state",))
 def decode_segment(graphdef, params, state: SlotState, table: Array, *, steps: int, prompt_len: int,
-                   sampling: SamplingConfig, eos_ids: tuple[int, ...]) -> SlotState:
+                   sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_sharding=None) -> SlotState:
     """`steps` decode steps of every slot; a finished or free slot computes and writes nothing that is read
     (its outputs go to the scratch row)."""
     model: Transformer = nnx.merge(graphdef, params)
@@ -123,6 +125,7 @@ def decode_segment(graphdef, params, state: SlotState, table: Array, *, steps: i
         key_mask = jnp.arange(cache_len)[None, :] >= st.pad[:, None]
         model_in = jnp.where(active, st.tok, 0)[:, None]
         hidden, cache = model(model_in, (slot - st.pad)[:, None], key_mask, cache=st.cache, cache_index=slot)
+        cache = constrain_cache(cache, cache_sharding)
         tok, logp = _select(model.logits(hidden[:, 0], head), table, st.step, st.row, sampling)
         out_row = jnp.where(active, st.row, scratch)
         at = jnp.minimum(st.step, width - 1)
@@ -138,27 +141,28 @@ def decode_segment(graphdef, params, state: SlotState, table: Array, *, steps: i
     return state
 
 
-@jax.jit
-def compact(state: SlotState, keep: Array) -> SlotState:  # no donation: every slot array changes shape
+@functools.partial(jax.jit, static_argnames=("cache_sharding",))
+def compact(state: SlotState, keep: Array, *, cache_sharding=None) -> SlotState:  # no donation: shapes change
     """The state of slots `keep` i32[S'] only (S' < S: a smaller batch per step once few rows are left); the
     outputs by row are carried whole."""
     take = lambda x: x[keep]  # noqa: E731
-    cache = tuple(LayerCache(take(c.k), take(c.v)) for c in state.cache)
+    cache = constrain_cache(tuple(LayerCache(take(c.k), take(c.v)) for c in state.cache), cache_sharding)
     return state._replace(cache=cache, tok=take(state.tok), step=take(state.step), row=take(state.row),
                           pad=take(state.pad), budget=take(state.budget), done=take(state.done))
 
 
-def _init_state(cfg, slots: int, cache_len: int, rows: int, width: int, pad_id: int) -> SlotState:
+def _init_state(cfg, slots: int, cache_len: int, rows: int, width: int, pad_id: int, sharding=None) -> SlotState:
     scratch_rows = rows + 1
-    return SlotState(cache=init_cache(cfg, slots, cache_len), tok=jnp.zeros((slots,), jnp.int32),
-                     step=jnp.zeros((slots,), jnp.int32), row=jnp.full((slots,), rows, jnp.int32),
+    return SlotState(cache=constrain_cache(init_cache(cfg, slots, cache_len), sharding),
+                     tok=jnp.zeros((slots,), jnp.int32), step=jnp.zeros((slots,), jnp.int32),
+                     row=jnp.full((slots,), rows, jnp.int32),
                      pad=jnp.zeros((slots,), jnp.int32), budget=jnp.ones((slots,), jnp.int32),
                      done=jnp.ones((slots,), bool), tokens=jnp.full((scratch_rows, width), pad_id, jnp.int32),
                      logprobs=jnp.zeros((scratch_rows, width), jnp.float32),
                      lengths=jnp.zeros((scratch_rows,), jnp.int32))
 
 
-_new_state = jax.jit(_init_state, static_argnums=(0, 1, 2, 3, 4, 5))
+_new_state = jax.jit(_init_state, static_argnums=(0, 1, 2, 3, 4, 5, 6))  # the cache made on device, sharded
 
 
 def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, slots: int,
@@ -166,12 +170,14 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
              key: Array | int = 0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, budgets: Sequence[int] | None = None,
              segment: int = 8, min_prompt_bucket: int = 16, max_prompt_len: int | None = None,
-             shrink: bool = True, stats: dict | None = None) -> SampleOutput:
+             shrink: bool = True, shard_cache: bool = True, stats: dict | None = None) -> SampleOutput:
     """The static sampler's call (Sampler.__call__: rows i*n .. i*n + n - 1 for prompt i, numpy outputs cut to
     the longest row), decoded through `slots` slots. budgets: each prompt's most new tokens (<= max_new_tokens;
     None: max_new_tokens for all). shrink: once every row is admitted and at most half the slots are busy,
-    continue on fewer slots. stats (a dict): filled with segments, admissions, prompts prefilled, slot-steps and
-    compactions."""
+    continue on fewer slots. shard_cache: the slots' cache sharded as the static sampler's
+    (sampling.cache_sharding: slots over the batch axes where they divide them, kv heads over tensor); the
+    smaller batches of the tail likewise where they divide. stats (a dict): filled with segments, admissions,
+    prompts prefilled, slot-steps and compactions."""
     if not prompts:
         raise ValueError("prompts: empty batch")
     if slots < 1 or segment < 1:
@@ -190,7 +196,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     total_rows = bucket(len(prompts)) * n  # the static sampler's row table: the same draws
     key = jax.random.key(key) if isinstance(key, int) else key
     eos_ids = tuple(int(e) for e in eos_ids)
-    state = _new_state(cfg, slots, plen + width, rows, width, int(pad_id))
+    shard = (lambda size: cache_sharding(params, cfg.num_kv_heads, size)) if shard_cache else (lambda size: None)
+    sharding = shard(slots)
+    state = _new_state(cfg, slots, plen + width, rows, width, int(pad_id), sharding)
     table = (jnp.zeros((1, 1), jnp.float32) if sampling.temperature == 0.0
              else uniform_table(key, steps=width, total_rows=total_rows))
     waiting = deque(range(rows))
@@ -214,14 +222,14 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                 src[j], row_ids[j], slot_ids[j] = unique.index(r // n), r, free.pop(0)
                 row_budgets[j] = max_new_tokens if budgets is None else budgets[r // n]
             state = admit(graphdef, params, state, tokens, prompt_pad, src, row_ids, row_budgets, slot_ids, table,
-                          sampling=sampling, eos_ids=eos_ids)
+                          sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding)
             counts["admissions"] += 1
             counts["prefilled"] += len(unique)
         done = np.asarray(state.done)
         if done.all() and not waiting:
             break
         state = decode_segment(graphdef, params, state, table, steps=segment, prompt_len=plen, sampling=sampling,
-                               eos_ids=eos_ids)
+                               eos_ids=eos_ids, cache_sharding=sharding)
         counts["segments"] += 1
         counts["slot_steps"] += segment * len(state.done)
         done = np.asarray(state.done)  # the only host read of a segment: S booleans
@@ -234,11 +242,12 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
             while live <= size // 2:
                 size //= 2
             keep = [s for s in range(len(done)) if not done[s]] + free[:size - live]
-            state = compact(state, jnp.asarray(keep, jnp.int32))
+            sharding = shard(size)
+            state = compact(state, jnp.asarray(keep, jnp.int32), cache_sharding=sharding)
             counts["compactions"] += 1
             free = []
     if stats is not None:
-        stats.update(counts)
+        stats.update(counts, cache_sharding=shard(slots))
     tokens, logprobs, lengths = (np.asarray(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
     out_width = max(int(lengths.max()), 1)
     return SampleOutput(tokens[:, :out_width], logprobs[:, :out_width], lengths)

@@ -487,7 +487,8 @@ class Sampler:
             return generate(self.graphdef, params, prompts, max_new_tokens, slots=self.continuous_slots,
                             sampling=sampling, n=n, key=key, eos_ids=eos_ids, pad_id=self.pad_id, budgets=budgets,
                             segment=self.continuous_segment, min_prompt_bucket=self.min_prompt_bucket,
-                            max_prompt_len=max_prompt_len, stats=self.last_continuous_stats)
+                            max_prompt_len=max_prompt_len, shard_cache=self.shard_cache,
+                            stats=self.last_continuous_stats)
         longest = max(len(p) for p in prompts)
         plen = bucket(longest, self.min_prompt_bucket)
         if max_prompt_len is not None:

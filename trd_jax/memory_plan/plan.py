@@ -152,7 +152,7 @@ class _Step:
 
     def call_rows(self, rows: int, continuous: bool = False) -> int:
         """Rows one sampler call holds: continuous (the student's rollout and eval with continuous_slots): the
-        slots, every device holding all of them; else max_rows_per_call (or all), padded to the batch shards."""
+        slots; else max_rows_per_call (or all), padded to the batch shards."""
         options = self.options
         if continuous and options.continuous_slots:
             return min(rows, options.continuous_slots)
@@ -166,10 +166,21 @@ class _Step:
         """Whether the student's samplers (rollout, eval) run continuous batching (continuous_slots)."""
         return bool(self.options.continuous_slots)
 
+    def slots_sharded(self, rows: int) -> bool:
+        """Continuous batching shards its slots like the static sampler's rows, where the batch shards divide them
+        (continuous.generate); otherwise every device holds every slot."""
+        return self.options.kv_cache == "sharded" and self.call_rows(rows, True) % self.batch_shards == 0
+
+    def slots_note(self, rows: int) -> str:
+        where = self.cache_note if self.slots_sharded(rows) else "on every device (the shards do not divide them)"
+        return f"{self.call_rows(rows, True)} continuous slots, {where}"
+
     def cache(self, cfg: ModelConfig, rows: int, length: int, continuous: bool = False) -> int:
-        """continuous: a student sampler under continuous batching (slots x (prompt + budget), on every device)."""
+        """continuous: a student sampler under continuous batching (slots x (prompt + budget))."""
         if continuous and self.continuous:
-            return kv_cache_bytes(cfg, self.call_rows(rows, True), length)
+            sharded = self.slots_sharded(rows)
+            return kv_cache_bytes(cfg, self.call_rows(rows, True) // (self.kv_rows_div if sharded else 1), length,
+                                  kv_shards=self.kv_heads_div if sharded else 1)
         return kv_cache_bytes(cfg, _ceil_div(self.call_rows(rows), self.kv_rows_div), length,
                               kv_shards=self.kv_heads_div)
 
@@ -179,8 +190,8 @@ class _Step:
         cache of its own); decode: vocab buffers. Continuous batching: an admission prefills at most a slot's
         worth of prompts into a prompt-sized cache."""
         continuous = continuous and self.continuous
-        per_device_rows = (self.call_rows(rows, True) if continuous
-                           else _ceil_div(self.call_rows(rows), self.kv_rows_div))
+        per_device_rows = (self.call_rows(rows, True) // (self.kv_rows_div if self.slots_sharded(rows) else 1)
+                           if continuous else _ceil_div(self.call_rows(rows), self.kv_rows_div))
         prompt_rows = max(1, per_device_rows // n)
         head = sharded_bytes((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), self.mesh, _b(cfg))
         direct = n == 1 and cfg.attention == "blockwise" and not continuous  # prefill writes into the full cache
@@ -243,8 +254,7 @@ def _sampler_phases(step: _Step, rollout_cache: int, refine_cache: int) -> list[
     keep_between_steps = not work.release_kv_cache
     rows_note = f"{step.call_rows(work.rows)} rows per call"
     phases = []
-    rollout_note = (f"{step.call_rows(work.rows, True)} continuous slots x ({work.prompt} + {work.max_new}), on "
-                    "every device" if step.continuous
+    rollout_note = (f"{step.slots_note(work.rows)} x ({work.prompt} + {work.max_new})" if step.continuous
                     else f"{rows_note} x ({work.prompt} + {work.max_new}), {step.cache_note}")
     rollout = [Item("rollout KV cache (student)", rollout_cache, rollout_note)]
     rollout += step.sampler_transient(step.student, work.rows, work.prompt, work.n, continuous=True)
@@ -351,10 +361,10 @@ def _eval_phases(step: _Step, held_after: list[Item]) -> list[Phase]:
     before training, the refine sampler on the vanilla contexts."""
     work, student, teacher = step.work, step.student, step.teacher
     eval_cache = step.cache(student, work.eval_rows, work.eval_prompt + work.eval_new, continuous=True)
-    ev_rows = (f"{step.call_rows(work.eval_rows, True)} continuous slots" if step.continuous
-               else f"{step.call_rows(work.eval_rows)} rows per call")
-    ev = [Item("eval KV cache (student)", eval_cache, f"{ev_rows} x ({work.eval_prompt} + {work.eval_new}), "
-                                                      f"{'on every device' if step.continuous else step.cache_note}")]
+    ev_note = (f"{step.slots_note(work.eval_rows)} x ({work.eval_prompt} + {work.eval_new})" if step.continuous
+               else f"{step.call_rows(work.eval_rows)} rows per call x ({work.eval_prompt} + {work.eval_new}), "
+                    f"{step.cache_note}")
+    ev = [Item("eval KV cache (student)", eval_cache, ev_note)]
     ev += step.sampler_transient(student, work.eval_rows, work.eval_prompt, work.eval_n, continuous=True)
     ev += held_after
     phases = [Phase("eval", tuple(ev))]

@@ -29,7 +29,7 @@ class PlanOptions:
     kv_cache: str = "sharded"
     sampler_rows: int = 0  # rollout.max_rows_per_call: rows per sampler call; 0: all of a call's rows at once
     # rollout.continuous_slots: the student's samplers (rollout, eval) hold this many rows in flight (continuous.py),
-    # their cache not sharded (every device holds every slot); 0: the static sampler
+    # sharded like the static sampler's rows where the batch shards divide them; 0: the static sampler
     continuous_slots: int = 0
     score_rows: int = 0  # train.max_score_rows: rows per scoring forward; 0: all of a step's rows at once
     # The config's lora section (models/lora.py), None: full fine-tuning. Under LoRA the student's base is frozen
