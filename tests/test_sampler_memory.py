@@ -242,3 +242,19 @@ def test_controller_releases_caches_and_samples_in_row_groups(tmp_path):
     assert not any(s.holds_cache for s in (grouped.rollout_sampler, grouped.refine_sampler, grouped.eval_sampler))
     a, b = jax.tree.leaves(plain.state.params), jax.tree.leaves(grouped.state.params)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_decode_in_segments_emits_the_same_rows(model, reference, name):
+    """decode's segment (stop checked every few steps, the steps past it writing into slack columns): bit for
+    bit the rows of one step per iteration, kept states included, with budgets and row groups."""
+    graphdef, params = model
+    segmented = Sampler(graphdef, eos_ids=EOS, decode_segment=5)
+    assert_same_samples(segmented(params, prompts_of(), 24, **CASES[name]), reference[name])
+    budgets = [3, 24, 1, 9, 13]
+    plain = Sampler(graphdef, eos_ids=EOS, decode_segment=1)
+    a = plain(params, prompts_of(), 24, budgets=budgets, max_rows=6, keep_hidden=True, **CASES[name])
+    b = segmented(params, prompts_of(), 24, budgets=budgets, max_rows=6, keep_hidden=True, **CASES[name])
+    assert_same_samples(b, a)
+    np.testing.assert_array_equal(np.asarray(a.hidden), np.asarray(b.hidden))
+    assert np.all(a.lengths <= np.repeat(budgets, CASES[name]["n"]))

@@ -301,7 +301,7 @@ def test_no_recompilation_within_bucket(tiny_lms, monkeypatch):
 
     jit_args = {"prefill": dict(static_argnames=("graphdef", "n", "cache_sharding"), donate_argnames=("cache",)),
                 "decode": dict(static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
-                                                "total_rows", "cache_sharding"), donate_argnames=("cache",))}
+                                                "total_rows", "cache_sharding", "segment"), donate_argnames=("cache",))}
     for name, kw in jit_args.items():
         raw = getattr(sampling, name).__wrapped__
         monkeypatch.setattr(sampling, name, jax.jit(chex.assert_max_traces(raw, n=1), **kw))

@@ -263,13 +263,13 @@ def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
-                                             "total_rows", "cache_sharding"),
+                                             "total_rows", "cache_sharding", "segment"),
                    donate_argnames=("cache",))
 def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Array, max_new_tokens: Array,
            pad_id: Array, live: Array | None = None, row_offset: Array | None = None,
            first_hidden: Array | None = None, budget: Array | None = None, *, prompt_len: int, buffer_len: int,
            sampling: SamplingConfig, eos_ids: tuple[int, ...], total_rows: int = 0,
-           cache_sharding=None) -> tuple[SampleOutput, KVCache]:
+           cache_sharding=None, segment: int = 1) -> tuple[SampleOutput, KVCache]:
     """Samples up to max_new_tokens (<= buffer_len) tokens per row after the prefilled cache; returns
     the outputs and the cache (donated in, handed back for the next call).
 
@@ -278,7 +278,12 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
     total_rows > 0: these B rows are rows [row_offset, row_offset + B) of a call of total_rows rows, and
     draw that call's numbers (select_tokens). first_hidden [B, d] (the prefill's last state): also return
     each token's final-layer state (SampleOutput.hidden). budget i32[B] (None: max_new_tokens for all): each
-    row's most new tokens; a row that reaches its budget ends as at an EOS."""
+    row's most new tokens; a row that reaches its budget ends as at an EOS.
+
+    segment: decode steps per loop iteration (the stop condition is checked between segments: on GPU a
+    while-loop predicate is read by the host at every iteration). Steps past the stop run with every row
+    finished: they write pad tokens into `segment` slack columns, cut off at the end, so the outputs are
+    those of segment=1."""
     model: Transformer = nnx.merge(graphdef, params)
     b = logits.shape[0]
     cache_len = cache[0].k.shape[2]
@@ -298,20 +303,22 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
             done = done | (lengths >= budget)
         return tok, done, tokens_buf, logp_buf, lengths
 
-    tokens_buf = jnp.zeros((b, buffer_len), jnp.int32) + pad_id
-    logp_buf = jnp.zeros((b, buffer_len), jnp.float32)
+    width = buffer_len + (segment - 1)  # slack columns for the steps of a segment past the stop
+    tokens_buf = jnp.zeros((b, width), jnp.int32) + pad_id
+    logp_buf = jnp.zeros((b, width), jnp.float32)
     done = jnp.zeros((b,), bool) if live is None else ~live
     tok, done, tokens_buf, logp_buf, lengths = emit(0, logits, done, tokens_buf, logp_buf, jnp.zeros((b,), jnp.int32))
     keep = first_hidden is not None
-    hidden_buf = (jnp.zeros((b, buffer_len, first_hidden.shape[-1]), first_hidden.dtype).at[:, 0].set(first_hidden)
+    hidden_buf = (jnp.zeros((b, width, first_hidden.shape[-1]), first_hidden.dtype).at[:, 0].set(first_hidden)
                   if keep else None)
 
     def cond(state):
         i, _, _, _, done, *_ = state
         return (i < max_new_tokens) & ~jnp.all(done)
 
-    def body(state):
+    def step(state):
         i, head, cache, tok, done, tokens_buf, logp_buf, lengths, hidden_buf = state
+        done = done | (i >= max_new_tokens)  # a segment's steps past the budget: every row finished
         slot = prompt_len + i - 1  # where the token emitted at step i-1 goes
         positions = (slot - pad)[:, None]
         model_in = jnp.where(done, 0, tok)[:, None]  # finished rows emit pad_id; the model sees id 0
@@ -323,12 +330,16 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
         tok, done, tokens_buf, logp_buf, lengths = emit(i, logits, done, tokens_buf, logp_buf, lengths)
         return i + 1, head, cache, tok, done, tokens_buf, logp_buf, lengths, hidden_buf
 
+    body = step if segment == 1 else (lambda state: jax.lax.fori_loop(0, segment, lambda _, st: step(st), state))
+
     # The lm_head rides in the loop carry: a carried value has a fixed row-major layout, so a tied
     # embedding is transposed once here instead of being read transposed (twice as slow on CPU) each step.
     state = (jnp.int32(1), model.lm_head_weight(), cache, tok, done, tokens_buf, logp_buf, lengths, hidden_buf)
     _, _, cache, _, _, tokens_buf, logp_buf, lengths, hidden_buf = jax.lax.while_loop(cond, body, state)
+    tokens_buf, logp_buf = tokens_buf[:, :buffer_len], logp_buf[:, :buffer_len]
     if keep:
-        hidden_buf = jnp.where((jnp.arange(buffer_len)[None, :] < lengths[:, None])[..., None], hidden_buf, 0)
+        hidden_buf = jnp.where((jnp.arange(buffer_len)[None, :] < lengths[:, None])[..., None],
+                               hidden_buf[:, :buffer_len], 0)
     return SampleOutput(tokens_buf, logp_buf, lengths, hidden_buf), cache
 
 
@@ -386,7 +397,8 @@ class Sampler:
     row)."""
 
     def __init__(self, graphdef, *, eos_ids: Sequence[int] = (), pad_id: int = 0, min_prompt_bucket: int = 16,
-                 shard_cache: bool = True, continuous_slots: int = 0, continuous_segment: int = 8):
+                 shard_cache: bool = True, continuous_slots: int = 0, continuous_segment: int = 8,
+                 decode_segment: int | None = None):
         self.graphdef = graphdef
         self.eos_ids = tuple(int(e) for e in eos_ids)
         self.pad_id = int(pad_id)
@@ -404,6 +416,9 @@ class Sampler:
         # slots (continuous.py): the same tokens, no slot idle while rows wait. last_continuous_stats: its counts.
         self.continuous_slots, self.continuous_segment = continuous_slots, continuous_segment
         self.last_continuous_stats: dict | None = None
+        # Decode steps between stop checks (decode's `segment`): on GPU and TPU the check costs a host round trip
+        # per loop iteration; on CPU it costs nothing and a segment only adds steps past the stop.
+        self.decode_segment = (1 if jax.default_backend() == "cpu" else 8) if decode_segment is None else decode_segment
 
     def release(self) -> None:
         """Frees the cached KV buffers (e.g. before a memory-hungry update step on an accelerator)."""
@@ -582,9 +597,8 @@ class Sampler:
             out, self._cache = decode(self.graphdef, params, cache, logits, put_rows(np.repeat(pad, samples)), key,
                                       max_new, pad_id, put_rows(live),
                                       put_one(np.int32(offset)) if total_rows else None, first_hidden, row_budget,
-                                      prompt_len=plen,
-                                      buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids,
-                                      total_rows=total_rows, cache_sharding=sharding)
+                                      prompt_len=plen, buffer_len=buffer_len, sampling=sampling, eos_ids=eos_ids,
+                                      total_rows=total_rows, cache_sharding=sharding, segment=self.decode_segment)
             outs.append((out, keep))
         if speculate:
             passes, proposed, accepted = (int(np.sum(np.concatenate(xs))) for xs in zip(*stats))
