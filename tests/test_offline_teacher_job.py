@@ -68,8 +68,20 @@ def test_training_job_alone_publishes_its_student_and_says_what_it_waits_for(tmp
         trainer.run()
     assert any("blocked on the targets of round 0" in r.getMessage() for r in caplog.records)
     record = json.load(open(student_record(str(tmp_path / "t"), 0)))
-    assert record["round"] == 0 and record["step"] == 0
+    assert record["round"] == 0 and record["step"] == 0 and record["max_lag"] == 0
     assert record["student_sha256"] == teacher_job.tree_hash(trainer.state.params)
+
+    # A teacher job started with another max_lag is refused at the first student it loads.
+    generator = Trainer(tiny_config(**ROUNDS, **{"mode": "generate", "offline.dir": str(tmp_path / "t"),
+                                                 "offline.teacher_job": True, "offline.max_lag": 1}),
+                        str(tmp_path / "gen"))
+    with pytest.raises(TrainingError, match="offline.max_lag=0, this teacher job with 1"):
+        serve_rounds(generator)
+    # A record of another student at the round's start: the folder is another run's.
+    record["student_sha256"] = "0" * 16
+    json.dump(record, open(student_record(str(tmp_path / "t"), 0), "w"))
+    with pytest.raises(TrainingError, match="records another student than this run's at the start of round 0"):
+        Trainer(cfg, str(tmp_path / "run2")).run()
 
 
 def _pair(tmp_path, name, max_lag):

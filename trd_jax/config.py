@@ -10,6 +10,7 @@ impossible combinations with a ``ConfigError`` that names the key, before any wo
 from __future__ import annotations
 
 import dataclasses
+import os
 import importlib.util
 import re
 from typing import Any
@@ -393,6 +394,8 @@ def _refine(cfg, mode: str, task_kind: str) -> RefineConfig:
 
 def _offline(cfg, run_mode: str) -> OfflineSettings:
     directory = str(cfg.offline.dir)
+    if directory and "://" not in directory:  # a teacher job and a training job started in other folders agree
+        directory = os.path.abspath(os.path.expanduser(directory))
     rounds, teacher_job = _int(cfg, "offline.rounds", 0), cfg.offline.teacher_job
     if not isinstance(teacher_job, bool):
         raise ConfigError("offline.teacher_job", f"{teacher_job!r} is not true or false")

@@ -79,3 +79,14 @@ def process0_first(name: str, fn):
     result = fn() if jax.process_index() == 0 else None
     sync(name)
     return result if jax.process_index() == 0 else fn()
+
+
+def process0_decides(value):
+    """Process 0's value of a small host array or scalar (a decision read from a shared file system), on every
+    process: processes that decide on their own, each from its view of the files, could skip different work
+    and pair mismatched collectives. One process: the value itself."""
+    if not multi_process():
+        return value
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))

@@ -53,12 +53,14 @@ def settings_identity(trainer, k: int) -> dict:
             "seed": s.seed, "batch_size": s.batch_size, "rollout_n": s.rollout_n, "task": trainer.task.name,
             "rollout": repr(s.rollout), "refine_sampling": repr(s.refine_sampling), "refine": repr(s.refine),
             "rollout_max_new": s.rollout_max_new, "temperature": s.loss.temperature,
+            "teacher": repr(s.teacher), "opsd_teacher": s.opsd_teacher, "prompt_mode": s.prompt_mode,
+            "max_prompt_tokens": s.max_prompt_tokens, "prompt_lookup_tokens": s.prompt_lookup_tokens,
             "tokenizer_sha256": _folder_hash(trainer.task.tokenizer_dir)}
 
 
-def identity(trainer, k: int) -> dict:
+def identity(trainer, k: int, vocab: int) -> dict:
     """What decides the targets: a folder generated with another identity is refused."""
-    return {**settings_identity(trainer, k), "student_sha256": tree_hash(trainer.state.params),
+    return {**settings_identity(trainer, k), "vocab": vocab, "student_sha256": tree_hash(trainer.state.params),
             "teacher_sha256": tree_hash(trainer._teacher_params())}
 
 
@@ -95,13 +97,17 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
     # global batch); process 0 alone writes shards and manifest. Each reads what is finished before the first
     # collective, so all skip the same shards.
     writer = jax.process_index() == 0
-    manifest = shards.check_or_write_manifest(directory, identity(trainer, k), write=writer)
-    done = set(shards.finished_shards(directory))
+    manifest = shards.check_or_write_manifest(directory, identity(trainer, k, int(head.shape[1])), write=writer)
+    finished = np.zeros(num_shards, bool)
+    finished[[i for i in shards.finished_shards(directory) if i < num_shards]] = True
+    done = set(np.flatnonzero(multihost.process0_decides(finished)).tolist())  # one decision for all processes
     topk = jax.jit(functools.partial(teacher_topk, k=k, temperature=s.loss.temperature, chunk_size=s.loss.chunk_size))
     if done:
         log.info("offline targets: %d of %d shards already in %s; resuming", len(done & set(range(num_shards))),
                  num_shards, directory)
     per_shard = dict(manifest["counts"].get("rows_per_shard", {}))
+    for i in done:  # a shard finished just before a kill, its count not yet in the manifest
+        per_shard.setdefault(str(i), len(shards.read_shard(directory, i)) if writer else 0)
     with trainer._usable_prompts():
         data = trainer.task.prompt_iterator(s.seed)
         for _ in range(first_step):

@@ -8,6 +8,7 @@ position in that round's rows. With offline.teacher_job the rounds are written b
 
 from __future__ import annotations
 
+from trd_jax.errors import TrainingError
 from trd_jax.offline import shards
 from trd_jax.offline.generate import generate_targets
 
@@ -34,12 +35,15 @@ class RoundRows:
         if self.o.teacher_job:
             from trd_jax.offline.teacher_job import await_round
 
-            self.blocked_s += await_round(self.trainer, r)
+            self.blocked_s += await_round(self.trainer, r, at_round_start=step % self.o.steps_per_round == 0)
         elif len(shards.finished_shards(path)) < self.o.steps_per_round:  # a complete round is not checked
             # again: a run resumed inside it has moved its student past the weights the round's manifest pins
             generate_targets(self.trainer, path, k=self.o.top_k, num_shards=self.o.steps_per_round,
                              first_step=r * self.o.steps_per_round)
-        self.rows = shards.open_rows(path, seed=self.seed + r)
+        try:
+            self.rows = shards.open_rows(path, seed=self.seed + r)
+        except ValueError as e:  # e.g. every row of the round dropped: nothing to train on
+            raise TrainingError(f"offline round {r}: {e}") from None
         self.round = r
         if self._pending is not None and self._pending.get("round") == r:
             self.rows.restore(self._pending["rows"])

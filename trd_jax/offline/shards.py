@@ -30,7 +30,7 @@ MANIFEST = "manifest.json"
 BUILDER = "trd_targets"
 SHARD_VERSION = "1.0.0"
 SPLIT = "train"
-_SHARD = re.compile(r"^shard-(\d{5})(\.empty)?$")
+_SHARD = re.compile(r"^shard-(\d{5,})(\.empty)?$")
 
 # Per row: what the student trains on and what the teacher said about each response position.
 ROW_FIELDS = ("prompt", "response", "topk_ids", "topk_logp", "tail", "token_logp", "source", "y_o_reward",

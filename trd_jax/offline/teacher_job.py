@@ -58,13 +58,23 @@ def _published(trainer) -> dict:
     return {"params": state.params} if state.ema_params is None else {"params": state.params, "ema": state.ema_params}
 
 
-def publish_student(trainer, directory: str, r: int) -> str:
-    """Writes the student as it is now as round r's (unless already there: a resumed run reproduces the same
-    weights); returns its hash. Every process takes part in the save; host 0 writes the record last, so a
-    record means a complete checkpoint."""
+def publish_student(trainer, directory: str, r: int, *, at_round_start: bool) -> str:
+    """Writes the student as it is now as round r's; returns its hash. A record already there is checked, not
+    rewritten: at the round's first step (a run resumed from before it replays to the same weights) the weights
+    must hash to it, else the folder holds another run's rounds; inside the round (resumed from a checkpoint
+    there, the weights moved on) it is trusted, and its absence is an error. Every process takes part in the
+    save; host 0 writes the record last, so a record means a complete checkpoint."""
     record = student_record(directory, r)
-    if os.path.exists(record):
-        return read_json_object(record)["student_sha256"]
+    if bool(multihost.process0_decides(os.path.exists(record))):
+        recorded = read_json_object(record)
+        if at_round_start and tree_hash(trainer.state.params) != recorded["student_sha256"]:
+            raise TrainingError(f"offline.dir={directory}: {record} records another student than this run's at the "
+                                f"start of round {r}: the folder holds another run's rounds (or this run does not "
+                                "replay bit for bit); use a new offline.dir")
+        return recorded["student_sha256"]
+    if not at_round_start:
+        raise TrainingError(f"offline.dir={directory}: this run resumed inside round {r}, whose student was never "
+                            f"published ({record} is missing): use the offline.dir the run started with")
     checkpointer = ocp.StandardCheckpointer()
     try:  # force: a save cut short before its record was written is replaced
         checkpointer.save(student_dir(directory, r), _published(trainer), force=True)
@@ -74,23 +84,32 @@ def publish_student(trainer, directory: str, r: int) -> str:
     sha = tree_hash(trainer.state.params)
     if jax.process_index() == 0:
         atomic_write_json(record, {"round": r, "step": int(multihost.to_host(trainer.state.step)),
-                                   "student_sha256": sha})
+                                   "student_sha256": sha, "max_lag": trainer.s.offline.max_lag})
     log.info("offline teacher job: published the student of round %d (%s)", r, sha)
     return sha
 
 
 def load_student(trainer, directory: str, r: int) -> str:
     """Replaces the trainer's student (and EMA) with round r's published one; returns its hash."""
+    recorded = read_json_object(student_record(directory, r))
+    if recorded.get("max_lag") != trainer.s.offline.max_lag:
+        raise TrainingError(f"offline.dir={directory}: the training job runs with offline.max_lag="
+                            f"{recorded.get('max_lag')}, this teacher job with {trainer.s.offline.max_lag}: "
+                            "give both the same")
+    if not os.path.isdir(student_dir(directory, r)):
+        raise TrainingError(f"offline.dir={directory}: the student of round {r} was deleted (the training job has "
+                            f"moved past the rounds that need it): {student_dir(directory, r)}")
     checkpointer = ocp.StandardCheckpointer()
     try:
         restored = checkpointer.restore(student_dir(directory, r), abstract_tree(_published(trainer)))
     finally:
         checkpointer.close()
     trainer.state = trainer.state._replace(params=restored["params"], ema_params=restored.get("ema"))
-    sha, recorded = tree_hash(trainer.state.params), read_json_object(student_record(directory, r))["student_sha256"]
-    if sha != recorded:
+    sha = tree_hash(trainer.state.params)
+    if sha != recorded["student_sha256"]:
         raise TrainingError(f"offline.dir={directory}: the student of round {r} hashes to {sha}, its record says "
-                            f"{recorded}: {student_dir(directory, r)} was changed after it was published")
+                            f"{recorded['student_sha256']}: {student_dir(directory, r)} was changed after it was "
+                            "published")
     return sha
 
 
@@ -131,11 +150,11 @@ def round_complete(directory: str, r: int, steps_per_round: int) -> bool:
     return len(shards.finished_shards(shards.round_dir(directory, r))) >= steps_per_round
 
 
-def await_round(trainer, r: int) -> float:
+def await_round(trainer, r: int, *, at_round_start: bool) -> float:
     """The training job's side of round r: publish, prune, wait for the targets, check where they come from.
     Returns the seconds spent blocked on the targets."""
     o = trainer.s.offline
-    publish_student(trainer, o.dir, r)
+    publish_student(trainer, o.dir, r, at_round_start=at_round_start)
     prune_students(o.dir, before=source_round(r, o.max_lag))
     path = shards.round_dir(o.dir, r)
 
@@ -157,8 +176,8 @@ def check_round(trainer, r: int) -> None:
     source = source_round(r, o.max_lag)
     expected = {**settings_identity(trainer, found["k"]),
                 "student_sha256": read_json_object(student_record(o.dir, source))["student_sha256"]}
-    differ = sorted(key for key in expected if found.get(key) != expected[key])
-    if found["k"] > o.top_k:
+    differ = sorted(key for key in expected if key != "k" and found.get(key) != expected[key])
+    if found["k"] != min(o.top_k, found.get("vocab", found["k"])):  # k, or the whole of a smaller vocabulary
         differ.append("k")
     if differ:
         raise TrainingError(f"offline.dir={o.dir}: round {r}'s targets ({path}) do not come from this run "
@@ -174,7 +193,7 @@ def serve_rounds(trainer) -> list[dict]:
     manifests = []
     for r in range(o.rounds):
         path = shards.round_dir(o.dir, r)
-        if round_complete(o.dir, r, o.steps_per_round):
+        if bool(multihost.process0_decides(round_complete(o.dir, r, o.steps_per_round))):  # one decision for all
             manifests.append(shards.read_manifest(path))
             continue
         source = source_round(r, o.max_lag)
