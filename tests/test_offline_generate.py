@@ -38,6 +38,7 @@ def test_shards_hold_every_trained_row_with_its_targets(generated):
     assert manifest["counts"]["shards"] == 3 and manifest["counts"]["rows"] == len(rows) > 0
     on_disk = json.load(open(f"{out}/manifest.json"))
     assert on_disk["identity"]["k"] == K and on_disk["counts"]["rows"] == len(rows)
+    assert on_disk["config"]["train"]["steps"] == 3 and set(on_disk["models"]) == {"student", "teacher"}
     for row in rows:
         n = len(row["response"])
         assert row["topk_ids"].shape == (n, K) and row["topk_logp"].shape == (n, K)

@@ -97,7 +97,10 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
     # global batch); process 0 alone writes shards and manifest. Each reads what is finished before the first
     # collective, so all skip the same shards.
     writer = jax.process_index() == 0
-    manifest = shards.check_or_write_manifest(directory, identity(trainer, k, int(head.shape[1])), write=writer)
+    record = {"config": {key: v for key, v in trainer.cfg.to_dict().items() if key != "model"},
+              "models": {"student": s.student.path, "teacher": s.teacher.path if s.teacher is not None else None}}
+    manifest = shards.check_or_write_manifest(directory, identity(trainer, k, int(head.shape[1])), write=writer,
+                                              record=record)
     finished = np.zeros(num_shards, bool)
     finished[[i for i in shards.finished_shards(directory) if i < num_shards]] = True
     done = set(np.flatnonzero(multihost.process0_decides(finished)).tolist())  # one decision for all processes

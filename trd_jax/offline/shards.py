@@ -209,14 +209,15 @@ def read_manifest(directory: str) -> dict | None:
     return read_json_object(path) if os.path.exists(path) else None
 
 
-def check_or_write_manifest(directory: str, identity: dict, *, write: bool = True) -> dict:
+def check_or_write_manifest(directory: str, identity: dict, *, write: bool = True, record: dict | None = None) -> dict:
     """The folder's manifest: written from `identity` (what decides the targets: settings, model and tokenizer
-    hashes, k) when new; when it exists, its identity must be the same, else an error naming the fields
-    that differ (the folder's shards came from something else). write=False (processes other than the
-    writer) checks and writes nothing."""
+    hashes, k) when new, with `record` beside it (for the reader: the whole config, the model folders; not
+    compared); when it exists, its identity must be the same, else an error naming the fields that differ
+    (the folder's shards came from something else). write=False (processes other than the writer) checks and
+    writes nothing."""
     found = read_manifest(directory)
     if found is None:
-        manifest = {"identity": identity, "counts": {"shards": 0, "rows": 0}}
+        manifest = {"identity": identity, **(record or {}), "counts": {"shards": 0, "rows": 0}}
         if write:
             os.makedirs(directory, exist_ok=True)
             atomic_write_json(os.path.join(directory, MANIFEST), manifest)
