@@ -55,9 +55,10 @@ def model_config() -> ModelConfig:
     return ModelConfig(**fields, dtype="bfloat16", param_dtype="bfloat16", architecture="Qwen2ForCausalLM")
 
 
-def rollout_ours(cfg: ModelConfig, batch: int, prompt: int, new: int, repeats: int) -> tuple[float, float]:
+def rollout_ours(cfg: ModelConfig, batch: int, prompt: int, new: int, repeats: int,
+                 segment: int = 1) -> tuple[float, float]:
     graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
-    sampler = Sampler(graphdef, eos_ids=(), pad_id=0)
+    sampler = Sampler(graphdef, eos_ids=(), pad_id=0, decode_segment=segment)
     sampling = SamplingConfig(temperature=1.0)
     prompts = np.random.default_rng(batch).integers(1, cfg.vocab_size, (batch, prompt)).tolist()
     t0 = time.perf_counter()
@@ -139,6 +140,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attentions", nargs="+", default=["dense", "blockwise"], choices=["dense", "blockwise"],
                     help="attention kernels of the update step, one measurement each")
+    ap.add_argument("--segments", type=int, nargs="+", default=[8, 1],
+                    help="decode steps between stop checks (Sampler(decode_segment=)), one rollout each; 8 is the "
+                         "accelerator default")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="a tiny model, to check the script on a CPU")
     args = ap.parse_args()
@@ -152,9 +156,11 @@ def main() -> None:
           f"{peak / 1e12:.0f} TFLOP/s (data sheet)", flush=True)
     print(f"model: {cfg.num_params / 1e6:.0f}M params, Qwen2.5-0.5B shape, random weights, bfloat16", flush=True)
     for batch in args.batches:
-        ours, compile_s = rollout_ours(cfg, batch, args.prompt, args.new, args.repeats)
+        rates = {seg: rollout_ours(cfg, batch, args.prompt, args.new, args.repeats, seg) for seg in args.segments}
+        ours, compile_s = rates[args.segments[0]]
         line = (f"rollout batch {batch}, {args.prompt} prompt + {args.new} new tokens, T=1: ours {ours:,.0f} tok/s "
-                f"(compile {compile_s:.1f} s)")
+                f"(compile {compile_s:.1f} s; decode segment {args.segments[0]}"
+                + "".join(f"; segment {seg}: {rate:,.0f} tok/s" for seg, (rate, _) in list(rates.items())[1:]) + ")")
         if not args.skip_transformers:
             theirs = rollout_transformers(batch, args.prompt, args.new, args.repeats)
             line += f"; transformers generate {theirs:,.0f} tok/s; ratio {ours / theirs:.2f}x"
