@@ -551,7 +551,8 @@ class Trainer:
             start = self._restore(ckpt)
             if start == 0 and s.eval_initial and not self.evals:
                 self.evals.append(self.evaluate(0))
-            if s.eval_teacher and not s.targets_dir and "teacher_eval" not in self.extra:
+            # Every run that holds a teacher evaluates it (a multi-round offline run generating its own rounds too)
+            if s.eval_teacher and self.roles.teacher_mode != "offline" and "teacher_eval" not in self.extra:
                 self.extra["teacher_eval"] = self.evaluate(start, teacher=True)
             bar = ProgressBar(s.steps, enabled=self.host0 and s.progress, initial=start)
             status, done = "completed", start
