@@ -6,15 +6,10 @@ slot count and segment length. And no slot idles while rows wait."""
 import numpy as np
 import pytest
 
-from tests.test_sampler_memory import EOS, VOCAB, prompts_of, tiny_model
+from tests.test_sampler_memory import CASES, EOS, VOCAB, assert_same_samples, prompts_of, tiny_model
 from trd_jax.continuous import generate
 from trd_jax.sampling import Sampler, SamplingConfig
 
-CASES = {
-    "sample": dict(sampling=SamplingConfig(1.0), n=1, key=3),
-    "top-k-top-p-n3": dict(sampling=SamplingConfig(0.7, top_k=20, top_p=0.9), n=3, key=5),
-    "greedy-n2": dict(sampling=SamplingConfig(0.0), n=2, key=0),
-}
 PROMPTS = prompts_of((5, 17, 3, 30, 9, 12, 4))
 
 
@@ -30,13 +25,6 @@ def static(model):
     return {name: sampler(params, PROMPTS, 24, **kw) for name, kw in CASES.items()}
 
 
-def assert_same(out, ref):
-    np.testing.assert_array_equal(out.lengths, ref.lengths)
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-3, rtol=0)  # as test_sampler_memory, for
-    # another batch shape (the weights are scaled 8x: logits in the hundreds)
-
-
 @pytest.mark.parametrize("name,slots,segment", [(name, 3, 4) for name in sorted(CASES)]
                          + [("sample", 4, 1), ("greedy-n2", 32, 8)])  # 32 slots: more than rows
 def test_the_static_samplers_tokens_through_fewer_slots(model, static, name, slots, segment):
@@ -44,7 +32,7 @@ def test_the_static_samplers_tokens_through_fewer_slots(model, static, name, slo
     stats = {}
     out = generate(graphdef, params, PROMPTS, 24, slots=slots, segment=segment, eos_ids=EOS, stats=stats,
                    **CASES[name])
-    assert_same(out, static[name])
+    assert_same_samples(out, static[name], logprob_atol=2e-3)  # another batch shape
     rows = len(PROMPTS) * CASES[name]["n"]
     assert stats["admissions"] >= (1 if slots >= rows else 2)
     # A prompt is prefilled once per admission that starts any of its samples: once in all with enough slots.
@@ -68,7 +56,7 @@ def test_no_slot_idles_while_rows_wait(model):
     assert stats["slot_steps"] < 0.5 * static_row_steps and stats["slot_steps"] >= useful
     # The budgets bind exactly as EOS would: the static sampler with the same budgets emits the same rows.
     ref = Sampler(graphdef)(params, prompts, 24, sampling=sampling, key=1, eos_ids=(), budgets=budgets)
-    assert_same(out, ref)
+    assert_same_samples(out, ref, logprob_atol=2e-3)
 
 
 def test_bad_arguments(model):

@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
-from trd_jax.sampling import SampleOutput, SamplingConfig, cache_sharding, constrain_cache, select_tokens
+from trd_jax.sampling import (SampleOutput, SamplingConfig, cache_sharding, constrain_cache, is_eos,
+                              select_tokens)
 from trd_jax.shapes import bucket
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,6 @@ def _select(logits, table, steps, rows, sampling: SamplingConfig):
     return select_tokens(logits, None, sampling, uniforms=table[at][:, None])
 
 
-def _is_eos(tok: Array, eos_ids: tuple[int, ...]) -> Array:
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    return jnp.any(tok[:, None] == eos[None, :], axis=-1)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "cache_sharding"),
                    donate_argnames=("state",))
 def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array, src: Array, rows: Array,
@@ -98,7 +94,7 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
                                   for c, pc in zip(state.cache, prompt_cache)), cache_sharding)
     zeros = jnp.zeros_like(rows)
     tok, logp = _select(logits, table, zeros, rows, sampling)
-    done = _is_eos(tok, eos_ids) | (budgets <= 1)
+    done = is_eos(tok, eos_ids) | (budgets <= 1)
     set_slot = lambda field, value: field.at[slots].set(value, mode="drop")  # noqa: E731
     return SlotState(cache=cache, tok=set_slot(state.tok, tok), step=set_slot(state.step, jnp.ones_like(rows)),
                      row=set_slot(state.row, rows), pad=set_slot(state.pad, pad),
@@ -129,7 +125,7 @@ def decode_segment(graphdef, params, state: SlotState, table: Array, *, steps: i
         tok, logp = _select(model.logits(hidden[:, 0], head), table, st.step, st.row, sampling)
         out_row = jnp.where(active, st.row, scratch)
         at = jnp.minimum(st.step, width - 1)
-        done = st.done | (active & (_is_eos(tok, eos_ids) | (st.step + 1 >= st.budget)))
+        done = st.done | (active & (is_eos(tok, eos_ids) | (st.step + 1 >= st.budget)))
         st = st._replace(cache=cache, tok=jnp.where(active, tok, st.tok), step=st.step + active.astype(jnp.int32),
                          done=done, tokens=st.tokens.at[out_row, at].set(tok),
                          logprobs=st.logprobs.at[out_row, at].set(logp),

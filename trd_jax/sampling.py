@@ -222,6 +222,12 @@ def select_tokens(logits: Array, key: Array | None, cfg: SamplingConfig, *, row_
 # Jitted steps
 
 
+def is_eos(tok: Array, eos_ids: tuple[int, ...]) -> Array:
+    """bool[B]: whether each token i32[B] is one of eos_ids (none when eos_ids is empty)."""
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    return jnp.any(tok[:, None] == eos[None, :], axis=-1)
+
+
 def constrain_cache(cache: KVCache, sharding) -> KVCache:
     """The KV cache kept on `sharding` (None: left to the compiler), so that a loop carry keeps its layout."""
     return cache if sharding is None else jax.lax.with_sharding_constraint(cache, sharding)
@@ -288,7 +294,6 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
     b = logits.shape[0]
     cache_len = cache[0].k.shape[2]
     key_mask = jnp.arange(cache_len)[None, :] >= pad[:, None]  # left padding stays masked
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     rows = dict(row_offset=row_offset, total_rows=total_rows) if total_rows else {}
 
     def emit(i, logits, done, tokens_buf, logp_buf, lengths):
@@ -298,7 +303,7 @@ def decode(graphdef, params, cache: KVCache, logits: Array, pad: Array, key: Arr
         tokens_buf = jax.lax.dynamic_update_slice(tokens_buf, tok[:, None], (0, i))
         logp_buf = jax.lax.dynamic_update_slice(logp_buf, logp[:, None], (0, i))
         lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        done = done | is_eos(tok, eos_ids)
         if budget is not None:
             done = done | (lengths >= budget)
         return tok, done, tokens_buf, logp_buf, lengths

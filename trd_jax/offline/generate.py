@@ -110,7 +110,8 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
                  num_shards, directory)
     per_shard = dict(manifest["counts"].get("rows_per_shard", {}))
     for i in done:  # a shard finished just before a kill, its count not yet in the manifest
-        per_shard.setdefault(str(i), len(shards.read_shard(directory, i)) if writer else 0)
+        if str(i) not in per_shard:
+            per_shard[str(i)] = len(shards.read_shard(directory, i)) if writer else 0
     with trainer._usable_prompts():
         data = trainer.task.prompt_iterator(s.seed)
         for _ in range(first_step):

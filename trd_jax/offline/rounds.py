@@ -36,8 +36,9 @@ class RoundRows:
             from trd_jax.offline.teacher_job import await_round
 
             self.blocked_s += await_round(self.trainer, r, at_round_start=step % self.o.steps_per_round == 0)
-        elif len(shards.finished_shards(path)) < self.o.steps_per_round:  # a complete round is not checked
-            # again: a run resumed inside it has moved its student past the weights the round's manifest pins
+        elif not shards.round_complete(self.o.dir, r, self.o.steps_per_round):
+            # (a complete round is not checked again: a run resumed inside it has moved its student past the
+            # weights the round's manifest pins)
             generate_targets(self.trainer, path, k=self.o.top_k, num_shards=self.o.steps_per_round,
                              first_step=r * self.o.steps_per_round)
         try:

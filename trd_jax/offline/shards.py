@@ -100,6 +100,11 @@ def _shard_root(directory: str, index: int) -> str:
     return os.path.join(directory, f"shard-{index:05d}")
 
 
+def round_complete(directory: str, r: int, steps_per_round: int) -> bool:
+    """Whether round r's folder holds all its steps_per_round shards."""
+    return len(finished_shards(round_dir(directory, r))) >= steps_per_round
+
+
 def shard_path(directory: str, index: int) -> str:
     """Shard `index`'s dataset folder (TFDS's layout: <data_dir>/<builder>/<version>)."""
     return os.path.join(_shard_root(directory, index), BUILDER, SHARD_VERSION)

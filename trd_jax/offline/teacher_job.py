@@ -146,10 +146,6 @@ def wait_until(ready: Callable[[], bool], *, what: str, progress: Callable[[], s
     return waited
 
 
-def round_complete(directory: str, r: int, steps_per_round: int) -> bool:
-    return len(shards.finished_shards(shards.round_dir(directory, r))) >= steps_per_round
-
-
 def await_round(trainer, r: int, *, at_round_start: bool) -> float:
     """The training job's side of round r: publish, prune, wait for the targets, check where they come from.
     Returns the seconds spent blocked on the targets."""
@@ -162,7 +158,8 @@ def await_round(trainer, r: int, *, at_round_start: bool) -> float:
         return (f"{len(shards.finished_shards(path))} of {o.steps_per_round} shards in {path} (written by the "
                 f"teacher job: mode=generate with offline.teacher_job=true and this run's offline settings)")
 
-    waited = wait_until(lambda: round_complete(o.dir, r, o.steps_per_round), what=f"the targets of round {r}",
+    waited = wait_until(lambda: shards.round_complete(o.dir, r, o.steps_per_round),
+                        what=f"the targets of round {r}",
                         progress=progress, report_s=o.wait_report_s, timeout_s=o.wait_timeout_s)
     check_round(trainer, r)
     return waited
@@ -193,7 +190,8 @@ def serve_rounds(trainer) -> list[dict]:
     manifests = []
     for r in range(o.rounds):
         path = shards.round_dir(o.dir, r)
-        if bool(multihost.process0_decides(round_complete(o.dir, r, o.steps_per_round))):  # one decision for all
+        # one decision for all processes
+        if bool(multihost.process0_decides(shards.round_complete(o.dir, r, o.steps_per_round))):
             manifests.append(shards.read_manifest(path))
             continue
         source = source_round(r, o.max_lag)
