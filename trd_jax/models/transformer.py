@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from trd_jax.models import attention
+from trd_jax.models import attention, paged
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.lora import adapted
 
@@ -47,9 +47,11 @@ class Mask(NamedTuple):
     """Who sees whom: query t sits at slot query_start + t and sees slot s iff s <= query_start + t and
     key_mask[b, s]. `dense` is that as bool[B, T, S] for the dense kernel, None for the blockwise one."""
 
-    key_mask: Array  # bool[B, S]
-    query_start: Array  # i32[] (or i32[B] with the dense kernel only)
+    key_mask: Array | None  # bool[B, S] (None with a paged cache: a row has no padding)
+    query_start: Array  # i32[] (or i32[B] with the dense kernel or a paged cache)
     dense: Array | None
+    page_table: Array | None = None  # i32[B, W]: a paged cache's pages of each row (models/paged.py)
+    block_pages: int = 8  # pages per block of paged attention
 
 
 class LayerCache(NamedTuple):
@@ -57,7 +59,7 @@ class LayerCache(NamedTuple):
     v: Array  # [B, kv_heads, S, head_dim]
 
 
-KVCache = tuple[LayerCache, ...]
+KVCache = tuple[LayerCache, ...]  # or tuple[paged.PagedLayerCache, ...] with a page table
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
@@ -146,7 +148,9 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = k.transpose(0, 2, 1, 3)  # [B, kv_heads, T, hd]
         v = v.transpose(0, 2, 1, 3)
-        if cache is not None and jnp.ndim(cache_index) == 1:  # each row at its own slot
+        if isinstance(cache, paged.PagedLayerCache):  # each row at its own logical positions, in its pages
+            cache = paged.write(cache, k, v, mask.page_table, mask.query_start[:, None] + jnp.arange(t))
+        elif cache is not None and jnp.ndim(cache_index) == 1:  # each row at its own slot
             put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (0, i, 0)))
             cache = LayerCache(put(cache.k, k.astype(cache.k.dtype), cache_index),
                                put(cache.v, v.astype(cache.v.dtype), cache_index))
@@ -158,7 +162,9 @@ class Attention(nnx.Module):
             k, v = cache.k.astype(dt), cache.v.astype(dt)
         # q grouped by the kv head it shares: head h = kv_head * groups + g (HF's repeat_kv order).
         q = q.reshape(b, t, kvh, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
-        if mask.dense is not None:
+        if mask.page_table is not None:
+            out = paged.paged_attention(q, cache, mask.page_table, mask.query_start, block_pages=mask.block_pages)
+        elif mask.dense is not None:
             out = attention.dense_attention(q, k, v, mask.dense)
         else:
             out = attention.blockwise_attention(q, k, v, mask.key_mask, mask.query_start,
@@ -221,15 +227,25 @@ class Transformer(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02)
 
-    def __call__(self, tokens: Array, positions: Array, key_mask: Array, *,
-                 cache: KVCache | None = None, cache_index=0) -> tuple[Array, KVCache | None]:
-        """Returns the final-normed hidden states [B, T, hidden] and the updated cache (or None)."""
+    def __call__(self, tokens: Array, positions: Array, key_mask: Array | None, *,
+                 cache: KVCache | None = None, cache_index=0, page_table: Array | None = None,
+                 block_pages: int = 8) -> tuple[Array, KVCache | None]:
+        """Returns the final-normed hidden states [B, T, hidden] and the updated cache (or None).
+        With a paged cache (models/paged.py; page_table i32[B, W]): cache_index i32[B] is each row's logical
+        position of its first input token, key_mask is unused, and attention reads the rows' pages."""
         dt = jnp.dtype(self.cfg.dtype)
         t = tokens.shape[1]
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(self.cfg))
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         cache_index = jnp.asarray(cache_index, jnp.int32)
+        if page_table is not None:
+            mask = Mask(None, cache_index, None, page_table, block_pages)
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                x, c = layer(x, cos, sin, mask, cache[i], cache_index)
+                new_cache.append(c)
+            return self.final_norm(x), tuple(new_cache)
         blockwise = self.cfg.attention == "blockwise" and t > 1 and cache_index.ndim == 0
         mask = Mask(key_mask, cache_index,
                     None if blockwise else attention.dense_mask(key_mask, cache_index, t))
