@@ -69,25 +69,43 @@ def test_bad_arguments(model):
 
 
 def test_a_run_with_continuous_batching_trains_the_static_samplers_rows(tmp_path):
-    """rollout.continuous_slots: a tiny run's rollouts and evaluation go through 3 slots; the same rows are
-    sampled and trained (loss equal up to rounding), and the step reports the slots' occupancy."""
+    """rollout.continuous_slots: a tiny run's rollouts and evaluation go through 3 slots, with contiguous rows or a
+    paged cache (rollout.kv_page_size; a pool of 2 rows' tokens, so rows are preempted); the same rows are sampled
+    and trained (loss equal up to rounding), and the step reports the slots' occupancy."""
     import json
 
     from helpers.tiny_run import tiny_config
     from trd_jax.controller import Trainer
 
     overrides = {"train.steps": 1, "log.diagnostics": False, "eval.teacher": False}
+    variants = {"static": {}, "slots": {"rollout.continuous_slots": 3},
+                "paged": {"rollout.continuous_slots": 3, "rollout.kv_page_size": 8, "rollout.kv_pool_tokens": 128}}
     runs = {}
-    for slots in (0, 3):
-        trainer = Trainer(tiny_config(**overrides, **{"rollout.continuous_slots": slots}), str(tmp_path / f"s{slots}"))
-        summary = trainer.run()
-        with open(tmp_path / f"s{slots}" / "metrics.jsonl") as f:
-            runs[slots] = (summary, [json.loads(line) for line in f])
-    (static, (a,)), (cont, (b,)) = runs[0], runs[3]
-    assert a["tokens"] == b["tokens"] and a["length/y_o"] == b["length/y_o"]
-    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
-    assert 0 < b["rollout/slot_occupancy"] <= 1.5 and "rollout/slot_occupancy" not in a
-    assert cont["final_eval"]["correct_counts"] == static["final_eval"]["correct_counts"]
+    for name, over in variants.items():
+        summary = Trainer(tiny_config(**overrides, **over), str(tmp_path / name)).run()
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            runs[name] = (summary, [json.loads(line) for line in f])
+    static, (a,) = runs["static"]
+    assert "rollout/slot_occupancy" not in a
+    for name in ("slots", "paged"):
+        cont, (b,) = runs[name]
+        assert a["tokens"] == b["tokens"] and a["length/y_o"] == b["length/y_o"], name
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
+        assert 0 < b["rollout/slot_occupancy"] <= 1.5
+        assert cont["final_eval"]["correct_counts"] == static["final_eval"]["correct_counts"], name
+
+
+def test_paged_settings_are_checked():
+    from helpers.tiny_run import tiny_config
+    from trd_jax.config import resolve
+    from trd_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.kv_page_size.*continuous_slots"):
+        resolve(tiny_config(**{"rollout.kv_page_size": 8}))
+    with pytest.raises(ConfigError, match="rollout.kv_pool_tokens.*kv_page_size"):
+        resolve(tiny_config(**{"rollout.continuous_slots": 2, "rollout.kv_pool_tokens": 64}))
+    c = resolve(tiny_config(**{"rollout.continuous_slots": 2, "rollout.kv_page_size": 8})).continuous
+    assert (c.slots, c.page_size, c.pool_tokens) == (2, 8, 0)
 
 
 SHARDED_SCRIPT = """
@@ -134,3 +152,30 @@ def test_slots_sharded_over_4_cpu_devices_give_the_same_tokens():
     r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT.format(root=root)], cwd=root, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name,slots,segment,page_size,pool_tokens", [
+    ("top-k-top-p-n3", 3, 4, 4, 0),  # a pool for every slot's longest row: never preempted
+    ("sample", 4, 2, 8, 96),  # a pool for about 1.5 rows of the longest length: rows preempted and decoded again
+    ("greedy-n2", 32, 8, 16, 0),
+])
+def test_a_paged_cache_gives_the_static_samplers_tokens(model, static, name, slots, segment, page_size, pool_tokens):
+    """The cache as pages (models/paged.py; page_pool.py allocates them per row and frees them when it ends): the same
+    tokens as the static sampler, whatever the page size; a pool smaller than the slots' longest rows preempts rows
+    and still emits them exactly."""
+    graphdef, params = model
+    stats = {}
+    out = generate(graphdef, params, PROMPTS, 24, slots=slots, segment=segment, eos_ids=EOS, stats=stats,
+                   page_size=page_size, pool_tokens=pool_tokens, block_pages=2, **CASES[name])
+    assert_same_samples(out, static[name], logprob_atol=2e-3)
+    assert 0 < stats["peak_pages"] <= stats["pages"]
+    if pool_tokens:
+        assert stats["pages"] == pool_tokens // page_size and stats["preemptions"] > 0
+    else:
+        assert stats["preemptions"] == 0
+
+
+def test_a_pool_too_small_for_one_row_is_refused(model):
+    graphdef, params = model
+    with pytest.raises(ValueError, match="pool_tokens=16: 2 pages of 8 cannot hold the longest row"):
+        generate(graphdef, params, PROMPTS, 24, slots=2, page_size=8, pool_tokens=16)

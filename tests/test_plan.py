@@ -345,3 +345,25 @@ def test_cli_local_config_json_overrides_and_errors(capsys, tmp_path):
     assert "config.train.micro_batchez: unknown key" in capsys.readouterr().err
     assert cli.main(["--config", "configs/default.py"]) == 2  # names no hardware
     assert "--accelerator is required" in capsys.readouterr().err
+
+
+def test_a_paged_cache_is_planned_by_its_pool():
+    """rollout.kv_page_size: the slots' cache is a pool of pages, whole on every batch shard, kv heads over tensor:
+    every slot's longest row in whole pages by default, kv_pool_tokens when set, plus one scratch page."""
+    work = _workload()
+    models = {"student": mp.ModelInfo(SMALL.replace(dtype="bfloat16"), "test"),
+              "teacher": mp.ModelInfo(SMALL.replace(dtype="bfloat16", num_layers=3), "test")}
+    mesh, acc = dict(data=1, fsdp=4, tensor=1), mp.ACCELERATORS["v5e"]
+
+    def rollout_cache(**over):
+        plan = mp.make_plan(work, models, mesh, acc, mp.options_from_settings(_settings(**over)))
+        (item,) = [i for p in plan.phases if p.name == "rollout" for i in p.items
+                   if i.name == "rollout KV cache (student)"]
+        return item
+
+    full = rollout_cache(**{"rollout.continuous_slots": 8, "rollout.kv_page_size": 16})
+    row = -(-(32 + 64) // 16) * 16
+    assert full.bytes == mp.kv_cache_bytes(models["student"].config, 1, 8 * row + 16)
+    assert "paged pool of" in full.note
+    small = rollout_cache(**{"rollout.continuous_slots": 8, "rollout.kv_page_size": 16, "rollout.kv_pool_tokens": 300})
+    assert small.bytes == mp.kv_cache_bytes(models["student"].config, 1, 288 + 16)

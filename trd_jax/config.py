@@ -24,7 +24,7 @@ from trd_jax.metrics import WandbSettings
 from trd_jax.models.config import ATTENTION, REMAT
 from trd_jax.models.lora import TARGETS as LORA_TARGETS, LoRAConfig
 from trd_jax.refine import RefineConfig
-from trd_jax.sampling import SamplingConfig
+from trd_jax.sampling import ContinuousConfig, SamplingConfig
 from trd_jax.sharding import MeshConfig
 from trd_jax.losses import LOSSES, LossConfig
 from trd_jax.steps import OPSD_TEACHER_MODES, OptimConfig
@@ -238,7 +238,7 @@ class Settings:
     release_kv_cache: bool
     max_rows_per_call: int
     prompt_lookup_tokens: int  # rollout and evaluation drafts from the prompt (0: plain decoding)
-    continuous_slots: int  # rollout and evaluation through continuous batching with this many slots (0: off)
+    continuous: ContinuousConfig  # rollout and evaluation through continuous batching (slots 0: off), paged or not
     max_score_rows: int
     eval_sampling: SamplingConfig
     refine_sampling: SamplingConfig
@@ -377,6 +377,17 @@ def _sampling(cfg, section: str) -> SamplingConfig:
                           top_p=_float(cfg, f"{section}.top_p", 0.0, 1.0, open_low=True))
 
 
+def _continuous(cfg) -> ContinuousConfig:
+    slots = _int(cfg, "rollout.continuous_slots", 0)
+    page_size, pool = _int(cfg, "rollout.kv_page_size", 0), _int(cfg, "rollout.kv_pool_tokens", 0)
+    if (page_size or pool) and not slots:
+        raise ConfigError("rollout.kv_page_size", "a paged KV cache is continuous batching's: set "
+                                                  "rollout.continuous_slots > 0 too")
+    if pool and not page_size:
+        raise ConfigError("rollout.kv_pool_tokens", "set rollout.kv_page_size too")
+    return ContinuousConfig(slots=slots, page_size=page_size, pool_tokens=pool)
+
+
 def _refine(cfg, mode: str, task_kind: str) -> RefineConfig:
     fields = {}
     for f in dataclasses.fields(RefineConfig):
@@ -499,7 +510,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1),
         release_kv_cache=cfg.rollout.release_kv_cache, max_rows_per_call=_int(cfg, "rollout.max_rows_per_call", 0),
         prompt_lookup_tokens=_int(cfg, "rollout.prompt_lookup_tokens", 0),
-        continuous_slots=_int(cfg, "rollout.continuous_slots", 0),
+        continuous=_continuous(cfg),
         max_score_rows=_int(cfg, "train.max_score_rows", 0),
         eval_sampling=_sampling(cfg, "eval"),
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,

@@ -176,6 +176,12 @@ def base_config() -> ml_collections.ConfigDict:
         # a finished row's slot refilled at once instead of every row waiting for the longest. The same tokens as
         # the static sampler; one process; not with prompt lookup.
         continuous_slots=0,
+        # A paged KV cache for continuous batching (0: off; models/paged.py): pages of this many tokens, allocated as
+        # rows grow and freed when they end; decode attention reads a row's filled pages only.
+        kv_page_size=0,
+        # The paged cache's size in tokens (0: enough for every slot's longest row). Smaller: more slots fit; when
+        # the live rows outgrow it the latest admitted are preempted and decoded again (the same tokens).
+        kv_pool_tokens=0,
     ))
 
     cfg.loss = ml_collections.ConfigDict(dict(

@@ -31,7 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trd_jax.models import paged
 from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
+from trd_jax.models.paged import init_paged_cache
+from trd_jax.page_pool import PagePool, pages_for as paged_pages
 from trd_jax.sampling import (SampleOutput, SamplingConfig, cache_sharding, constrain_cache, is_eos,
                               select_tokens)
 from trd_jax.shapes import bucket
@@ -72,12 +75,14 @@ def _select(logits, table, steps, rows, sampling: SamplingConfig):
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "cache_sharding"),
                    donate_argnames=("state",))
 def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array, src: Array, rows: Array,
-          budgets: Array, slots: Array, table: Array, *, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-          cache_sharding=None) -> SlotState:
+          budgets: Array, slots: Array, table: Array, pages: Array | None = None, *, sampling: SamplingConfig,
+          eos_ids: tuple[int, ...], cache_sharding=None) -> SlotState:
     """Starts rows `rows` i32[A] (row a: prompt src[a] of prompts i32[U, P], left-padded by prompt_pad i32[U];
     budgets i32[A]) in slots i32[A]: one prefill per prompt (the n samples of a prompt share it, as in the
     static sampler), keys and values into the slots' cache rows, first token drawn and written. Padding
-    entries carry slot S and row R_pad (scratch): their writes are dropped or land in the scratch row."""
+    entries carry slot S and row R_pad (scratch): their writes are dropped or land in the scratch row.
+    pages i32[S, W]: a paged cache's page table (the slots' pages already allocated): a row's prompt goes to its
+    logical positions [0, L), without the bucket's padding."""
     model: Transformer = nnx.merge(graphdef, params)
     u, p = prompts.shape
     positions_in = jnp.arange(p)
@@ -87,11 +92,20 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
     logits = model.logits(hidden[:, -1])[src]
     pad = prompt_pad[src]
 
-    def put(full, part):  # part [U, K, P, D] -> the slots' rows, slots [0, P); slot S (padding) dropped
-        return full.at[slots, :, :p].set(part[src].astype(full.dtype), mode="drop")
+    if pages is None:
+        def put(full, part):  # part [U, K, P, D] -> the slots' rows, slots [0, P); slot S (padding) dropped
+            return full.at[slots, :, :p].set(part[src].astype(full.dtype), mode="drop")
 
-    cache = constrain_cache(tuple(LayerCache(put(c.k, pc.k), put(c.v, pc.v))
-                                  for c, pc in zip(state.cache, prompt_cache)), cache_sharding)
+        cache = tuple(LayerCache(put(c.k, pc.k), put(c.v, pc.v)) for c, pc in zip(state.cache, prompt_cache))
+    else:
+        logical = jnp.broadcast_to(positions_in, (len(slots), p))
+        at = jnp.minimum(pad[:, None] + logical, p - 1)[:, None, :, None]  # where position j sits in the bucket
+        valid = (logical < (p - pad)[:, None]) & (slots < pages.shape[0])[:, None]
+        row_pages = pages[jnp.minimum(slots, pages.shape[0] - 1)]
+        unpad = lambda x: jnp.take_along_axis(x[src], at, axis=2)  # noqa: E731  [A, K, P, D], position-major
+        cache = tuple(paged.write(c, unpad(pc.k), unpad(pc.v), row_pages, logical, valid)
+                      for c, pc in zip(state.cache, prompt_cache))
+    cache = constrain_cache(cache, cache_sharding)
     zeros = jnp.zeros_like(rows)
     tok, logp = _select(logits, table, zeros, rows, sampling)
     done = is_eos(tok, eos_ids) | (budgets <= 1)
@@ -104,23 +118,30 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "prompt_len", "sampling", "eos_ids",
-                                             "cache_sharding"), donate_argnames=("state",))
-def decode_segment(graphdef, params, state: SlotState, table: Array, *, steps: int, prompt_len: int,
-                   sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_sharding=None) -> SlotState:
+                                             "cache_sharding", "block_pages"), donate_argnames=("state",))
+def decode_segment(graphdef, params, state: SlotState, table: Array, pages: Array | None = None, *, steps: int,
+                   prompt_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_sharding=None,
+                   block_pages: int = 8) -> SlotState:
     """`steps` decode steps of every slot; a finished or free slot computes and writes nothing that is read
-    (its outputs go to the scratch row)."""
+    (its outputs go to the scratch row). pages i32[S, W]: a paged cache's page table, each slot's pages
+    covering the positions it writes in this segment (attention reads blocks of block_pages pages)."""
     model: Transformer = nnx.merge(graphdef, params)
-    cache_len = state.cache[0].k.shape[2]
+    cache_len = None if pages is not None else state.cache[0].k.shape[2]
     scratch = state.tokens.shape[0] - 1
     width = state.tokens.shape[1]
 
     def body(_, carry):
         st, head = carry
         active = ~st.done
-        slot = jnp.minimum(prompt_len + st.step - 1, cache_len - 1)  # where the last token goes
-        key_mask = jnp.arange(cache_len)[None, :] >= st.pad[:, None]
         model_in = jnp.where(active, st.tok, 0)[:, None]
-        hidden, cache = model(model_in, (slot - st.pad)[:, None], key_mask, cache=st.cache, cache_index=slot)
+        if pages is None:
+            slot = jnp.minimum(prompt_len + st.step - 1, cache_len - 1)  # where the last token goes
+            key_mask = jnp.arange(cache_len)[None, :] >= st.pad[:, None]
+            hidden, cache = model(model_in, (slot - st.pad)[:, None], key_mask, cache=st.cache, cache_index=slot)
+        else:  # the row's logical position: its prompt's length plus the tokens before this one
+            position = prompt_len - st.pad + st.step - 1
+            hidden, cache = model(model_in, position[:, None], None, cache=st.cache, cache_index=position,
+                                  page_table=pages, block_pages=block_pages)
         cache = constrain_cache(cache, cache_sharding)
         tok, logp = _select(model.logits(hidden[:, 0], head), table, st.step, st.row, sampling)
         out_row = jnp.where(active, st.row, scratch)
@@ -142,14 +163,20 @@ def compact(state: SlotState, keep: Array, *, cache_sharding=None) -> SlotState:
     """The state of slots `keep` i32[S'] only (S' < S: a smaller batch per step once few rows are left); the
     outputs by row are carried whole."""
     take = lambda x: x[keep]  # noqa: E731
-    cache = constrain_cache(tuple(LayerCache(take(c.k), take(c.v)) for c in state.cache), cache_sharding)
+    if isinstance(state.cache[0], paged.PagedLayerCache):  # the pool stays; the host renumbers the page table
+        cache = state.cache
+    else:
+        cache = constrain_cache(tuple(LayerCache(take(c.k), take(c.v)) for c in state.cache), cache_sharding)
     return state._replace(cache=cache, tok=take(state.tok), step=take(state.step), row=take(state.row),
                           pad=take(state.pad), budget=take(state.budget), done=take(state.done))
 
 
-def _init_state(cfg, slots: int, cache_len: int, rows: int, width: int, pad_id: int, sharding=None) -> SlotState:
+def _init_state(cfg, slots: int, cache_len: int, rows: int, width: int, pad_id: int, sharding=None,
+                page_size: int = 0) -> SlotState:
+    """page_size > 0: a paged cache of cache_len pages (models/paged.py); else slots x cache_len."""
     scratch_rows = rows + 1
-    return SlotState(cache=constrain_cache(init_cache(cfg, slots, cache_len), sharding),
+    cache = init_paged_cache(cfg, cache_len, page_size) if page_size else init_cache(cfg, slots, cache_len)
+    return SlotState(cache=constrain_cache(cache, sharding),
                      tok=jnp.zeros((slots,), jnp.int32), step=jnp.zeros((slots,), jnp.int32),
                      row=jnp.full((slots,), rows, jnp.int32),
                      pad=jnp.zeros((slots,), jnp.int32), budget=jnp.ones((slots,), jnp.int32),
@@ -158,7 +185,17 @@ def _init_state(cfg, slots: int, cache_len: int, rows: int, width: int, pad_id: 
                      lengths=jnp.zeros((scratch_rows,), jnp.int32))
 
 
-_new_state = jax.jit(_init_state, static_argnums=(0, 1, 2, 3, 4, 5, 6))  # the cache made on device, sharded
+_new_state = jax.jit(_init_state, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))  # the cache made on device, sharded
+
+
+@functools.partial(jax.jit, static_argnames=("pad_id",), donate_argnames=("state",))
+def evict(state: SlotState, slots: Array, *, pad_id: int) -> SlotState:
+    """Slots i32[E] freed before their rows end (preempted: the page pool cannot hold every live row's next
+    segment); their rows' outputs cleared, to be decoded again from the start."""
+    rows = state.row[slots]
+    return state._replace(done=state.done.at[slots].set(True), row=state.row.at[slots].set(state.tokens.shape[0] - 1),
+                          tokens=state.tokens.at[rows].set(pad_id), logprobs=state.logprobs.at[rows].set(0.0),
+                          lengths=state.lengths.at[rows].set(0))
 
 
 def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, slots: int,
@@ -166,18 +203,29 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
              key: Array | int = 0,
              eos_ids: Sequence[int] = (), pad_id: int = 0, budgets: Sequence[int] | None = None,
              segment: int = 8, min_prompt_bucket: int = 16, max_prompt_len: int | None = None,
-             shrink: bool = True, shard_cache: bool = True, stats: dict | None = None) -> SampleOutput:
+             shrink: bool = True, shard_cache: bool = True, page_size: int = 0, pool_tokens: int = 0,
+             block_pages: int = 8, stats: dict | None = None) -> SampleOutput:
     """The static sampler's call (Sampler.__call__: rows i*n .. i*n + n - 1 for prompt i, numpy outputs cut to
     the longest row), decoded through `slots` slots. budgets: each prompt's most new tokens (<= max_new_tokens;
     None: max_new_tokens for all). shrink: once every row is admitted and at most half the slots are busy,
     continue on fewer slots. shard_cache: the slots' cache sharded as the static sampler's
     (sampling.cache_sharding: slots over the batch axes where they divide them, kv heads over tensor); the
-    smaller batches of the tail likewise where they divide. stats (a dict): filled with segments, admissions,
-    prompts prefilled, slot-steps and compactions."""
+    smaller batches of the tail likewise where they divide.
+
+    page_size > 0: a paged cache (models/paged.py) of pool_tokens tokens (0: slots x (prompt bucket + budget),
+    enough that no row is ever preempted), in pages of page_size tokens; decode attention reads blocks of
+    block_pages pages up to the longest live row. Pages are allocated one segment ahead and freed when a row
+    ends; a pool too small for every live row's next segment preempts the latest admitted rows (decoded again
+    later, to the same tokens). A paged cache shards kv heads over tensor only (pages are not split over the
+    batch axes). stats (a dict): filled with segments, admissions, prompts prefilled, slot-steps, compactions,
+    and with pages: the pool's pages, the most in use, preemptions."""
     if not prompts:
         raise ValueError("prompts: empty batch")
     if slots < 1 or segment < 1:
         raise ValueError(f"slots={slots}, segment={segment}: both must be >= 1")
+    if page_size < 0 or pool_tokens < 0 or block_pages < 1:
+        raise ValueError(f"page_size={page_size}, pool_tokens={pool_tokens}, block_pages={block_pages}: "
+                         "page_size and pool_tokens must be >= 0, block_pages >= 1")
     if budgets is not None and (len(budgets) != len(prompts) or min(budgets) < 1 or max(budgets) > max_new_tokens):
         raise ValueError(f"budgets: one per prompt, each in [1, max_new_tokens={max_new_tokens}]")
     cfg = nnx.merge(graphdef, params).cfg
@@ -192,18 +240,61 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     total_rows = bucket(len(prompts)) * n  # the static sampler's row table: the same draws
     key = jax.random.key(key) if isinstance(key, int) else key
     eos_ids = tuple(int(e) for e in eos_ids)
-    shard = (lambda size: cache_sharding(params, cfg.num_kv_heads, size)) if shard_cache else (lambda size: None)
+    budget_of = [max_new_tokens if budgets is None else budgets[r // n] for r in range(rows)]
+    pool = None
+    if page_size:
+        table_width = -(-paged_pages(plen + width, page_size) // block_pages) * block_pages
+        pages = (pool_tokens // page_size if pool_tokens else slots * paged_pages(plen + width, page_size)) + 1
+        longest_row = max(paged_pages(len(prompts[r // n]) + budget_of[r] - 1, page_size) for r in range(rows))
+        if pages - 1 < longest_row:
+            raise ValueError(f"pool_tokens={pool_tokens}: {pages - 1} pages of {page_size} cannot hold the longest "
+                             f"row ({longest_row} pages)")
+        pool = PagePool(pages, page_size, slots, table_width)
+        heads = cache_sharding(params, cfg.num_kv_heads, 1) if shard_cache else None  # kv heads over tensor only
+        shard = lambda size: heads  # noqa: E731
+        state = _new_state(cfg, slots, pages, rows, width, int(pad_id), heads, page_size)
+    else:
+        shard = (lambda size: cache_sharding(params, cfg.num_kv_heads, size)) if shard_cache else (lambda size: None)
+        state = _new_state(cfg, slots, plen + width, rows, width, int(pad_id), shard(slots))
     sharding = shard(slots)
-    state = _new_state(cfg, slots, plen + width, rows, width, int(pad_id), sharding)
     table = (jnp.zeros((1, 1), jnp.float32) if sampling.temperature == 0.0
              else uniform_table(key, steps=width, total_rows=total_rows))
     waiting = deque(range(rows))
     free = list(range(slots))
-    counts = {"segments": 0, "admissions": 0, "prefilled": 0, "slot_steps": 0, "compactions": 0}
+    slot_row = [-1] * slots  # host mirror: the row in each slot, its emitted tokens (an upper bound), admission order
+    slot_step = [0] * slots
+    admitted_at = [0] * slots
+    counts = {"segments": 0, "admissions": 0, "prefilled": 0, "slot_steps": 0, "compactions": 0, "preemptions": 0}
+
+    def covers(s: int, step: int) -> int:  # positions slot s writes up to the end of a segment from `step`
+        r = slot_row[s]
+        return len(prompts[r // n]) + min(step + segment, budget_of[r]) - 1
+
     while True:
+        if pool is not None:
+            # Every live slot's pages for its next segment; preempt the latest admitted while the pool is short.
+            live = sorted((s for s in range(len(slot_row)) if slot_row[s] >= 0), key=lambda s: admitted_at[s])
+            while sum(pool.missing(s, covers(s, slot_step[s])) for s in live) > len(pool.free):
+                victim = live.pop()
+                state = evict(state, jnp.asarray([victim], jnp.int32), pad_id=int(pad_id))
+                pool.release(victim)
+                waiting.appendleft(slot_row[victim])
+                slot_row[victim] = -1
+                free.append(victim)
+                counts["preemptions"] += 1
+            for s in live:
+                pool.grow(s, covers(s, slot_step[s]))
         take = min(len(free), len(waiting))
+        if pool is not None:  # only as many rows as the pool holds for their prompt and first segment
+            room, take_fit = len(pool.free), 0
+            for r in list(waiting)[:take]:
+                need = paged_pages(len(prompts[r // n]) + min(1 + segment, budget_of[r]) - 1, page_size)
+                if need > room:
+                    break
+                room, take_fit = room - need, take_fit + 1
+            take = take_fit
         if take:
-            a = min(bucket(take), slots)
+            a = min(bucket(take), len(slot_row))
             admitted = [waiting.popleft() for _ in range(take)]
             unique = sorted({r // n for r in admitted})  # each prompt prefilled once for all its admitted samples
             u = min(bucket(len(unique)), a)
@@ -213,37 +304,53 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                 tokens[j, plen - len(prompts[i]):] = prompts[i]
                 prompt_pad[j] = plen - len(prompts[i])
             src, row_ids = np.zeros((a,), np.int32), np.full((a,), rows, np.int32)
-            slot_ids, row_budgets = np.full((a,), slots, np.int32), np.ones((a,), np.int32)
+            slot_ids, row_budgets = np.full((a,), len(slot_row), np.int32), np.ones((a,), np.int32)
             for j, r in enumerate(admitted):
-                src[j], row_ids[j], slot_ids[j] = unique.index(r // n), r, free.pop(0)
-                row_budgets[j] = max_new_tokens if budgets is None else budgets[r // n]
+                s = free.pop(0)
+                src[j], row_ids[j], slot_ids[j], row_budgets[j] = unique.index(r // n), r, s, budget_of[r]
+                slot_row[s], slot_step[s], admitted_at[s] = r, 1, counts["admissions"]
+                if pool is not None:
+                    pool.grow(s, covers(s, 1))
             state = admit(graphdef, params, state, tokens, prompt_pad, src, row_ids, row_budgets, slot_ids, table,
-                          sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding)
+                          None if pool is None else pool.table, sampling=sampling, eos_ids=eos_ids,
+                          cache_sharding=sharding)
             counts["admissions"] += 1
             counts["prefilled"] += len(unique)
-        done = np.asarray(state.done)
-        if done.all() and not waiting:
+        if all(r < 0 for r in slot_row) and not waiting:
             break
-        state = decode_segment(graphdef, params, state, table, steps=segment, prompt_len=plen, sampling=sampling,
-                               eos_ids=eos_ids, cache_sharding=sharding)
+        state = decode_segment(graphdef, params, state, table, None if pool is None else pool.table, steps=segment,
+                               prompt_len=plen, sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding,
+                               block_pages=block_pages)
         counts["segments"] += 1
-        counts["slot_steps"] += segment * len(state.done)
+        counts["slot_steps"] += segment * len(slot_row)
         done = np.asarray(state.done)  # the only host read of a segment: S booleans
-        free = [s for s in range(len(done)) if done[s]]
-        live = len(done) - len(free)
-        if shrink and not waiting and 0 < live <= len(done) // 2:
+        for s in range(len(slot_row)):
+            if slot_row[s] >= 0:
+                slot_step[s] += segment
+                if done[s]:
+                    slot_row[s] = -1
+                    if pool is not None:
+                        pool.release(s)
+        free = [s for s in range(len(slot_row)) if slot_row[s] < 0]
+        live = len(slot_row) - len(free)
+        if shrink and not waiting and 0 < live <= len(slot_row) // 2:
             # Nothing left to admit and at most half the slots busy: the rest of the tail runs on half the slots
             # (or a quarter, ...: a step costs about its batch; halving keeps the compiled shapes few).
-            size = len(done)
+            size = len(slot_row)
             while live <= size // 2:
                 size //= 2
-            keep = [s for s in range(len(done)) if not done[s]] + free[:size - live]
+            keep = [s for s in range(len(slot_row)) if slot_row[s] >= 0] + free[:size - live]
             sharding = shard(size)
             state = compact(state, jnp.asarray(keep, jnp.int32), cache_sharding=sharding)
+            if pool is not None:
+                pool.keep(keep)
+            slot_row, slot_step, admitted_at = ([x[s] for s in keep] for x in (slot_row, slot_step, admitted_at))
             counts["compactions"] += 1
-            free = []
+            free = [s for s in range(len(slot_row)) if slot_row[s] < 0]
     if stats is not None:
         stats.update(counts, cache_sharding=shard(slots))
+        if pool is not None:
+            stats.update(pages=pool.capacity, peak_pages=pool.peak)
     tokens, logprobs, lengths = (np.asarray(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
     out_width = max(int(lengths.max()), 1)
     return SampleOutput(tokens[:, :out_width], logprobs[:, :out_width], lengths)

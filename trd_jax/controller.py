@@ -125,7 +125,7 @@ class Trainer:
                                          evaluating=self.evaluating)
         eos, pad = tok.eos_ids, tok.pad_id
         self.eval_sampler = Sampler(self.roles.student_graph, eos_ids=eos, pad_id=pad,
-                                    continuous_slots=s.continuous_slots)
+                                    continuous=s.continuous)
         if self.evaluating:  # the student alone: no teacher, no optimizer state
             self.state, self.eval_params, self.data = None, params, None
             return
@@ -135,7 +135,7 @@ class Trainer:
         self.state = init_sharded_state(params, self.roles.trainable_shardings, self.optimizer, self.mesh, ema=ema)
         del params
         self.rollout_sampler = Sampler(self.roles.student_graph, eos_ids=eos, pad_id=pad,
-                                       continuous_slots=s.continuous_slots)
+                                       continuous=s.continuous)
         self.refine_sampler = Sampler(self.roles.teacher_graph, eos_ids=eos, pad_id=pad)
         self.memory = self.roles.persistent_bytes(self.state)
         if self.host0 and s.lora is not None:
@@ -306,7 +306,7 @@ class Trainer:
             span.tokens = sum(map(len, y_o))
         if s.prompt_lookup_tokens:
             metrics.update(_draft_metrics(self.rollout_sampler.last_draft_stats, span.tokens, "rollout"))
-        elif s.continuous_slots and self.rollout_sampler.last_continuous_stats:  # generated tokens per slot-step
+        elif s.continuous.slots and self.rollout_sampler.last_continuous_stats:  # generated tokens per slot-step
             metrics["rollout/slot_occupancy"] = span.tokens / max(self.rollout_sampler.last_continuous_stats[
                 "slot_steps"], 1)
         if s.release_kv_cache:  # each sampler's cache is freed as its phase ends

@@ -46,7 +46,8 @@ BOOTSTRAP_RECORD = "bootstrap_models.json"
 # run that ran out of memory resumes with them.
 RESUMABLE_CHANGES = ("eval.", "log.", "checkpoint.", "export.", "student.attention", "teacher.attention",
                      "train.remat", "train.max_score_rows", "rollout.max_rows_per_call", "rollout.release_kv_cache",
-                     "refine.reuse_states", "rollout.continuous_slots")
+                     "refine.reuse_states", "rollout.continuous_slots", "rollout.kv_page_size",
+                     "rollout.kv_pool_tokens")
 
 
 def write_model_card(workdir: str, cfg: ModelConfig, tokenizer_dir: str | None) -> str:

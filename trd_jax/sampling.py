@@ -63,6 +63,31 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_p={self.top_p}: must be in (0, 1]")
 
 
+@dataclasses.dataclass(frozen=True)
+class ContinuousConfig:
+    """Continuous batching (continuous.py) for a Sampler's plain calls: `slots` rows in flight (0: off), the stop
+    check every `segment` steps; page_size > 0: a paged KV cache of pool_tokens tokens (0: enough for every slot's
+    longest row), attention over blocks of block_pages pages."""
+
+    slots: int = 0
+    segment: int = 8
+    page_size: int = 0
+    pool_tokens: int = 0
+    block_pages: int = 8
+
+    def __post_init__(self):
+        for name in ("slots", "page_size", "pool_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ContinuousConfig.{name}={getattr(self, name)}: must be >= 0")
+        if self.segment < 1 or self.block_pages < 1:
+            raise ValueError(f"ContinuousConfig: segment={self.segment} and block_pages={self.block_pages} must "
+                             "be >= 1")
+        if (self.page_size or self.pool_tokens) and not self.slots:
+            raise ValueError("ContinuousConfig: a paged cache (page_size, pool_tokens) needs slots > 0")
+        if self.pool_tokens and not self.page_size:
+            raise ValueError("ContinuousConfig.pool_tokens: set page_size too")
+
+
 class SampleOutput(NamedTuple):
     tokens: Array  # i32[B, N]
     logprobs: Array  # f32[B, N]
@@ -402,7 +427,7 @@ class Sampler:
     row)."""
 
     def __init__(self, graphdef, *, eos_ids: Sequence[int] = (), pad_id: int = 0, min_prompt_bucket: int = 16,
-                 shard_cache: bool = True, continuous_slots: int = 0, continuous_segment: int = 8,
+                 shard_cache: bool = True, continuous: ContinuousConfig = ContinuousConfig(),  # noqa: B008 (frozen)
                  decode_segment: int | None = None):
         self.graphdef = graphdef
         self.eos_ids = tuple(int(e) for e in eos_ids)
@@ -417,9 +442,9 @@ class Sampler:
         self._cfg = None
         self._cache_fns: dict = {}  # sharding -> init_cache jitted with those out_shardings
         self.last_draft_stats: dict | None = None  # the last speculative call's passes, proposed, accepted
-        # > 0: plain calls (no drafts, no kept states) on one process go through continuous batching with this many
-        # slots (continuous.py): the same tokens, no slot idle while rows wait. last_continuous_stats: its counts.
-        self.continuous_slots, self.continuous_segment = continuous_slots, continuous_segment
+        # continuous.slots > 0: plain calls (no drafts, no kept states) on one process go through continuous batching
+        # (continuous.py): the same tokens, no slot idle while rows wait. last_continuous_stats: its counts.
+        self.continuous = continuous
         self.last_continuous_stats: dict | None = None
         # Decode steps between stop checks (decode's `segment`): on GPU and TPU the check costs a host round trip
         # per loop iteration; on CPU it costs nothing and a segment only adds steps past the stop.
@@ -500,13 +525,15 @@ class Sampler:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}]: empty prompt")
-        if self.continuous_slots and not speculate and not keep_hidden and not multihost.multi_process():
+        if self.continuous.slots and not speculate and not keep_hidden and not multihost.multi_process():
             from trd_jax.continuous import generate  # noqa: PLC0415 - it imports this module
 
             self.last_continuous_stats = {}
-            return generate(self.graphdef, params, prompts, max_new_tokens, slots=self.continuous_slots,
+            c = self.continuous
+            return generate(self.graphdef, params, prompts, max_new_tokens, slots=c.slots, page_size=c.page_size,
+                            pool_tokens=c.pool_tokens, block_pages=c.block_pages,
                             sampling=sampling, n=n, key=key, eos_ids=eos_ids, pad_id=self.pad_id, budgets=budgets,
-                            segment=self.continuous_segment, min_prompt_bucket=self.min_prompt_bucket,
+                            segment=c.segment, min_prompt_bucket=self.min_prompt_bucket,
                             max_prompt_len=max_prompt_len, shard_cache=self.shard_cache,
                             stats=self.last_continuous_stats)
         longest = max(len(p) for p in prompts)

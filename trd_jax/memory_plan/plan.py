@@ -169,14 +169,28 @@ class _Step:
     def slots_sharded(self, rows: int) -> bool:
         """Continuous batching shards its slots like the static sampler's rows, where the batch shards divide them
         (continuous.generate); otherwise every device holds every slot."""
-        return self.options.kv_cache == "sharded" and self.call_rows(rows, True) % self.batch_shards == 0
+        return (self.options.kv_cache == "sharded" and not self.options.kv_page_size
+                and self.call_rows(rows, True) % self.batch_shards == 0)
 
-    def slots_note(self, rows: int) -> str:
+    def slots_note(self, rows: int, prompt: int, new: int) -> str:
+        slots = self.call_rows(rows, True)
+        if self.options.kv_page_size:
+            return (f"{slots} continuous slots over a paged pool of {self.pool_tokens(rows, prompt + new)} tokens "
+                    f"(pages of {self.options.kv_page_size}), whole on every batch shard")
         where = self.cache_note if self.slots_sharded(rows) else "on every device (the shards do not divide them)"
-        return f"{self.call_rows(rows, True)} continuous slots, {where}"
+        return f"{slots} continuous slots, {where} x ({prompt} + {new})"
+
+    def pool_tokens(self, rows: int, length: int) -> int:
+        """A paged cache's tokens (continuous.generate): kv_pool_tokens, or every slot's longest row in whole pages;
+        plus the scratch page."""
+        page = self.options.kv_page_size
+        pool = self.options.kv_pool_tokens or self.call_rows(rows, True) * _ceil_div(length, page) * page
+        return pool // page * page + page
 
     def cache(self, cfg: ModelConfig, rows: int, length: int, continuous: bool = False) -> int:
         """continuous: a student sampler under continuous batching (slots x (prompt + budget))."""
+        if continuous and self.continuous and self.options.kv_page_size:
+            return kv_cache_bytes(cfg, 1, self.pool_tokens(rows, length), kv_shards=self.kv_heads_div)
         if continuous and self.continuous:
             sharded = self.slots_sharded(rows)
             return kv_cache_bytes(cfg, self.call_rows(rows, True) // (self.kv_rows_div if sharded else 1), length,
@@ -254,7 +268,7 @@ def _sampler_phases(step: _Step, rollout_cache: int, refine_cache: int) -> list[
     keep_between_steps = not work.release_kv_cache
     rows_note = f"{step.call_rows(work.rows)} rows per call"
     phases = []
-    rollout_note = (f"{step.slots_note(work.rows)} x ({work.prompt} + {work.max_new})" if step.continuous
+    rollout_note = (step.slots_note(work.rows, work.prompt, work.max_new) if step.continuous
                     else f"{rows_note} x ({work.prompt} + {work.max_new}), {step.cache_note}")
     rollout = [Item("rollout KV cache (student)", rollout_cache, rollout_note)]
     rollout += step.sampler_transient(step.student, work.rows, work.prompt, work.n, continuous=True)
@@ -361,7 +375,7 @@ def _eval_phases(step: _Step, held_after: list[Item]) -> list[Phase]:
     before training, the refine sampler on the vanilla contexts."""
     work, student, teacher = step.work, step.student, step.teacher
     eval_cache = step.cache(student, work.eval_rows, work.eval_prompt + work.eval_new, continuous=True)
-    ev_note = (f"{step.slots_note(work.eval_rows)} x ({work.eval_prompt} + {work.eval_new})" if step.continuous
+    ev_note = (step.slots_note(work.eval_rows, work.eval_prompt, work.eval_new) if step.continuous
                else f"{step.call_rows(work.eval_rows)} rows per call x ({work.eval_prompt} + {work.eval_new}), "
                     f"{step.cache_note}")
     ev = [Item("eval KV cache (student)", eval_cache, ev_note)]

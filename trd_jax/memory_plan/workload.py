@@ -31,6 +31,10 @@ class PlanOptions:
     # rollout.continuous_slots: the student's samplers (rollout, eval) hold this many rows in flight (continuous.py),
     # sharded like the static sampler's rows where the batch shards divide them; 0: the static sampler
     continuous_slots: int = 0
+    # rollout.kv_page_size / kv_pool_tokens: those slots' cache as pages (models/paged.py): a pool of kv_pool_tokens
+    # tokens (0: every slot's longest row), kv heads over tensor, the pool whole on each batch shard
+    kv_page_size: int = 0
+    kv_pool_tokens: int = 0
     score_rows: int = 0  # train.max_score_rows: rows per scoring forward; 0: all of a step's rows at once
     # The config's lora section (models/lora.py), None: full fine-tuning. Under LoRA the student's base is frozen
     # and shared with OPSD's initial teacher (no copy); gradients, AdamW moments and the EMA exist for the
@@ -42,14 +46,16 @@ class PlanOptions:
         for name, valid in (("remat", REMAT), ("kv_cache", KV_CACHE)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"PlanOptions.{name}={getattr(self, name)!r}: expected one of {valid}")
-        if self.sampler_rows < 0 or self.score_rows < 0 or self.continuous_slots < 0:
-            raise ValueError("PlanOptions.sampler_rows, score_rows and continuous_slots must be >= 0")
+        if min(self.sampler_rows, self.score_rows, self.continuous_slots, self.kv_page_size, self.kv_pool_tokens) < 0:
+            raise ValueError("PlanOptions.sampler_rows, score_rows, continuous_slots, kv_page_size and kv_pool_tokens "
+                             "must be >= 0")
 
 
 def options_from_settings(s, **overrides) -> PlanOptions:
     """The PlanOptions a run config (config.Settings) sets; `overrides`: PlanOptions fields."""
     fields = dict(remat=s.remat, sampler_rows=s.max_rows_per_call, score_rows=s.max_score_rows, lora=s.lora,
-                  continuous_slots=s.continuous_slots)
+                  continuous_slots=s.continuous.slots, kv_page_size=s.continuous.page_size,
+                  kv_pool_tokens=s.continuous.pool_tokens)
     return PlanOptions(**{**fields, **overrides})
 
 
