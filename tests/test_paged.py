@@ -108,3 +108,25 @@ def test_table_width_must_be_whole_blocks():
     with pytest.raises(ValueError, match="block_pages"):
         paged_attention(jnp.zeros((1, 1, 1, 1, 2)), cache, jnp.zeros((1, 3), jnp.int32), jnp.zeros(1, jnp.int32),
                         block_pages=2)
+
+
+def test_the_page_pool_grows_frees_and_renumbers_slots():
+    from trd_jax.page_pool import PagePool
+
+    pool = PagePool(pages=6, page_size=4, slots=3, table_width=3)  # 5 usable pages, page 5 is scratch
+    assert (pool.table == 5).all() and pool.capacity == 5
+    pool.grow(0, 9)  # 9 positions: 3 pages
+    pool.grow(2, 3)
+    assert pool.owned == [3, 0, 1] and pool.used() == 4 and pool.missing(2, 8) == 1 and pool.missing(0, 8) == 0
+    owned = set(pool.table[0]) | {pool.table[2, 0]}
+    assert len(owned) == 4 and 5 not in owned  # distinct pages, never the scratch one
+    with pytest.raises(RuntimeError, match="slot 2 needs 2 pages, 1 free"):
+        pool.grow(2, 12)
+    pool.release(0)
+    assert pool.used() == 1 and (pool.table[0] == 5).all() and pool.peak == 4
+    pool.keep([2, 0])  # slot 2 becomes slot 0
+    assert pool.owned == [1, 0] and pool.table.shape == (2, 3) and pool.table[0, 0] in owned
+    with pytest.raises(ValueError, match="still owns pages"):
+        pool.keep([1])
+    with pytest.raises(ValueError, match="exceed the page table"):
+        PagePool(pages=9, page_size=4, slots=1, table_width=2).grow(0, 9)

@@ -13,9 +13,14 @@ element r (its row in the call) of uniform(fold_in(key, t), (R, 1)), R = bucket(
 number the static sampler draws for it, so a row gets the same tokens whichever slot and segment decode it
 (tests/test_continuous.py; log-probs equal up to the rounding of another batch shape).
 
-Not yet: pages (the cache is slots x (P + N), sized by rows in flight, not tokens in flight), decode
-attention that reads only a row's filled slots, speculative refine, keep_hidden, several processes; the Sampler
-uses it only when asked (Sampler(continuous_slots=S), rollout.continuous_slots).
+With page_size > 0 the cache is paged (models/paged.py, page_pool.py): a pool of pages sized by the tokens in
+flight, each row's prompt at logical positions [0, L) without the bucket's padding, pages allocated one segment
+ahead and freed when the row ends, decode attention reading only up to the longest live row; a pool too small
+for every live row's next segment preempts the latest admitted rows, which are decoded again to the same tokens.
+
+Not yet: speculative refine through the engine, keep_hidden, several processes, pages split over the batch axes,
+a Pallas (TPU) or fused GPU kernel for the paged attention; the Sampler uses continuous batching only when asked
+(Sampler(continuous=ContinuousConfig(slots=S, ...)), rollout.continuous_slots / kv_page_size / kv_pool_tokens).
 """
 
 from __future__ import annotations
