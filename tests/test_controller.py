@@ -57,27 +57,29 @@ CASES = {  # id: (overrides, loss)
 }
 
 
-def _spy_greedy(trainer) -> list:
-    """Records (prompts, max_new_tokens, rows) of the trainer's temperature-0 sampler calls."""
-    calls, sample = [], trainer._sample
+def _spy_greedy(monkeypatch, trainer) -> list:
+    """Records (prompts, max_new_tokens, rows) of the evaluator's temperature-0 sampler calls."""
+    from trd_jax import evaluator
 
-    def spy(sampler, params, prompts, max_new, sampling, n, key, max_prompt_len=None, **drafts):
-        rows = sample(sampler, params, prompts, max_new, sampling, n, key, max_prompt_len, **drafts)
+    calls, sample = [], evaluator.sample_rows
+
+    def spy(s, sampler, params, prompts, max_new, sampling, n, key, max_prompt_len=None, **drafts):
+        rows = sample(s, sampler, params, prompts, max_new, sampling, n, key, max_prompt_len, **drafts)
         if sampling.temperature == 0:
             assert sampler is trainer.eval_sampler and n == 1
             calls.append((prompts, max_new, rows))
         return rows
 
-    trainer._sample = spy
+    monkeypatch.setattr(evaluator, "sample_rows", spy)
     return calls
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_end_to_end(case, tmp_path):
+def test_end_to_end(case, tmp_path, monkeypatch):
     overrides = CASES[case]
     trainer = Trainer(tiny_config(**overrides), str(tmp_path))
     teacher_before = _leaves(trainer.teacher_params) if trainer.teacher_params is not None else None
-    greedy_calls = _spy_greedy(trainer)
+    greedy_calls = _spy_greedy(monkeypatch, trainer)
     summary = trainer.run()
     y_r = overrides["distill.trajectory"] == "y_r"
 

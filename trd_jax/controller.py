@@ -1,5 +1,6 @@
 """The host controller: the loop around the jitted steps (rollout, refine, score, update), with data,
-grading, metrics, per-phase cost, checkpoints, evaluation and export.
+grading, metrics, per-phase cost, checkpoints and export; the score phase's forwards are scoring.py's, evaluation
+is evaluator.py's, and the models are roles.py's.
 
 One step (TRD_SPEC §3):
     prompts (data) -> rollout y_o (student sampler) -> grade y_o
@@ -25,30 +26,30 @@ import jax
 import ml_collections
 import numpy as np
 
-from trd_jax import diagnostics, evaluation, multihost, row_groups, score_reuse, trajectories
+from trd_jax import evaluation, multihost, row_groups, trajectories
+from trd_jax.evaluator import Evaluator
+from trd_jax.phase_sampling import draft_metrics, sample_rows
 from trd_jax.checkpointing import Checkpointer, PreemptionGuard, multihost_should_stop
 from trd_jax.config import Settings, resolve
 from trd_jax.errors import ConfigError, TrainingError
 from trd_jax.data.registry import make_task_once
 from trd_jax.data.task import NoUsableExamples
-from trd_jax.layouts import DistillBatch, Layout, distill_batch
+from trd_jax.layouts import DistillBatch, distill_batch
 from trd_jax.metrics import MetricsWriter, PhaseTimer, ProgressBar, atomic_write_json, estimate_flops, quantiles
+from trd_jax.scoring import Scorer
 from trd_jax.roles import build_roles, converted, prepared_sources, tokenizer_home
 from trd_jax.run_checkpoint import check_resume_config, checkpoint_steps, is_run_dir
 from trd_jax.run_summary import training_summary
 from trd_jax.offline import shards
 from trd_jax.offline.batches import offline_batch
 from trd_jax.offline.rounds import RoundRows
-from trd_jax.sampling import Sampler, SamplingConfig
-from trd_jax.sharding import batch_sharding, make_mesh, replicated
-from trd_jax.steps import (ScoreOutput, init_sharded_state, jit_score, jit_update, learning_rate_schedule,
+from trd_jax.sampling import Sampler
+from trd_jax.sharding import make_mesh, replicated
+from trd_jax.steps import (ScoreOutput, init_sharded_state, jit_update, learning_rate_schedule,
                            make_optimizer, to_micro_batches)
 from trd_jax.tokenization import Tokenizer
 
 log = logging.getLogger(__name__)
-
-GREEDY = SamplingConfig(temperature=0.0)  # eval.greedy: argmax decoding (top-k / top-p are moot)
-
 
 class StepTargets(NamedTuple):
     """What a step distils on: the rows (trajectories, grades, contexts), their batch layouts, the teacher's
@@ -106,13 +107,11 @@ class Trainer:
             self.train_key, self.eval_key = (multihost.to_global(k, replicated(self.mesh))
                                              for k in (self.train_key, self.eval_key))
         self.timer = PhaseTimer()
+        self.evaluator = Evaluator(s, self.task, self.tok, self.eval_key, self.timer, self.workdir, self.host0)
         self.counters: dict[str, float] = {}
         self.evals: list[dict] = []
-        self._score_fns: dict = {}
-        self._assemble_fn = None  # score_reuse.assemble, compiled on first use
         self._update_fn = None
         self._warm = False
-        self._stats_fn = jax.jit(diagnostics.teacher_token_stats, static_argnames=("chunk_size", "temperature"))
         self._setup_models()
 
     # ------------------------------------------------------------------------------------------ setup
@@ -123,6 +122,7 @@ class Trainer:
         s, tok = self.s, self.tok
         self.roles, params = build_roles(s, self.sources, tok, self.mesh, self.workdir, self.task.tokenizer_dir,
                                          evaluating=self.evaluating)
+        self._score = self.scorer = Scorer(s, self.roles, self.mesh, self._add_flops)  # _score: what experiments call
         eos, pad = tok.eos_ids, tok.pad_id
         self.eval_sampler = Sampler(self.roles.student_graph, eos_ids=eos, pad_id=pad,
                                     continuous=s.continuous)
@@ -187,25 +187,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ compiled steps
 
-    def _score(self, side: str, params, layout: Layout, targets, mask):
-        key = side  # one jitted function per side, compiled once per context width (Layout's static field)
-        if key not in self._score_fns:
-            graph, shard = self.roles.graph_and_shardings(side)
-            self._score_fns[key] = jit_score(graph, shard, self.mesh, temperature=self.s.loss.temperature,
-                                             chunk_size=self.s.loss.chunk_size)
-        args = (layout, targets, mask)
-        rows = np.shape(targets)[0]
-        if not self.s.max_score_rows or self.s.max_score_rows >= rows:
-            return self._score_fns[key](params, *self._score_args(args))
-        # train.max_score_rows: the forward's activations scale with the group, the output is assembled in place
-        return row_groups.run_in_groups(lambda part: self._score_fns[key](params, *part), args, rows=rows,
-                                        group=self.s.max_score_rows, mesh=self.mesh, place=self._score_args)
-
-    def _score_args(self, args):
-        if multihost.multi_process():  # host rows, the same on every process -> global arrays split over rows
-            return jax.tree.map(lambda x: multihost.to_global(x, batch_sharding(self.mesh, np.ndim(x))), args)
-        return args
-
     def _update(self, batch: DistillBatch, scored, dropout_key=None):
         if self._update_fn is None:  # compiled once per context width (Layout's static field)
             state_sh = jax.tree.map(lambda x: x.sharding, self.state)
@@ -222,23 +203,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
 
-    def _sample(self, sampler: Sampler, params, prompts, max_new: int, sampling, n: int, key,
-                max_prompt_len: int | None = None, drafts=None, draft_tokens: int = 0, kept: dict | None = None,
-                lookup: bool = False):
-        """max_prompt_len: the longest prompt the phase allows (caps the sampler's prompt bucket and cache);
-        rows go through the sampler at most rollout.max_rows_per_call at a time. drafts: speculative
-        decoding against them (speculative.py). kept: a dict that receives the rows' final-layer states under
-        "hidden" (score_reuse). lookup: draft from the prompts themselves (rollout.prompt_lookup_tokens)."""
-        mode = "aligned"
-        if lookup and self.s.prompt_lookup_tokens:
-            drafts, draft_tokens, mode = prompts, self.s.prompt_lookup_tokens, "lookup"
-        out = sampler(params, prompts, max_new, sampling=sampling, n=n, key=key, max_prompt_len=max_prompt_len,
-                      max_rows=self.s.max_rows_per_call, drafts=drafts, draft_tokens=draft_tokens, draft_mode=mode,
-                      keep_hidden=kept is not None)
-        if kept is not None:
-            kept["hidden"] = out.hidden
-        return trajectories.sampled_rows(out.tokens, out.lengths)
-
     @property
     def reuses_refine_states(self) -> bool:
         """The score phase takes y_r's teacher states from the refine pass (score_reuse): refine-context
@@ -246,28 +210,6 @@ class Trainer:
         s = self.s
         return (s.trajectory == "y_r" and s.teacher_context == "refine" and s.refine.reuse_states
                 and not multihost.multi_process())
-
-    def _score_batch(self, teacher_params, batch: DistillBatch, rows, kept: dict, metrics: dict):
-        """The teacher's ScoreOutput of the trained batch: from the refine pass's states where they serve
-        (score_reuse), by a forward of the teacher elsewhere. Counts the phase's FLOPs: a forward over the
-        rows scored anew, the lm_head product over the reused ones."""
-        if kept.get("hidden") is None:
-            self._add_flops("score", self.roles.teacher_count, int(batch.teacher.mask.sum()))
-            return self._score("teacher", teacher_params, batch.teacher, batch.targets, batch.response_mask)
-        src = score_reuse.reused_rows(rows)
-        index, slot = score_reuse.rows_to_recompute(src)
-        recomputed = None
-        if index.size:
-            recomputed = self._score("teacher", teacher_params, *score_reuse.sub_batch(batch, index)).hidden
-        if self._assemble_fn is None:
-            self._teacher_head_size = int(np.prod(self.roles.teacher_head(teacher_params).shape))  # FLOPs estimate
-            self._assemble_fn = score_reuse.jit_assemble(self.roles.teacher_graph, temperature=self.s.loss.temperature,
-                                                         chunk_size=self.s.loss.chunk_size)
-        metrics["score/reused_rows"] = int((src >= 0).sum())
-        self._add_flops("score", self.roles.teacher_count, int(batch.teacher.mask[src < 0].sum()))
-        self._add_flops("score", self._teacher_head_size, int(batch.response_mask[src >= 0].sum()))
-        return self._assemble_fn(teacher_params, score_reuse.pad_rows(kept["hidden"]), src, recomputed, slot,
-                                 batch.targets, batch.response_mask)
 
     def _count(self, metrics: dict, key: str, value: float) -> None:
         metrics[f"rows/{key}"] = value
@@ -286,7 +228,8 @@ class Trainer:
 
         if s.diagnostics and step % s.diagnostics_every == 0:
             with timer.phase("diagnostics"):
-                self._diagnostics(rows, batch, scored, teacher_params, vanilla, metrics)
+                metrics.update(self.scorer.diagnostics(rows, batch, scored, self._student_params(), teacher_params,
+                                                       vanilla, pad_id=self.tok.pad_id))
         return self._finish_step(step, bar, rows, batch, scored, y_o, metrics)
 
     def distill_targets(self, step: int, examples, metrics: dict, bar: ProgressBar | None = None) -> StepTargets:
@@ -301,11 +244,11 @@ class Trainer:
         bar.update(step, phase="rollout")
         with timer.phase("rollout") as span:
             prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
-            y_o = self._sample(self.rollout_sampler, self._student_params(), prompts, s.rollout_max_new, s.rollout, n,
-                               k_rollout, s.max_prompt_tokens, lookup=True)
+            y_o = sample_rows(s, self.rollout_sampler, self._student_params(), prompts, s.rollout_max_new, s.rollout,
+                              n, k_rollout, s.max_prompt_tokens, lookup=True)
             span.tokens = sum(map(len, y_o))
         if s.prompt_lookup_tokens:
-            metrics.update(_draft_metrics(self.rollout_sampler.last_draft_stats, span.tokens, "rollout"))
+            metrics.update(draft_metrics(self.rollout_sampler.last_draft_stats, span.tokens, "rollout"))
         elif s.continuous.slots and self.rollout_sampler.last_continuous_stats:  # generated tokens per slot-step
             metrics["rollout/slot_occupancy"] = span.tokens / max(self.rollout_sampler.last_continuous_stats[
                 "slot_steps"], 1)
@@ -325,13 +268,13 @@ class Trainer:
         if s.trajectory == "y_r":
             bar.update(step, phase="refine")
             with timer.phase("refine") as span:
-                trajectories.refine(rows, tok, s.refine, lambda ids, drafts: self._sample(
-                    self.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.refine_sampling, 1, k_refine,
-                    s.refine.prompt_budget, drafts=drafts if s.refine.speculative else None,
+                trajectories.refine(rows, tok, s.refine, lambda ids, drafts: sample_rows(
+                    s, self.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.refine_sampling, 1,
+                    k_refine, s.refine.prompt_budget, drafts=drafts if s.refine.speculative else None,
                     draft_tokens=s.refine.draft_tokens, kept=kept if self.reuses_refine_states else None))
                 span.tokens = sum(map(len, rows.y_r))
             if s.refine.speculative and rows.y_r:
-                metrics.update(_draft_metrics(self.refine_sampler.last_draft_stats, span.tokens))
+                metrics.update(draft_metrics(self.refine_sampler.last_draft_stats, span.tokens))
             if s.release_kv_cache:
                 self.refine_sampler.release()
             sent = rows.refine_prompts.generate_rows
@@ -355,7 +298,7 @@ class Trainer:
 
         bar.update(step, phase="score")
         with timer.phase("score") as span:
-            scored = self._score_batch(teacher_params, batch, rows, kept, metrics)
+            scored = self.scorer.batch(teacher_params, batch, rows, kept, metrics)
             span.block, span.tokens = scored, int(batch.teacher.mask.sum())
         kept.clear()  # the states are in `scored` now
         return StepTargets(rows, batch, scored, teacher_params, vanilla)
@@ -422,95 +365,15 @@ class Trainer:
         key = f"flops/{phase}"
         self.counters[key] = self.counters.get(key, 0.0) + estimate_flops(num_params, tokens, kind=kind)
 
-    def _diagnostics(self, rows, batch: DistillBatch, scored, teacher_params, vanilla, metrics: dict) -> None:
-        """Prefix-failure diagnostics (trd_jax/diagnostics.py) on the trained batch and, for TRD, on the
-        rollouts y_o under the vanilla teacher context: what token-level OPD would have trained on."""
-        head = self.roles.teacher_head(teacher_params)
-
-        def one(b: DistillBatch, teacher_out, prefix: str) -> dict:
-            targets, mask = b.targets, b.response_mask
-            if multihost.multi_process():
-                targets, mask = (multihost.to_global(x, batch_sharding(self.mesh)) for x in (targets, mask))
-            stats = self._stats_fn(teacher_out.hidden, head, targets, mask,
-                                   chunk_size=self.s.loss.chunk_size, temperature=self.s.loss.temperature)
-            student = self._score("student", self._student_params(), b.student, b.targets, b.response_mask)
-            return diagnostics.summarize(multihost.host_tree(stats), b.response_mask,
-                                         student_logp=multihost.to_host(student.logp),
-                                         teacher_logp=multihost.to_host(teacher_out.logp), prefix=prefix)
-
-        trained = one(batch, scored, "diag/trained/")
-        metrics.update(trained)
-        if self.s.trajectory == "y_o":
-            metrics.update({k.replace("diag/trained/", "diag/y_o/"): v for k, v in trained.items()})
-        else:
-            b_o = distill_batch(rows.prompts, rows.y_o, vanilla, pad_id=self.tok.pad_id)
-            metrics.update(one(b_o, self._score("teacher", teacher_params, b_o.teacher, b_o.targets,
-                                                b_o.response_mask), "diag/y_o/"))
-
     # ------------------------------------------------------------------------------------------ evaluation
 
     def evaluate(self, step: int, params=None, *, teacher: bool = False) -> dict:
-        """Avg@n, Pass@k and the Pass@k curve on the eval split, and (eval.greedy, student only) greedy accuracy:
-        one temperature-0 sample per problem through the same eval sampler; writes
-        workdir/eval/step_<step>.{json,md}. `teacher`: the teacher instead of the student, in its vanilla context
-        (x for OPD; x + y* for OPSD's initial weights), written to workdir/eval/teacher.{json,md}.
-
-        Returns the brief kept in summary.json (initial_eval, final_eval, evals): step, avg_at_k, pass_at_k,
-        pass_at, k, n, num_problems, mean_length, correct_counts (per problem, for per-problem statistics and
-        broadening) and, with greedy decoding, greedy."""
-        s, tok = self.s, self.tok
-        examples = list(self.task.split("eval"))
-        if s.eval_problems:
-            examples = examples[: s.eval_problems]
-        prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
-        sampler, max_prompt_len = self.eval_sampler, s.max_prompt_tokens
+        """The student (`params`, default its current weights) or, `teacher`, the teacher in its vanilla context,
+        evaluated on the eval split (evaluator.Evaluator: Avg@n, Pass@k, greedy; reports in workdir/eval)."""
         if teacher:
-            sampler = self.refine_sampler
             params = self.roles.teacher_eval_params(self._student_params())
-            prompts = trajectories.vanilla_contexts(tok, examples, prompts, mode=s.mode, task_kind=self.task.kind,
-                                                    prompt_mode=s.prompt_mode)
-            if s.mode != "opd":  # OPSD's vanilla context x + y* has no configured bound
-                max_prompt_len = None
-        elif params is None:
-            params = self._student_params()
-        greedy = s.eval_greedy and not teacher
-        correct, lengths, greedy_correct, greedy_lengths = [], [], [], []
-        chunk = max(1, s.batch_size)
-        with self.timer.phase("eval") as span:
-            try:
-                for c in range(0, len(examples), chunk):
-                    key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)
-                    rows = self._sample(sampler, params, prompts[c:c + chunk], s.eval_max_new, s.eval_sampling,
-                                        s.eval_n, key, max_prompt_len, lookup=True)
-                    exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval_n)]
-                    correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval_n) > 0.5)
-                    lengths += [len(r) for r in rows]
-                # After all sampled chunks, so that the sampler's cache changes shape (n -> 1 row per prompt) once.
-                for c in range(0, len(examples) if greedy else 0, chunk):
-                    key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)  # unused at temperature 0
-                    rows = self._sample(sampler, params, prompts[c:c + chunk], s.eval_max_new, GREEDY, 1, key,
-                                        max_prompt_len, lookup=True)
-                    greedy_correct.append(trajectories.grade(self.task, tok, rows, examples[c:c + chunk]) > 0.5)
-                    greedy_lengths += [len(r) for r in rows]
-            finally:
-                sampler.release()  # evaluations are rare: their cache (eval, or teacher eval's) is not kept
-            span.tokens = sum(lengths) + sum(greedy_lengths)
-        summary = evaluation.summarize(np.concatenate(correct), s.eval_k, problem_ids=[ex.id for ex in examples])
-        summary.update(step=step, mean_length=float(np.mean(lengths)))
-        if greedy:
-            summary.update(greedy=float(np.concatenate(greedy_correct).mean()),
-                           greedy_mean_length=float(np.mean(greedy_lengths)))
-        who = "teacher" if teacher else "student"
-        if self.host0:
-            evaluation.write_report(os.path.join(self.workdir, "eval"), "teacher" if teacher else f"step_{step:06d}",
-                                    summary, rows=10, title=f"{self.task.name}: {who} at step {step}")
-        keys = ("step", "avg_at_k", "pass_at_k", "pass_at", "k", "n", "num_problems", "mean_length", "correct_counts",
-                "greedy")
-        brief = {k: summary[k] for k in keys if k in summary}
-        log.info("eval of the %s at step %d: Avg@%d %.2f%%, Pass@%d %.2f%%%s", who, step, brief["n"],
-                 100 * brief["avg_at_k"], brief["k"], 100 * brief["pass_at_k"],
-                 f", greedy {100 * brief['greedy']:.2f}%" if greedy else "")
-        return brief
+            return self.evaluator(step, self.refine_sampler, params, teacher=True)
+        return self.evaluator(step, self.eval_sampler, self._student_params() if params is None else params)
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -635,14 +498,3 @@ class Trainer:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, **kw) -> dict:
     return Trainer(cfg, workdir, **kw).run()
-
-
-def _draft_metrics(stats: dict, tokens: int, phase: str = "refine") -> dict[str, float]:
-    """Speculative decoding's cost per step in a phase (refine: the y_o draft; rollout: prompt lookup): model
-    passes, draft tokens proposed and accepted, accepted tokens per pass and passes per generated token
-    (1.0: plain decoding's cost)."""
-    passes = max(stats["passes"], 1)
-    return {f"{phase}/passes": float(stats["passes"]), f"{phase}/draft_proposed": float(stats["proposed"]),
-            f"{phase}/draft_accepted": float(stats["accepted"]),
-            f"{phase}/accepted_per_pass": stats["accepted"] / passes,
-            f"{phase}/passes_per_token": stats["passes"] / max(tokens, 1)}

@@ -25,6 +25,7 @@ import numpy as np
 from trd_jax import diagnostics, trajectories
 from trd_jax.data.arithmetic import first_error
 from trd_jax.layouts import distill_batch
+from trd_jax.phase_sampling import sample_rows
 from trd_jax.recipes import apply_overrides, method_config, parse_overrides
 
 OFFSETS = range(-2, 4)  # lines relative to the first wrong step
@@ -46,7 +47,7 @@ def _teacher_tokens(trainer, prompts, responses, contexts):
     teacher = trainer._score("teacher", params, batch.teacher, batch.targets, batch.response_mask)
     student = trainer._score("student", trainer.state.params, batch.student, batch.targets, batch.response_mask)
     head = trainer.roles.teacher_head(params)
-    stats = jax.device_get(trainer._stats_fn(teacher.hidden, head, batch.targets, batch.response_mask,
+    stats = jax.device_get(trainer.scorer.stats_fn(teacher.hidden, head, batch.targets, batch.response_mask,
                                              chunk_size=64, temperature=1.0))
     adv = np.asarray(teacher.logp) - np.asarray(student.logp)
     return stats, adv, batch.response_mask
@@ -63,7 +64,7 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
     examples = trainer.data.next(prompts)
     x = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
     key_o, key_r = jax.random.split(jax.random.key(seed))
-    y_o = trainer._sample(trainer.rollout_sampler, trainer.state.params, x, s.rollout_max_new, s.rollout, 1, key_o)
+    y_o = sample_rows(s, trainer.rollout_sampler, trainer.state.params, x, s.rollout_max_new, s.rollout, 1, key_o)
     rows = trajectories.StepRows(list(examples), x, y_o, trajectories.grade(task, tok, y_o, examples),
                                  trajectories.capped(y_o, tok.eos_ids, s.rollout_max_new))
     texts = [tok.decode(r, skip_special_tokens=True) for r in y_o]
@@ -94,8 +95,8 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
             for k in keys:
                 target[k].append(worst[k])
     # TRD: the teacher rewrites the same rollouts; sign flips of per-token advantages on y_o and on y_r.
-    trajectories.refine(rows, tok, s.refine, lambda ids, drafts: trainer._sample(
-        trainer.refine_sampler, trainer._teacher_params(), ids, s.refine.rewrite_budget, s.refine_sampling, 1, key_r,
+    trajectories.refine(rows, tok, s.refine, lambda ids, drafts: sample_rows(
+        s, trainer.refine_sampler, trainer._teacher_params(), ids, s.refine.rewrite_budget, s.refine_sampling, 1, key_r,
         drafts=drafts if s.refine.speculative else None, draft_tokens=s.refine.draft_tokens))
     rows.y_r_reward = trajectories.grade(task, tok, rows.y_r, [examples[b] for b in rows.refine_prompts.generate_rows])
     kept = [b for b, src in enumerate(rows.sources) if src == "y_r"]
