@@ -32,7 +32,7 @@ from trd_jax.models.transformer import Transformer  # noqa: E402
 from trd_jax.sampling import Sampler, SamplingConfig  # noqa: E402
 from trd_jax.layouts import Layout  # noqa: E402
 from trd_jax.losses import LossConfig  # noqa: E402
-from trd_jax.steps import OptimConfig, init_state, make_optimizer, update  # noqa: E402
+from trd_jax.steps import OptimConfig, TeacherSignal, UpdateBatch, init_state, make_optimizer, update  # noqa: E402
 from update_step import median_seconds, model_flops  # noqa: E402
 
 # bf16 dense tensor-core peaks (FLOP/s) from the vendors' data sheets (sparsity not counted).
@@ -116,9 +116,8 @@ def update_mfu(cfg: ModelConfig, batch: int, seq: int, chunk: int, repeats: int)
 
     def run():
         nonlocal state
-        state, metrics = step(state, graphdef=graphdef, optimizer=optimizer, cfg=loss_cfg, seq=seqs, targets=targets,
-                              mask=mask, teacher_hidden=teacher_hidden, teacher_head=teacher_head, teacher_logp=None,
-                              old_logp=None)
+        state, metrics = step(state, UpdateBatch(seqs, targets, mask), TeacherSignal(teacher_hidden, teacher_head),
+                              graphdef=graphdef, optimizer=optimizer, cfg=loss_cfg)
         jax.block_until_ready(metrics.loss)
 
     t0 = time.perf_counter()

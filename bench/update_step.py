@@ -33,7 +33,7 @@ from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.layouts import Layout
 from trd_jax.losses import LossConfig
-from trd_jax.steps import OptimConfig, init_state, make_optimizer, update
+from trd_jax.steps import OptimConfig, TeacherSignal, UpdateBatch, init_state, make_optimizer, update
 
 CFG = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=6, num_heads=8,
                   num_kv_heads=4, head_dim=64, tie_word_embeddings=True)
@@ -102,9 +102,8 @@ def main():
 
     def run():
         nonlocal state
-        state, metrics = step(state, graphdef=graphdef, optimizer=optimizer, cfg=loss_cfg, seq=seq, targets=targets,
-                              mask=mask, teacher_hidden=teacher_hidden, teacher_head=teacher_head, teacher_logp=None,
-                              old_logp=None)
+        state, metrics = step(state, UpdateBatch(seq, targets, mask), TeacherSignal(teacher_hidden, teacher_head),
+                              graphdef=graphdef, optimizer=optimizer, cfg=loss_cfg)
         return metrics.loss
 
     t0 = time.perf_counter()

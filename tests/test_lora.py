@@ -18,7 +18,8 @@ from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer, with_runtime
 from trd_jax.sharding import MESH_AXES, logical_to_spec
 from trd_jax.losses import LossConfig
-from trd_jax.steps import (OptimConfig, init_state, jit_update, make_optimizer, shardings_of, update)
+from trd_jax.steps import (OptimConfig, TeacherSignal, UpdateBatch, init_state, jit_update, make_optimizer,
+                           shardings_of, update)
 
 V = 97
 CFG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -59,10 +60,9 @@ _UPDATE = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "ema_
 
 def lora_update(setup, state, opt, **kw):
     m = lambda x: None if x is None else x[None]  # noqa: E731  one micro-batch
-    return _UPDATE(state, graphdef=setup["graph"], optimizer=opt, cfg=LossConfig(chunk_size=4),
-              seq=jax.tree.map(m, setup["student"]), targets=m(setup["targets"]), mask=m(setup["mask"]),
-              teacher_hidden=m(setup["scored"].hidden), teacher_head=setup["head"],
-              teacher_logp=m(setup["scored"].logp), old_logp=None, frozen=setup["base"], **kw)
+    return _UPDATE(state, UpdateBatch(jax.tree.map(m, setup["student"]), m(setup["targets"]), m(setup["mask"])),
+                   TeacherSignal(m(setup["scored"].hidden), setup["head"], m(setup["scored"].logp)), setup["base"],
+                   graphdef=setup["graph"], optimizer=opt, cfg=LossConfig(chunk_size=4), **kw)
 
 
 def test_zero_b_gives_the_base_logits_exactly(setup):
@@ -150,9 +150,9 @@ def test_jitted_update_donates_the_adapters_not_the_base(setup):
     before = [np.asarray(x) for x in jax.tree.leaves(base)]
     for _ in range(2):
         old = state
-        state, metrics = step(state, seq=jax.tree.map(m, setup["student"]), targets=m(setup["targets"]),
-                              mask=m(setup["mask"]), teacher_hidden=m(setup["scored"].hidden),
-                              teacher_head=setup["head"], teacher_logp=m(setup["scored"].logp), frozen=base)
+        state, metrics = step(state, UpdateBatch(jax.tree.map(m, setup["student"]), m(setup["targets"]),
+                                                 m(setup["mask"])),
+                              TeacherSignal(m(setup["scored"].hidden), setup["head"], m(setup["scored"].logp)), base)
         assert all(x.is_deleted() for x in jax.tree.leaves(old.params))  # the adapters are donated
     assert not any(x.is_deleted() for x in jax.tree.leaves(base))
     assert all(np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(base)))

@@ -19,7 +19,7 @@ from trd_jax.models.config import REMAT, ModelConfig
 from trd_jax.models.hf_io import load_hf, save_hf
 from trd_jax.models.transformer import Transformer, init_cache, with_runtime
 from trd_jax.losses import LossConfig
-from trd_jax.steps import init_state, score, update
+from trd_jax.steps import TeacherSignal, UpdateBatch, init_state, score, update
 
 V = 97
 CFG = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -110,10 +110,10 @@ def test_update_step_equal_without_remat():
     fn = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg"))
     out = {}
     for remat in REMAT:
-        state, metrics = fn(init_state(params, opt), graphdef=graphs[remat], optimizer=opt,
-                            cfg=LossConfig(name="forward_kl", chunk_size=8), seq=micro(_seq(batch.student)),
-                            targets=micro(targets), mask=micro(mask), teacher_hidden=micro(scored.hidden),
-                            teacher_head=t_head, teacher_logp=micro(scored.logp), old_logp=None)
+        rows = UpdateBatch(micro(_seq(batch.student)), micro(targets), micro(mask))
+        teacher = TeacherSignal(micro(scored.hidden), t_head, micro(scored.logp))
+        state, metrics = fn(init_state(params, opt), rows, teacher,
+                            graphdef=graphs[remat], optimizer=opt, cfg=LossConfig(name="forward_kl", chunk_size=8))
         out[remat] = (state.params, metrics)
     ref_params, ref = out["none"]
     assert float(ref.grad_norm) > 0

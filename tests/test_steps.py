@@ -20,8 +20,8 @@ from trd_jax.models.transformer import Transformer
 from trd_jax.roles import teacher_weights
 from trd_jax.sharding import MeshConfig, make_mesh
 from trd_jax.losses import LossConfig
-from trd_jax.steps import (OptimConfig, init_state, jit_update, make_optimizer, score, shardings_of,
-                           to_micro_batches, update)
+from trd_jax.steps import (OptimConfig, TeacherSignal, UpdateBatch, init_state, jit_update, make_optimizer, score,
+                           shardings_of, to_micro_batches, update)
 
 V = 97
 STUDENT = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -72,10 +72,9 @@ def run_update(setup, cfg, m=1, opt=None, state=None, teacher_hidden=None, **kw)
     th = setup["scored"].hidden if teacher_hidden is None else teacher_hidden
     fn = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "ema_decay",
                                           "teacher_head_source"))
-    return fn(state, graphdef=setup["s_graph"], optimizer=opt, cfg=cfg, seq=micro(setup["student"], m),
-              targets=micro(setup["targets"], m), mask=micro(setup["mask"], m), teacher_hidden=micro(th, m),
-              teacher_head=setup["t_head"], teacher_logp=micro(setup["scored"].logp, m),
-              old_logp=kw.pop("old_logp", None), **kw)
+    batch = UpdateBatch(micro(setup["student"], m), micro(setup["targets"], m), micro(setup["mask"], m))
+    teacher = TeacherSignal(micro(th, m), setup["t_head"], micro(setup["scored"].logp, m))
+    return fn(state, batch, teacher, graphdef=setup["s_graph"], optimizer=opt, cfg=cfg, **kw)
 
 
 def test_score_logprobs_match_full_logits(setup):
@@ -181,12 +180,11 @@ def test_sampled_token_losses(setup, name):
     logp = jax.nn.log_softmax(st.logits(h)[:, c - 1:c - 1 + r], axis=-1)
     s_logp = jnp.take_along_axis(logp, setup["targets"][..., None], axis=-1)[..., 0]
     if name == "k1_policy_gradient":
-        values = losses.k1_policy_gradient(s_logp, setup["scored"].logp, old_logp=s_logp, mask=setup["mask"])
-        kw = {"old_logp": micro(s_logp)}
+        values = losses.k1_policy_gradient(s_logp, setup["scored"].logp, mask=setup["mask"])  # on-policy form
     else:
-        values, kw = losses.k3(s_logp, setup["scored"].logp, mask=setup["mask"]), {}
+        values = losses.k3(s_logp, setup["scored"].logp, mask=setup["mask"])
     expected = losses.aggregate(values, setup["mask"])
-    state, metrics = run_update(setup, cfg, **kw)
+    state, metrics = run_update(setup, cfg)
     np.testing.assert_allclose(metrics.loss, expected, rtol=1e-5, atol=1e-7)
     assert np.isfinite(float(metrics.grad_norm)) and float(metrics.grad_norm) > 0
 
@@ -214,7 +212,7 @@ def test_donated_step_with_live_teacher_keeps_callers_arrays(setup):
                       teacher_head_source="live")
     seq, targets, mask, hidden, logp = to_micro_batches(
         (setup["student"], setup["targets"], setup["mask"], scored.hidden, scored.logp), 1, mesh)
-    new, metrics = step(state, seq=seq, targets=targets, mask=mask, teacher_hidden=hidden, teacher_logp=logp)
+    new, metrics = step(state, UpdateBatch(seq, targets, mask), TeacherSignal(hidden, None, logp))
     assert abs(float(metrics.loss)) < 1e-6 and not bool(metrics.skipped)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(initial))  # not donated away
     with pytest.raises(ValueError, match="0 < ema_decay < 1"):

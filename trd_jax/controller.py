@@ -45,7 +45,8 @@ from trd_jax.offline.batches import offline_batch
 from trd_jax.offline.rounds import RoundRows
 from trd_jax.sampling import Sampler
 from trd_jax.sharding import make_mesh, replicated
-from trd_jax.steps import (ScoreOutput, init_sharded_state, jit_update, learning_rate_schedule,
+from trd_jax.steps import (ScoreOutput, TeacherSignal, UpdateBatch, init_sharded_state, jit_update,
+                           learning_rate_schedule,
                            make_optimizer, to_micro_batches)
 from trd_jax.tokenization import Tokenizer
 
@@ -196,9 +197,9 @@ class Trainer:
         seq, targets, mask, hidden, logp = to_micro_batches(
             (batch.student, batch.targets, batch.response_mask, scored.hidden, scored.logp),
             self.s.micro_batches, self.mesh)
-        self.state, metrics = self._update_fn(
-            self.state, seq=seq, targets=targets, mask=mask, teacher_hidden=hidden, teacher_head=self.roles.frozen_head,
-            teacher_logp=logp, frozen=self.roles.base_params, dropout_key=dropout_key)
+        self.state, metrics = self._update_fn(self.state, UpdateBatch(seq, targets, mask),
+                                              TeacherSignal(hidden, self.roles.frozen_head, logp),
+                                              self.roles.base_params, dropout_key)
         return metrics
 
     # ------------------------------------------------------------------------------------------ one step

@@ -145,7 +145,7 @@ class StepMetrics(NamedTuple):
 
 
 def _micro_loss(params, graphdef, cfg: LossConfig, seq: Layout, targets, mask, teacher_hidden, teacher_head,
-                teacher_logp, old_logp, num_tokens, num_rows, frozen=None, dropout_key=None):
+                teacher_logp, num_tokens, num_rows, frozen=None, dropout_key=None):
     model = merged_model(graphdef, params, frozen)
     if dropout_key is not None:
         lora.set_dropout_keys(model, dropout_key)
@@ -157,7 +157,7 @@ def _micro_loss(params, graphdef, cfg: LossConfig, seq: Layout, targets, mask, t
     else:  # a sampled-token loss reads only teacher_logp (offline: the stored token log-probs)
         values = losses.per_token_loss(cfg, hidden, model.lm_head_weight(), targets=targets, mask=mask,
                                        teacher_hidden=None if stored else teacher_hidden, teacher_head=teacher_head,
-                                       teacher_logp=teacher_logp, old_logp=old_logp)
+                                       teacher_logp=teacher_logp)
     loss = losses.aggregate(values, mask, cfg.aggregation, num_tokens=num_tokens, num_rows=num_rows)
     return loss, jnp.where(mask, values, 0.0)
 
@@ -165,20 +165,39 @@ def _micro_loss(params, graphdef, cfg: LossConfig, seq: Layout, targets, mask, t
 TEACHER_HEAD_SOURCES = ("given", "live", "ema")
 
 
-def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig,
-           seq: Layout, targets: Array, mask: Array, teacher_hidden: Array | None, teacher_head: Array | None,
-           teacher_logp: Array | None, old_logp: Array | None, *, ema_decay: float | None = None,
-           teacher_head_source: str = "given", frozen=None,
-           dropout_key: Array | None = None) -> tuple[TrainState, StepMetrics]:
-    """One optimizer step over M micro-batches: every batch array has shape [M, b, ...].
+class UpdateBatch(NamedTuple):
+    """A step's trained rows as M micro-batches of b rows (to_micro_batches): the student's layout (context + response),
+    the response targets and their mask."""
+
+    seq: Layout  # [M, b, L] arrays
+    targets: Array  # i32[M, b, T]
+    mask: Array  # bool[M, b, T]
+
+
+class TeacherSignal(NamedTuple):
+    """What the loss reads of the teacher (fields a loss does not use stay None): its final-layer states on the
+    response f32|bf16[M, b, T, d] (full-vocabulary losses; offline: the stored TopKTargets), its lm_head [d, V]
+    (None with teacher_head_source live / ema: read from the state inside the step), and each target's log-prob
+    f32[M, b, T] (sampled-token losses)."""
+
+    hidden: Array | TopKTargets | None = None
+    head: Array | None = None
+    logp: Array | None = None
+
+
+def update(state: TrainState, batch: UpdateBatch, teacher: TeacherSignal, frozen=None, dropout_key: Array | None = None,
+           *, graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, ema_decay: float | None = None,
+           teacher_head_source: str = "given") -> tuple[TrainState, StepMetrics]:
+    """One optimizer step over M micro-batches (every batch array [M, b, ...]), on-policy: the sampled-token
+    losses take the detached student as the behaviour policy (one optimizer step per batch).
 
     frozen: under LoRA, the base weights (state.params are then the adapters); they get no gradient.
     dropout_key: the key of the adapters' dropout (LoRA with dropout > 0), folded with the micro-batch index.
 
-    teacher_head_source: "given" uses the teacher_head argument (a separate teacher, or OPSD's frozen
-    initial weights); "live" / "ema" read the head from the state itself inside the step, because an
-    argument aliasing the donated state would be invalidated by the donation. ema_decay in (0, 1) is
-    required when the state carries an EMA."""
+    teacher_head_source: "given" uses teacher.head (a separate teacher, or OPSD's frozen initial weights);
+    "live" / "ema" read the head from the state itself inside the step, because an argument aliasing the
+    donated state would be invalidated by the donation. ema_decay in (0, 1) is required when the state
+    carries an EMA."""
     if teacher_head_source not in TEACHER_HEAD_SOURCES:
         raise ValueError(f"teacher_head_source={teacher_head_source!r}: expected one of {TEACHER_HEAD_SOURCES}")
     if state.ema_params is not None and not (ema_decay is not None and 0.0 < ema_decay < 1.0):
@@ -187,7 +206,8 @@ def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation,
         source = state.params if teacher_head_source == "live" else state.ema_params
         if source is None:
             raise ValueError("teacher_head_source='ema' needs a state made with init_state(..., ema=True)")
-        teacher_head = jax.lax.stop_gradient(merged_model(graphdef, source, frozen).lm_head_weight())
+        teacher = teacher._replace(head=jax.lax.stop_gradient(merged_model(graphdef, source, frozen).lm_head_weight()))
+    seq, targets, mask = batch
     num_tokens = jnp.sum(mask).astype(jnp.int32)
     num_rows = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
     grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
@@ -195,9 +215,9 @@ def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation,
 
     def micro(carry, xs):
         grads, total = carry
-        seq_m, tgt, msk, th, tl, ol, index = xs
+        seq_m, tgt, msk, th, tl, index = xs
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-        (loss, per_token), g = grad_fn(state.params, graphdef, cfg, seq_m, tgt, msk, th, teacher_head, tl, ol,
+        (loss, per_token), g = grad_fn(state.params, graphdef, cfg, seq_m, tgt, msk, th, teacher.head, tl,
                                        num_tokens, num_rows, frozen, key)
         return (jax.tree.map(jnp.add, grads, g), total + loss), per_token
 
@@ -205,7 +225,7 @@ def update(state: TrainState, graphdef, optimizer: optax.GradientTransformation,
     indices = jnp.arange(mask.shape[0], dtype=jnp.int32)
     (grads, loss), per_token = jax.lax.scan(
         micro, (zeros, jnp.zeros((), jnp.float32)),
-        (seq, targets, mask, teacher_hidden, teacher_logp, old_logp, indices))
+        (seq, targets, mask, teacher.hidden, teacher.logp, indices))
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
@@ -255,27 +275,20 @@ def to_micro_batches(tree, num_micro: int, mesh):
 
 
 def jit_update(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, state_shardings, mesh, *,
-               ema_decay: float | None = None, teacher_head_source: str = "given",
-               frozen_shardings=None):
-    """update() compiled for a mesh: the state is donated (replaced in place) and keeps its shardings; batch
-    arrays ([M, b, ...], to_micro_batches; seq a Layout, compiled once per context width) are split over
-    (data, fsdp). Returns
-    ``step(state, *, seq, targets, mask, teacher_hidden=None, teacher_head=None, teacher_logp=None, frozen=None,
-    dropout_key=None) -> (state, metrics)``: a teacher argument stays None when the loss does not use it; under
-    LoRA ``frozen`` is the base (placed with frozen_shardings, never donated). The sampled-token loss runs in
-    its on-policy form (no behaviour log-probs: one optimizer step per batch)."""
-    batch = micro_batch_sharding(mesh)
+               ema_decay: float | None = None, teacher_head_source: str = "given", frozen_shardings=None):
+    """update() compiled for a mesh: ``step(state, batch, teacher, frozen=None, dropout_key=None) -> (state,
+    metrics)``. The state is donated (replaced in place) and keeps its shardings; the batch's and the teacher's
+    [M, b, ...] arrays (to_micro_batches; the layout compiled once per context width) are split over (data,
+    fsdp), the teacher's head replicated; under LoRA ``frozen`` is the base (placed with frozen_shardings, never
+    donated)."""
+    rows = micro_batch_sharding(mesh)
     fn = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=cfg, ema_decay=ema_decay,
                            teacher_head_source=teacher_head_source)
-    jitted = jax.jit(lambda state, seq, targets, mask, th, thead, tl, frozen, key: fn(
-        state, seq=seq, targets=targets, mask=mask, teacher_hidden=th, teacher_head=thead, teacher_logp=tl,
-        old_logp=None, frozen=frozen, dropout_key=key),
-        in_shardings=(state_shardings, batch, batch, batch, batch, None, batch, frozen_shardings, None),
-        out_shardings=(state_shardings, None), donate_argnums=(0,))
+    jitted = jax.jit(fn, in_shardings=(state_shardings, rows, TeacherSignal(rows, None, rows), frozen_shardings, None),
+                     out_shardings=(state_shardings, None), donate_argnums=(0,))
 
-    def step(state, *, seq, targets, mask, teacher_hidden=None, teacher_head=None, teacher_logp=None, frozen=None,
-             dropout_key=None):
-        return jitted(state, seq, targets, mask, teacher_hidden, teacher_head, teacher_logp, frozen, dropout_key)
+    def step(state, batch: UpdateBatch, teacher: TeacherSignal, frozen=None, dropout_key=None):
+        return jitted(state, batch, teacher, frozen, dropout_key)
 
     return step
 

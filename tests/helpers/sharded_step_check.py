@@ -12,7 +12,7 @@ from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.sharding import MeshConfig, make_mesh, param_shardings
 from trd_jax.losses import LossConfig
-from trd_jax.steps import init_sharded_state, jit_score, jit_update, to_micro_batches
+from trd_jax.steps import TeacherSignal, UpdateBatch, init_sharded_state, jit_score, jit_update, to_micro_batches
 
 assert len(jax.devices()) == 8, jax.devices()
 V = 64
@@ -44,8 +44,7 @@ def run(mesh):
     micro = to_micro_batches((seq(batch.student), targets, mask, scored.hidden, scored.logp), 2, mesh)
     for _ in range(2):  # two steps: the second sees updated params and optimizer moments
         seq_m, targets_m, mask_m, hidden_m, logp_m = micro
-        state, metrics = step(state, seq=seq_m, targets=targets_m, mask=mask_m, teacher_hidden=hidden_m,
-                              teacher_head=head, teacher_logp=logp_m)
+        state, metrics = step(state, UpdateBatch(seq_m, targets_m, mask_m), TeacherSignal(hidden_m, head, logp_m))
     print(mesh.shape, "param sharding of q_proj:", state.params["layers"][0]["attn"]["q_proj"][...].sharding.spec)
     return float(metrics.loss), float(metrics.grad_norm), jax.tree.map(np.asarray, state.params)
 

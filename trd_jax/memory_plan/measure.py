@@ -34,7 +34,7 @@ def compiled_update_temp(student: ModelConfig, *, rows: int, context: int, respo
     remat would not lower the peak at all; TPU and GPU schedulers are memory-aware. `lora`: the state holds
     adapters and the frozen base is an argument of its own (counted in `argument`, reported as `frozen`)."""
     from trd_jax.layouts import Layout
-    from trd_jax.steps import init_state, update
+    from trd_jax.steps import TeacherSignal, UpdateBatch, init_state, update
 
     student = student if remat is None else student.replace(remat=remat)
     graphdef, params, frozen = _abstract_split(student, lora)
@@ -50,8 +50,7 @@ def compiled_update_temp(student: ModelConfig, *, rows: int, context: int, respo
     step = functools.partial(update, graphdef=graphdef, optimizer=optimizer, cfg=loss)
 
     def fn(state, seq, targets, mask, hidden, head, logp, frozen):
-        return step(state, seq=seq, targets=targets, mask=mask, teacher_hidden=hidden, teacher_head=head,
-                    teacher_logp=logp, old_logp=None, frozen=frozen)
+        return step(state, UpdateBatch(seq, targets, mask), TeacherSignal(hidden, head, logp), frozen)
 
     stats = jax.jit(fn, donate_argnums=(0,)).lower(*args, frozen).compile().memory_analysis()
     return dict(temp=int(stats.temp_size_in_bytes), argument=int(stats.argument_size_in_bytes),
