@@ -21,7 +21,7 @@ def _model_fields() -> ml_collections.ConfigDict:
         # attention_block x attention_block (what a 16k-token recipe needs; on CPU and short sequences dense is
         # as fast or faster).
         attention="dense",
-        attention_block=512,
+        attention_block=512,  # tile size of blockwise attention (queries and keys)
         # Shape of a random initialisation (source="random"); the vocabulary comes from the tokenizer.
         model=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                    tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=2048),
@@ -31,19 +31,27 @@ def _model_fields() -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """Every field of a run, with its default. Values marked [code-trd] follow TRD_SPEC.md §5."""
     cfg = ml_collections.ConfigDict()
-    cfg.mode = "train"  # "train": distil, evaluate, export | "eval": evaluate the student only | "generate": write
-    # the targets of train.steps steps to offline.dir (trd_jax/offline)
+    # "train": distil, evaluate, export | "eval": evaluate the student only | "generate": write the targets of
+    # train.steps steps to offline.dir (trd_jax/offline)
+    cfg.mode = "train"
     cfg.seed = 0  # root of every random stream: model init, data order, rollouts, evaluation
-    # Offline targets (mode "generate"): the folder of shards and manifest, and the teacher log-probs kept per
-    # position (the k most probable plus the tail mass; the whole distribution when the vocabulary is <= k).
-    # rounds > 0 (train mode): round r regenerates the targets of steps_per_round steps with the current student
-    # into dir/round-<r>, then trains on them (the teacher is loaded for it); train.steps = rounds x steps_per_round.
-    # teacher_job: the rounds' targets come from a separate job (offline/teacher_job.py): the training job
-    # (mode "train") publishes its student at each round's start and waits for the round's shards; the teacher
-    # job (mode "generate", the same offline settings) writes round r from the student of round r - max_lag.
-    # A waiting job logs every wait_report_s seconds and gives up after wait_timeout_s (0: never).
-    cfg.offline = ml_collections.ConfigDict(dict(dir="", top_k=64, rounds=0, steps_per_round=0, teacher_job=False,
-                                                 max_lag=0, wait_report_s=60.0, wait_timeout_s=0.0))
+    # Offline targets (trd_jax/offline, docs/offline.md): written by mode "generate", trained on by mode "train".
+    cfg.offline = ml_collections.ConfigDict(dict(
+        dir="",  # the folder of shards and manifest (train mode with rounds = 0: train on the targets found there)
+        # teacher log-probs kept per position: the k most probable plus the tail mass (the whole distribution when
+        # the vocabulary is <= k)
+        top_k=64,
+        # rounds > 0 (train mode): round r regenerates the targets of steps_per_round steps with the current student
+        # into dir/round-<r>, then trains on them (the teacher is loaded for it); train.steps = rounds x
+        # steps_per_round
+        rounds=0, steps_per_round=0,
+        # the rounds' targets come from a separate job (offline/teacher_job.py): the training job (mode "train")
+        # publishes its student at each round's start and waits for the round's shards; the teacher job (mode
+        # "generate", the same offline settings) writes round r from the student of round r - max_lag
+        teacher_job=False, max_lag=0,
+        # a waiting job logs every wait_report_s seconds and gives up after wait_timeout_s (0: never)
+        wait_report_s=60.0, wait_timeout_s=0.0,
+    ))
 
     # The prompts, reference solutions and grader (trd_jax/data/registry.py):
     # "arithmetic": the embedded running-arithmetic task (trd_jax/data/arithmetic.py);
@@ -52,7 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "mini_math": a small generated grade-school set with reference solutions, read like "math";
     # "code": local TACO / MBPP / HumanEval style files, graded by running the tests in a sandbox.
     cfg.task = ml_collections.ConfigDict(dict(
-        name="arithmetic",
+        name="arithmetic",  # arithmetic | math | mini_math | code (above)
         prompt_mode="chat",  # how x is rendered for the student: plain | chat | thinking (TRD_SPEC §7.5)
         max_prompt_tokens=2048,  # rendered x longer than this is an error naming the row ([code-trd]: 2048)
         # arithmetic and mini_math: split sizes and the seed of the problem generator
@@ -89,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
         from_scratch=False,
         # cache folder of bootstraps trained here, one subfolder per settings hash; "" = workdir/bootstrap
         dir="",
+        # the shapes of the bootstrapped teacher and student (both share the task's tokenizer)
         teacher_model=dict(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=32),
         student_model=dict(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -96,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
         teacher_solve_steps=300, teacher_mixed_steps=1000,  # SFT steps: solving alone, then with refine prompts
         student_solve_steps=300, student_mixed_steps=800,  # then with OPSD contexts (the reference in context)
         batch_tokens=4096,  # tokens per SFT batch
-        learning_rate=3e-3,
+        learning_rate=3e-3,  # of both models' SFT (AdamW)
         # The student's misconception: each line of its solutions that crosses the modulus is off by one with
         # this probability, the error carried forward (above 0.5 it survives low-temperature sampling).
         # 0.9: the wrong value is the student's mode at a wrap, with some mass left on the right one.
@@ -108,20 +117,20 @@ def base_config() -> ml_collections.ConfigDict:
         # The teacher also learns to repair (this fraction) or continue after a flawed prefix, so that its
         # next-token distribution there is the bimodal mixture of prefix failure (0: it always continues).
         repair_fraction=0.5,
-        seed=0,
+        seed=0,  # seed of the bootstrap's initialisation and data order
     ))
 
     # OPD's teacher fine-tuned here from teacher.* on a local math task's reference solutions and refine prompts
     # (trd_jax/teacher_sft.py), cached in dir/<settings hash> and reused while its settings match.
     cfg.teacher_sft = ml_collections.ConfigDict(dict(
-        enabled=False,
+        enabled=False,  # fine-tune (or reuse) the teacher before distilling (OPD only)
         dir="",  # "" = workdir/teacher_sft; point runs that share a teacher at one folder
-        steps=200,
-        learning_rate=5e-5,
+        steps=200,  # AdamW steps of the fine-tuning
+        learning_rate=5e-5,  # its peak learning rate
         batch_tokens=2048,  # tokens per SFT batch (rows = batch_tokens // padded row width)
         refine_weight=1.0,  # sampling weight of refine prompts -> rewrites, against problems -> solutions
         correct_attempt_rate=0.25,  # refine examples whose attempt is already correct (kept as it is)
-        seed=0,
+        seed=0,  # seed of its data order and of the attempts' errors
     ))
 
     cfg.student = _model_fields()
@@ -150,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
         on_wrong_rewrite="keep",  # y_r graded wrong: keep ([code-trd]: no filter) | fallback (to y_o) | drop the row
         # Speculative refine: each teacher pass verifies draft_tokens tokens of the row's y_o (exact outputs).
         speculative=False,
-        draft_tokens=8,
+        draft_tokens=8,  # draft tokens verified per teacher pass (refine.speculative)
         # Refine-context scoring reuses the refine pass's teacher states for y_r (no second forward; one process).
         reuse_states=True,
         # Sampling of y_r; -1 takes the rollout's value (both reference repos sample y_r like y_o).
@@ -243,7 +252,7 @@ def base_config() -> ml_collections.ConfigDict:
         n=4,  # samples per problem (Avg@n); TRD_SPEC §5 uses 16
         k=0,  # Pass@k (0: k = n)
         temperature=0.6, top_k=0, top_p=0.95,  # [code-trd] eval sampling
-        max_new_tokens=16384,
+        max_new_tokens=16384,  # response budget of each evaluation sample
         # also decode one temperature-0 (argmax) sample per problem, same max_new_tokens, and report `greedy`,
         # the fraction of problems it solves (student evaluations only; the teacher eval samples alone)
         greedy=True,
@@ -261,7 +270,7 @@ def base_config() -> ml_collections.ConfigDict:
         progress=True,  # console progress bar on host 0
         # Weights & Biases, a third sink beside metrics.jsonl and tb/ (host 0); needs pip install 'trd_jax[wandb]'
         wandb=False,
-        wandb_project="trd_jax",
+        wandb_project="trd_jax",  # the W&B project runs are logged under
         # "offline": the run is kept in WANDB_DIR, else workdir/wandb, for a later `wandb sync` | "online" |
         # "": WANDB_MODE if set, else offline
         wandb_mode="",
