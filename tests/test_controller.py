@@ -357,3 +357,18 @@ def test_refine_ablations_refine_only_wrong_rollouts_and_fall_back_on_wrong_rewr
         assert m["rows/y_r_generated"] == 2 and m["rows/y_r_wrong_fallback"] == 2 and m["rows/y_r_wrong_kept"] == 0
         assert m["rows/fallback_to_y_o"] == 4 and m["rows/trained"] == 4 and m["accuracy/y_r"] == 0.0
     assert summary["rows"]["y_r_generated"] == 4 and summary["trajectory_accuracy"]["y_o"] == 0.5
+
+
+def test_a_run_compiles_its_update_and_score_once(tmp_path, monkeypatch):
+    """Three steps of a run: the update step and the teacher's scoring forward are traced once each (steps of the
+    same shapes reuse the compiled functions; the run's first state is placed as later states are)."""
+    import chex
+
+    from trd_jax import steps
+
+    monkeypatch.setattr(steps, "update", chex.assert_max_traces(steps.update, n=1))
+    monkeypatch.setattr(steps, "score", chex.assert_max_traces(steps.score, n=1))
+    cfg = tiny_config(**{"train.steps": 3, "log.diagnostics": False, "eval.initial": False, "eval.teacher": False,
+                         "distill.trajectory": "y_o", "distill.teacher_context": "vanilla"})
+    summary = Trainer(cfg, str(tmp_path)).run()
+    assert summary["steps"] == 3

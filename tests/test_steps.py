@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ from flax import nnx
 
 from helpers.step_inputs import step_inputs
 from trd_jax import losses
-from trd_jax.layouts import distill_batch
+from trd_jax.layouts import Layout, distill_batch
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.roles import teacher_weights
@@ -85,7 +86,9 @@ def test_score_logprobs_match_full_logits(setup):
     full = jax.nn.log_softmax(te.logits(h)[:, c - 1:c - 1 + r], axis=-1)
     expected = np.take_along_axis(np.asarray(full), b.targets[..., None], axis=-1)[..., 0] * b.response_mask
     np.testing.assert_allclose(setup["scored"].logp, expected, atol=1e-5)
-    assert setup["scored"].hidden.shape == (4, r, TEACHER.hidden_size)
+    chex.assert_shape(setup["scored"].hidden, (4, r, TEACHER.hidden_size))
+    chex.assert_shape(setup["scored"].logp, (4, r))
+    chex.assert_type([setup["scored"].hidden, setup["scored"].logp], [jnp.float32, jnp.float32])
 
 
 @pytest.mark.parametrize("name,params", [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5}),
@@ -98,8 +101,10 @@ def test_update_loss_and_gradient_match_unfused(setup, name, params):
         setup["s_params"])
     np.testing.assert_allclose(metrics.loss, ref_loss, rtol=1e-5)
     got = jax.tree.map(lambda old, new: old - new, setup["s_params"], state.params)
-    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref_grad)):
-        np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-4)
+    chex.assert_trees_all_close(got, ref_grad, atol=1e-6, rtol=1e-4)
+    chex.assert_shape([metrics.loss, metrics.grad_norm], [(), ()])
+    chex.assert_shape(metrics.per_token, (1,) + np.shape(setup["mask"]))  # [M, b, T]
+    chex.assert_type([metrics.num_tokens, metrics.skipped], [jnp.int32, jnp.bool_])
     assert int(metrics.num_tokens) == sum(len(y) for y in RESPONSES)
     assert int(state.step) == 1 and int(state.skipped) == 0
 
@@ -112,8 +117,7 @@ def test_gradient_accumulation_equals_one_big_batch(setup):
     two, m2 = run_update(setup, cfg, m=2, opt=opt)
     np.testing.assert_allclose(m1.loss, m2.loss, rtol=1e-6)
     np.testing.assert_allclose(m1.grad_norm, m2.grad_norm, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
-        np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5)
+    chex.assert_trees_all_close(one.params, two.params, atol=1e-7, rtol=1e-5)
 
 
 def test_non_finite_loss_skips_the_update(setup):
@@ -123,10 +127,8 @@ def test_non_finite_loss_skips_the_update(setup):
     new, metrics = run_update(setup, LossConfig(chunk_size=4), opt=opt, state=state, teacher_hidden=bad)
     assert bool(metrics.skipped) and not np.isfinite(float(metrics.loss))
     assert int(new.skipped) == 1 and int(new.step) == 0
-    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(setup["s_params"])):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(state.opt_state)):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(new.params, setup["s_params"])
+    chex.assert_trees_all_equal(new.opt_state, state.opt_state)
 
 
 def test_nan_in_masked_positions_does_not_leak(setup):
@@ -143,9 +145,8 @@ def test_ema_params(setup):
     opt = optax.sgd(1.0)
     state = init_state(setup["s_params"], opt, ema=True)
     new, _ = run_update(setup, LossConfig(chunk_size=4), opt=opt, state=state, ema_decay=0.75)
-    for e, p0, p1 in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(setup["s_params"]),
-                         jax.tree.leaves(new.params)):
-        np.testing.assert_allclose(e, 0.75 * p0 + 0.25 * p1, rtol=1e-6, atol=1e-7)
+    expected = jax.tree.map(lambda p0, p1: 0.75 * p0 + 0.25 * p1, setup["s_params"], new.params)
+    chex.assert_trees_all_close(new.ema_params, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_opsd_teacher_modes(setup):
@@ -214,6 +215,35 @@ def test_donated_step_with_live_teacher_keeps_callers_arrays(setup):
         (setup["student"], setup["targets"], setup["mask"], scored.hidden, scored.logp), 1, mesh)
     new, metrics = step(state, UpdateBatch(seq, targets, mask), TeacherSignal(hidden, None, logp))
     assert abs(float(metrics.loss)) < 1e-6 and not bool(metrics.skipped)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new.params, initial)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(initial))  # not donated away
     with pytest.raises(ValueError, match="0 < ema_decay < 1"):
         run_update(setup, LossConfig(chunk_size=4), opt=opt, state=init_state(initial, opt, ema=True))
+
+
+def test_the_update_compiles_once_per_shape(setup, monkeypatch):
+    """Steps with the same shapes reuse jit_update's compiled step (update traced once); another context width is
+    one more trace, not one per step."""
+    from trd_jax import steps
+
+    monkeypatch.setattr(steps, "update", chex.assert_max_traces(steps.update, n=2))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    opt = optax.sgd(0.1)
+    state = init_state(jax.tree.map(jnp.copy, setup["s_params"]), opt)
+    # Placed, as init_sharded_state places it: a first state of uncommitted arrays would trace the step again
+    # on the second call, whose state is the (committed) output of the first.
+    state = jax.device_put(state, shardings_of(state))
+    step = jit_update(setup["s_graph"], opt, LossConfig(chunk_size=4), shardings_of(state), mesh)
+    seq, targets, mask, hidden, logp = to_micro_batches(
+        (setup["student"], setup["targets"], setup["mask"], setup["scored"].hidden, setup["scored"].logp), 1, mesh)
+    teacher = TeacherSignal(hidden, setup["t_head"], logp)
+    for _ in range(3):
+        state, _ = step(state, UpdateBatch(seq, targets, mask), teacher)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (4, 0)))  # noqa: E731  4 more context columns, masked
+    wider = Layout(pad(seq.tokens), pad(seq.positions), pad(seq.mask), seq.context_width + 4)
+    state, metrics = step(state, UpdateBatch(wider, targets, mask), teacher)  # the second and last trace
+    assert int(state.step) == 4 and np.isfinite(float(metrics.loss))
+    with pytest.raises(AssertionError, match="traced > 2 times"):
+        narrower = Layout(wider.tokens[..., 2:], wider.positions[..., 2:], wider.mask[..., 2:],
+                          wider.context_width - 2)
+        step(state, UpdateBatch(narrower, targets, mask), teacher)
