@@ -170,15 +170,15 @@ class UpdateBatch(NamedTuple):
     the response targets and their mask."""
 
     seq: Layout  # [M, b, L] arrays
-    targets: Array  # i32[M, b, T]
-    mask: Array  # bool[M, b, T]
+    targets: Array  # i32[M, b, R]
+    mask: Array  # bool[M, b, R]
 
 
 class TeacherSignal(NamedTuple):
     """What the loss reads of the teacher (fields a loss does not use stay None): its final-layer states on the
-    response f32|bf16[M, b, T, d] (full-vocabulary losses; offline: the stored TopKTargets), its lm_head [d, V]
+    response f32|bf16[M, b, R, d] (full-vocabulary losses; offline: the stored TopKTargets), its lm_head [d, V]
     (None with teacher_head_source live / ema: read from the state inside the step), and each target's log-prob
-    f32[M, b, T] (sampled-token losses)."""
+    f32[M, b, R] (sampled-token losses)."""
 
     hidden: Array | TopKTargets | None = None
     head: Array | None = None
