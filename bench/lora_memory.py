@@ -121,7 +121,7 @@ def main():
 
     print("3. planner, configs/smollm2.py:opsd,trd on one h100-80gb (per device), MiB")
     from trd_jax.config import resolve
-    from trd_jax.tools.plan import load_config
+    from trd_jax.memory_plan.cli import load_config
 
     recipe, _, _, _ = load_config("configs/smollm2.py:opsd,trd")
     settings = resolve(recipe)

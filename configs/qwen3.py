@@ -26,7 +26,7 @@ from trd_jax.recipes import METHODS, apply_overrides
 # optimizer state sharded over every device; the 8B teacher in bf16 is 16 GB, more than a v5e chip holds),
 # and micro-batches of one sequence per device accumulate to the step's 128 ([code-trd]: per-GPU batch
 # 1 x grad_accum 16 x 8 GPUs).
-# Memory (python -m trd_jax.tools.plan --config configs/qwen3.py:...): rows per sampler call (rollout, refine,
+# Memory (python -m trd_jax.memory_plan --config configs/qwen3.py:...): rows per sampler call (rollout, refine,
 # eval) and per scoring forward, so that 16k-token rollouts and 40k-token refine contexts fit beside the
 # weights; the 4B student's update also recomputes attention (remat "dots"). The planner's figures per
 # combination are in the README.

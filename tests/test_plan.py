@@ -1,4 +1,4 @@
-"""The memory planner (trd_jax/memory_plan/, trd_jax/tools/plan.py): parameter, optimizer and KV-cache bytes
+"""The memory planner (trd_jax/memory_plan/, its command line cli.py): parameter, optimizer and KV-cache bytes
 against hand counts, per-device division under FSDP, the analytical update activations against XLA's compiled
 memory analysis, the fit verdict, and the command line on the Qwen3 recipe (no model files)."""
 
@@ -11,7 +11,7 @@ from trd_jax.config import base_config, resolve
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.lora import LoRAConfig
 from trd_jax.losses import LossConfig
-from trd_jax.tools import plan as cli
+from trd_jax.memory_plan import cli
 
 # d=64, 2 layers, GQA (4 query heads, 2 kv heads of 16), MLP 128, vocab 256, untied, Qwen3's q/k norms.
 D, LAYERS, H, K, HD, M, V = 64, 2, 4, 2, 16, 128, 256
@@ -367,3 +367,13 @@ def test_a_paged_cache_is_planned_by_its_pool():
     assert "paged pool of" in full.note
     small = rollout_cache(**{"rollout.continuous_slots": 8, "rollout.kv_page_size": 16, "rollout.kv_pool_tokens": 300})
     assert small.bytes == mp.kv_cache_bytes(models["student"].config, 1, 288 + 16)
+
+
+def test_the_package_runs_as_the_command_line():
+    """python -m trd_jax.memory_plan is the planner's command line (python -m trd_jax.tools.plan, its old name, too)."""
+    import subprocess
+    import sys
+
+    for module in ("trd_jax.memory_plan", "trd_jax.tools.plan"):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "--config" in out.stdout and "--accelerator" in out.stdout, out.stderr[-2000:]

@@ -12,7 +12,7 @@ teacher's evaluation off in all three so that they evaluate alike):
 The offline run trains on exactly the rows the online run would have generated at its first step's weights,
 so the two see the same number of generated tokens. Peak memory is each process's peak resident set
 (os.wait4's ru_maxrss): on this CPU, host memory holds the models, caches and activations; on an accelerator
-compare device memory, which the memory planner models (python -m trd_jax.tools.plan). Writes OUT.json and
+compare device memory, which the memory planner models (python -m trd_jax.memory_plan). Writes OUT.json and
 OUT.md.
 """
 

@@ -1,5 +1,5 @@
 """Per-device memory plan of a distillation run: what lives on each accelerator during each phase of a step,
-and whether the peak fits the accelerator's memory. The command line is trd_jax/tools/plan.py.
+and whether the peak fits the accelerator's memory. The command line is trd_jax/memory_plan/cli.py.
 
 Nothing is allocated. Parameter and optimizer shapes come from ``nnx.eval_shape`` / ``jax.eval_shape`` of the
 real model and optimizer, and their per-device shards from the real logical-axis rules
@@ -43,7 +43,7 @@ from trd_jax.memory_plan.shards import (StateBytes, abstract_mesh, abstract_para
                                         mesh_sizes, shard_bytes, sharded_bytes, state_bytes, tree_bytes)
 from trd_jax.memory_plan.workload import (KV_CACHE, ModelInfo, PlanOptions, Workload, options_from_settings,
                                           workload_from_settings)
-from trd_jax.models.config import REMAT, ModelConfig  # trd_jax/tools/plan.py reads them from here
+from trd_jax.models.config import REMAT, ModelConfig  # trd_jax/memory_plan/cli.py reads them from here
 
 __all__ = [
     "ACCELERATORS", "BUILTIN_MODELS", "HARDWARE", "KV_CACHE", "MEASURE_FLAGS", "REMAT", "Accelerator", "Change",

@@ -1,7 +1,8 @@
-"""``python -m trd_jax.memory_plan``: the measuring subprocess of measure.measure_in_subprocess (cases as JSON on
-stdin, results as JSON on stdout)."""
+"""``python -m trd_jax.memory_plan --config RECIPE[:SPEC]``: the memory planner's command line (cli.py)."""
 
-from trd_jax.memory_plan.measure import _measure_main
+import sys
+
+from trd_jax.memory_plan.cli import main
 
 if __name__ == "__main__":
-    _measure_main()
+    sys.exit(main())

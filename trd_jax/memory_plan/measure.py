@@ -67,8 +67,8 @@ def measure_in_subprocess(cases: Iterable[dict[str, Any]], timeout: float = 600.
     CPU process with MEASURE_FLAGS (XLA reads its flags once per process)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + MEASURE_FLAGS).strip())
-    out = subprocess.run([sys.executable, "-m", "trd_jax.memory_plan"], input=json.dumps(list(cases)), env=env,
-                         capture_output=True, text=True, timeout=timeout, check=False)
+    out = subprocess.run([sys.executable, "-m", "trd_jax.memory_plan.measure_worker"], input=json.dumps(list(cases)),
+                         env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if out.returncode:
         raise RuntimeError(f"memory measurement failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
