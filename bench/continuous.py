@@ -1,15 +1,19 @@
 """Continuous batching (trd_jax/continuous.py) against the static sampler on a long-tailed length mix: useful
-tokens per second at equal rows in flight.
+tokens per second at equal rows in flight, with contiguous slots and with a paged KV cache (models/paged.py).
 
-    python bench/continuous.py [--rows 128] [--slots 32] [--max-new 256] [--rounds 3]
+    python bench/continuous.py [--rows 128] [--slots 32] [--max-new 256] [--rounds 3] [--page-size 16]
+        [--pool-fraction 0.5]
 
 Each row's length is drawn once from a fixed distribution, ceil(max_new x Beta(0.7, 1.3)) (mean/max 0.35),
 and enforced as the row's budget with no EOS (the same as an EOS forced at the drawn length), so both decode
 exactly the same tokens. The static sampler runs the rows in groups of --slots (max_rows: one cache of that
 many rows, as the recipes' rollout.max_rows_per_call), each group until its longest row ends; continuous
 batching keeps --slots rows in flight, refilling a slot as soon as its row ends. Useful tokens: the sum of
-the drawn lengths. Runs alternate static, continuous, ... so that a noisy machine slows both alike; the
-figures are medians over rounds after a warm-up call of each.
+the drawn lengths. "paged" keeps the same slots over a page pool that holds every slot's longest row (no
+preemption); "paged-small" over a pool of --pool-fraction of that (rows preempted when the live rows outgrow it,
+decoded again: slower, less memory). Cache bytes: what each variant allocates for the slots' keys and values.
+Runs alternate static, continuous, ... so that a noisy machine slows all alike; the figures are medians over
+rounds after a warm-up call of each.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from trd_jax.continuous import generate  # noqa: E402
 from trd_jax.models.config import ModelConfig  # noqa: E402
 from trd_jax.models.transformer import Transformer  # noqa: E402
 from trd_jax.sampling import Sampler, SamplingConfig  # noqa: E402
+from trd_jax.shapes import bucket  # noqa: E402
 
 
 def main() -> None:
@@ -43,6 +48,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--pool-fraction", type=float, default=0.5)
     a = p.parse_args()
     cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 3, num_layers=a.layers,
                       num_heads=8, num_kv_heads=2, head_dim=a.hidden // 8)
@@ -58,15 +65,24 @@ def main() -> None:
         return sampler(params, prompts, a.max_new, sampling=sampling, key=1, eos_ids=(), budgets=budgets,
                        max_rows=a.slots)
 
-    stats = {}
+    stats = {name: {} for name in ("continuous", "paged", "paged-small")}
+    row_len = bucket(max(map(len, prompts)), 16) + bucket(a.max_new, 8)  # a slot: prompt bucket + budget
+    full_pool = a.slots * -(-row_len // a.page_size) * a.page_size
+    small_pool = int(full_pool * a.pool_fraction) // a.page_size * a.page_size
 
-    def continuous():
+    def continuous(name="continuous", **paging):
         return generate(graphdef, params, prompts, a.max_new, slots=a.slots, segment=a.segment, sampling=sampling,
-                        key=1, budgets=budgets, stats=stats)
+                        key=1, budgets=budgets, stats=stats[name], **paging)
 
-    runs = {"static": static, "continuous": continuous}
+    runs = {"static": static, "continuous": continuous,
+            "paged": lambda: continuous("paged", page_size=a.page_size),
+            "paged-small": lambda: continuous("paged-small", page_size=a.page_size, pool_tokens=small_pool)}
+    token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # k and v, f32
+    cache_bytes = {"static": a.slots * row_len * token_bytes, "continuous": a.slots * row_len * token_bytes,
+                   "paged": (full_pool + a.page_size) * token_bytes,
+                   "paged-small": (small_pool + a.page_size) * token_bytes}
     outs = {name: fn() for name, fn in runs.items()}  # warm-up: compiles
-    same = bool(np.array_equal(outs["static"].tokens, outs["continuous"].tokens))
+    same = all(bool(np.array_equal(outs["static"].tokens, out.tokens)) for out in outs.values())
     seconds = {name: [] for name in runs}
     for _ in range(a.rounds):
         for name, fn in runs.items():
@@ -79,10 +95,14 @@ def main() -> None:
     print(f"lengths: mean {np.mean(budgets):.1f}, max {max(budgets)}, mean/max {np.mean(budgets) / max(budgets):.2f}; "
           f"useful tokens {useful}; identical tokens: {same}")
     for name in runs:
-        print(f"{name:>10}: {med[name]:.3f} s median of {a.rounds}, {useful / med[name]:,.0f} useful tokens/s")
-    print(f"continuous / static useful tokens per second: {med['static'] / med['continuous']:.2f}x "
-          f"(continuous ran {stats['slot_steps']} slot-steps in {stats['segments']} segments, "
-          f"{stats['admissions']} admissions)")
+        extra = ""
+        if name.startswith("paged"):
+            st = stats[name]
+            extra = f"; pool {st['pages']} pages, at most {st['peak_pages']} in use, {st['preemptions']} preemptions"
+        print(f"{name:>11}: {med[name]:.3f} s median of {a.rounds}, {useful / med[name]:,.0f} useful tokens/s "
+              f"({med['static'] / med[name]:.2f}x static), cache {cache_bytes[name] / 2**20:.1f} MiB{extra}")
+    st = stats["continuous"]
+    print(f"continuous ran {st['slot_steps']} slot-steps in {st['segments']} segments, {st['admissions']} admissions")
 
 
 if __name__ == "__main__":

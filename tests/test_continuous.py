@@ -104,7 +104,7 @@ def test_paged_settings_are_checked():
         resolve(tiny_config(**{"rollout.kv_page_size": 8}))
     with pytest.raises(ConfigError, match="rollout.kv_pool_tokens.*kv_page_size"):
         resolve(tiny_config(**{"rollout.continuous_slots": 2, "rollout.kv_pool_tokens": 64}))
-    c = resolve(tiny_config(**{"rollout.continuous_slots": 2, "rollout.kv_page_size": 8})).continuous
+    c = resolve(tiny_config(**{"rollout.continuous_slots": 2, "rollout.kv_page_size": 8})).rollout.continuous
     assert (c.slots, c.page_size, c.pool_tokens) == (2, 8, 0)
 
 

@@ -17,7 +17,7 @@ def test_every_method_resolves(setting):
         assert s.teacher_context == m.teacher_context == ("refine" if method in REFINE_CONTEXT else "vanilla")
         assert s.loss.name == m.loss and m.describe() == {"loss": m.loss, "trajectory": m.trajectory,
                                                           "teacher_context": m.teacher_context}
-        assert s.rollout_n == 1
+        assert s.rollout.n == 1
         assert (s.refine.rows, s.refine.on_wrong_rewrite) == (
             "wrong" if method == "trd_refine_wrong_only" else "all",
             "fallback" if method == "trd_fallback_wrong" else "keep")
@@ -33,7 +33,7 @@ def test_compute_matched_baselines():
     for name in BASELINES:
         m = get_method(f"{name}@2x")
         s = resolve(method_config(f"{name}@2x", "opd", 0))
-        assert s.rollout_n == 2 and s.trajectory == "y_o" and s.loss.name == METHODS[name].loss
+        assert s.rollout.n == 2 and s.trajectory == "y_o" and s.loss.name == METHODS[name].loss
         assert m.describe() == METHODS[name].describe()
     assert dict(resolve(method_config("forward_kl_clip0.1@2x", "opsd", 0)).loss.params) == {"clip": 0.1}
     for bad, message in (("trd@2x", "applies to the baselines"), ("forward_kl@3x", "is not one of"),
@@ -89,7 +89,8 @@ def test_qwen3_recipes_resolve_with_the_paper_values(setting, hardware, devices)
             assert (s.teacher is None) == (setting == "opsd")
             assert s.optim.learning_rate == 5e-6 and s.batch_size == 128
             assert s.refine.prompt_budget == (18432 if setting == "opd" else 22528)
-            assert s.rollout.temperature == 0.6 and s.rollout.top_k == 20 and s.rollout_max_new == 16384
+            assert s.rollout.sampling.temperature == 0.6 and s.rollout.sampling.top_k == 20
+            assert s.rollout.max_new == 16384
             assert cfg.mesh.fsdp == devices and 128 % (s.micro_batches * devices) == 0  # one row per device
             assert s.student.dtype == "bfloat16"
             assert s.teacher_context == ("refine" if method in REFINE_CONTEXT else "vanilla")
@@ -119,7 +120,7 @@ def test_eval_and_smollm2_configs_resolve():
     cfg.model.path = "/models/x"
     cfg.task.update(name="math", eval_files="/data/aime24.jsonl")  # no training set needed to evaluate
     s = resolve(cfg)
-    assert cfg.mode == "eval" and s.student.path == "/models/x" and s.eval_n == 16
+    assert cfg.mode == "eval" and s.student.path == "/models/x" and s.eval.n == 16
     assert s.lora is None  # evaluation loads a run's student merged
     smollm2 = _config_module("smollm2")
     s = resolve(smollm2.get_config("opsd,trd"))
@@ -128,7 +129,7 @@ def test_eval_and_smollm2_configs_resolve():
     cfg = smollm2.get_config("opd,reverse_kl")
     s = resolve(cfg)
     assert (s.mode, s.trajectory, s.teacher.source) == ("opd", "y_o", "smollm2") and cfg.teacher_sft.enabled
-    assert cfg.task.shots == 1 and s.eval_n == 8
+    assert cfg.task.shots == 1 and s.eval.n == 8
     with pytest.raises(ValueError, match="method 'trd_x' is not one of"):
         smollm2.get_config("opd,trd_x")
 

@@ -220,6 +220,41 @@ class OfflineSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """The rollout section: how the student samples y_o, and how the samplers of rollout and evaluation run."""
+
+    sampling: SamplingConfig
+    n: int  # samples per prompt
+    max_new: int  # response budget of y_o
+    release_kv_cache: bool  # free each sampler's cache when its phase ends
+    max_rows_per_call: int  # rows per sampler call (0: all at once)
+    prompt_lookup_tokens: int  # rollout and evaluation drafts from the prompt (0: plain decoding)
+    continuous: ContinuousConfig  # rollout and evaluation through continuous batching (slots 0: off), paged or not
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """The eval section: when, on how many problems, how many samples, how sampled (evaluator.py)."""
+
+    every: int  # every this many steps (0: only before and after training)
+    initial: bool  # the student before training
+    teacher: bool  # the teacher once, in its vanilla context
+    problems: int  # problems of the eval split (0: all)
+    n: int  # samples per problem
+    k: int  # Pass@k
+    max_new: int  # response budget
+    greedy: bool  # also one temperature-0 sample per problem
+    sampling: SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    every: int  # save every this many steps (and on SIGTERM and at the end)
+    keep: int  # newest checkpoints kept
+    async_save: bool  # written in a background thread
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """The validated, typed view of a run configuration."""
 
@@ -232,15 +267,9 @@ class Settings:
     student: ModelSource
     teacher: ModelSource | None
     refine: RefineConfig
-    rollout: SamplingConfig
-    rollout_n: int
-    rollout_max_new: int
-    release_kv_cache: bool
-    max_rows_per_call: int
-    prompt_lookup_tokens: int  # rollout and evaluation drafts from the prompt (0: plain decoding)
-    continuous: ContinuousConfig  # rollout and evaluation through continuous batching (slots 0: off), paged or not
+    rollout: RolloutSettings
     max_score_rows: int
-    eval_sampling: SamplingConfig
+    eval: EvalSettings
     refine_sampling: SamplingConfig
     loss: LossConfig
     optim: OptimConfig
@@ -250,17 +279,7 @@ class Settings:
     micro_batches: int
     remat: str  # ModelConfig.remat of the student model the update runs
     lora: LoRAConfig | None  # the student's adapters; None: full fine-tuning
-    eval_every: int
-    eval_initial: bool
-    eval_teacher: bool
-    eval_problems: int
-    eval_n: int
-    eval_k: int
-    eval_max_new: int
-    eval_greedy: bool
-    save_every: int
-    keep: int
-    async_save: bool
+    checkpoint: CheckpointSettings
     diagnostics: bool
     progress: bool
     export: bool
@@ -505,22 +524,22 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         seed=_int(cfg, "seed", 0), mode=mode, trajectory=trajectory, teacher_context=teacher_context,
         opsd_teacher=opsd_teacher, ema_decay=ema_decay, student=_model_source(cfg, "student"),
         teacher=_model_source(cfg, "teacher") if mode == "opd" else None,
-        refine=_refine(cfg, mode, TASK_KINDS[task.name]), rollout=rollout, rollout_n=rollout_n,
+        refine=_refine(cfg, mode, TASK_KINDS[task.name]),
+        rollout=RolloutSettings(sampling=rollout, n=rollout_n, max_new=_int(cfg, "rollout.max_new_tokens", 1),
+                                release_kv_cache=cfg.rollout.release_kv_cache,
+                                max_rows_per_call=_int(cfg, "rollout.max_rows_per_call", 0),
+                                prompt_lookup_tokens=_int(cfg, "rollout.prompt_lookup_tokens", 0),
+                                continuous=_continuous(cfg)),
         refine_sampling=_refine_sampling(cfg, rollout),
-        rollout_max_new=_int(cfg, "rollout.max_new_tokens", 1),
-        release_kv_cache=cfg.rollout.release_kv_cache, max_rows_per_call=_int(cfg, "rollout.max_rows_per_call", 0),
-        prompt_lookup_tokens=_int(cfg, "rollout.prompt_lookup_tokens", 0),
-        continuous=_continuous(cfg),
         max_score_rows=_int(cfg, "train.max_score_rows", 0),
-        eval_sampling=_sampling(cfg, "eval"),
+        eval=EvalSettings(every=_int(cfg, "eval.every", 0), initial=cfg.eval.initial, teacher=cfg.eval.teacher,
+                          problems=_int(cfg, "eval.num_problems", 0), n=eval_n, k=eval_k,
+                          max_new=_int(cfg, "eval.max_new_tokens", 1), greedy=cfg.eval.greedy,
+                          sampling=_sampling(cfg, "eval")),
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,
-        micro_batches=micro, remat=remat, lora=_lora(cfg), eval_every=_int(cfg, "eval.every", 0),
-        eval_initial=cfg.eval.initial,
-        eval_teacher=cfg.eval.teacher,
-        eval_problems=_int(cfg, "eval.num_problems", 0), eval_n=eval_n, eval_k=eval_k,
-        eval_max_new=_int(cfg, "eval.max_new_tokens", 1), eval_greedy=cfg.eval.greedy,
-        save_every=_int(cfg, "checkpoint.every", 1),
-        keep=_int(cfg, "checkpoint.keep", 1), async_save=cfg.checkpoint.async_save,
+        micro_batches=micro, remat=remat, lora=_lora(cfg),
+        checkpoint=CheckpointSettings(every=_int(cfg, "checkpoint.every", 1), keep=_int(cfg, "checkpoint.keep", 1),
+                                      async_save=cfg.checkpoint.async_save),
         diagnostics=cfg.log.diagnostics, diagnostics_every=_int(cfg, "log.diagnostics_every", 1),
         progress=cfg.log.progress, export=cfg.export.enabled,
         export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,

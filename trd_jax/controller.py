@@ -126,7 +126,7 @@ class Trainer:
         self._score = self.scorer = Scorer(s, self.roles, self.mesh, self._add_flops)  # _score: what experiments call
         eos, pad = tok.eos_ids, tok.pad_id
         self.eval_sampler = Sampler(self.roles.student_graph, eos_ids=eos, pad_id=pad,
-                                    continuous=s.continuous)
+                                    continuous=s.rollout.continuous)
         if self.evaluating:  # the student alone: no teacher, no optimizer state
             self.state, self.eval_params, self.data = None, params, None
             return
@@ -136,7 +136,7 @@ class Trainer:
         self.state = init_sharded_state(params, self.roles.trainable_shardings, self.optimizer, self.mesh, ema=ema)
         del params
         self.rollout_sampler = Sampler(self.roles.student_graph, eos_ids=eos, pad_id=pad,
-                                       continuous=s.continuous)
+                                       continuous=s.rollout.continuous)
         self.refine_sampler = Sampler(self.roles.teacher_graph, eos_ids=eos, pad_id=pad)
         self.memory = self.roles.persistent_bytes(self.state)
         if self.host0 and s.lora is not None:
@@ -240,25 +240,26 @@ class Trainer:
         s, tok, timer = self.s, self.tok, self.timer
         bar = bar or ProgressBar(0, enabled=False)
         k_rollout, k_refine = jax.random.split(jax.random.fold_in(self.train_key, step))
-        n = s.rollout_n
+        n = s.rollout.n
 
         bar.update(step, phase="rollout")
         with timer.phase("rollout") as span:
             prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
-            y_o = sample_rows(s, self.rollout_sampler, self._student_params(), prompts, s.rollout_max_new, s.rollout,
-                              n, k_rollout, s.max_prompt_tokens, lookup=True)
+            y_o = sample_rows(s, self.rollout_sampler, self._student_params(), prompts, s.rollout.max_new,
+                              s.rollout.sampling, n, k_rollout, s.max_prompt_tokens, lookup=True)
             span.tokens = sum(map(len, y_o))
-        if s.prompt_lookup_tokens:
+        if s.rollout.prompt_lookup_tokens:
             metrics.update(draft_metrics(self.rollout_sampler.last_draft_stats, span.tokens, "rollout"))
-        elif s.continuous.slots and self.rollout_sampler.last_continuous_stats:  # generated tokens per slot-step
+        elif s.rollout.continuous.slots and self.rollout_sampler.last_continuous_stats:
+            # generated tokens per slot-step
             metrics["rollout/slot_occupancy"] = span.tokens / max(self.rollout_sampler.last_continuous_stats[
                 "slot_steps"], 1)
-        if s.release_kv_cache:  # each sampler's cache is freed as its phase ends
+        if s.rollout.release_kv_cache:  # each sampler's cache is freed as its phase ends
             self.rollout_sampler.release()
         row_examples = [ex for ex in examples for _ in range(n)]
         rows = trajectories.StepRows(row_examples, [prompts[i // n] for i in range(len(y_o))], y_o,
                                      np.zeros(len(y_o), np.float32),
-                                     trajectories.capped(y_o, tok.eos_ids, s.rollout_max_new))
+                                     trajectories.capped(y_o, tok.eos_ids, s.rollout.max_new))
         self._add_flops("rollout", self.roles.student_count, sum(map(len, rows.prompts)) + sum(map(len, y_o)))
         with timer.phase("grade") as span:
             rows.y_o_reward = trajectories.grade(self.task, tok, y_o, row_examples)
@@ -276,7 +277,7 @@ class Trainer:
                 span.tokens = sum(map(len, rows.y_r))
             if s.refine.speculative and rows.y_r:
                 metrics.update(draft_metrics(self.refine_sampler.last_draft_stats, span.tokens))
-            if s.release_kv_cache:
+            if s.rollout.release_kv_cache:
                 self.refine_sampler.release()
             sent = rows.refine_prompts.generate_rows
             self._add_flops("refine", self.roles.teacher_count,
@@ -311,7 +312,7 @@ class Trainer:
             with self.timer.phase("wait_targets" if self.s.offline.teacher_job else "generate"):
                 self.data.prepare(step)
         with self.timer.phase("load"):
-            stored = self.data.next(self.s.batch_size * self.s.rollout_n)
+            stored = self.data.next(self.s.batch_size * self.s.rollout.n)
             batch, targets = offline_batch(stored, pad_id=self.tok.pad_id)
         sources = [r["source"] for r in stored]
         grades = [r["y_r_reward"] if r["source"] == "y_r" else r["y_o_reward"] for r in stored]
@@ -408,15 +409,16 @@ class Trainer:
     def run(self) -> dict:
         """Trains (resuming from the workdir's latest checkpoint), evaluates, exports; returns the summary."""
         s = self.s
-        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=s.save_every, keep=s.keep,
-                            async_save=s.async_save)
+        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=s.checkpoint.every,
+                            keep=s.checkpoint.keep,
+                            async_save=s.checkpoint.async_save)
         writer = MetricsWriter(self.workdir, enabled=self.host0, wandb=s.wandb, run_config=self.cfg.to_dict())
         try:
             start = self._restore(ckpt)
-            if start == 0 and s.eval_initial and not self.evals:
+            if start == 0 and s.eval.initial and not self.evals:
                 self.evals.append(self.evaluate(0))
             # Every run that holds a teacher evaluates it (a multi-round offline run generating its own rounds too)
-            if s.eval_teacher and self.roles.teacher_mode != "offline" and "teacher_eval" not in self.extra:
+            if s.eval.teacher and self.roles.teacher_mode != "offline" and "teacher_eval" not in self.extra:
                 self.extra["teacher_eval"] = self.evaluate(start, teacher=True)
             bar = ProgressBar(s.steps, enabled=self.host0 and s.progress, initial=start)
             status, done = "completed", start
@@ -427,7 +429,7 @@ class Trainer:
                     stop = multihost_should_stop(guard.requested or done == self.halt_after, done)
                     with self.timer.phase("checkpoint"):
                         ckpt.save(done, self._checkpoint_tree(), self._meta(done), force=stop or done == s.steps)
-                    if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+                    if s.eval.every and done % s.eval.every == 0 and done < s.steps:
                         self.evals.append(self.evaluate(done))
                         metrics.update(evaluation.brief_metrics(self.evals[-1]))
                     metrics.update({k: v for k, v in self.timer.snapshot().items() if k.startswith("phase_s/")})

@@ -36,8 +36,8 @@ class Evaluator:
         problem, for per-problem statistics and broadening) and, with greedy decoding, greedy."""
         s, tok = self.s, self.tok
         examples = list(self.task.split("eval"))
-        if s.eval_problems:
-            examples = examples[: s.eval_problems]
+        if s.eval.problems:
+            examples = examples[: s.eval.problems]
         prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
         max_prompt_len = s.max_prompt_tokens
         if teacher:
@@ -45,29 +45,29 @@ class Evaluator:
                                                     prompt_mode=s.prompt_mode)
             if s.mode != "opd":  # OPSD's vanilla context x + y* has no configured bound
                 max_prompt_len = None
-        greedy = s.eval_greedy and not teacher
+        greedy = s.eval.greedy and not teacher
         correct, lengths, greedy_correct, greedy_lengths = [], [], [], []
         chunk = max(1, s.batch_size)
         with self.timer.phase("eval") as span:
             try:
                 for c in range(0, len(examples), chunk):
                     key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)
-                    rows = sample_rows(s, sampler, params, prompts[c:c + chunk], s.eval_max_new, s.eval_sampling,
-                                       s.eval_n, key, max_prompt_len, lookup=True)
-                    exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval_n)]
-                    correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval_n) > 0.5)
+                    rows = sample_rows(s, sampler, params, prompts[c:c + chunk], s.eval.max_new, s.eval.sampling,
+                                       s.eval.n, key, max_prompt_len, lookup=True)
+                    exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval.n)]
+                    correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval.n) > 0.5)
                     lengths += [len(r) for r in rows]
                 # After all sampled chunks, so that the sampler's cache changes shape (n -> 1 row per prompt) once.
                 for c in range(0, len(examples) if greedy else 0, chunk):
                     key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)  # unused at temperature 0
-                    rows = sample_rows(s, sampler, params, prompts[c:c + chunk], s.eval_max_new, GREEDY, 1, key,
+                    rows = sample_rows(s, sampler, params, prompts[c:c + chunk], s.eval.max_new, GREEDY, 1, key,
                                        max_prompt_len, lookup=True)
                     greedy_correct.append(trajectories.grade(self.task, tok, rows, examples[c:c + chunk]) > 0.5)
                     greedy_lengths += [len(r) for r in rows]
             finally:
                 sampler.release()  # evaluations are rare: their cache (eval, or teacher eval's) is not kept
             span.tokens = sum(lengths) + sum(greedy_lengths)
-        summary = evaluation.summarize(np.concatenate(correct), s.eval_k, problem_ids=[ex.id for ex in examples])
+        summary = evaluation.summarize(np.concatenate(correct), s.eval.k, problem_ids=[ex.id for ex in examples])
         summary.update(step=step, mean_length=float(np.mean(lengths)))
         if greedy:
             summary.update(greedy=float(np.concatenate(greedy_correct).mean()),

@@ -15,10 +15,10 @@ def sample_rows(s, sampler: Sampler, params, prompts, max_new: int, sampling, n:
     decoding against them (speculative.py). kept: a dict that receives the rows' final-layer states under
     "hidden" (score_reuse). lookup: draft from the prompts themselves (rollout.prompt_lookup_tokens)."""
     mode = "aligned"
-    if lookup and s.prompt_lookup_tokens:
-        drafts, draft_tokens, mode = prompts, s.prompt_lookup_tokens, "lookup"
+    if lookup and s.rollout.prompt_lookup_tokens:
+        drafts, draft_tokens, mode = prompts, s.rollout.prompt_lookup_tokens, "lookup"
     out = sampler(params, prompts, max_new, sampling=sampling, n=n, key=key, max_prompt_len=max_prompt_len,
-                  max_rows=s.max_rows_per_call, drafts=drafts, draft_tokens=draft_tokens, draft_mode=mode,
+                  max_rows=s.rollout.max_rows_per_call, drafts=drafts, draft_tokens=draft_tokens, draft_mode=mode,
                   keep_hidden=kept is not None)
     if kept is not None:
         kept["hidden"] = out.hidden

@@ -64,9 +64,10 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
     examples = trainer.data.next(prompts)
     x = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
     key_o, key_r = jax.random.split(jax.random.key(seed))
-    y_o = sample_rows(s, trainer.rollout_sampler, trainer.state.params, x, s.rollout_max_new, s.rollout, 1, key_o)
+    y_o = sample_rows(s, trainer.rollout_sampler, trainer.state.params, x, s.rollout.max_new, s.rollout.sampling, 1,
+                      key_o)
     rows = trajectories.StepRows(list(examples), x, y_o, trajectories.grade(task, tok, y_o, examples),
-                                 trajectories.capped(y_o, tok.eos_ids, s.rollout_max_new))
+                                 trajectories.capped(y_o, tok.eos_ids, s.rollout.max_new))
     texts = [tok.decode(r, skip_special_tokens=True) for r in y_o]
     errors = [first_error(t, task.problem_of(ex)) for t, ex in zip(texts, examples)]
     vanilla = trajectories.vanilla_contexts(tok, examples, x, mode=setting, task_kind=task.kind,

@@ -53,9 +53,9 @@ class PlanOptions:
 
 def options_from_settings(s, **overrides) -> PlanOptions:
     """The PlanOptions a run config (config.Settings) sets; `overrides`: PlanOptions fields."""
-    fields = dict(remat=s.remat, sampler_rows=s.max_rows_per_call, score_rows=s.max_score_rows, lora=s.lora,
-                  continuous_slots=s.continuous.slots, kv_page_size=s.continuous.page_size,
-                  kv_pool_tokens=s.continuous.pool_tokens)
+    fields = dict(remat=s.remat, sampler_rows=s.rollout.max_rows_per_call, score_rows=s.max_score_rows, lora=s.lora,
+                  continuous_slots=s.rollout.continuous.slots, kv_page_size=s.rollout.continuous.page_size,
+                  kv_pool_tokens=s.rollout.continuous.pool_tokens)
     return PlanOptions(**{**fields, **overrides})
 
 
@@ -103,12 +103,12 @@ def workload_from_settings(s) -> Workload:
     way the sampler and layouts.distill_batch bucket them."""
     notes = []
     prompt = bucket(s.max_prompt_tokens, 16)
-    max_new = bucket(s.rollout_max_new, 8)
+    max_new = bucket(s.rollout.max_new, 8)
     refine_prompt = bucket(s.refine.prompt_budget, 16)
     rewrite = bucket(s.refine.rewrite_budget, 8)
     fallback = "fallback" in (s.refine.on_prompt_over_budget, s.refine.on_empty_rewrite, s.refine.on_capped_rewrite)
     if s.trajectory == "y_r":
-        response = bucket(max(s.refine.rewrite_budget, s.rollout_max_new if fallback else 0), 8)
+        response = bucket(max(s.refine.rewrite_budget, s.rollout.max_new if fallback else 0), 8)
     else:
         response = max_new
     if s.teacher_context == "refine" and s.trajectory == "y_r":
@@ -119,17 +119,17 @@ def workload_from_settings(s) -> Workload:
         teacher_ctx = refine_prompt
         notes.append("OPSD's vanilla teacher context x + y* has no budget of its own: bounded by "
                      "refine.prompt_budget")
-    rows = s.batch_size * s.rollout_n
-    eval_rows = bucket(s.batch_size) * s.eval_n  # evaluate() samples batch_size prompts per call
+    rows = s.batch_size * s.rollout.n
+    eval_rows = bucket(s.batch_size) * s.eval.n  # evaluate() samples batch_size prompts per call
     return Workload(mode=s.mode, trajectory=s.trajectory, teacher_context=s.teacher_context,
-                    opsd_teacher=s.opsd_teacher, rows=rows, batch_size=s.batch_size, n=s.rollout_n,
+                    opsd_teacher=s.opsd_teacher, rows=rows, batch_size=s.batch_size, n=s.rollout.n,
                     micro_batches=s.micro_batches, prompt=prompt, max_new=max_new, refine_prompt=refine_prompt,
                     rewrite=rewrite, response=response, teacher_ctx=teacher_ctx, eval_rows=eval_rows,
-                    eval_n=s.eval_n,
-                    eval_prompt=prompt, eval_new=bucket(s.eval_max_new, 8),
-                    eval_teacher=s.eval_teacher,
+                    eval_n=s.eval.n,
+                    eval_prompt=prompt, eval_new=bucket(s.eval.max_new, 8),
+                    eval_teacher=s.eval.teacher,
                     teacher_eval_ctx=prompt if s.mode == "opd" else refine_prompt,
-                    release_kv_cache=s.release_kv_cache, diagnostics=s.diagnostics,
+                    release_kv_cache=s.rollout.release_kv_cache, diagnostics=s.diagnostics,
                     reuse_states=s.trajectory == "y_r" and s.teacher_context == "refine" and s.refine.reuse_states,
                     offline_k=s.offline.top_k if s.targets_dir and not s.offline.loads_teacher else 0,
                     loss=s.loss, notes=tuple(notes))

@@ -50,11 +50,11 @@ def settings_identity(trainer, k: int) -> dict:
     """What decides the targets apart from the weights: a training job checks a teacher job's rounds by it."""
     s = trainer.s
     return {"mode": s.mode, "trajectory": s.trajectory, "teacher_context": s.teacher_context, "k": k,
-            "seed": s.seed, "batch_size": s.batch_size, "rollout_n": s.rollout_n, "task": trainer.task.name,
-            "rollout": repr(s.rollout), "refine_sampling": repr(s.refine_sampling), "refine": repr(s.refine),
-            "rollout_max_new": s.rollout_max_new, "temperature": s.loss.temperature,
+            "seed": s.seed, "batch_size": s.batch_size, "rollout_n": s.rollout.n, "task": trainer.task.name,
+            "rollout": repr(s.rollout.sampling), "refine_sampling": repr(s.refine_sampling), "refine": repr(s.refine),
+            "rollout_max_new": s.rollout.max_new, "temperature": s.loss.temperature,
             "teacher": repr(s.teacher), "opsd_teacher": s.opsd_teacher, "prompt_mode": s.prompt_mode,
-            "max_prompt_tokens": s.max_prompt_tokens, "prompt_lookup_tokens": s.prompt_lookup_tokens,
+            "max_prompt_tokens": s.max_prompt_tokens, "prompt_lookup_tokens": s.rollout.prompt_lookup_tokens,
             "tokenizer_sha256": _folder_hash(trainer.task.tokenizer_dir)}
 
 
@@ -126,7 +126,7 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
             if multihost.multi_process():  # host rows, the same on every process -> global arrays split over rows
                 tokens, mask = (multihost.to_global(x, batch_sharding(trainer.mesh)) for x in (tokens, mask))
             targets = topk(t.scored.hidden, head, tokens, mask)
-            row_examples = [ex for ex in examples for _ in range(s.rollout_n)]
+            row_examples = [ex for ex in examples for _ in range(s.rollout.n)]
             rows = _rows(t, targets, row_examples)  # every process: to_host gathers collectively
             if not writer:
                 continue
