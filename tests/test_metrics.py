@@ -136,9 +136,9 @@ def test_metrics_writer_wandb_offline(tmp_path, monkeypatch):
 
 
 def test_wandb_settings_from_config(tmp_path, monkeypatch):
-    assert resolve(tiny_config()).wandb is None  # off by default
+    assert resolve(tiny_config()).log.wandb is None  # off by default
     s = resolve(tiny_config(**{"log.wandb": True, "log.wandb_project": "p", "log.wandb_mode": "offline"}))
-    assert s.wandb == WandbSettings(project="p", mode="offline")
+    assert s.log.wandb == WandbSettings(project="p", mode="offline")
     with pytest.raises(ConfigError, match="config.log.wandb_mode"):
         resolve(tiny_config(**{"log.wandb_mode": "cloud"}))
     with pytest.raises(ConfigError, match="config.log.wandb_project"):
@@ -147,7 +147,7 @@ def test_wandb_settings_from_config(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"config\.log\.wandb: is true but wandb is not installed") as e:
         resolve(tiny_config(**{"log.wandb": True}))
     assert e.value.key == "log.wandb"
-    assert resolve(tiny_config()).wandb is None  # only a run that asks for wandb needs it
+    assert resolve(tiny_config()).log.wandb is None  # only a run that asks for wandb needs it
     with pytest.raises(ImportError, match="config.log.wandb"):
         MetricsWriter(tmp_path, wandb=WandbSettings())
 

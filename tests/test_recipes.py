@@ -87,11 +87,11 @@ def test_qwen3_recipes_resolve_with_the_paper_values(setting, hardware, devices)
             s = resolve(cfg)
             assert s.mode == setting and s.trajectory == ("y_r" if method.startswith("trd") else "y_o")
             assert (s.teacher is None) == (setting == "opsd")
-            assert s.optim.learning_rate == 5e-6 and s.batch_size == 128
+            assert s.optim.learning_rate == 5e-6 and s.train.batch_size == 128
             assert s.refine.prompt_budget == (18432 if setting == "opd" else 22528)
             assert s.rollout.sampling.temperature == 0.6 and s.rollout.sampling.top_k == 20
             assert s.rollout.max_new == 16384
-            assert cfg.mesh.fsdp == devices and 128 % (s.micro_batches * devices) == 0  # one row per device
+            assert cfg.mesh.fsdp == devices and 128 % (s.train.micro_batches * devices) == 0  # one row per device
             assert s.student.dtype == "bfloat16"
             assert s.teacher_context == ("refine" if method in REFINE_CONTEXT else "vanilla")
             assert s.prompt_mode == ("thinking" if student == "1.7b" else "chat")

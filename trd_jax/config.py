@@ -248,6 +248,32 @@ class EvalSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The train section: the optimizer steps and how each step's rows are batched and recomputed."""
+
+    steps: int
+    batch_size: int  # prompts per step
+    micro_batches: int
+    remat: str  # ModelConfig.remat of the student model the update runs
+    max_score_rows: int  # rows per scoring forward (0: all at once)
+    max_skipped_fraction: float = 0.5  # of steps, skipped as non-finite, before the run fails
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSettings:
+    diagnostics: bool  # prefix-failure diagnostics
+    diagnostics_every: int
+    progress: bool  # the console progress bar
+    wandb: WandbSettings | None = None  # the W&B sink of the metrics; None: off (config.log.wandb)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    enabled: bool  # the final student as a Hugging Face folder in workdir/export
+    dtype: str  # "" keeps the parameter dtype
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
     every: int  # save every this many steps (and on SIGTERM and at the end)
     keep: int  # newest checkpoints kept
@@ -268,22 +294,16 @@ class Settings:
     teacher: ModelSource | None
     refine: RefineConfig
     rollout: RolloutSettings
-    max_score_rows: int
     eval: EvalSettings
     refine_sampling: SamplingConfig
     loss: LossConfig
     optim: OptimConfig
     mesh: MeshConfig
-    steps: int
-    batch_size: int
-    micro_batches: int
-    remat: str  # ModelConfig.remat of the student model the update runs
+    train: TrainSettings
     lora: LoRAConfig | None  # the student's adapters; None: full fine-tuning
     checkpoint: CheckpointSettings
-    diagnostics: bool
-    progress: bool
-    export: bool
-    export_dtype: str
+    log: LogSettings
+    export: ExportSettings
     prompt_mode: str
     max_prompt_tokens: int
     task: TaskSettings
@@ -298,9 +318,6 @@ class Settings:
     # OPD's teacher fine-tuned before the run (None: off) and where it is cached.
     teacher_sft: TeacherSFTConfig | None = None
     teacher_sft_dir: str = ""  # "" = workdir/teacher_sft
-    diagnostics_every: int = 1
-    max_skipped_fraction: float = 0.5  # train.max_skipped_fraction
-    wandb: WandbSettings | None = None  # the W&B sink of the metrics; None: off (config.log.wandb)
 
 
 def _model_source(cfg, side: str) -> ModelSource:
@@ -531,20 +548,22 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
                                 prompt_lookup_tokens=_int(cfg, "rollout.prompt_lookup_tokens", 0),
                                 continuous=_continuous(cfg)),
         refine_sampling=_refine_sampling(cfg, rollout),
-        max_score_rows=_int(cfg, "train.max_score_rows", 0),
         eval=EvalSettings(every=_int(cfg, "eval.every", 0), initial=cfg.eval.initial, teacher=cfg.eval.teacher,
                           problems=_int(cfg, "eval.num_problems", 0), n=eval_n, k=eval_k,
                           max_new=_int(cfg, "eval.max_new_tokens", 1), greedy=cfg.eval.greedy,
                           sampling=_sampling(cfg, "eval")),
-        loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes), steps=steps, batch_size=batch_size,
-        micro_batches=micro, remat=remat, lora=_lora(cfg),
+        loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes),
+        train=TrainSettings(steps=steps, batch_size=batch_size, micro_batches=micro, remat=remat,
+                            max_score_rows=_int(cfg, "train.max_score_rows", 0),
+                            max_skipped_fraction=max_skipped_fraction),
+        lora=_lora(cfg),
         checkpoint=CheckpointSettings(every=_int(cfg, "checkpoint.every", 1), keep=_int(cfg, "checkpoint.keep", 1),
                                       async_save=cfg.checkpoint.async_save),
-        diagnostics=cfg.log.diagnostics, diagnostics_every=_int(cfg, "log.diagnostics_every", 1),
-        progress=cfg.log.progress, export=cfg.export.enabled,
-        export_dtype=export_dtype, prompt_mode=cfg.task.prompt_mode,
-        max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), wandb=wandb, task=task,
-        max_skipped_fraction=max_skipped_fraction, evaluate_only=run_mode == "eval", bootstrap=bootstrap,
+        log=LogSettings(diagnostics=cfg.log.diagnostics, diagnostics_every=_int(cfg, "log.diagnostics_every", 1),
+                        progress=cfg.log.progress, wandb=wandb),
+        export=ExportSettings(enabled=cfg.export.enabled, dtype=export_dtype), prompt_mode=cfg.task.prompt_mode,
+        max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), task=task, evaluate_only=run_mode == "eval",
+        bootstrap=bootstrap,
         targets_dir=offline.dir if run_mode == "train" else "", offline=offline,
         bootstrap_dir=cfg.bootstrap.dir,
         bootstrap_from_scratch=cfg.bootstrap.from_scratch, teacher_sft=teacher_sft,

@@ -101,7 +101,7 @@ class Trainer:
         except ValueError as e:  # axis sizes these devices cannot form
             raise ConfigError("mesh", f"{e} (mesh.data={s.mesh.data}, mesh.fsdp={s.mesh.fsdp}, "
                                       f"mesh.tensor={s.mesh.tensor}; {jax.device_count()} devices)") from None
-        row_groups.check_group(s.max_score_rows, self.mesh)
+        row_groups.check_group(s.train.max_score_rows, self.mesh)
         base = jax.random.key(s.seed)
         self.train_key, self.eval_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
         if multihost.multi_process():  # the same keys on every process, as arrays replicated over the mesh
@@ -196,7 +196,7 @@ class Trainer:
                                          frozen_shardings=self.roles.base_shardings)
         seq, targets, mask, hidden, logp = to_micro_batches(
             (batch.student, batch.targets, batch.response_mask, scored.hidden, scored.logp),
-            self.s.micro_batches, self.mesh)
+            self.s.train.micro_batches, self.mesh)
         self.state, metrics = self._update_fn(self.state, UpdateBatch(seq, targets, mask),
                                               TeacherSignal(hidden, self.roles.frozen_head, logp),
                                               self.roles.base_params, dropout_key)
@@ -222,12 +222,12 @@ class Trainer:
         if s.targets_dir:
             return self._offline_step(step, bar)
         with self._usable_prompts():
-            examples = self.data.next(s.batch_size)
+            examples = self.data.next(s.train.batch_size)
         metrics: dict[str, float] = {}
         rows, batch, scored, teacher_params, vanilla = self.distill_targets(step, examples, metrics, bar)
         y_o = rows.y_o
 
-        if s.diagnostics and step % s.diagnostics_every == 0:
+        if s.log.diagnostics and step % s.log.diagnostics_every == 0:
             with timer.phase("diagnostics"):
                 metrics.update(self.scorer.diagnostics(rows, batch, scored, self._student_params(), teacher_params,
                                                        vanilla, pad_id=self.tok.pad_id))
@@ -312,7 +312,7 @@ class Trainer:
             with self.timer.phase("wait_targets" if self.s.offline.teacher_job else "generate"):
                 self.data.prepare(step)
         with self.timer.phase("load"):
-            stored = self.data.next(self.s.batch_size * self.s.rollout.n)
+            stored = self.data.next(self.s.train.batch_size * self.s.rollout.n)
             batch, targets = offline_batch(stored, pad_id=self.tok.pad_id)
         sources = [r["source"] for r in stored]
         grades = [r["y_r_reward"] if r["source"] == "y_r" else r["y_o_reward"] for r in stored]
@@ -412,7 +412,7 @@ class Trainer:
         ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), save_every=s.checkpoint.every,
                             keep=s.checkpoint.keep,
                             async_save=s.checkpoint.async_save)
-        writer = MetricsWriter(self.workdir, enabled=self.host0, wandb=s.wandb, run_config=self.cfg.to_dict())
+        writer = MetricsWriter(self.workdir, enabled=self.host0, wandb=s.log.wandb, run_config=self.cfg.to_dict())
         try:
             start = self._restore(ckpt)
             if start == 0 and s.eval.initial and not self.evals:
@@ -420,26 +420,26 @@ class Trainer:
             # Every run that holds a teacher evaluates it (a multi-round offline run generating its own rounds too)
             if s.eval.teacher and self.roles.teacher_mode != "offline" and "teacher_eval" not in self.extra:
                 self.extra["teacher_eval"] = self.evaluate(start, teacher=True)
-            bar = ProgressBar(s.steps, enabled=self.host0 and s.progress, initial=start)
+            bar = ProgressBar(s.train.steps, enabled=self.host0 and s.log.progress, initial=start)
             status, done = "completed", start
             with PreemptionGuard() as guard:
-                for step in range(start, s.steps):
+                for step in range(start, s.train.steps):
                     metrics = self.train_step(step, bar)
                     done = step + 1
                     stop = multihost_should_stop(guard.requested or done == self.halt_after, done)
                     with self.timer.phase("checkpoint"):
-                        ckpt.save(done, self._checkpoint_tree(), self._meta(done), force=stop or done == s.steps)
-                    if s.eval.every and done % s.eval.every == 0 and done < s.steps:
+                        ckpt.save(done, self._checkpoint_tree(), self._meta(done), force=stop or done == s.train.steps)
+                    if s.eval.every and done % s.eval.every == 0 and done < s.train.steps:
                         self.evals.append(self.evaluate(done))
                         metrics.update(evaluation.brief_metrics(self.evals[-1]))
                     metrics.update({k: v for k, v in self.timer.snapshot().items() if k.startswith("phase_s/")})
                     writer.write(done, metrics)
                     tps = metrics.get("tokens_per_s/rollout")
                     bar.update(done, phase="done", tokens_per_s=tps)
-                    if self.counters.get("skipped_steps", 0) > s.max_skipped_fraction * s.steps:
+                    if self.counters.get("skipped_steps", 0) > s.train.max_skipped_fraction * s.train.steps:
                         status = "failed"
                         break
-                    if stop and done < s.steps:
+                    if stop and done < s.train.steps:
                         status = "preempted"
                         log.warning("stopping at step %d (checkpoint saved); rerun the same command to resume", done)
                         break
@@ -452,7 +452,8 @@ class Trainer:
             self.task_close()
         if status == "failed":
             raise TrainingError(f"{summary['skipped_steps']} of {done} steps were skipped as non-finite, more than "
-                                f"train.max_skipped_fraction={s.max_skipped_fraction} of train.steps={s.steps}: "
+                                f"train.max_skipped_fraction={s.train.max_skipped_fraction} of "
+                                f"train.steps={s.train.steps}: "
                                 f"training stopped (checkpoints and {self.workdir}/summary.json kept)", summary)
         return summary
 
@@ -487,9 +488,9 @@ class Trainer:
             if final is None:
                 final = self.evaluate(done)
                 self.evals.append(final)
-            if s.export:
+            if s.export.enabled:
                 self.roles.export_student(self.state.params, self.workdir, self.sources.student,
-                                          dtype=s.export_dtype or None,
+                                          dtype=s.export.dtype or None,
                                           tokenizer_dir=self.task.tokenizer_dir)
         summary = training_summary(s, status=status, done=done, evals=self.evals, final=final,
                                    totals=self.timer.totals(), counters=self.counters, memory=self.memory,

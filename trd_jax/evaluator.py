@@ -47,7 +47,7 @@ class Evaluator:
                 max_prompt_len = None
         greedy = s.eval.greedy and not teacher
         correct, lengths, greedy_correct, greedy_lengths = [], [], [], []
-        chunk = max(1, s.batch_size)
+        chunk = max(1, s.train.batch_size)
         with self.timer.phase("eval") as span:
             try:
                 for c in range(0, len(examples), chunk):

@@ -291,7 +291,7 @@ def build_roles(s: Settings, sources: Sources, tok: Tokenizer, mesh, workdir: st
     else:
         student = build_model(sources.student, tok, s.seed, "student")
     # train.remat, and the attention kernel again (a resumed LoRA run loads its base without build_model)
-    student = with_runtime(student, remat=s.remat, attention=sources.student.attention,
+    student = with_runtime(student, remat=s.train.remat, attention=sources.student.attention,
                            attention_block=sources.student.attention_block)
     if student.cfg.vocab_size < tok.vocab_size:
         raise ConfigError("student.path", f"model vocabulary {student.cfg.vocab_size} < tokenizer's {tok.vocab_size}")

@@ -32,11 +32,11 @@ class Scorer:
             self._fns[side] = jit_score(graph, shard, self.mesh, temperature=self.s.loss.temperature,
                                         chunk_size=self.s.loss.chunk_size)
         fn, args, rows = self._fns[side], (layout, targets, mask), np.shape(targets)[0]
-        if not self.s.max_score_rows or self.s.max_score_rows >= rows:
+        if not self.s.train.max_score_rows or self.s.train.max_score_rows >= rows:
             return fn(params, *self._place(args))
         # train.max_score_rows: the forward's activations scale with the group, the output is assembled in place
         return row_groups.run_in_groups(lambda part: fn(params, *part), args, rows=rows,
-                                        group=self.s.max_score_rows, mesh=self.mesh, place=self._place)
+                                        group=self.s.train.max_score_rows, mesh=self.mesh, place=self._place)
 
     def _place(self, args):
         if multihost.multi_process():  # host rows, the same on every process -> global arrays split over rows

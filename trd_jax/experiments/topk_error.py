@@ -34,7 +34,7 @@ def measure(workdir: str, steps: int, ks: list[int]) -> str:
     data = trainer.task.prompt_iterator(s.seed)
     vocab = None
     for step in range(steps):
-        t = trainer.distill_targets(step, data.next(s.batch_size), {})
+        t = trainer.distill_targets(step, data.next(s.train.batch_size), {})
         mask = jnp.asarray(t.batch.response_mask)
         student = trainer._score("student", trainer._student_params(), t.batch.student, t.batch.targets, mask)
         s_head = _student_head(trainer)

@@ -53,8 +53,8 @@ class PlanOptions:
 
 def options_from_settings(s, **overrides) -> PlanOptions:
     """The PlanOptions a run config (config.Settings) sets; `overrides`: PlanOptions fields."""
-    fields = dict(remat=s.remat, sampler_rows=s.rollout.max_rows_per_call, score_rows=s.max_score_rows, lora=s.lora,
-                  continuous_slots=s.rollout.continuous.slots, kv_page_size=s.rollout.continuous.page_size,
+    fields = dict(remat=s.train.remat, sampler_rows=s.rollout.max_rows_per_call, score_rows=s.train.max_score_rows,
+                  lora=s.lora, continuous_slots=s.rollout.continuous.slots, kv_page_size=s.rollout.continuous.page_size,
                   kv_pool_tokens=s.rollout.continuous.pool_tokens)
     return PlanOptions(**{**fields, **overrides})
 
@@ -119,17 +119,17 @@ def workload_from_settings(s) -> Workload:
         teacher_ctx = refine_prompt
         notes.append("OPSD's vanilla teacher context x + y* has no budget of its own: bounded by "
                      "refine.prompt_budget")
-    rows = s.batch_size * s.rollout.n
-    eval_rows = bucket(s.batch_size) * s.eval.n  # evaluate() samples batch_size prompts per call
+    rows = s.train.batch_size * s.rollout.n
+    eval_rows = bucket(s.train.batch_size) * s.eval.n  # evaluate() samples batch_size prompts per call
     return Workload(mode=s.mode, trajectory=s.trajectory, teacher_context=s.teacher_context,
-                    opsd_teacher=s.opsd_teacher, rows=rows, batch_size=s.batch_size, n=s.rollout.n,
-                    micro_batches=s.micro_batches, prompt=prompt, max_new=max_new, refine_prompt=refine_prompt,
+                    opsd_teacher=s.opsd_teacher, rows=rows, batch_size=s.train.batch_size, n=s.rollout.n,
+                    micro_batches=s.train.micro_batches, prompt=prompt, max_new=max_new, refine_prompt=refine_prompt,
                     rewrite=rewrite, response=response, teacher_ctx=teacher_ctx, eval_rows=eval_rows,
                     eval_n=s.eval.n,
                     eval_prompt=prompt, eval_new=bucket(s.eval.max_new, 8),
                     eval_teacher=s.eval.teacher,
                     teacher_eval_ctx=prompt if s.mode == "opd" else refine_prompt,
-                    release_kv_cache=s.rollout.release_kv_cache, diagnostics=s.diagnostics,
+                    release_kv_cache=s.rollout.release_kv_cache, diagnostics=s.log.diagnostics,
                     reuse_states=s.trajectory == "y_r" and s.teacher_context == "refine" and s.refine.reuse_states,
                     offline_k=s.offline.top_k if s.targets_dir and not s.offline.loads_teacher else 0,
                     loss=s.loss, notes=tuple(notes))

@@ -50,7 +50,7 @@ def settings_identity(trainer, k: int) -> dict:
     """What decides the targets apart from the weights: a training job checks a teacher job's rounds by it."""
     s = trainer.s
     return {"mode": s.mode, "trajectory": s.trajectory, "teacher_context": s.teacher_context, "k": k,
-            "seed": s.seed, "batch_size": s.batch_size, "rollout_n": s.rollout.n, "task": trainer.task.name,
+            "seed": s.seed, "batch_size": s.train.batch_size, "rollout_n": s.rollout.n, "task": trainer.task.name,
             "rollout": repr(s.rollout.sampling), "refine_sampling": repr(s.refine_sampling), "refine": repr(s.refine),
             "rollout_max_new": s.rollout.max_new, "temperature": s.loss.temperature,
             "teacher": repr(s.teacher), "opsd_teacher": s.opsd_teacher, "prompt_mode": s.prompt_mode,
@@ -90,7 +90,7 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
     returns the manifest. first_step: shard i is step first_step + i (its prompts and random streams), for
     the rounds of a multi-round run (offline/rounds.py)."""
     s = trainer.s
-    num_shards = s.steps if num_shards is None else num_shards
+    num_shards = s.train.steps if num_shards is None else num_shards
     head = trainer.roles.teacher_head(trainer._teacher_params())  # fixed: nothing trains while generating
     k = min(k, int(head.shape[1]))  # a small vocabulary is stored whole (exact targets)
     # Several processes: every one computes every shard (the controller's steps are collectives over the same
@@ -115,9 +115,9 @@ def generate_targets(trainer, directory: str, *, k: int, num_shards: int | None 
     with trainer._usable_prompts():
         data = trainer.task.prompt_iterator(s.seed)
         for _ in range(first_step):
-            data.next(s.batch_size)
+            data.next(s.train.batch_size)
         for i in range(num_shards):
-            examples = data.next(s.batch_size)  # replayed for finished shards: the order stays the step's
+            examples = data.next(s.train.batch_size)  # replayed for finished shards: the order stays the step's
             if i in done:
                 continue
             start = time.perf_counter()
