@@ -179,3 +179,29 @@ def test_a_pool_too_small_for_one_row_is_refused(model):
     graphdef, params = model
     with pytest.raises(ValueError, match="pool_tokens=16: 2 pages of 8 cannot hold the longest row"):
         generate(graphdef, params, PROMPTS, 24, slots=2, page_size=8, pool_tokens=16)
+
+
+def test_key_groups_give_each_group_its_own_calls_draws(model):
+    """Sampler(key_groups=...): consecutive groups of prompts, each with its own key (an evaluation's chunks), give the
+    rows of one call per group; the static sampler runs the groups in turn, continuous batching (contiguous or paged)
+    streams them all through its slots in one call."""
+    import jax
+
+    from trd_jax.sampling import ContinuousConfig
+
+    graphdef, params = model
+    sizes, starts = [3, 3, 1], [0, 3, 6]
+    keys = [jax.random.fold_in(jax.random.key(7), c) for c in starts]
+    kw = dict(sampling=SamplingConfig(0.7, top_k=20, top_p=0.9), n=2)
+    sampler = Sampler(graphdef, eos_ids=EOS)
+    parts = [sampler(params, PROMPTS[a:a + g], 24, key=k, **kw) for a, g, k in zip(starts, sizes, keys)]
+    lengths = np.concatenate([p.lengths for p in parts])
+    rows = [t[:n] for p in parts for t, n in zip(p.tokens, p.lengths)]
+    for continuous in (ContinuousConfig(), ContinuousConfig(slots=4, segment=3),
+                       ContinuousConfig(slots=4, segment=3, page_size=8)):
+        out = Sampler(graphdef, eos_ids=EOS, continuous=continuous)(params, PROMPTS, 24, key=keys, key_groups=sizes,
+                                                                     **kw)
+        np.testing.assert_array_equal(out.lengths, lengths)
+        assert [list(t[:n]) for t, n in zip(out.tokens, out.lengths)] == [list(r) for r in rows], continuous
+    with pytest.raises(ValueError, match="key_groups"):
+        sampler(params, PROMPTS, 24, key=keys, key_groups=[3, 3], **kw)

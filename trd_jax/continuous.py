@@ -209,7 +209,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
              eos_ids: Sequence[int] = (), pad_id: int = 0, budgets: Sequence[int] | None = None,
              segment: int = 8, min_prompt_bucket: int = 16, max_prompt_len: int | None = None,
              shrink: bool = True, shard_cache: bool = True, page_size: int = 0, pool_tokens: int = 0,
-             block_pages: int = 8, stats: dict | None = None) -> SampleOutput:
+             block_pages: int = 8, key_groups: Sequence[int] | None = None,
+             stats: dict | None = None) -> SampleOutput:
     """The static sampler's call (Sampler.__call__: rows i*n .. i*n + n - 1 for prompt i, numpy outputs cut to
     the longest row), decoded through `slots` slots. budgets: each prompt's most new tokens (<= max_new_tokens;
     None: max_new_tokens for all). shrink: once every row is admitted and at most half the slots are busy,
@@ -222,8 +223,10 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     block_pages pages up to the longest live row. Pages are allocated one segment ahead and freed when a row
     ends; a pool too small for every live row's next segment preempts the latest admitted rows (decoded again
     later, to the same tokens). A paged cache shards kv heads over tensor only (pages are not split over the
-    batch axes). stats (a dict): filled with segments, admissions, prompts prefilled, slot-steps, compactions,
-    and with pages: the pool's pages, the most in use, preemptions."""
+    batch axes). key_groups: the prompts in consecutive groups of these sizes, `key` a key per group; each
+    group's rows draw what a static call over that group alone draws (Sampler's key_groups). stats (a dict):
+    filled with segments, admissions, prompts prefilled, slot-steps, compactions, and with pages: the pool's
+    pages, the most in use, preemptions."""
     if not prompts:
         raise ValueError("prompts: empty batch")
     if slots < 1 or segment < 1:
@@ -242,8 +245,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         plen = min(plen, max_prompt_len)
     width = bucket(max_new_tokens, 8)
     rows = len(prompts) * n
-    total_rows = bucket(len(prompts)) * n  # the static sampler's row table: the same draws
-    key = jax.random.key(key) if isinstance(key, int) else key
+    groups = [len(prompts)] if key_groups is None else list(key_groups)
+    keys = [key] if key_groups is None else list(key)
+    keys = [jax.random.key(k) if isinstance(k, int) else k for k in keys]
     eos_ids = tuple(int(e) for e in eos_ids)
     budget_of = [max_new_tokens if budgets is None else budgets[r // n] for r in range(rows)]
     pool = None
@@ -262,8 +266,11 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         shard = (lambda size: cache_sharding(params, cfg.num_kv_heads, size)) if shard_cache else (lambda size: None)
         state = _new_state(cfg, slots, plen + width, rows, width, int(pad_id), shard(slots))
     sharding = shard(slots)
-    table = (jnp.zeros((1, 1), jnp.float32) if sampling.temperature == 0.0
-             else uniform_table(key, steps=width, total_rows=total_rows))
+    if sampling.temperature == 0.0:
+        table = jnp.zeros((1, 1), jnp.float32)
+    else:  # each group's rows draw what a static call over the group alone draws (its own key and row table)
+        table = jnp.concatenate([uniform_table(k, steps=width, total_rows=bucket(g) * n)[:, :g * n]
+                                 for k, g in zip(keys, groups)], axis=1)
     waiting = deque(range(rows))
     free = list(range(slots))
     slot_row = [-1] * slots  # host mirror: the row in each slot, its emitted tokens (an upper bound), admission order

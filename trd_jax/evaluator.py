@@ -46,31 +46,33 @@ class Evaluator:
             if s.mode != "opd":  # OPSD's vanilla context x + y* has no configured bound
                 max_prompt_len = None
         greedy = s.eval.greedy and not teacher
-        correct, lengths, greedy_correct, greedy_lengths = [], [], [], []
         chunk = max(1, s.train.batch_size)
+        # One sampler call per decoding rule: chunks of batch_size problems, each drawing with its own key
+        # (fold_in(eval_key at step, chunk start)); the static sampler runs the chunks one by one (its cache holds
+        # a chunk), continuous batching streams every row of the evaluation through its slots.
+        starts = list(range(0, len(examples), chunk))
+        sizes = [min(chunk, len(examples) - c) for c in starts]
+        keys = [jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c) for c in starts]
+        greedy_correct = greedy_lengths = None
         with self.timer.phase("eval") as span:
             try:
-                for c in range(0, len(examples), chunk):
-                    key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)
-                    rows = sample_rows(s, sampler, params, prompts[c:c + chunk], s.eval.max_new, s.eval.sampling,
-                                       s.eval.n, key, max_prompt_len, lookup=True)
-                    exs = [ex for ex in examples[c:c + chunk] for _ in range(s.eval.n)]
-                    correct.append(trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval.n) > 0.5)
-                    lengths += [len(r) for r in rows]
-                # After all sampled chunks, so that the sampler's cache changes shape (n -> 1 row per prompt) once.
-                for c in range(0, len(examples) if greedy else 0, chunk):
-                    key = jax.random.fold_in(jax.random.fold_in(self.eval_key, step), c)  # unused at temperature 0
-                    rows = sample_rows(s, sampler, params, prompts[c:c + chunk], s.eval.max_new, GREEDY, 1, key,
-                                       max_prompt_len, lookup=True)
-                    greedy_correct.append(trajectories.grade(self.task, tok, rows, examples[c:c + chunk]) > 0.5)
-                    greedy_lengths += [len(r) for r in rows]
+                rows = sample_rows(s, sampler, params, prompts, s.eval.max_new, s.eval.sampling, s.eval.n, keys,
+                                   max_prompt_len, lookup=True, key_groups=sizes)
+                exs = [ex for ex in examples for _ in range(s.eval.n)]
+                correct = trajectories.grade(self.task, tok, rows, exs).reshape(-1, s.eval.n) > 0.5
+                lengths = [len(r) for r in rows]
+                if greedy:  # after the samples, so that a static cache changes shape (n -> 1 row per prompt) once
+                    rows = sample_rows(s, sampler, params, prompts, s.eval.max_new, GREEDY, 1, keys, max_prompt_len,
+                                       lookup=True, key_groups=sizes)  # the keys are unused at temperature 0
+                    greedy_correct = trajectories.grade(self.task, tok, rows, examples) > 0.5
+                    greedy_lengths = [len(r) for r in rows]
             finally:
                 sampler.release()  # evaluations are rare: their cache (eval, or teacher eval's) is not kept
-            span.tokens = sum(lengths) + sum(greedy_lengths)
-        summary = evaluation.summarize(np.concatenate(correct), s.eval.k, problem_ids=[ex.id for ex in examples])
+            span.tokens = sum(lengths) + sum(greedy_lengths or [])
+        summary = evaluation.summarize(correct, s.eval.k, problem_ids=[ex.id for ex in examples])
         summary.update(step=step, mean_length=float(np.mean(lengths)))
         if greedy:
-            summary.update(greedy=float(np.concatenate(greedy_correct).mean()),
+            summary.update(greedy=float(greedy_correct.mean()),
                            greedy_mean_length=float(np.mean(greedy_lengths)))
         who = "teacher" if teacher else "student"
         if self.host0:

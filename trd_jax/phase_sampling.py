@@ -9,17 +9,18 @@ from trd_jax.sampling import Sampler
 
 def sample_rows(s, sampler: Sampler, params, prompts, max_new: int, sampling, n: int, key,
                 max_prompt_len: int | None = None, drafts=None, draft_tokens: int = 0, kept: dict | None = None,
-                lookup: bool = False) -> list[list[int]]:
+                lookup: bool = False, key_groups: list[int] | None = None) -> list[list[int]]:
     """s: the run's Settings. max_prompt_len: the longest prompt the phase allows (caps the sampler's prompt bucket
     and cache); rows go through the sampler at most rollout.max_rows_per_call at a time. drafts: speculative
     decoding against them (speculative.py). kept: a dict that receives the rows' final-layer states under
-    "hidden" (score_reuse). lookup: draft from the prompts themselves (rollout.prompt_lookup_tokens)."""
+    "hidden" (score_reuse). lookup: draft from the prompts themselves (rollout.prompt_lookup_tokens). key_groups:
+    consecutive groups of prompts, each sampled with its own key of `key` (Sampler's key_groups)."""
     mode = "aligned"
     if lookup and s.rollout.prompt_lookup_tokens:
         drafts, draft_tokens, mode = prompts, s.rollout.prompt_lookup_tokens, "lookup"
     out = sampler(params, prompts, max_new, sampling=sampling, n=n, key=key, max_prompt_len=max_prompt_len,
                   max_rows=s.rollout.max_rows_per_call, drafts=drafts, draft_tokens=draft_tokens, draft_mode=mode,
-                  keep_hidden=kept is not None)
+                  keep_hidden=kept is not None, key_groups=key_groups)
     if kept is not None:
         kept["hidden"] = out.hidden
     return trajectories.sampled_rows(out.tokens, out.lengths)

@@ -472,12 +472,33 @@ class Sampler:
             self._cache_placement = sharding
         return cache
 
+    def _grouped(self, params, prompts, max_new_tokens: int, keys, sizes: list[int], *, drafts, budgets,
+                 **kw) -> SampleOutput:
+        """key_groups on the static sampler: one call per group, the outputs concatenated (tokens padded with
+        pad_id to the longest row); the draft statistics summed over the groups."""
+        outs, stats, start = [], {}, 0
+        for key, size in zip(keys, sizes):
+            part = slice(start, start + size)
+            outs.append(self(params, prompts[part], max_new_tokens, key=key, keep_hidden=False,
+                             drafts=None if drafts is None else drafts[part],
+                             budgets=None if budgets is None else budgets[part], **kw))
+            for name, value in (self.last_draft_stats or {}).items():
+                stats[name] = stats.get(name, 0) + value
+            start += size
+        if stats:
+            self.last_draft_stats = stats
+        width = max(o.tokens.shape[1] for o in outs)
+        pad = lambda x, value: np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)  # noqa: E731
+        return SampleOutput(np.concatenate([pad(np.asarray(o.tokens), self.pad_id) for o in outs]),
+                            np.concatenate([pad(np.asarray(o.logprobs), 0.0) for o in outs]),
+                            np.concatenate([np.asarray(o.lengths) for o in outs]))
+
     def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
                  eos_ids: Sequence[int] | None = None, max_prompt_len: int | None = None,
                  max_rows: int = 0, drafts: Sequence[Sequence[int]] | None = None,
                  draft_tokens: int = 0, draft_mode: str = "aligned", keep_hidden: bool = False,
-                 budgets: Sequence[int] | None = None) -> SampleOutput:
+                 budgets: Sequence[int] | None = None, key_groups: Sequence[int] | None = None) -> SampleOutput:
         """prompts: token id lists of any lengths. Returns numpy arrays for len(prompts) * n rows, the
         n samples of prompt i in rows i*n .. i*n + n - 1, tokens cut to the longest row. eos_ids
         overrides the sampler's stop tokens for this call (an empty tuple: never stop early).
@@ -502,7 +523,12 @@ class Sampler:
         at those positions; one process only (the score phase reuses them, steps.score_from_hidden).
 
         budgets: each prompt's most new tokens (in [1, max_new_tokens]; None: max_new_tokens for all): a row
-        that reaches its budget ends as at an EOS (not with drafts)."""
+        that reaches its budget ends as at an EOS (not with drafts).
+
+        key_groups: the prompts in consecutive groups of these sizes, `key` one key per group: the outputs are
+        those of one call per group with its own key (an evaluation's chunks), concatenated. Continuous batching
+        runs them in one call (all rows through its slots, each row drawing its group's numbers); the static
+        sampler runs the groups one after another."""
         eos_ids = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         if not prompts:
             raise ValueError("prompts: empty batch")
@@ -525,14 +551,29 @@ class Sampler:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}]: empty prompt")
-        if self.continuous.slots and not speculate and not keep_hidden and not multihost.multi_process():
+        continuous = self.continuous.slots and not speculate and not keep_hidden and not multihost.multi_process()
+        if key_groups is not None:
+            key_groups = [int(g) for g in key_groups]
+            if (isinstance(key, int) or len(key) != len(key_groups) or not key_groups or min(key_groups) < 1
+                    or sum(key_groups) != len(prompts)):
+                raise ValueError(f"key_groups: {len(key_groups)} group sizes (each >= 1) summing to the "
+                                 f"{len(prompts)} prompts, with one key each")
+            if keep_hidden:
+                raise ValueError("key_groups: not with keep_hidden")
+            if not continuous:
+                return self._grouped(params, prompts, max_new_tokens, key, key_groups, sampling=sampling, n=n,
+                                     eos_ids=eos_ids, max_prompt_len=max_prompt_len, max_rows=max_rows,
+                                     drafts=drafts, draft_tokens=draft_tokens, draft_mode=draft_mode,
+                                     budgets=budgets)
+        if continuous:
             from trd_jax.continuous import generate  # noqa: PLC0415 - it imports this module
 
             self.last_continuous_stats = {}
             c = self.continuous
             return generate(self.graphdef, params, prompts, max_new_tokens, slots=c.slots, page_size=c.page_size,
                             pool_tokens=c.pool_tokens, block_pages=c.block_pages,
-                            sampling=sampling, n=n, key=key, eos_ids=eos_ids, pad_id=self.pad_id, budgets=budgets,
+                            sampling=sampling, n=n, key=key, key_groups=key_groups, eos_ids=eos_ids,
+                            pad_id=self.pad_id, budgets=budgets,
                             segment=c.segment, min_prompt_bucket=self.min_prompt_bucket,
                             max_prompt_len=max_prompt_len, shard_cache=self.shard_cache,
                             stats=self.last_continuous_stats)
