@@ -149,7 +149,7 @@ def test_end_to_end(case, tmp_path, monkeypatch):
         # Greedy accuracy is the accuracy of an independent temperature-0 decode of the exported final student.
         prompts, max_new, rows = greedy_calls[-1]
         examples = list(trainer.task.split("eval"))[:4]
-        assert prompts == [trainer.tok.encode_prompt(ex.problem, trainer.s.prompt_mode) for ex in examples]
+        assert prompts == [trainer.tok.encode_prompt(ex.problem, trainer.s.task.prompt_mode) for ex in examples]
         assert max_new == 12
         assert generate(load_model(str(tmp_path / "export")), prompts, max_new, eos_id=trainer.tok.eos_ids) == rows
         graded = [trainer.task.grade(trainer.tok.decode(r, skip_special_tokens=True), ex)

@@ -12,9 +12,9 @@ REFINE_CONTEXT = ("trd", "trd_refine_wrong_only", "trd_fallback_wrong")  # [code
 def test_every_method_resolves(setting):
     for method, m in METHODS.items():
         s = resolve(method_config(method, setting, seed=3))
-        assert s.mode == setting and s.seed == 3
-        assert s.trajectory == m.trajectory == ("y_r" if method.startswith("trd") else "y_o")
-        assert s.teacher_context == m.teacher_context == ("refine" if method in REFINE_CONTEXT else "vanilla")
+        assert s.distill.mode == setting and s.seed == 3
+        assert s.distill.trajectory == m.trajectory == ("y_r" if method.startswith("trd") else "y_o")
+        assert s.distill.teacher_context == m.teacher_context == ("refine" if method in REFINE_CONTEXT else "vanilla")
         assert s.loss.name == m.loss and m.describe() == {"loss": m.loss, "trajectory": m.trajectory,
                                                           "teacher_context": m.teacher_context}
         assert s.rollout.n == 1
@@ -22,7 +22,7 @@ def test_every_method_resolves(setting):
             "wrong" if method == "trd_refine_wrong_only" else "all",
             "fallback" if method == "trd_fallback_wrong" else "keep")
     s = resolve(method_config("trd", setting, 0))  # the paper's TRD (TRD_SPEC §3a)
-    assert (s.loss.name, s.trajectory, s.teacher_context) == ("forward_kl", "y_r", "refine")
+    assert (s.loss.name, s.distill.trajectory, s.distill.teacher_context) == ("forward_kl", "y_r", "refine")
     assert dict(resolve(method_config("jsd0.5", setting, 0)).loss.params) == {"beta": 0.5}
     assert dict(resolve(method_config("reverse_kl_top32", setting, 0)).loss.params) == {"k": 32}
 
@@ -33,7 +33,7 @@ def test_compute_matched_baselines():
     for name in BASELINES:
         m = get_method(f"{name}@2x")
         s = resolve(method_config(f"{name}@2x", "opd", 0))
-        assert s.rollout.n == 2 and s.trajectory == "y_o" and s.loss.name == METHODS[name].loss
+        assert s.rollout.n == 2 and s.distill.trajectory == "y_o" and s.loss.name == METHODS[name].loss
         assert m.describe() == METHODS[name].describe()
     assert dict(resolve(method_config("forward_kl_clip0.1@2x", "opsd", 0)).loss.params) == {"clip": 0.1}
     for bad, message in (("trd@2x", "applies to the baselines"), ("forward_kl@3x", "is not one of"),
@@ -53,10 +53,11 @@ def test_refine_ablations_need_rewrites():
 def test_default_is_trd_with_bootstrap():
     cfg = default_config()
     s = resolve(cfg)
-    assert cfg.bootstrap.enabled and s.trajectory == "y_r" and s.loss.name == "forward_kl" and s.mode == "opd"
-    assert s.teacher_context == "refine"  # the method trd: the paper's TRD (refine-context scoring)
-    assert get_method("trd").describe() == {"loss": s.loss.name, "trajectory": s.trajectory,
-                                            "teacher_context": s.teacher_context}
+    assert cfg.bootstrap.enabled and s.distill.trajectory == "y_r" and s.loss.name == "forward_kl"
+    assert s.distill.mode == "opd"
+    assert s.distill.teacher_context == "refine"  # the method trd: the paper's TRD (refine-context scoring)
+    assert get_method("trd").describe() == {"loss": s.loss.name, "trajectory": s.distill.trajectory,
+                                            "teacher_context": s.distill.teacher_context}
     assert s.lora is None  # full fine-tuning of the small from-scratch models, as before LoRA existed
 
 
@@ -85,7 +86,7 @@ def test_qwen3_recipes_resolve_with_the_paper_values(setting, hardware, devices)
         for method in METHODS:
             cfg = _with_paths(qwen3.get_config(f"{setting},{student},{method},{hardware}"))
             s = resolve(cfg)
-            assert s.mode == setting and s.trajectory == ("y_r" if method.startswith("trd") else "y_o")
+            assert s.distill.mode == setting and s.distill.trajectory == ("y_r" if method.startswith("trd") else "y_o")
             assert (s.teacher is None) == (setting == "opsd")
             assert s.optim.learning_rate == 5e-6 and s.train.batch_size == 128
             assert s.refine.prompt_budget == (18432 if setting == "opd" else 22528)
@@ -93,8 +94,8 @@ def test_qwen3_recipes_resolve_with_the_paper_values(setting, hardware, devices)
             assert s.rollout.max_new == 16384
             assert cfg.mesh.fsdp == devices and 128 % (s.train.micro_batches * devices) == 0  # one row per device
             assert s.student.dtype == "bfloat16"
-            assert s.teacher_context == ("refine" if method in REFINE_CONTEXT else "vanilla")
-            assert s.prompt_mode == ("thinking" if student == "1.7b" else "chat")
+            assert s.distill.teacher_context == ("refine" if method in REFINE_CONTEXT else "vanilla")
+            assert s.task.prompt_mode == ("thinking" if student == "1.7b" else "chat")
             # LoRA r 64, alpha 128 on all seven projections [code-trd]
             assert s.lora is not None and (s.lora.rank, s.lora.alpha, s.lora.dropout) == (64, 128.0, 0.0)
             assert s.lora.targets == ("q", "k", "v", "o", "gate", "up", "down")
@@ -106,7 +107,7 @@ def test_qwen3_recipe_rejects_unknown_parts():
         qwen3.get_config("opd,1.7b,trd,tpu")
     with pytest.raises(ValueError, match="METHOD"):
         qwen3.get_config("opd,1.7b,sft")
-    assert resolve(_with_paths(qwen3.get_config())).mode == "opd"  # defaults: opd,1.7b,trd,h100x8
+    assert resolve(_with_paths(qwen3.get_config())).distill.mode == "opd"  # defaults: opd,1.7b,trd,h100x8
 
 
 def _with_paths(cfg):
@@ -124,11 +125,12 @@ def test_eval_and_smollm2_configs_resolve():
     assert s.lora is None  # evaluation loads a run's student merged
     smollm2 = _config_module("smollm2")
     s = resolve(smollm2.get_config("opsd,trd"))
-    assert s.mode == "opsd" and s.trajectory == "y_r" and s.student.source == "smollm2"
+    assert s.distill.mode == "opsd" and s.distill.trajectory == "y_r" and s.student.source == "smollm2"
     assert s.lora is not None and (s.lora.rank, s.lora.alpha) == (64, 128.0) and len(s.lora.targets) == 7
     cfg = smollm2.get_config("opd,reverse_kl")
     s = resolve(cfg)
-    assert (s.mode, s.trajectory, s.teacher.source) == ("opd", "y_o", "smollm2") and cfg.teacher_sft.enabled
+    assert (s.distill.mode, s.distill.trajectory, s.teacher.source) == ("opd", "y_o", "smollm2")
+    assert cfg.teacher_sft.enabled
     assert cfg.task.shots == 1 and s.eval.n == 8
     with pytest.raises(ValueError, match="method 'trd_x' is not one of"):
         smollm2.get_config("opd,trd_x")

@@ -15,7 +15,7 @@ def test_shipped_manifest_matches_the_default_settings(tmp_path):
     cfg = default_config()
     s = resolve(cfg)
     task = make_task(cfg.task, str(tmp_path))
-    record = identity(task, bootstrap_config(cfg), prompt_mode=s.prompt_mode, refine_mode=s.refine.prompt_mode)
+    record = identity(task, bootstrap_config(cfg), prompt_mode=s.task.prompt_mode, refine_mode=s.refine.prompt_mode)
     manifest = read_manifest(SHIPPED_DIR)
     assert manifest is not None, f"no {SHIPPED_DIR}/bootstrap.json"
     assert {k: manifest.get(k) for k in record} == record
@@ -25,7 +25,7 @@ def test_shipped_manifest_matches_the_default_settings(tmp_path):
     assert {"student", "teacher", "opsd_teacher", "rollouts"} <= set(measured)
     # The default run takes them without training (and without writing into the package).
     tok = Tokenizer.from_dir(task.tokenizer_dir)
-    found = bootstrap(task, tok, bootstrap_config(cfg), str(tmp_path / "boot"), prompt_mode=s.prompt_mode,
+    found = bootstrap(task, tok, bootstrap_config(cfg), str(tmp_path / "boot"), prompt_mode=s.task.prompt_mode,
                       refine_mode=s.refine.prompt_mode)
     assert found["source"] == "shipped" and found["teacher"] == dirs["teacher"]
     assert not (tmp_path / "boot").exists()

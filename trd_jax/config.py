@@ -220,6 +220,17 @@ class OfflineSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    """The distill section: which distillation runs (TRD_SPEC §3, §7.9)."""
+
+    mode: str  # opd | opsd
+    trajectory: str  # y_r (TRD) | y_o (token-level baselines)
+    teacher_context: str  # refine | vanilla
+    opsd_teacher: str  # initial | live | ema
+    ema_decay: float | None  # opsd_teacher "ema" only
+
+
+@dataclasses.dataclass(frozen=True)
 class RolloutSettings:
     """The rollout section: how the student samples y_o, and how the samplers of rollout and evaluation run."""
 
@@ -285,11 +296,7 @@ class Settings:
     """The validated, typed view of a run configuration."""
 
     seed: int
-    mode: str
-    trajectory: str
-    teacher_context: str
-    opsd_teacher: str
-    ema_decay: float | None
+    distill: DistillSettings
     student: ModelSource
     teacher: ModelSource | None
     refine: RefineConfig
@@ -304,8 +311,6 @@ class Settings:
     checkpoint: CheckpointSettings
     log: LogSettings
     export: ExportSettings
-    prompt_mode: str
-    max_prompt_tokens: int
     task: TaskSettings
     evaluate_only: bool  # config.mode == "eval": the student alone is evaluated, nothing trains
     # mode "train" with offline.dir: the stored targets (trd_jax/offline) train the student, no teacher is loaded
@@ -498,6 +503,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         if ema_decay >= 1.0:
             raise ConfigError("distill.ema_decay", f"{ema_decay} must be < 1")
     _choice(cfg, "task.prompt_mode", PROMPT_MODES)
+    _int(cfg, "task.max_prompt_tokens", 1)
     _check_task(cfg)
     task = TaskSettings(**cfg.task.to_dict())
     rollout_n = _int(cfg, "rollout.n", 1)
@@ -538,8 +544,10 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
             raise ConfigError(key, f"{_get(cfg, key)!r} is not a bool")
     wandb = _wandb(cfg)
     return Settings(
-        seed=_int(cfg, "seed", 0), mode=mode, trajectory=trajectory, teacher_context=teacher_context,
-        opsd_teacher=opsd_teacher, ema_decay=ema_decay, student=_model_source(cfg, "student"),
+        seed=_int(cfg, "seed", 0),
+        distill=DistillSettings(mode=mode, trajectory=trajectory, teacher_context=teacher_context,
+                                opsd_teacher=opsd_teacher, ema_decay=ema_decay),
+        student=_model_source(cfg, "student"),
         teacher=_model_source(cfg, "teacher") if mode == "opd" else None,
         refine=_refine(cfg, mode, TASK_KINDS[task.name]),
         rollout=RolloutSettings(sampling=rollout, n=rollout_n, max_new=_int(cfg, "rollout.max_new_tokens", 1),
@@ -561,8 +569,8 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
                                       async_save=cfg.checkpoint.async_save),
         log=LogSettings(diagnostics=cfg.log.diagnostics, diagnostics_every=_int(cfg, "log.diagnostics_every", 1),
                         progress=cfg.log.progress, wandb=wandb),
-        export=ExportSettings(enabled=cfg.export.enabled, dtype=export_dtype), prompt_mode=cfg.task.prompt_mode,
-        max_prompt_tokens=_int(cfg, "task.max_prompt_tokens", 1), task=task, evaluate_only=run_mode == "eval",
+        export=ExportSettings(enabled=cfg.export.enabled, dtype=export_dtype), task=task,
+        evaluate_only=run_mode == "eval",
         bootstrap=bootstrap,
         targets_dir=offline.dir if run_mode == "train" else "", offline=offline,
         bootstrap_dir=cfg.bootstrap.dir,

@@ -38,12 +38,13 @@ class Evaluator:
         examples = list(self.task.split("eval"))
         if s.eval.problems:
             examples = examples[: s.eval.problems]
-        prompts = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
-        max_prompt_len = s.max_prompt_tokens
+        prompts = trajectories.encode_prompts(tok, examples, s.task.prompt_mode, s.task.max_prompt_tokens)
+        max_prompt_len = s.task.max_prompt_tokens
         if teacher:
-            prompts = trajectories.vanilla_contexts(tok, examples, prompts, mode=s.mode, task_kind=self.task.kind,
-                                                    prompt_mode=s.prompt_mode)
-            if s.mode != "opd":  # OPSD's vanilla context x + y* has no configured bound
+            prompts = trajectories.vanilla_contexts(tok, examples, prompts, mode=s.distill.mode,
+                                                    task_kind=self.task.kind,
+                                                    prompt_mode=s.task.prompt_mode)
+            if s.distill.mode != "opd":  # OPSD's vanilla context x + y* has no configured bound
                 max_prompt_len = None
         greedy = s.eval.greedy and not teacher
         chunk = max(1, s.train.batch_size)

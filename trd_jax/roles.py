@@ -113,8 +113,8 @@ def prepared_sources(s: Settings, student: ModelSource, teacher: ModelSource | N
     if s.bootstrap is not None:
         start = time.perf_counter()
         dirs = multihost.process0_first("bootstrap-written", lambda: bootstrap(
-            task, tok, s.bootstrap, s.bootstrap_dir or os.path.join(workdir, "bootstrap"), prompt_mode=s.prompt_mode,
-            refine_mode=s.refine.prompt_mode, from_scratch=s.bootstrap_from_scratch))
+            task, tok, s.bootstrap, s.bootstrap_dir or os.path.join(workdir, "bootstrap"),
+            prompt_mode=s.task.prompt_mode, refine_mode=s.refine.prompt_mode, from_scratch=s.bootstrap_from_scratch))
         check_bootstrap_models(workdir, dirs["models_sha256"])
         student = dataclasses.replace(student, source="path", path=dirs["student"])
         teacher = teacher and dataclasses.replace(teacher, source="path", path=dirs["teacher"])
@@ -302,7 +302,7 @@ def build_roles(s: Settings, sources: Sources, tok: Tokenizer, mesh, workdir: st
             if lora_cfg is not None:  # saved once: checkpoints then hold the adapters alone
                 write_lora_base(workdir, student, lora_cfg, tokenizer_dir)
     base_count = student.cfg.num_params
-    mode = "opd" if s.mode == "opd" else s.opsd_teacher
+    mode = "opd" if s.distill.mode == "opd" else s.distill.opsd_teacher
     if s.targets_dir and not s.offline.loads_teacher and not evaluating:  # stored targets replace the teacher: none
         # loaded (a multi-round run that generates each round's targets itself keeps its teacher)
         mode = "offline"

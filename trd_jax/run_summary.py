@@ -29,8 +29,8 @@ def training_summary(s: Settings, *, status: str, done: int, evals: list[dict], 
     warm = {p: counters.get(f"warm_s/{p}", 0.0) / warm_steps for p in COST_PHASES} if warm_steps else {}
     initial = next((e for e in evals if e["step"] == 0), None)
     summary = {
-        "status": status, "steps": done, "skipped_steps": int(counters.get("skipped_steps", 0)), "mode": s.mode,
-        "trajectory": s.trajectory, "loss": s.loss.name,
+        "status": status, "steps": done, "skipped_steps": int(counters.get("skipped_steps", 0)), "mode": s.distill.mode,
+        "trajectory": s.distill.trajectory, "loss": s.loss.name,
         "initial_eval": initial, "final_eval": final,
         "evals": evals,
         "phase_seconds": totals["phase_seconds"], "phase_tokens": totals["phase_tokens"],

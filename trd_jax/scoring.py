@@ -83,7 +83,7 @@ class Scorer:
                                          teacher_logp=multihost.to_host(teacher_out.logp), prefix=prefix)
 
         metrics = one(batch, scored, "diag/trained/")
-        if self.s.trajectory == "y_o":
+        if self.s.distill.trajectory == "y_o":
             metrics.update({k.replace("diag/trained/", "diag/y_o/"): v for k, v in metrics.items()})
         else:
             b_o = distill_batch(rows.prompts, rows.y_o, vanilla, pad_id=pad_id)

@@ -132,5 +132,5 @@ def teacher_source(s: Settings, teacher: ModelSource, task, tok: Tokenizer, work
     directory = s.teacher_sft_dir or os.path.join(workdir, "teacher_sft")
     record = multihost.process0_first("teacher-sft-written", lambda: build_teacher(
         teacher.path, task.split("train"), tok, s.teacher_sft, directory, task_kind=task.kind,
-        prompt_mode=s.prompt_mode, refine_mode=s.refine.prompt_mode))
+        prompt_mode=s.task.prompt_mode, refine_mode=s.refine.prompt_mode))
     return dataclasses.replace(teacher, path=record["path"]), record

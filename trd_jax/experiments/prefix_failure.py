@@ -62,7 +62,7 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
     trainer = Trainer(cfg, os.path.join(workdir, f"prefix_failure_{setting}"))
     tok, task, s = trainer.tok, trainer.task, trainer.s
     examples = trainer.data.next(prompts)
-    x = trajectories.encode_prompts(tok, examples, s.prompt_mode, s.max_prompt_tokens)
+    x = trajectories.encode_prompts(tok, examples, s.task.prompt_mode, s.task.max_prompt_tokens)
     key_o, key_r = jax.random.split(jax.random.key(seed))
     y_o = sample_rows(s, trainer.rollout_sampler, trainer.state.params, x, s.rollout.max_new, s.rollout.sampling, 1,
                       key_o)
@@ -71,7 +71,7 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
     texts = [tok.decode(r, skip_special_tokens=True) for r in y_o]
     errors = [first_error(t, task.problem_of(ex)) for t, ex in zip(texts, examples)]
     vanilla = trajectories.vanilla_contexts(tok, examples, x, mode=setting, task_kind=task.kind,
-                                            prompt_mode=s.prompt_mode)
+                                            prompt_mode=s.task.prompt_mode)
     stats, adv_o, mask_o = _teacher_tokens(trainer, x, y_o, vanilla)
     newline = tok.encode("\n")[0]
     # Per line: the largest entropy and the smallest top-2 gap over its tokens. The choice between
@@ -101,7 +101,7 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
         drafts=drafts if s.refine.speculative else None, draft_tokens=s.refine.draft_tokens))
     rows.y_r_reward = trajectories.grade(task, tok, rows.y_r, [examples[b] for b in rows.refine_prompts.generate_rows])
     kept = [b for b, src in enumerate(rows.sources) if src == "y_r"]
-    trajectories.choose_teacher_contexts(rows, vanilla, s.teacher_context)  # as the TRD run trains
+    trajectories.choose_teacher_contexts(rows, vanilla, s.distill.teacher_context)  # as the TRD run trains
     _, adv_r, mask_r = _teacher_tokens(trainer, [x[b] for b in kept], [rows.responses[b] for b in kept],
                                        [rows.teacher_contexts[b] for b in kept])
     flawed = np.array([e is not None for e in errors])

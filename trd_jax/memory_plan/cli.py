@@ -132,7 +132,7 @@ def resolve_models(cfg, settings, defaults: dict[str, str], given: dict[str, str
                    vocab: int | None) -> tuple[dict[str, mp.ModelInfo], list[str]]:
     """The student's (and OPD's teacher's) shape in the config's dtypes, and notes on assumptions made."""
     notes: list[str] = []
-    sides = ["student"] + (["teacher"] if settings.mode == "opd" else [])
+    sides = ["student"] + (["teacher"] if settings.distill.mode == "opd" else [])
     models = {}
     for side in sides:
         src = getattr(settings, side)

@@ -102,18 +102,18 @@ def workload_from_settings(s) -> Workload:
     """From config.Settings (the validated config). Widths are the worst case the budgets allow, bucketed the
     way the sampler and layouts.distill_batch bucket them."""
     notes = []
-    prompt = bucket(s.max_prompt_tokens, 16)
+    prompt = bucket(s.task.max_prompt_tokens, 16)
     max_new = bucket(s.rollout.max_new, 8)
     refine_prompt = bucket(s.refine.prompt_budget, 16)
     rewrite = bucket(s.refine.rewrite_budget, 8)
     fallback = "fallback" in (s.refine.on_prompt_over_budget, s.refine.on_empty_rewrite, s.refine.on_capped_rewrite)
-    if s.trajectory == "y_r":
+    if s.distill.trajectory == "y_r":
         response = bucket(max(s.refine.rewrite_budget, s.rollout.max_new if fallback else 0), 8)
     else:
         response = max_new
-    if s.teacher_context == "refine" and s.trajectory == "y_r":
+    if s.distill.teacher_context == "refine" and s.distill.trajectory == "y_r":
         teacher_ctx = refine_prompt
-    elif s.mode == "opd":
+    elif s.distill.mode == "opd":
         teacher_ctx = prompt
     else:
         teacher_ctx = refine_prompt
@@ -121,15 +121,16 @@ def workload_from_settings(s) -> Workload:
                      "refine.prompt_budget")
     rows = s.train.batch_size * s.rollout.n
     eval_rows = bucket(s.train.batch_size) * s.eval.n  # evaluate() samples batch_size prompts per call
-    return Workload(mode=s.mode, trajectory=s.trajectory, teacher_context=s.teacher_context,
-                    opsd_teacher=s.opsd_teacher, rows=rows, batch_size=s.train.batch_size, n=s.rollout.n,
+    return Workload(mode=s.distill.mode, trajectory=s.distill.trajectory, teacher_context=s.distill.teacher_context,
+                    opsd_teacher=s.distill.opsd_teacher, rows=rows, batch_size=s.train.batch_size, n=s.rollout.n,
                     micro_batches=s.train.micro_batches, prompt=prompt, max_new=max_new, refine_prompt=refine_prompt,
                     rewrite=rewrite, response=response, teacher_ctx=teacher_ctx, eval_rows=eval_rows,
                     eval_n=s.eval.n,
                     eval_prompt=prompt, eval_new=bucket(s.eval.max_new, 8),
                     eval_teacher=s.eval.teacher,
-                    teacher_eval_ctx=prompt if s.mode == "opd" else refine_prompt,
+                    teacher_eval_ctx=prompt if s.distill.mode == "opd" else refine_prompt,
                     release_kv_cache=s.rollout.release_kv_cache, diagnostics=s.log.diagnostics,
-                    reuse_states=s.trajectory == "y_r" and s.teacher_context == "refine" and s.refine.reuse_states,
+                    reuse_states=(s.distill.trajectory == "y_r" and s.distill.teacher_context == "refine"
+                                  and s.refine.reuse_states),
                     offline_k=s.offline.top_k if s.targets_dir and not s.offline.loads_teacher else 0,
                     loss=s.loss, notes=tuple(notes))

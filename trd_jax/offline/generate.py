@@ -49,12 +49,13 @@ def _folder_hash(directory: str) -> str:
 def settings_identity(trainer, k: int) -> dict:
     """What decides the targets apart from the weights: a training job checks a teacher job's rounds by it."""
     s = trainer.s
-    return {"mode": s.mode, "trajectory": s.trajectory, "teacher_context": s.teacher_context, "k": k,
-            "seed": s.seed, "batch_size": s.train.batch_size, "rollout_n": s.rollout.n, "task": trainer.task.name,
+    return {"mode": s.distill.mode, "trajectory": s.distill.trajectory, "teacher_context": s.distill.teacher_context,
+            "k": k, "seed": s.seed, "batch_size": s.train.batch_size, "rollout_n": s.rollout.n,
+            "task": trainer.task.name,
             "rollout": repr(s.rollout.sampling), "refine_sampling": repr(s.refine_sampling), "refine": repr(s.refine),
             "rollout_max_new": s.rollout.max_new, "temperature": s.loss.temperature,
-            "teacher": repr(s.teacher), "opsd_teacher": s.opsd_teacher, "prompt_mode": s.prompt_mode,
-            "max_prompt_tokens": s.max_prompt_tokens, "prompt_lookup_tokens": s.rollout.prompt_lookup_tokens,
+            "teacher": repr(s.teacher), "opsd_teacher": s.distill.opsd_teacher, "prompt_mode": s.task.prompt_mode,
+            "max_prompt_tokens": s.task.max_prompt_tokens, "prompt_lookup_tokens": s.rollout.prompt_lookup_tokens,
             "tokenizer_sha256": _folder_hash(trainer.task.tokenizer_dir)}
 
 
