@@ -79,7 +79,8 @@ def test_a_run_with_continuous_batching_trains_the_static_samplers_rows(tmp_path
 
     overrides = {"train.steps": 1, "log.diagnostics": False, "eval.teacher": False}
     variants = {"static": {}, "slots": {"rollout.continuous_slots": 3},
-                "paged": {"rollout.continuous_slots": 3, "rollout.kv_page_size": 8, "rollout.kv_pool_tokens": 128}}
+                "paged": {"rollout.continuous_slots": 3, "rollout.kv_page_size": 8, "rollout.kv_pool_tokens": 128,
+                          "task.max_prompt_tokens": 112}}
     runs = {}
     for name, over in variants.items():
         summary = Trainer(tiny_config(**overrides, **over), str(tmp_path / name)).run()
@@ -106,6 +107,11 @@ def test_paged_settings_are_checked():
         resolve(tiny_config(**{"rollout.continuous_slots": 2, "rollout.kv_pool_tokens": 64}))
     c = resolve(tiny_config(**{"rollout.continuous_slots": 2, "rollout.kv_page_size": 8})).rollout.continuous
     assert (c.slots, c.page_size, c.pool_tokens) == (2, 8, 0)
+    # The pool must hold the longest row: prompt budget 64 + 12 new tokens = 75 positions, 10 pages of 8.
+    short = {"rollout.continuous_slots": 2, "rollout.kv_page_size": 8, "task.max_prompt_tokens": 64}
+    with pytest.raises(ConfigError, match="rollout.kv_pool_tokens: 72 tokens in pages of 8 cannot hold the longest"):
+        resolve(tiny_config(**short, **{"rollout.kv_pool_tokens": 72}))
+    assert resolve(tiny_config(**short, **{"rollout.kv_pool_tokens": 80})).rollout.continuous.pool_tokens == 80
 
 
 SHARDED_SCRIPT = """
@@ -181,12 +187,13 @@ def test_a_pool_too_small_for_one_row_is_refused(model):
         generate(graphdef, params, PROMPTS, 24, slots=2, page_size=8, pool_tokens=16)
 
 
-def test_key_groups_give_each_group_its_own_calls_draws(model):
+def test_key_groups_give_each_group_its_own_calls_draws(model, monkeypatch):
     """Sampler(key_groups=...): consecutive groups of prompts, each with its own key (an evaluation's chunks), give the
     rows of one call per group; the static sampler runs the groups in turn, continuous batching (contiguous or paged)
     streams them all through its slots in one call."""
     import jax
 
+    from trd_jax import sampling
     from trd_jax.sampling import ContinuousConfig
 
     graphdef, params = model
@@ -197,8 +204,10 @@ def test_key_groups_give_each_group_its_own_calls_draws(model):
     parts = [sampler(params, PROMPTS[a:a + g], 24, key=k, **kw) for a, g, k in zip(starts, sizes, keys)]
     lengths = np.concatenate([p.lengths for p in parts])
     rows = [t[:n] for p in parts for t, n in zip(p.tokens, p.lengths)]
-    for continuous in (ContinuousConfig(), ContinuousConfig(slots=4, segment=3),
-                       ContinuousConfig(slots=4, segment=3, page_size=8)):
+    for continuous, rows_per_slot in ((ContinuousConfig(), 16), (ContinuousConfig(slots=4, segment=3), 16),
+                                      (ContinuousConfig(slots=4, segment=3, page_size=8), 16),
+                                      (ContinuousConfig(slots=4, segment=3), 2)):  # calls of <= 8 rows: 2 calls
+        monkeypatch.setattr(sampling, "CONTINUOUS_CALL_ROWS_PER_SLOT", rows_per_slot)
         out = Sampler(graphdef, eos_ids=EOS, continuous=continuous)(params, PROMPTS, 24, key=keys, key_groups=sizes,
                                                                      **kw)
         np.testing.assert_array_equal(out.lengths, lengths)

@@ -426,6 +426,13 @@ def _continuous(cfg) -> ContinuousConfig:
                                                   "rollout.continuous_slots > 0 too")
     if pool and not page_size:
         raise ConfigError("rollout.kv_pool_tokens", "set rollout.kv_page_size too")
+    if pool:  # the longest row of the student's samplers (rollout and evaluation) must fit, or no row could run
+        longest = _int(cfg, "task.max_prompt_tokens", 1) + max(_int(cfg, "rollout.max_new_tokens", 1),
+                                                              _int(cfg, "eval.max_new_tokens", 1)) - 1
+        if pool // page_size < -(-longest // page_size):
+            raise ConfigError("rollout.kv_pool_tokens", f"{pool} tokens in pages of {page_size} cannot hold the "
+                                                        f"longest row: task.max_prompt_tokens + the largest of "
+                                                        f"rollout/eval.max_new_tokens = {longest + 1} positions")
     return ContinuousConfig(slots=slots, page_size=page_size, pool_tokens=pool)
 
 

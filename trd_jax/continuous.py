@@ -143,8 +143,10 @@ def decode_segment(graphdef, params, state: SlotState, table: Array, pages: Arra
             slot = jnp.minimum(prompt_len + st.step - 1, cache_len - 1)  # where the last token goes
             key_mask = jnp.arange(cache_len)[None, :] >= st.pad[:, None]
             hidden, cache = model(model_in, (slot - st.pad)[:, None], key_mask, cache=st.cache, cache_index=slot)
-        else:  # the row's logical position: its prompt's length plus the tokens before this one
-            position = prompt_len - st.pad + st.step - 1
+        else:  # the row's logical position: its prompt's length plus the tokens before this one. A finished or
+            # free slot sits at 0 (its own first page, or the scratch page), so that attention reads only up to
+            # the longest live row.
+            position = jnp.where(active, prompt_len - st.pad + st.step - 1, 0)
             hidden, cache = model(model_in, position[:, None], None, cache=st.cache, cache_index=position,
                                   page_table=pages, block_pages=block_pages)
         cache = constrain_cache(cache, cache_sharding)
@@ -168,10 +170,10 @@ def compact(state: SlotState, keep: Array, *, cache_sharding=None) -> SlotState:
     """The state of slots `keep` i32[S'] only (S' < S: a smaller batch per step once few rows are left); the
     outputs by row are carried whole."""
     take = lambda x: x[keep]  # noqa: E731
-    if isinstance(state.cache[0], paged.PagedLayerCache):  # the pool stays; the host renumbers the page table
-        cache = state.cache
-    else:
-        cache = constrain_cache(tuple(LayerCache(take(c.k), take(c.v)) for c in state.cache), cache_sharding)
+    # A paged state comes without its pool (generate keeps it aside: passing it through a jit without donation
+    # would copy it); the host renumbers the page table.
+    cache = (state.cache if not state.cache
+             else constrain_cache(tuple(LayerCache(take(c.k), take(c.v)) for c in state.cache), cache_sharding))
     return state._replace(cache=cache, tok=take(state.tok), step=take(state.step), row=take(state.row),
                           pad=take(state.pad), budget=take(state.budget), done=take(state.done))
 
@@ -247,13 +249,16 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     rows = len(prompts) * n
     groups = [len(prompts)] if key_groups is None else list(key_groups)
     keys = [key] if key_groups is None else list(key)
+    if sum(groups) != len(prompts) or len(keys) != len(groups) or min(groups) < 1:
+        raise ValueError(f"key_groups: sizes (each >= 1) summing to the {len(prompts)} prompts, one key each")
     keys = [jax.random.key(k) if isinstance(k, int) else k for k in keys]
     eos_ids = tuple(int(e) for e in eos_ids)
     budget_of = [max_new_tokens if budgets is None else budgets[r // n] for r in range(rows)]
     pool = None
     if page_size:
         table_width = -(-paged_pages(plen + width, page_size) // block_pages) * block_pages
-        pages = (pool_tokens // page_size if pool_tokens else slots * paged_pages(plen + width, page_size)) + 1
+        pages = (pool_tokens // page_size if pool_tokens
+                 else min(slots, rows) * paged_pages(plen + width, page_size)) + 1
         longest_row = max(paged_pages(len(prompts[r // n]) + budget_of[r] - 1, page_size) for r in range(rows))
         if pages - 1 < longest_row:
             raise ValueError(f"pool_tokens={pool_tokens}: {pages - 1} pages of {page_size} cannot hold the longest "
@@ -353,9 +358,13 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                 size //= 2
             keep = [s for s in range(len(slot_row)) if slot_row[s] >= 0] + free[:size - live]
             sharding = shard(size)
-            state = compact(state, jnp.asarray(keep, jnp.int32), cache_sharding=sharding)
             if pool is not None:
+                kept_pool = state.cache
+                state = compact(state._replace(cache=()), jnp.asarray(keep, jnp.int32), cache_sharding=sharding)
+                state = state._replace(cache=kept_pool)
                 pool.keep(keep)
+            else:
+                state = compact(state, jnp.asarray(keep, jnp.int32), cache_sharding=sharding)
             slot_row, slot_step, admitted_at = ([x[s] for s in keep] for x in (slot_row, slot_step, admitted_at))
             counts["compactions"] += 1
             free = [s for s in range(len(slot_row)) if slot_row[s] < 0]

@@ -418,6 +418,20 @@ def cache_sharding(params, num_kv_heads: int, rows: int) -> NamedSharding | None
     return NamedSharding(mesh, P(rows_axis, heads_axis, None, None))
 
 
+# A continuous call over key groups holds at most this many rows per slot (its outputs and draw table scale with
+# its rows): an evaluation of thousands of rows runs as a few calls, each streaming its rows through the slots.
+CONTINUOUS_CALL_ROWS_PER_SLOT = 16
+
+
+def _concatenated(outs: list[SampleOutput], pad_id: int) -> SampleOutput:
+    """The rows of several calls in order, tokens padded with pad_id (log-probs with 0) to the longest row."""
+    width = max(o.tokens.shape[1] for o in outs)
+    pad = lambda x, value: np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)  # noqa: E731
+    return SampleOutput(np.concatenate([pad(np.asarray(o.tokens), pad_id) for o in outs]),
+                        np.concatenate([pad(np.asarray(o.logprobs), 0.0) for o in outs]),
+                        np.concatenate([np.asarray(o.lengths) for o in outs]))
+
+
 class Sampler:
     """Compiles and runs generation for one model graph; parameters are passed per call so that a
     training loop can sample from its live weights without copies.
@@ -479,6 +493,7 @@ class Sampler:
         outs, stats, start = [], {}, 0
         for key, size in zip(keys, sizes):
             part = slice(start, start + size)
+            self.last_draft_stats = None  # set again by a speculative call only
             outs.append(self(params, prompts[part], max_new_tokens, key=key, keep_hidden=False,
                              drafts=None if drafts is None else drafts[part],
                              budgets=None if budgets is None else budgets[part], **kw))
@@ -487,11 +502,24 @@ class Sampler:
             start += size
         if stats:
             self.last_draft_stats = stats
-        width = max(o.tokens.shape[1] for o in outs)
-        pad = lambda x, value: np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)  # noqa: E731
-        return SampleOutput(np.concatenate([pad(np.asarray(o.tokens), self.pad_id) for o in outs]),
-                            np.concatenate([pad(np.asarray(o.logprobs), 0.0) for o in outs]),
-                            np.concatenate([np.asarray(o.lengths) for o in outs]))
+        return _concatenated(outs, self.pad_id)
+
+    def _waves(self, params, prompts, max_new_tokens: int, keys, sizes: list[int], *, n: int, budgets,
+               **kw) -> SampleOutput:
+        """key_groups under continuous batching: the groups in calls of at most CONTINUOUS_CALL_ROWS_PER_SLOT x slots
+        rows (whole groups), so that a call's outputs and draw table stay bounded however many rows a phase has."""
+        limit = CONTINUOUS_CALL_ROWS_PER_SLOT * self.continuous.slots
+        outs, start, g = [], 0, 0
+        while g < len(sizes):
+            end = g + 1
+            while end < len(sizes) and sum(sizes[g:end + 1]) * n <= limit:
+                end += 1
+            count = sum(sizes[g:end])
+            part = slice(start, start + count)
+            outs.append(self(params, prompts[part], max_new_tokens, n=n, key=keys[g:end], key_groups=sizes[g:end],
+                             budgets=None if budgets is None else budgets[part], **kw))
+            start, g = start + count, end
+        return _concatenated(outs, self.pad_id)
 
     def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
@@ -527,8 +555,9 @@ class Sampler:
 
         key_groups: the prompts in consecutive groups of these sizes, `key` one key per group: the outputs are
         those of one call per group with its own key (an evaluation's chunks), concatenated. Continuous batching
-        runs them in one call (all rows through its slots, each row drawing its group's numbers); the static
-        sampler runs the groups one after another."""
+        runs them in one call (all rows through its slots, each row drawing its group's numbers; calls of at most
+        CONTINUOUS_CALL_ROWS_PER_SLOT x slots rows, whole groups); the static sampler runs the groups one after
+        another."""
         eos_ids = self.eos_ids if eos_ids is None else tuple(int(e) for e in eos_ids)
         if not prompts:
             raise ValueError("prompts: empty batch")
@@ -565,6 +594,9 @@ class Sampler:
                                      eos_ids=eos_ids, max_prompt_len=max_prompt_len, max_rows=max_rows,
                                      drafts=drafts, draft_tokens=draft_tokens, draft_mode=draft_mode,
                                      budgets=budgets)
+            if len(prompts) * n > CONTINUOUS_CALL_ROWS_PER_SLOT * self.continuous.slots and len(key_groups) > 1:
+                return self._waves(params, prompts, max_new_tokens, key, key_groups, sampling=sampling, n=n,
+                                   eos_ids=eos_ids, max_prompt_len=max_prompt_len, budgets=budgets)
         if continuous:
             from trd_jax.continuous import generate  # noqa: PLC0415 - it imports this module
 
