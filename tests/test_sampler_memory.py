@@ -15,7 +15,8 @@ from flax import nnx
 
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
-from trd_jax.sampling import Sampler, SamplingConfig, _row_uniforms, row_groups, select_tokens
+from trd_jax.sampling import Sampler, row_groups
+from trd_jax.token_selection import SamplingConfig, _row_uniforms, select_tokens
 from trd_jax.shapes import bucket
 
 TESTS = os.path.dirname(__file__)

@@ -10,7 +10,7 @@ import torch
 
 from trd_jax import sampling
 from trd_jax.api import generate
-from trd_jax.sampling import SamplingConfig, select_tokens
+from trd_jax.token_selection import SamplingConfig, select_tokens
 from trd_jax.shapes import bucket
 
 from conftest import TINY_HF_CONFIGS

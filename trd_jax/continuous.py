@@ -40,8 +40,8 @@ from trd_jax.models import paged
 from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
 from trd_jax.models.paged import init_paged_cache
 from trd_jax.page_pool import PagePool, pages_for as paged_pages
-from trd_jax.sampling import (SampleOutput, SamplingConfig, cache_sharding, constrain_cache, is_eos,
-                              select_tokens)
+from trd_jax.sampling import SampleOutput, cache_sharding, constrain_cache, is_eos
+from trd_jax.token_selection import SamplingConfig, select_tokens
 from trd_jax.shapes import bucket
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class SlotState(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("steps", "total_rows"))
 def uniform_table(key: Array, *, steps: int, total_rows: int) -> Array:
     """f32[steps, total_rows]: row r's draw at step t is element [t, r], that of uniform(fold_in(key, t),
-    (total_rows, 1)), the static sampler's (sampling._row_uniforms). Made once per call: a slot reads its
+    (total_rows, 1)), the static sampler's (token_selection._row_uniforms). Made once per call: a slot reads its
     row's number at its own step, whatever step the other slots are at."""
     return jax.vmap(lambda t: jax.random.uniform(jax.random.fold_in(key, t), (total_rows, 1))[:, 0])(
         jnp.arange(steps))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trd_jax.losses import position_chunks, unchunk
-from trd_jax.sampling import first_argmax
+from trd_jax.token_selection import first_argmax
 
 Array = jax.Array
 

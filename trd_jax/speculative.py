@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from trd_jax.models.transformer import KVCache, Transformer
-from trd_jax.sampling import (SampleOutput, SamplingConfig, constrain_cache, top_k_candidates, top_p_mask,
-                              first_argmax, inverse_cdf)
+from trd_jax.sampling import SampleOutput, constrain_cache
+from trd_jax.token_selection import SamplingConfig, first_argmax, inverse_cdf, top_k_candidates, top_p_mask
 
 Array = jax.Array
 
