@@ -40,7 +40,7 @@ from trd_jax.models import paged
 from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
 from trd_jax.models.paged import init_paged_cache
 from trd_jax.page_pool import PagePool, pages_for as paged_pages
-from trd_jax.sampling import SampleOutput, cache_sharding, constrain_cache, is_eos
+from trd_jax.sampling import SampleOutput, cache_sharding, constrain_cache, is_eos, split_keys
 from trd_jax.token_selection import SamplingConfig, select_tokens
 from trd_jax.shapes import bucket
 
@@ -247,11 +247,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         plen = min(plen, max_prompt_len)
     width = bucket(max_new_tokens, 8)
     rows = len(prompts) * n
-    groups = [len(prompts)] if key_groups is None else list(key_groups)
-    keys = [key] if key_groups is None else list(key)
-    if sum(groups) != len(prompts) or len(keys) != len(groups) or min(groups) < 1:
-        raise ValueError(f"key_groups: sizes (each >= 1) summing to the {len(prompts)} prompts, one key each")
-    keys = [jax.random.key(k) if isinstance(k, int) else k for k in keys]
+    keys, groups = split_keys(key, key_groups, len(prompts))
     eos_ids = tuple(int(e) for e in eos_ids)
     budget_of = [max_new_tokens if budgets is None else budgets[r // n] for r in range(rows)]
     pool = None

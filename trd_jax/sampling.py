@@ -263,6 +263,17 @@ def cache_sharding(params, num_kv_heads: int, rows: int) -> NamedSharding | None
 CONTINUOUS_CALL_ROWS_PER_SLOT = 16
 
 
+def split_keys(key, key_groups, num_prompts: int) -> tuple[list, list[int]]:
+    """(keys, group sizes) of a call's key_groups (None: one group of every prompt with `key`), checked: sizes >= 1
+    summing to num_prompts, one key each; integer keys made PRNG keys."""
+    sizes = [num_prompts] if key_groups is None else [int(g) for g in key_groups]
+    keys = [key] if key_groups is None else ([] if isinstance(key, int) else list(key))
+    if not sizes or min(sizes) < 1 or sum(sizes) != num_prompts or len(keys) != len(sizes):
+        raise ValueError(f"key_groups: {len(sizes)} group sizes (each >= 1) summing to the {num_prompts} prompts, "
+                         "with one key each")
+    return [jax.random.key(k) if isinstance(k, int) else k for k in keys], sizes
+
+
 def _concatenated(outs: list[SampleOutput], pad_id: int) -> SampleOutput:
     """The rows of several calls in order, tokens padded with pad_id (log-probs with 0) to the longest row."""
     width = max(o.tokens.shape[1] for o in outs)
@@ -326,40 +337,37 @@ class Sampler:
             self._cache_placement = sharding
         return cache
 
-    def _grouped(self, params, prompts, max_new_tokens: int, keys, sizes: list[int], *, drafts, budgets,
-                 **kw) -> SampleOutput:
-        """key_groups on the static sampler: one call per group, the outputs concatenated (tokens padded with
-        pad_id to the longest row); the draft statistics summed over the groups."""
+    def _in_calls(self, params, prompts, max_new_tokens: int, keys, sizes: list[int], runs: list[tuple[int, int]],
+                  *, drafts, budgets, **kw) -> SampleOutput:
+        """key_groups run as several calls, call c over groups runs[c] = [g0, g1) (one group: a plain call with
+        its key), the outputs concatenated (tokens padded with pad_id to the longest row) and the draft
+        statistics summed over the calls."""
         outs, stats, start = [], {}, 0
-        for key, size in zip(keys, sizes):
-            part = slice(start, start + size)
+        for g0, g1 in runs:
+            part = slice(start, start + sum(sizes[g0:g1]))
+            grouping = dict(key=keys[g0]) if g1 - g0 == 1 else dict(key=keys[g0:g1], key_groups=sizes[g0:g1])
             self.last_draft_stats = None  # set again by a speculative call only
-            outs.append(self(params, prompts[part], max_new_tokens, key=key, keep_hidden=False,
+            outs.append(self(params, prompts[part], max_new_tokens, keep_hidden=False, **grouping,
                              drafts=None if drafts is None else drafts[part],
                              budgets=None if budgets is None else budgets[part], **kw))
             for name, value in (self.last_draft_stats or {}).items():
                 stats[name] = stats.get(name, 0) + value
-            start += size
+            start = part.stop
         if stats:
             self.last_draft_stats = stats
         return _concatenated(outs, self.pad_id)
 
-    def _waves(self, params, prompts, max_new_tokens: int, keys, sizes: list[int], *, n: int, budgets,
-               **kw) -> SampleOutput:
-        """key_groups under continuous batching: the groups in calls of at most CONTINUOUS_CALL_ROWS_PER_SLOT x slots
-        rows (whole groups), so that a call's outputs and draw table stay bounded however many rows a phase has."""
-        limit = CONTINUOUS_CALL_ROWS_PER_SLOT * self.continuous.slots
-        outs, start, g = [], 0, 0
+    def _waves(self, sizes: list[int], n: int) -> list[tuple[int, int]]:
+        """Consecutive runs of whole groups of at most CONTINUOUS_CALL_ROWS_PER_SLOT x slots rows each (a run of one
+        group may hold more), so that a continuous call's outputs and draw table stay bounded."""
+        limit, runs, g = CONTINUOUS_CALL_ROWS_PER_SLOT * self.continuous.slots, [], 0
         while g < len(sizes):
             end = g + 1
             while end < len(sizes) and sum(sizes[g:end + 1]) * n <= limit:
                 end += 1
-            count = sum(sizes[g:end])
-            part = slice(start, start + count)
-            outs.append(self(params, prompts[part], max_new_tokens, n=n, key=keys[g:end], key_groups=sizes[g:end],
-                             budgets=None if budgets is None else budgets[part], **kw))
-            start, g = start + count, end
-        return _concatenated(outs, self.pad_id)
+            runs.append((g, end))
+            g = end
+        return runs
 
     def __call__(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  sampling: SamplingConfig = SamplingConfig(), n: int = 1, key: Array | int = 0,
@@ -422,21 +430,19 @@ class Sampler:
                 raise ValueError(f"prompts[{i}]: empty prompt")
         continuous = self.continuous.slots and not speculate and not keep_hidden and not multihost.multi_process()
         if key_groups is not None:
-            key_groups = [int(g) for g in key_groups]
-            if (isinstance(key, int) or len(key) != len(key_groups) or not key_groups or min(key_groups) < 1
-                    or sum(key_groups) != len(prompts)):
-                raise ValueError(f"key_groups: {len(key_groups)} group sizes (each >= 1) summing to the "
-                                 f"{len(prompts)} prompts, with one key each")
+            keys, key_groups = split_keys(key, key_groups, len(prompts))
             if keep_hidden:
                 raise ValueError("key_groups: not with keep_hidden")
+            runs = (self._waves(key_groups, n) if continuous
+                    else [(g, g + 1) for g in range(len(key_groups))])  # the static sampler: a call per group
+            if len(runs) > 1:
+                return self._in_calls(params, prompts, max_new_tokens, keys, key_groups, runs, sampling=sampling,
+                                      n=n, eos_ids=eos_ids, max_prompt_len=max_prompt_len, max_rows=max_rows,
+                                      drafts=drafts, draft_tokens=draft_tokens, draft_mode=draft_mode,
+                                      budgets=budgets)
             if not continuous:
-                return self._grouped(params, prompts, max_new_tokens, key, key_groups, sampling=sampling, n=n,
-                                     eos_ids=eos_ids, max_prompt_len=max_prompt_len, max_rows=max_rows,
-                                     drafts=drafts, draft_tokens=draft_tokens, draft_mode=draft_mode,
-                                     budgets=budgets)
-            if len(prompts) * n > CONTINUOUS_CALL_ROWS_PER_SLOT * self.continuous.slots and len(key_groups) > 1:
-                return self._waves(params, prompts, max_new_tokens, key, key_groups, sampling=sampling, n=n,
-                                   eos_ids=eos_ids, max_prompt_len=max_prompt_len, budgets=budgets)
+                key = keys[0]
+                key_groups = None
         if continuous:
             from trd_jax.continuous import generate  # noqa: PLC0415 - it imports this module
 
