@@ -12,13 +12,18 @@ Model FLOPs, the MaxText convention: 6 x non-embedding parameters x tokens for t
 and backward, plus causal attention 6 x layers x T x heads x head_dim per token (half of the full
 square), plus the lm_heads on the response tokens the loss reads (6 x d x V for the student, 2 x d x V
 for the teacher's logits inside the loss). Recomputation
-(the fused loss recomputes logits in its backward pass) is not counted: that is hardware, not model,
+(the two-pass loss recomputes logits in its backward pass) is not counted: that is hardware, not model,
 utilisation.
+
+The step is timed twice, alternating, in one run: with the loss's gradient computed in the forward pass
+(trd_jax.onepass_loss, what the update uses) and with the two-pass path it replaced (the per-token losses
+under a custom VJP whose backward recomputes both models' logits), and the ratio is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trd_jax import onepass_loss
 from trd_jax.models.config import ModelConfig
 from trd_jax.models.transformer import Transformer
 from trd_jax.layouts import Layout
@@ -81,45 +87,63 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk", type=int, default=1024, help="positions per fused-loss chunk")
+    ap.add_argument("--vocab", type=int, default=CFG.vocab_size)
     args = ap.parse_args()
 
-    graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
+    cfg = dataclasses.replace(CFG, vocab_size=args.vocab)
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     optimizer = make_optimizer(OptimConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000))
-    state = init_state(params, optimizer)
     b, t, ctx = args.batch, args.seq, 64  # a 64-token prompt, the rest response
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (1, b, t)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, b, t)), jnp.int32)
     seq = Layout(tokens, jnp.broadcast_to(jnp.arange(t), (1, b, t)), jnp.ones((1, b, t), bool), ctx)
     r = t - ctx
     targets = tokens[:, :, ctx:]
     targets = jnp.pad(targets, ((0, 0), (0, 0), (0, r - targets.shape[-1])))
     mask = jnp.ones((1, b, r), bool)
-    teacher_hidden = jax.random.normal(jax.random.key(2), (1, b, r, CFG.hidden_size), jnp.float32)
+    teacher_hidden = jax.random.normal(jax.random.key(2), (1, b, r, cfg.hidden_size), jnp.float32)
     teacher_head = nnx.merge(graphdef, params).lm_head_weight()
-    step = jax.jit(update, static_argnames=("graphdef", "optimizer", "cfg", "ema_decay"),
-                   donate_argnums=(0,))
     loss_cfg = LossConfig("forward_kl", chunk_size=args.chunk)
+    batch, teacher = UpdateBatch(seq, targets, mask), TeacherSignal(teacher_hidden, teacher_head)
 
-    def run():
-        nonlocal state
-        state, metrics = step(state, UpdateBatch(seq, targets, mask), TeacherSignal(teacher_hidden, teacher_head),
-                              graphdef=graphdef, optimizer=optimizer, cfg=loss_cfg)
-        return metrics.loss
+    def compiled(one_pass: bool):
+        """The jitted step, traced with or without the one-pass loss (the switch is read at trace time)."""
+        saved = onepass_loss.ONE_PASS_LOSSES
+        onepass_loss.ONE_PASS_LOSSES = saved if one_pass else ()
+        try:
+            step = jax.jit(lambda state, batch, teacher: update(state, batch, teacher, graphdef=graphdef,
+                                                                optimizer=optimizer, cfg=loss_cfg), donate_argnums=(0,))
+            state = init_state(jax.tree.map(jnp.copy, params), optimizer)  # its own buffers: the step donates them
+            t0 = time.perf_counter()
+            state, _ = jax.block_until_ready(step(state, batch, teacher))
+            return (lambda s: step(s, batch, teacher)), state, time.perf_counter() - t0
+        finally:
+            onepass_loss.ONE_PASS_LOSSES = saved
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())
-    compile_s = time.perf_counter() - t0
-    step_s = median_seconds(run, args.repeats)
+    variants = {"one pass (gradient in the forward)": compiled(True),
+                "two passes (backward recompute)": compiled(False)}
+    states = {name: v[1] for name, v in variants.items()}
+    times = {name: [] for name in variants}
+    for _ in range(args.repeats):  # alternating, so both see the same machine
+        for name, (fn, _, _) in variants.items():
+            t0 = time.perf_counter()
+            states[name], metrics = fn(states[name])
+            jax.block_until_ready(metrics.loss)
+            times[name].append(time.perf_counter() - t0)
     peak, peak_shape = matmul_peak(args.repeats)
-    flops = model_flops(CFG, b, t, r)
+    flops = model_flops(cfg, b, t, r)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform})")
-    print(f"student: {CFG.num_params / 1e6:.1f}M params ({CFG.num_layers} layers, d={CFG.hidden_size}, "
-          f"vocab={CFG.vocab_size}), batch {b} x {t} tokens ({r} response), float32, fused forward KL, AdamW")
-    print(f"update step: {step_s * 1e3:.0f} ms median of {args.repeats} (compile {compile_s:.1f} s), "
-          f"{b * t / step_s:.0f} tokens/s")
-    print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP -> {flops / step_s / 1e9:.1f} GFLOP/s")
-    print(f"f32 matmul throughput measured now: {peak / 1e9:.1f} GFLOP/s (best shape {peak_shape})")
-    print(f"MFU vs measured matmul throughput: {flops / step_s / peak:.1%}")
+    print(f"student: {cfg.num_params / 1e6:.1f}M params ({cfg.num_layers} layers, d={cfg.hidden_size}, "
+          f"vocab={cfg.vocab_size}), batch {b} x {t} tokens ({r} response), float32, fused forward KL, AdamW")
+    print(f"model FLOPs per step: {flops / 1e9:.1f} GFLOP; f32 matmul throughput measured now: "
+          f"{peak / 1e9:.1f} GFLOP/s (best shape {peak_shape})")
+    medians = {}
+    for name, (_, _, compile_s) in variants.items():
+        step_s = medians[name] = statistics.median(times[name])
+        print(f"{name}: {step_s * 1e3:.0f} ms median of {args.repeats} (compile {compile_s:.1f} s), "
+              f"{b * t / step_s:.0f} tokens/s, {flops / step_s / 1e9:.1f} GFLOP/s, MFU {flops / step_s / peak:.1%}")
+    one, two = medians.values()
+    print(f"two passes / one pass: {two / one:.3f}x step time")
 
 
 if __name__ == "__main__":

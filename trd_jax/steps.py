@@ -8,7 +8,8 @@ Data flow of one step, all arrays device-resident:
 
 The teacher hands the student its final hidden states on the response slice, not its logits: with the
 teacher's lm_head the loss recomputes teacher logits chunk by chunk (losses.fused_divergence), so
-f32[B, R, V] never exists for either model.
+f32[B, R, V] never exists for either model. For the full-vocabulary divergences the gradient of the
+aggregated loss is computed in that same pass (onepass_loss.py), so the backward pass recomputes no logits.
 
 Gradient accumulation: batch arrays carry a leading micro-batch axis [M, b, ...]; the update scans the
 micro-batches, normalises every micro-batch loss by the token count of the whole step (a global token
@@ -38,6 +39,7 @@ from trd_jax.layouts import Layout, response_columns
 from trd_jax.models import lora
 from trd_jax.models.transformer import Transformer
 from trd_jax.offline.topk import TopKTargets, topk_divergence
+from trd_jax.onepass_loss import aggregated_loss
 from trd_jax.sharding import BATCH_AXES, batch_sharding, replicated, shardings_like_params
 
 Array = jax.Array
@@ -154,12 +156,12 @@ def _micro_loss(params, graphdef, cfg: LossConfig, seq: Layout, targets, mask, t
     if stored and cfg.kind == "full_vocab":
         values = topk_divergence(cfg.name, hidden, model.lm_head_weight(), teacher_hidden, mask=mask,
                                  temperature=cfg.temperature, chunk_size=cfg.chunk_size, **dict(cfg.params))
-    else:  # a sampled-token loss reads only teacher_logp (offline: the stored token log-probs)
-        values = losses.per_token_loss(cfg, hidden, model.lm_head_weight(), targets=targets, mask=mask,
-                                       teacher_hidden=None if stored else teacher_hidden, teacher_head=teacher_head,
-                                       teacher_logp=teacher_logp)
-    loss = losses.aggregate(values, mask, cfg.aggregation, num_tokens=num_tokens, num_rows=num_rows)
-    return loss, jnp.where(mask, values, 0.0)
+        loss = losses.aggregate(values, mask, cfg.aggregation, num_tokens=num_tokens, num_rows=num_rows)
+        return loss, jnp.where(mask, values, 0.0)
+    # a sampled-token loss reads only teacher_logp (offline: the stored token log-probs)
+    return aggregated_loss(cfg, hidden, model.lm_head_weight(), targets=targets, mask=mask, num_tokens=num_tokens,
+                           num_rows=num_rows, teacher_hidden=None if stored else teacher_hidden,
+                           teacher_head=teacher_head, teacher_logp=teacher_logp)
 
 
 TEACHER_HEAD_SOURCES = ("given", "live", "ema")
