@@ -108,8 +108,8 @@ def main():
 
     def compiled(one_pass: bool):
         """The jitted step, traced with or without the one-pass loss (the switch is read at trace time)."""
-        saved = onepass_loss.ONE_PASS_LOSSES
-        onepass_loss.ONE_PASS_LOSSES = saved if one_pass else ()
+        saved = onepass_loss.one_pass_applies
+        onepass_loss.one_pass_applies = saved if one_pass else (lambda cfg: False)
         try:
             step = jax.jit(lambda state, batch, teacher: update(state, batch, teacher, graphdef=graphdef,
                                                                 optimizer=optimizer, cfg=loss_cfg), donate_argnums=(0,))
@@ -118,7 +118,7 @@ def main():
             state, _ = jax.block_until_ready(step(state, batch, teacher))
             return (lambda s: step(s, batch, teacher)), state, time.perf_counter() - t0
         finally:
-            onepass_loss.ONE_PASS_LOSSES = saved
+            onepass_loss.one_pass_applies = saved
 
     variants = {"one pass (gradient in the forward)": compiled(True),
                 "two passes (backward recompute)": compiled(False)}

@@ -20,6 +20,9 @@ CASES = {
     "reverse_kl": (),
     "jsd": (("beta", 0.3),),
     "forward_kl_clipped": (("clip", 4.5),),  # some tokens of the inputs clip, others not
+    # sampled-token losses: the target tokens' log-probs against the teacher's given ones
+    "k1_policy_gradient": (("clamp", 3.0),),  # some advantages clamped (the inputs' log-ratios reach past 3)
+    "k3": (("clamp", 2.0),),
 }
 
 
@@ -51,15 +54,19 @@ def test_aggregation_weights_reproduce_aggregate():
         O.aggregation_weights(hand, "mean")
 
 
+TARGETS = np.random.default_rng(4).integers(0, V, (B, T)).astype(np.int32)
+TEACHER_LOGP = -np.random.default_rng(5).exponential(2.0, (B, T)).astype(np.float32)
+
+
 def _two_pass(cfg, hs, ws, ht, wt, mask, counts):
-    values = L.per_token_loss(cfg, hs, ws, targets=jnp.zeros(mask.shape, jnp.int32), mask=mask,
-                              teacher_hidden=ht, teacher_head=wt)
+    values = L.per_token_loss(cfg, hs, ws, targets=TARGETS, mask=mask, teacher_hidden=ht, teacher_head=wt,
+                              teacher_logp=TEACHER_LOGP)
     return L.aggregate(values, mask, cfg.aggregation, **counts), jnp.where(mask, values, 0.0)
 
 
 def _one_pass(cfg, hs, ws, ht, wt, mask, counts):
-    return O.aggregated_loss(cfg, hs, ws, targets=jnp.zeros(mask.shape, jnp.int32), mask=mask,
-                             teacher_hidden=ht, teacher_head=wt, **counts)
+    return O.aggregated_loss(cfg, hs, ws, targets=TARGETS, mask=mask, teacher_hidden=ht, teacher_head=wt,
+                             teacher_logp=TEACHER_LOGP, **counts)
 
 
 def _close(actual, expected, what, tol=2e-5):
@@ -89,6 +96,11 @@ def test_one_pass_matches_the_two_pass_path(inputs, name, aggregation):
     if name == "forward_kl_clipped":  # the case exercises both sides of the clip
         kept = np.asarray(vals1)[mask]
         assert np.any(kept >= 4.5) and np.any(kept < 4.5)
+    if name in L.SAMPLED_TOKEN_LOSSES:  # and both sides of the clamp
+        logp = np.asarray(L.token_logprobs(np.asarray(hs) @ ws, TARGETS, temperature=0.8))[mask]
+        ratio = (TEACHER_LOGP[mask] - logp) * (1 if name == "k3" else -1)
+        clamp = dict(CASES[name])["clamp"]
+        assert np.any(np.abs(ratio) > clamp) and np.any(np.abs(ratio) < clamp)
 
 
 def test_one_pass_gradient_by_finite_differences(inputs):
@@ -124,6 +136,7 @@ def test_one_pass_bf16(inputs):
 def test_other_losses_take_the_two_pass_path(inputs):
     hs, ws, ht, wt, mask = inputs
     for cfg in (L.LossConfig(name="forward_kl", vocab_chunk=16, chunk_size=CHUNK),
+                L.LossConfig(name="k3", vocab_chunk=16, chunk_size=CHUNK),
                 L.LossConfig(name="reverse_kl_topk", params=(("k", 4),), chunk_size=CHUNK)):
         assert not O.one_pass_applies(cfg)
         loss1, vals1 = _one_pass(cfg, hs, ws, ht, wt, mask, {})
@@ -134,28 +147,34 @@ def test_other_losses_take_the_two_pass_path(inputs):
         _one_pass(L.LossConfig(chunk_size=CHUNK), hs, ws, ht[:, :4], wt, mask, {})
 
 
-def test_one_pass_recomputes_no_logits_in_the_backward_pass():
-    """Compiled matmuls of loss + gradient: the two-pass path computes both models' logits twice (forward,
-    then the backward's recompute), the one-pass path once. Counted as FLOPs in XLA's cost analysis, which
-    counts a loop body once: several chunks (one would let XLA unroll the loops and merge the recompute
-    with the forward), figures per chunk."""
+@pytest.mark.parametrize("name,two_at_least,ratio_at_most", [("forward_kl", 6, 0.75), ("k3", 4, 0.8)])
+def test_one_pass_recomputes_no_logits_in_the_backward_pass(name, two_at_least, ratio_at_most):
+    """Compiled matmuls of loss + gradient: the two-pass path computes the logits twice (forward, then the
+    backward's recompute), the one-pass path once; per chunk 6 -> 4 [C, d] x [d, V] products for a full-vocabulary
+    divergence (student and teacher logits, d hidden, d head), 4 -> 3 for a sampled-token loss. Counted as FLOPs
+    in XLA's cost analysis, which counts a loop body once: several chunks (one would let XLA unroll the loops and
+    merge the recompute with the forward), figures per chunk."""
     b, t, d, v, chunk = 1, 256, 32, 4096, 64
-    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
-    mask = jax.ShapeDtypeStruct((b, t), jnp.bool_)
-    cfg = L.LossConfig(name="forward_kl", chunk_size=chunk)
+    spec = lambda *s, dtype=jnp.float32: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    cfg = L.LossConfig(name=name, chunk_size=chunk)
 
-    def flops(fn):
-        def loss(hs, ws, ht, wt, m):
-            return fn(cfg, hs, ws, ht, wt, m, {})[0]
-        compiled = jax.jit(jax.grad(loss, (0, 1))).lower(spec(b, t, d), spec(d, v), spec(b, t, d), spec(d, v),
-                                                           mask).compile()
-        analysis = compiled.cost_analysis()
+    def flops(path):
+        def loss(hs, ws, ht, wt, m, tokens, teacher_logp):
+            if path == "one":
+                return O.aggregated_loss(cfg, hs, ws, targets=tokens, mask=m, teacher_hidden=ht, teacher_head=wt,
+                                         teacher_logp=teacher_logp)[0]
+            values = L.per_token_loss(cfg, hs, ws, targets=tokens, mask=m, teacher_hidden=ht, teacher_head=wt,
+                                      teacher_logp=teacher_logp)
+            return L.aggregate(values, m)
+        args = (spec(b, t, d), spec(d, v), spec(b, t, d), spec(d, v), spec(b, t, dtype=jnp.bool_),
+                spec(b, t, dtype=jnp.int32), spec(b, t))
+        analysis = jax.jit(jax.grad(loss, (0, 1))).lower(*args).compile().cost_analysis()
         return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
     per_matmul = 2 * chunk * d * v  # one chunk's [C, d] x [d, V] product
-    two, one = flops(_two_pass), flops(_one_pass)
-    assert two >= 6 * per_matmul  # logits x 2 models x 2 passes, + d hidden + d head
-    assert one <= 0.75 * two  # logits x 2 models, + d hidden + d head: 4 of 6 (plus the same elementwise work)
+    two, one = flops("two"), flops("one")
+    assert two >= two_at_least * per_matmul
+    assert one <= ratio_at_most * two
 
 
 def test_one_pass_temporary_memory_is_the_two_pass_paths():

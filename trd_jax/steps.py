@@ -8,8 +8,8 @@ Data flow of one step, all arrays device-resident:
 
 The teacher hands the student its final hidden states on the response slice, not its logits: with the
 teacher's lm_head the loss recomputes teacher logits chunk by chunk (losses.fused_divergence), so
-f32[B, R, V] never exists for either model. For the full-vocabulary divergences the gradient of the
-aggregated loss is computed in that same pass (onepass_loss.py), so the backward pass recomputes no logits.
+f32[B, R, V] never exists for either model. The gradient of the aggregated loss is computed in that same
+pass (onepass_loss.py), so the backward pass recomputes no logits.
 
 Gradient accumulation: batch arrays carry a leading micro-batch axis [M, b, ...]; the update scans the
 micro-batches, normalises every micro-batch loss by the token count of the whole step (a global token
