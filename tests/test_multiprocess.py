@@ -27,7 +27,7 @@ GENERATE_CHECK = os.path.join(TESTS, "helpers", "multiprocess_generate_check.py"
 # recompute it, so that they run the same programs.
 OVERRIDES = {"train.steps": 2, "train.micro_batches": 2, "train.max_score_rows": 2, "student.attention": "blockwise",
              "teacher.attention": "blockwise", "student.attention_block": 8, "teacher.attention_block": 8,
-             "refine.reuse_states": False}
+             "refine.reuse_states": False, "rollout.continuous_slots": 4}  # rollouts and evaluation: continuous
 TIMEOUT_S = 400
 # Differ between runs by nature: wall-clock timings and rates.
 TIMING_PREFIXES = ("phase_s/", "tokens_per_s/", "time", "wall", "warm_s/")
@@ -97,6 +97,7 @@ def test_two_processes_match_one_process(tmp_path):
     # The same metrics (timings aside), written once: by process 0 alone.
     m_multi, m_single = _metrics(multi), _metrics(single)
     assert [m["step"] for m in m_multi] == [1, 2]
+    assert all(m["rollout/slot_occupancy"] > 0 for m in m_multi)  # the rollouts ran through continuous batching
     for x, y in zip(m_multi, m_single):
         assert set(x) == set(y)
         for key in x:
@@ -116,7 +117,9 @@ def test_generate_on_two_processes_writes_the_one_process_targets(tmp_path):
     and they hold exactly the rows and top-k targets of one process with 2 fake devices on the same mesh."""
     from trd_jax.offline import shards
 
-    overrides = {"train.steps": 2, "refine.reuse_states": False, "log.diagnostics": False}
+    # rollouts through continuous batching over a paged cache
+    overrides = {"train.steps": 2, "refine.reuse_states": False, "log.diagnostics": False,
+                 "rollout.continuous_slots": 4, "rollout.kv_page_size": 8}
     coordinator = f"localhost:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, GENERATE_CHECK, str(tmp_path / f"run{i}"), str(tmp_path / "multi"),
                                json.dumps(overrides)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

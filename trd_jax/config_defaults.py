@@ -183,7 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
         prompt_lookup_tokens=0,
         # Continuous batching for rollouts and evaluation (0: off; trd_jax/continuous.py): this many rows in flight,
         # a finished row's slot refilled at once instead of every row waiting for the longest. The same tokens as
-        # the static sampler; one process; not with prompt lookup.
+        # the static sampler, on one process or several; not with prompt lookup.
         continuous_slots=0,
         # A paged KV cache for continuous batching (0: off; models/paged.py): pages of this many tokens, allocated as
         # rows grow and freed when they end; decode attention reads a row's filled pages only.

@@ -18,7 +18,11 @@ flight, each row's prompt at logical positions [0, L) without the bucket's paddi
 ahead and freed when the row ends, decode attention reading only up to the longest live row; a pool too small
 for every live row's next segment preempts the latest admitted rows, which are decoded again to the same tokens.
 
-Not yet: speculative refine through the engine, keep_hidden, several processes, pages split over the batch axes,
+Several processes (jax.distributed): every process runs the same host program over the same prompts and key, so
+each makes the same admissions; host values enter the jitted steps as global arrays replicated over the
+parameters' mesh (multihost.to_global) and the S booleans read per segment are all-gathered (multihost.to_host).
+
+Not yet: speculative refine through the engine, keep_hidden, pages split over the batch axes,
 a Pallas (TPU) or fused GPU kernel for the paged attention; the Sampler uses continuous batching only when asked
 (Sampler(continuous=ContinuousConfig(slots=S, ...)), rollout.continuous_slots / kv_page_size / kv_pool_tokens).
 """
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trd_jax import multihost
 from trd_jax.models import paged
 from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_cache
 from trd_jax.models.paged import init_paged_cache
@@ -248,6 +253,10 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     width = bucket(max_new_tokens, 8)
     rows = len(prompts) * n
     keys, groups = split_keys(key, key_groups, len(prompts))
+    # Several processes: host values (and arrays made on this process's default device) become global arrays
+    # replicated over the parameters' mesh; one process: passed as they are, unchanged.
+    replicated = multihost.replicated_like(params) if multihost.multi_process() else None
+    put = (lambda x: x) if replicated is None else (lambda x: multihost.to_global(x, replicated))  # noqa: E731
     eos_ids = tuple(int(e) for e in eos_ids)
     budget_of = [max_new_tokens if budgets is None else budgets[r // n] for r in range(rows)]
     pool = None
@@ -266,12 +275,15 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     else:
         shard = (lambda size: cache_sharding(params, cfg.num_kv_heads, size)) if shard_cache else (lambda size: None)
         state = _new_state(cfg, slots, plen + width, rows, width, int(pad_id), shard(slots))
+    state = jax.tree.map(lambda x: x if not x.is_fully_addressable else put(x), state)  # a global cache stays as placed
     sharding = shard(slots)
     if sampling.temperature == 0.0:
         table = jnp.zeros((1, 1), jnp.float32)
     else:  # each group's rows draw what a static call over the group alone draws (its own key and row table)
         table = jnp.concatenate([uniform_table(k, steps=width, total_rows=bucket(g) * n)[:, :g * n]
                                  for k, g in zip(keys, groups)], axis=1)
+    table = put(table)
+    page_table = (lambda: None) if page_size == 0 else (lambda: put(pool.table))  # noqa: E731
     waiting = deque(range(rows))
     free = list(range(slots))
     slot_row = [-1] * slots  # host mirror: the row in each slot, its emitted tokens (an upper bound), admission order
@@ -289,7 +301,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
             live = sorted((s for s in range(len(slot_row)) if slot_row[s] >= 0), key=lambda s: admitted_at[s])
             while sum(pool.missing(s, covers(s, slot_step[s])) for s in live) > len(pool.free):
                 victim = live.pop()
-                state = evict(state, jnp.asarray([victim], jnp.int32), pad_id=int(pad_id))
+                state = evict(state, put(np.asarray([victim], np.int32)), pad_id=int(pad_id))
                 pool.release(victim)
                 waiting.appendleft(slot_row[victim])
                 slot_row[victim] = -1
@@ -324,19 +336,18 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                 slot_row[s], slot_step[s], admitted_at[s] = r, 1, counts["admissions"]
                 if pool is not None:
                     pool.grow(s, covers(s, 1))
-            state = admit(graphdef, params, state, tokens, prompt_pad, src, row_ids, row_budgets, slot_ids, table,
-                          None if pool is None else pool.table, sampling=sampling, eos_ids=eos_ids,
-                          cache_sharding=sharding)
+            state = admit(graphdef, params, state, *map(put, (tokens, prompt_pad, src, row_ids, row_budgets, slot_ids)),
+                          table, page_table(), sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding)
             counts["admissions"] += 1
             counts["prefilled"] += len(unique)
         if all(r < 0 for r in slot_row) and not waiting:
             break
-        state = decode_segment(graphdef, params, state, table, None if pool is None else pool.table, steps=segment,
+        state = decode_segment(graphdef, params, state, table, page_table(), steps=segment,
                                prompt_len=plen, sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding,
                                block_pages=block_pages)
         counts["segments"] += 1
         counts["slot_steps"] += segment * len(slot_row)
-        done = np.asarray(state.done)  # the only host read of a segment: S booleans
+        done = multihost.to_host(state.done)  # the only host read of a segment: S booleans
         for s in range(len(slot_row)):
             if slot_row[s] >= 0:
                 slot_step[s] += segment
@@ -356,11 +367,11 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
             sharding = shard(size)
             if pool is not None:
                 kept_pool = state.cache
-                state = compact(state._replace(cache=()), jnp.asarray(keep, jnp.int32), cache_sharding=sharding)
+                state = compact(state._replace(cache=()), put(np.asarray(keep, np.int32)), cache_sharding=sharding)
                 state = state._replace(cache=kept_pool)
                 pool.keep(keep)
             else:
-                state = compact(state, jnp.asarray(keep, jnp.int32), cache_sharding=sharding)
+                state = compact(state, put(np.asarray(keep, np.int32)), cache_sharding=sharding)
             slot_row, slot_step, admitted_at = ([x[s] for s in keep] for x in (slot_row, slot_step, admitted_at))
             counts["compactions"] += 1
             free = [s for s in range(len(slot_row)) if slot_row[s] < 0]
@@ -368,6 +379,6 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         stats.update(counts, cache_sharding=shard(slots))
         if pool is not None:
             stats.update(pages=pool.capacity, peak_pages=pool.peak)
-    tokens, logprobs, lengths = (np.asarray(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
+    tokens, logprobs, lengths = (multihost.to_host(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
     out_width = max(int(lengths.max()), 1)
     return SampleOutput(tokens[:, :out_width], logprobs[:, :out_width], lengths)

@@ -307,7 +307,7 @@ class Sampler:
         self._cfg = None
         self._cache_fns: dict = {}  # sharding -> init_cache jitted with those out_shardings
         self.last_draft_stats: dict | None = None  # the last speculative call's passes, proposed, accepted
-        # continuous.slots > 0: plain calls (no drafts, no kept states) on one process go through continuous batching
+        # continuous.slots > 0: plain calls (no drafts, no kept states) go through continuous batching
         # (continuous.py): the same tokens, no slot idle while rows wait. last_continuous_stats: its counts.
         self.continuous = continuous
         self.last_continuous_stats: dict | None = None
@@ -428,7 +428,7 @@ class Sampler:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}]: empty prompt")
-        continuous = self.continuous.slots and not speculate and not keep_hidden and not multihost.multi_process()
+        continuous = self.continuous.slots and not speculate and not keep_hidden
         if key_groups is not None:
             keys, key_groups = split_keys(key, key_groups, len(prompts))
             if keep_hidden:
