@@ -214,3 +214,26 @@ def test_key_groups_give_each_group_its_own_calls_draws(model, monkeypatch):
         assert [list(t[:n]) for t, n in zip(out.tokens, out.lengths)] == [list(r) for r in rows], continuous
     with pytest.raises(ValueError, match="key_groups"):
         sampler(params, PROMPTS, 24, key=keys, key_groups=[3, 3], **kw)
+
+
+def test_a_lora_adapted_model_gives_the_static_samplers_tokens(model):
+    """A student under LoRA samples as the base model merged with its adapters' state (the rollout's params): the
+    adapters (B made nonzero, so they change the model) go through continuous batching over a paged cache as
+    through the static sampler."""
+    import jax
+    from flax import nnx
+
+    from trd_jax.models import lora
+
+    graphdef, params = model
+    student = nnx.merge(graphdef, params)
+    lora.add_lora(student, lora.LoRAConfig(rank=4, alpha=8.0), rngs=nnx.Rngs(params=1))
+    for i, (_, _, adapter) in enumerate(lora.adapters(student)):  # B random (it starts at 0): the model changes
+        b = adapter.b.get_value()
+        adapter.b.set_value(0.5 * jax.random.normal(jax.random.key(i), b.shape, b.dtype))
+    lora_graph, state = nnx.split(student)
+    base = Sampler(graphdef, eos_ids=EOS)(params, PROMPTS, 24, **CASES["sample"])
+    ref = Sampler(lora_graph, eos_ids=EOS)(state, PROMPTS, 24, **CASES["sample"])
+    assert not np.array_equal(ref.tokens, base.tokens)
+    out = generate(lora_graph, state, PROMPTS, 24, slots=3, segment=4, eos_ids=EOS, page_size=8, **CASES["sample"])
+    assert_same_samples(out, ref, logprob_atol=2e-3)
