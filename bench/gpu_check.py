@@ -2,7 +2,7 @@
 model in bfloat16, against the card's bf16 dense peak. Run by bench/gpu_check.sh on a GPU machine.
 
     python bench/gpu_check.py [--batches 64 256] [--prompt 128] [--new 512] [--update-batch 8 --seq 2048]
-        [--attentions dense blockwise]
+        [--attentions dense blockwise fused]
 
 The model is Qwen2.5-0.5B-shaped (d=896, 24 layers, 14 heads, 2 KV heads, vocab 151936, tied embeddings:
 494M parameters) with random weights; transformers builds the same architecture with its own random
@@ -137,7 +137,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--attentions", nargs="+", default=["dense", "blockwise"], choices=["dense", "blockwise"],
+    ap.add_argument("--attentions", nargs="+", default=["dense", "blockwise", "fused"],
+                    choices=["dense", "blockwise", "fused"],
                     help="attention kernels of the update step, one measurement each")
     ap.add_argument("--segments", type=int, nargs="+", default=[8, 1],
                     help="decode steps between stop checks (Sampler(decode_segment=)), one rollout each; 8 is the "

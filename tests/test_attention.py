@@ -209,3 +209,54 @@ def test_sampler_draws_the_same_tokens_with_either_kernel(models, n):
                                              key=jax.random.key(3), eos_ids=()))
     np.testing.assert_array_equal(outs[1].tokens, outs[0].tokens)
     np.testing.assert_allclose(outs[1].logprobs, outs[0].logprobs, atol=1e-5)
+
+
+# ------------------------------------------------------------ fused: jax.nn.dot_product_attention (cuDNN on GPU)
+
+def _layout_mask(t, pads, lengths):
+    """Each row [pad | valid | right padding]: one contiguous run of keys, as a layout's rows are."""
+    return np.stack([(np.arange(t) >= p) & (np.arange(t) < p + n) for p, n in zip(pads, lengths)])
+
+
+def test_fused_matches_numpy_and_dense_gradients():
+    """The rotation to right padding and back: rows left-padded, right-padded, both, full and empty; GQA groups.
+    Valid queries: the numpy reference and the dense kernel's gradients; padding queries: zeros."""
+    from trd_jax.models.attention import fused_attention
+
+    t = 9
+    key_mask = _layout_mask(t, pads=(0, 3, 2, 0, 0), lengths=(9, 6, 4, 5, 0))
+    q, k, v, _ = _inputs(7, 5, 2, 3, t, t, 8)
+    got = np.asarray(jax.jit(fused_attention)(q, k, v, key_mask))
+    want, seen = numpy_attention(q, k, v, key_mask, 0)
+    valid = seen & key_mask
+    np.testing.assert_allclose(got.transpose(0, 3, 1, 2, 4)[valid], want.transpose(0, 3, 1, 2, 4)[valid], atol=1e-5)
+    assert np.all(got.transpose(0, 3, 1, 2, 4)[~key_mask] == 0)
+    w = np.random.default_rng(8).normal(size=q.shape) * key_mask[:, None, None, :, None]  # read valid queries only
+
+    def loss(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(w * fn(q, k, v)), (0, 1, 2))(q, k, v)
+    for got_g, want_g in zip(loss(lambda q, k, v: fused_attention(q, k, v, key_mask)),
+                             loss(lambda q, k, v: dense_attention(q, k, v, dense_mask(key_mask, 0, t)))):
+        np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), atol=1e-5)
+
+
+def test_model_with_fused_attention_matches_dense_under_remat(models):
+    """The update's forward (no cache, remat "full") with attention="fused": the dense model's loss and gradients on
+    a layout's rows (left-padded contexts, right-padded responses); prefill into a cache stays blockwise."""
+    dense, _ = models
+    graph, params = nnx.split(dense)
+    fused = with_runtime(nnx.merge(graph, params), attention="fused", remat="full")
+    rng = np.random.default_rng(2)
+    tokens = jnp.asarray(rng.integers(0, 50, (3, 12)))
+    mask = jnp.asarray(_layout_mask(12, pads=(0, 4, 2), lengths=(12, 5, 7)))
+    positions = causal_lm_positions(mask)
+
+    def loss(model):
+        hidden, _ = model(tokens, positions, mask)
+        return jnp.sum(jnp.where(mask[..., None], model.logits(hidden), 0.0) ** 2) * 1e-3
+
+    (want, g_want), (got, g_got) = (nnx.value_and_grad(loss)(m) for m in (dense, fused))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g_want), nnx.to_flat_state(g_got)):
+        np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]), atol=1e-5, err_msg=str(path))
+    assert fused.cfg.blockwise_prefill and not dense.cfg.blockwise_prefill

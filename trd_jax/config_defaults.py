@@ -19,7 +19,8 @@ def _model_fields() -> ml_collections.ConfigDict:
         # Attention kernel of training, scoring and prefill (decode is always dense): "dense" materialises f32
         # scores [rows, heads, T, S] | "blockwise": flash attention in plain JAX, O(T) memory, in tiles of
         # attention_block x attention_block (what a 16k-token recipe needs; on CPU and short sequences dense is
-        # as fast or faster).
+        # as fast or faster) | "fused": jax.nn.dot_product_attention, cuDNN flash attention on a GPU in bf16, for
+        # the update and scoring, blockwise for prefill and where the backend has no fused kernel.
         attention="dense",
         attention_block=512,  # tile size of blockwise attention (queries and keys)
         # Shape of a random initialisation (source="random"); the vocabulary comes from the tokenizer.

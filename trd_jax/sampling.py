@@ -115,7 +115,7 @@ def prefill(graphdef, params, cache: KVCache, prompts: Array, pad: Array, *, n: 
     slots = jnp.arange(p)
     key_mask = slots[None, :] >= pad[:, None]
     positions = jnp.maximum(slots[None, :] - pad[:, None], 0)
-    if n == 1 and model.cfg.attention == "blockwise":
+    if n == 1 and model.cfg.blockwise_prefill:
         # Straight into the full cache: no prompt-sized copy. The prompt's queries never see slots >= P (causal),
         # and blockwise attention skips those key tiles, so attending "over S slots" costs nothing extra.
         full_mask = jnp.pad(key_mask, ((0, 0), (0, cache[0].k.shape[2] - p)), constant_values=True)

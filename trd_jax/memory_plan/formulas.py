@@ -36,7 +36,7 @@ def layer_residuals(cfg: ModelConfig, tokens: int, entries: int) -> int:
     d, m, h, k, hd, b = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          _b(cfg))
     per_token = b * (4 * d + 2 * (h + 2 * k) * hd + h * hd + 3 * m)
-    if cfg.attention == "blockwise":  # the custom VJP saves the output (counted above) and a f32 log-sum-exp
+    if cfg.attention != "dense":  # blockwise / fused (flash) saves the output (counted above) and a f32 log-sum-exp
         return tokens * (per_token + _F32 * h)
     return tokens * per_token + entries * (_F32 + b)
 
@@ -79,7 +79,7 @@ def forward_transient(cfg: ModelConfig, rows: int, length: int, keys: int | None
     keys = length if keys is None else keys
     tokens = rows * length
     live = tokens * b * (2 * d + 2 * (h + 2 * k) * hd + h * hd)
-    if cfg.attention == "blockwise":  # log-sum-exp per query, one tile's scores / probabilities and accumulator
+    if cfg.attention != "dense":  # log-sum-exp per query, one tile's scores / probabilities and accumulator
         attn = tokens * _F32 * h + _tile(cfg, rows, length, keys) * 3 * _F32
     else:
         attn = rows * h * length * keys * (2 * _F32 + b)

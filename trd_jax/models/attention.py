@@ -15,6 +15,14 @@ either. Key blocks wholly in a query block's future are skipped (about half the 
 
 It is written with lax loops, not a Pallas or cuDNN kernel, so one code path runs on CPU, GPU and TPU and is
 differentiable; a fused kernel per backend would be faster but keeps the same memory.
+
+"fused" (fused_attention) hands the forward without a cache (the update's and scoring's) to
+jax.nn.dot_product_attention: cuDNN's flash attention on a GPU in bf16 / fp16, XLA's reference elsewhere
+(the CPU path the tests compare). Those kernels take padding as per-row lengths of right-padded rows, while a
+training row is [left padding | context | response | right padding]: each row's q, k, v are rotated left by its
+left padding (its keys are one contiguous run, so it becomes right-padded, the causal order unchanged), attended
+with query and key lengths, and the output rotated back; padding queries give zeros. Where it cannot run (a
+cache: prefill; f32 on a GPU; TPU, whose Pallas splash kernel is not wired yet) the model uses blockwise.
 """
 
 from __future__ import annotations
@@ -61,6 +69,36 @@ def blockwise_attention(q: Array, k: Array, v: Array, key_mask: Array, query_sta
         key_mask = jnp.pad(key_mask, [(0, 0), (0, sp - s)])
     out = _flash(q, k, v, key_mask, jnp.asarray(query_start, jnp.int32), bq, bk)
     return out[:, :, :, :t] if tp != t else out
+
+
+def fused_backend_supports(dtype) -> bool:
+    """Whether fused_attention runs here: cuDNN on a GPU takes bf16 / fp16 only; the CPU runs XLA's reference (the
+    tests' path); on TPU the blockwise kernel stands in until Pallas splash attention is wired."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return backend == "cpu"
+
+
+def fused_attention(q: Array, k: Array, v: Array, key_mask: Array) -> Array:
+    """Self-attention without a cache (query t at slot t, T == S) through jax.nn.dot_product_attention, cuDNN on a
+    GPU: q [B, K, G, T, D], k, v [B, K, T, D], key_mask bool[B, T] whose True entries are one contiguous run per
+    row (a layout's left-padded context + right-padded response) -> [B, K, G, T, D], padding queries 0."""
+    b, kh, g, t, d = q.shape
+    if k.shape[2] != t or key_mask.shape != (b, t):
+        raise ValueError(f"fused_attention: keys {k.shape} and key_mask {key_mask.shape} must cover the T={t} queries")
+    lengths = jnp.sum(key_mask, axis=1, dtype=jnp.int32)
+    first = jnp.argmax(key_mask, axis=1).astype(jnp.int32)  # the row's left padding (0 for an empty row)
+    order = (jnp.arange(t)[None, :] + first[:, None]) % t  # rotated slot i holds original slot i + first
+    rotate = jax.vmap(lambda x, idx: jnp.take(x, idx, axis=0))  # x [T, ...] per row
+    q_r = rotate(q.transpose(0, 3, 1, 2, 4).reshape(b, t, kh * g, d), order)  # heads h = kv * G + g
+    k_r, v_r = (rotate(x.transpose(0, 2, 1, 3), order) for x in (k, v))  # [B, T, K, D]
+    implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    out = jax.nn.dot_product_attention(q_r, k_r, v_r, is_causal=True, query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    back = (jnp.arange(t)[None, :] - first[:, None]) % t  # original slot j sits at rotated slot j - first
+    out = jnp.where(key_mask[:, :, None, None], rotate(out, back), 0.0).astype(q.dtype)
+    return out.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4)
 
 
 def _allowed(key_mask_block: Array, query_slots: Array, first_key_slot) -> Array:

@@ -25,8 +25,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
 # Attention kernel of every forward over more than one query (training, scoring, prefill; decode's single query
 # is always dense): "dense" materialises f32 scores [B, heads, T, S]; "blockwise" is flash attention in plain JAX
-# (models/attention.py), O(T) memory per head, in tiles of attention_block queries x attention_block keys.
-ATTENTION = ("dense", "blockwise")
+# (models/attention.py), O(T) memory per head, in tiles of attention_block queries x attention_block keys; "fused"
+# is jax.nn.dot_product_attention (cuDNN flash attention on a GPU in bf16 / fp16) for the forwards without a cache
+# (update, scoring) and blockwise elsewhere (prefill; where the backend has no fused kernel).
+ATTENTION = ("dense", "blockwise", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,11 @@ class ModelConfig:
     remat: str = "none"  # one of REMAT
     attention: str = "dense"  # one of ATTENTION
     attention_block: int = 512  # blockwise: queries and keys per tile
+
+    @property
+    def blockwise_prefill(self) -> bool:
+        """Whether a forward over several queries into a KV cache (prefill) runs blockwise attention."""
+        return self.attention in ("blockwise", "fused")
 
     def __post_init__(self):
         for field in ("dtype", "param_dtype"):

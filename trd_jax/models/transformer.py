@@ -19,7 +19,8 @@ per-row cache_index i32[B] (speculative decoding: rows advance by different coun
 its own slot and always uses the dense kernel.
 
 cfg.attention picks the kernel of every call with more than one query (models/attention.py): "dense" builds the
-[B, T, S] mask and f32 scores; "blockwise" (flash attention) never does. Decode's single query is always dense.
+[B, T, S] mask and f32 scores; "blockwise" (flash attention) never does; "fused" runs jax.nn.dot_product_attention
+(cuDNN on a GPU) without a cache and blockwise with one. Decode's single query is always dense.
 
 Without a cache each layer runs under nnx.remat when cfg.remat is "full" or "dots" (``with_runtime``): the
 update's backward pass then recomputes activations instead of keeping them. Forward-only calls (scoring)
@@ -166,6 +167,8 @@ class Attention(nnx.Module):
             out = paged.paged_attention(q, cache, mask.page_table, mask.query_start, block_pages=mask.block_pages)
         elif mask.dense is not None:
             out = attention.dense_attention(q, k, v, mask.dense)
+        elif cfg.attention == "fused" and cache is None and attention.fused_backend_supports(dt):
+            out = attention.fused_attention(q, k, v, mask.key_mask)
         else:
             out = attention.blockwise_attention(q, k, v, mask.key_mask, mask.query_start,
                                                 block_q=cfg.attention_block, block_k=cfg.attention_block)
@@ -246,9 +249,8 @@ class Transformer(nnx.Module):
                 x, c = layer(x, cos, sin, mask, cache[i], cache_index)
                 new_cache.append(c)
             return self.final_norm(x), tuple(new_cache)
-        blockwise = self.cfg.attention == "blockwise" and t > 1 and cache_index.ndim == 0
-        mask = Mask(key_mask, cache_index,
-                    None if blockwise else attention.dense_mask(key_mask, cache_index, t))
+        blockwise = self.cfg.blockwise_prefill and t > 1 and cache_index.ndim == 0  # "fused" too (Attention picks)
+        mask = Mask(key_mask, cache_index, None if blockwise else attention.dense_mask(key_mask, cache_index, t))
         if cache is None and self.cfg.remat != "none":  # training / scoring forward: remat each layer
             remat_layer = _REMAT_LAYER[self.cfg.remat]
             for layer in self.layers:
