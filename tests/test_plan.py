@@ -192,6 +192,12 @@ def test_continuous_batching_plans_its_slots_on_every_device_and_frees_them():
         models["student"].config, 2, 32 + 64)
     assert not any(name.startswith("rollout KV cache (held") for name in items(slots, "refine"))
     assert any(name.startswith("rollout KV cache (held") for name in items(static, "refine"))
+    # The outputs (i32 tokens + f32 log-probs per new token): the static sampler's rows on this device (8 rollout
+    # rows over fsdp=4); under continuous batching a whole call's rows and the scratch row, on every device.
+    out = "sampled tokens and log-probs"
+    assert items(static, "rollout")[out] == 2 * 64 * 8
+    assert items(slots, "rollout")[out] == (8 + 1) * 64 * 8
+    assert items(slots, "eval")[out] == (work.eval_rows + 1) * 64 * 8 and work.eval_rows <= 16 * 3
 
 
 def test_reused_refine_states_are_planned_in_refine_and_score():

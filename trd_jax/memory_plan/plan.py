@@ -15,6 +15,7 @@ from trd_jax.memory_plan.shards import StateBytes, sharded_bytes, state_bytes
 from trd_jax.memory_plan.workload import ModelInfo, PlanOptions, Workload
 from trd_jax.models.config import ModelConfig
 from trd_jax.losses import LossConfig
+from trd_jax.sampling import CONTINUOUS_CALL_ROWS_PER_SLOT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,22 +199,30 @@ class _Step:
         return kv_cache_bytes(cfg, _ceil_div(self.call_rows(rows), self.kv_rows_div), length,
                               kv_shards=self.kv_heads_div)
 
-    def sampler_transient(self, cfg: ModelConfig, rows: int, prompt: int, n: int,
+    def sampler_transient(self, cfg: ModelConfig, rows: int, prompt: int, n: int, new: int,
                           continuous: bool = False) -> list[Item]:
         """prefill: one forward over the prompts (and, unless it writes the full cache directly, a prompt-sized
-        cache of its own); decode: vocab buffers. Continuous batching: an admission prefills at most a slot's
-        worth of prompts into a prompt-sized cache."""
+        cache of its own); decode: vocab buffers; the outputs (tokens i32 and log-probs f32 per row and new token).
+        Continuous batching: an admission prefills at most a slot's worth of prompts into a prompt-sized cache, and
+        the outputs of a whole call (up to CONTINUOUS_CALL_ROWS_PER_SLOT x slots rows, plus a scratch row) sit on
+        every device, not only the slots'."""
         continuous = continuous and self.continuous
         per_device_rows = (self.call_rows(rows, True) // (self.kv_rows_div if self.slots_sharded(rows) else 1)
                            if continuous else _ceil_div(self.call_rows(rows), self.kv_rows_div))
         prompt_rows = max(1, per_device_rows // n)
         head = sharded_bytes((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), self.mesh, _b(cfg))
-        direct = n == 1 and cfg.attention == "blockwise" and not continuous  # prefill writes into the full cache
+        direct = n == 1 and cfg.blockwise_prefill and not continuous  # prefill writes into the full cache
         prompt_cache = 0 if direct else kv_cache_bytes(cfg, prompt_rows, prompt, kv_shards=self.kv_heads_div)
         prefill = prompt_cache + forward_transient(cfg, prompt_rows, prompt)
         label = "prefill (one forward)" if direct else "prefill (prompt cache + one forward)"
+        if continuous:
+            out_rows = min(rows, CONTINUOUS_CALL_ROWS_PER_SLOT * self.options.continuous_slots) + 1
+            out_note = f"{out_rows} rows (a call's, replicated) x {new}"
+        else:
+            out_rows, out_note = per_device_rows, f"{per_device_rows} rows x {new}"
         return [Item(label, prefill, f"{prompt_rows} prompts x {prompt} tokens"),
-                Item("decode temporaries", decode_transient(cfg, per_device_rows, head))]
+                Item("decode temporaries", decode_transient(cfg, per_device_rows, head)),
+                Item("sampled tokens and log-probs", out_rows * new * (4 + _F32), out_note)]
 
 
 def _persistent(step: _Step) -> list[Item]:
@@ -271,7 +280,7 @@ def _sampler_phases(step: _Step, rollout_cache: int, refine_cache: int) -> list[
     rollout_note = (step.slots_note(work.rows, work.prompt, work.max_new) if step.continuous
                     else f"{rows_note} x ({work.prompt} + {work.max_new}), {step.cache_note}")
     rollout = [Item("rollout KV cache (student)", rollout_cache, rollout_note)]
-    rollout += step.sampler_transient(step.student, work.rows, work.prompt, work.n, continuous=True)
+    rollout += step.sampler_transient(step.student, work.rows, work.prompt, work.n, work.max_new, continuous=True)
     if keep_between_steps and refine_cache:
         rollout.append(Item("refine KV cache (held from the last step)", refine_cache))
     phases.append(Phase("rollout", tuple(rollout)))
@@ -279,7 +288,7 @@ def _sampler_phases(step: _Step, rollout_cache: int, refine_cache: int) -> list[
     if work.trajectory == "y_r":
         refine = [Item("refine KV cache (teacher)", refine_cache,
                        f"{rows_note} x ({work.refine_prompt} + {work.rewrite}), {step.cache_note}")]
-        refine += step.sampler_transient(step.teacher, work.rows, work.refine_prompt, 1)
+        refine += step.sampler_transient(step.teacher, work.rows, work.refine_prompt, 1, work.rewrite)
         if keep_between_steps and not step.continuous:  # continuous batching frees its slots when a call ends
             refine.append(Item("rollout KV cache (held: release_kv_cache=False)", rollout_cache))
         if step.kept_states:  # one call's buffer in the decode loop, then all calls' rows side by side
@@ -379,7 +388,8 @@ def _eval_phases(step: _Step, held_after: list[Item]) -> list[Phase]:
                else f"{step.call_rows(work.eval_rows)} rows per call x ({work.eval_prompt} + {work.eval_new}), "
                     f"{step.cache_note}")
     ev = [Item("eval KV cache (student)", eval_cache, ev_note)]
-    ev += step.sampler_transient(student, work.eval_rows, work.eval_prompt, work.eval_n, continuous=True)
+    ev += step.sampler_transient(student, work.eval_rows, work.eval_prompt, work.eval_n, work.eval_new,
+                                 continuous=True)
     ev += held_after
     phases = [Phase("eval", tuple(ev))]
     if work.eval_teacher and not work.offline_k:
@@ -387,7 +397,7 @@ def _eval_phases(step: _Step, held_after: list[Item]) -> list[Phase]:
         phases.append(Phase("teacher eval", tuple(
             [Item("teacher eval KV cache", teacher_eval_cache, f"{step.call_rows(work.eval_rows)} rows per call x "
                                                               f"({work.teacher_eval_ctx} + {work.eval_new})")]
-            + step.sampler_transient(teacher, work.eval_rows, work.teacher_eval_ctx, work.eval_n))))
+            + step.sampler_transient(teacher, work.eval_rows, work.teacher_eval_ctx, work.eval_n, work.eval_new))))
     return phases
 
 
