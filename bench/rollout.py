@@ -3,6 +3,7 @@
     python bench/rollout.py                       # random 4-layer d=256 Llama, batch 16 and 64
     python bench/rollout.py --model DIR           # any local HF folder, e.g. converted SmolLM2-135M
     python bench/rollout.py --batches 16 --repeats 5
+    python bench/rollout.py --grid                # the issue-19 grid: vocab 2k..152k x batch 16, 64 x sampled, greedy
 
 Both generate exactly --new tokens per row (no EOS stop) from the same random prompts of --prompt
 tokens, in float32 on this CPU; transformers uses its default dynamic KV cache. Each side runs in its
@@ -93,10 +94,10 @@ def child(args) -> None:
     print("RESULT " + json.dumps(run(args, args.child_model, prompts)), flush=True)
 
 
-def spawn(args, side: str, path: str, batch: int) -> dict:
+def spawn(args, side: str, path: str, batch: int, temperature: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--child-model", path, "--batch", str(batch),
            "--prompt", str(args.prompt), "--new", str(args.new), "--repeats", str(args.repeats),
-           "--temperature", str(args.temperature)]
+           "--temperature", str(temperature)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -107,34 +108,49 @@ def spawn(args, side: str, path: str, batch: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="local HF folder (default: a random 4-layer d=256 Llama)")
-    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random model")
+    ap.add_argument("--vocab", type=int, nargs="+", default=[32000], help="vocabularies of the random model")
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="0 is greedy")
+    ap.add_argument("--grid", action="store_true",
+                    help="vocab 2048 8192 32000 151936, temperature 1 and 0 (overrides --vocab and --temperature)")
     ap.add_argument("--child", choices=("ours", "theirs"), help=argparse.SUPPRESS)
     ap.add_argument("--child-model", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        args.temperature = args.temperature[0]
         return child(args)
+    if args.grid:
+        args.vocab, args.temperature = [2048, 8192, 32000, 151936], [1.0, 0.0]
 
-    tmp = tempfile.TemporaryDirectory()
-    path = args.model or random_llama(tmp.name, args.vocab)
-    cfg = ModelConfig.from_hf_dir(path)
-    print(f"model: {path if args.model else 'random Llama'} ({cfg.num_layers} layers, d={cfg.hidden_size}, "
-          f"vocab={cfg.vocab_size}, tied={cfg.tie_word_embeddings}, {cfg.num_params / 1e6:.1f}M params), "
-          f"prompt {args.prompt}, {args.new} new tokens, temperature {args.temperature}, float32")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
-    print(f"{'batch':>5} {'trd_jax tok/s':>14} {'transformers tok/s':>19} {'ratio':>6} {'our compile s':>14}")
-    for batch in args.batches:
-        ours = spawn(args, "ours", path, batch)
-        theirs = spawn(args, "theirs", path, batch)
-        tok = batch * args.new
-        print(f"{batch:>5} {tok / ours['seconds']:>14.0f} {tok / theirs['seconds']:>19.0f} "
-              f"{theirs['seconds'] / ours['seconds']:>6.2f} {ours['compile_s']:>14.1f}", flush=True)
+          f"transformers {transformers.__version__}; prompt {args.prompt}, {args.new} new tokens, float32, "
+          f"median of {args.repeats}")
+    print(f"{'model':<44} {'sampling':>9} {'batch':>5} {'trd_jax tok/s':>14} {'transformers tok/s':>19} "
+          f"{'ratio':>6} {'our compile s':>14}")
+    ratios = []
+    for vocab in ([None] if args.model else args.vocab):
+        tmp = tempfile.TemporaryDirectory()
+        path = args.model or random_llama(tmp.name, vocab)
+        cfg = ModelConfig.from_hf_dir(path)
+        name = (f"{os.path.basename(os.path.normpath(path)) if args.model else 'random Llama'} "
+                f"({cfg.num_layers}L d={cfg.hidden_size} V={cfg.vocab_size}, {cfg.num_params / 1e6:.1f}M)")
+        for temperature in args.temperature:
+            for batch in args.batches:
+                ours = spawn(args, "ours", path, batch, temperature)
+                theirs = spawn(args, "theirs", path, batch, temperature)
+                tok = batch * args.new
+                ratio = theirs["seconds"] / ours["seconds"]
+                ratios.append(ratio)
+                sampling = "greedy" if temperature == 0 else f"T={temperature:g}"
+                print(f"{name:<44} {sampling:>9} {batch:>5} {tok / ours['seconds']:>14.0f} "
+                      f"{tok / theirs['seconds']:>19.0f} {ratio:>6.2f} {ours['compile_s']:>14.1f}", flush=True)
+        tmp.cleanup()
+    print(f"ratio over {len(ratios)} cells: min {min(ratios):.2f}, median {statistics.median(ratios):.2f}, "
+          f"max {max(ratios):.2f}; at least 3x in {sum(r >= 3 for r in ratios)} of {len(ratios)}")
 
 
 if __name__ == "__main__":
