@@ -9,6 +9,7 @@ import pytest
 from tests.test_sampler_memory import CASES, EOS, VOCAB, assert_same_samples, prompts_of, tiny_model
 from trd_jax.continuous import generate
 from trd_jax.sampling import Sampler, SamplingConfig
+from trd_jax.shapes import bucket
 
 PROMPTS = prompts_of((5, 17, 3, 30, 9, 12, 4))
 
@@ -37,6 +38,8 @@ def test_the_static_samplers_tokens_through_fewer_slots(model, static, name, slo
     assert stats["admissions"] >= (1 if slots >= rows else 2)
     # A prompt is prefilled once per admission that starts any of its samples: once in all with enough slots.
     assert len(PROMPTS) <= stats["prefilled"] <= rows and (slots < rows or stats["prefilled"] == len(PROMPTS))
+    # Slots beyond the rows would decode padding: a call uses at most the rows' bucket (14 rows -> 16, not 32).
+    assert stats["slots"] == min(slots, bucket(rows, 8))
 
 
 def test_no_slot_idles_while_rows_wait(model):
@@ -124,6 +127,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tests.test_sampler_memory import EOS, prompts_of, tiny_model
 from trd_jax.continuous import generate
 from trd_jax.sampling import Sampler, SamplingConfig
+from trd_jax.shapes import bucket
 from trd_jax.sharding import MeshConfig, make_mesh, param_shardings
 
 assert jax.device_count() == 4

@@ -232,8 +232,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     later, to the same tokens). A paged cache shards kv heads over tensor only (pages are not split over the
     batch axes). key_groups: the prompts in consecutive groups of these sizes, `key` a key per group; each
     group's rows draw what a static call over that group alone draws (Sampler's key_groups). stats (a dict):
-    filled with segments, admissions, prompts prefilled, slot-steps, compactions, and with pages: the pool's
-    pages, the most in use, preemptions."""
+    filled with segments, admissions, prompts prefilled, slot-steps, compactions, the slots used (at most the rows,
+    bucketed), and with pages: the pool's pages, the most in use, preemptions."""
     if not prompts:
         raise ValueError("prompts: empty batch")
     if slots < 1 or segment < 1:
@@ -252,6 +252,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         plen = min(plen, max_prompt_len)
     width = bucket(max_new_tokens, 8)
     rows = len(prompts) * n
+    # Slots beyond the call's rows would only decode padding until the first shrink: at most the rows, rounded up
+    # to a bucket size (8, 12, 16, 24, ...) so that calls of nearby sizes share compiled shapes.
+    slots = min(slots, bucket(rows, 8))
     keys, groups = split_keys(key, key_groups, len(prompts))
     # Several processes: host values (and arrays made on this process's default device) become global arrays
     # replicated over the parameters' mesh; one process: passed as they are, unchanged.
@@ -376,7 +379,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
             counts["compactions"] += 1
             free = [s for s in range(len(slot_row)) if slot_row[s] < 0]
     if stats is not None:
-        stats.update(counts, cache_sharding=shard(slots))
+        stats.update(counts, slots=slots, cache_sharding=shard(slots))
         if pool is not None:
             stats.update(pages=pool.capacity, peak_pages=pool.peak)
     tokens, logprobs, lengths = (multihost.to_host(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
