@@ -24,6 +24,8 @@ from trd_jax.offline.generate import generate_targets
 def main(workdir: str, targets: str, overrides: dict) -> None:
     trainer = Trainer(tiny_config(**overrides), workdir)
     generate_targets(trainer, targets, k=8)
+    stats = trainer.rollout_sampler.last_continuous_stats  # set when the rollouts went through continuous batching
+    print(f"continuous segments: {None if stats is None else stats['segments']}", flush=True)
     print(f"process {jax.process_index()} of {jax.process_count()}: OK", flush=True)
 
 
