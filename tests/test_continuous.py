@@ -127,7 +127,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tests.test_sampler_memory import EOS, prompts_of, tiny_model
 from trd_jax.continuous import generate
 from trd_jax.sampling import Sampler, SamplingConfig
-from trd_jax.shapes import bucket
 from trd_jax.sharding import MeshConfig, make_mesh, param_shardings
 
 assert jax.device_count() == 4

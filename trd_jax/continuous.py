@@ -210,6 +210,13 @@ def evict(state: SlotState, slots: Array, *, pad_id: int) -> SlotState:
                           lengths=state.lengths.at[rows].set(0))
 
 
+def call_slots(slots: int, rows: int) -> int:
+    """The slots a call of `rows` rows uses: slots beyond its rows would only decode padding until the first
+    shrink, so at most the rows, rounded up to a bucket size (8, 12, 16, 24, ...) so that calls of nearby sizes
+    share compiled shapes. The memory planner sizes the slots with this too."""
+    return min(slots, bucket(rows, 8))
+
+
 def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, slots: int,
              sampling: SamplingConfig = SamplingConfig(), n: int = 1,  # noqa: B008 (a frozen dataclass)
              key: Array | int = 0,
@@ -252,9 +259,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         plen = min(plen, max_prompt_len)
     width = bucket(max_new_tokens, 8)
     rows = len(prompts) * n
-    # Slots beyond the call's rows would only decode padding until the first shrink: at most the rows, rounded up
-    # to a bucket size (8, 12, 16, 24, ...) so that calls of nearby sizes share compiled shapes.
-    slots = min(slots, bucket(rows, 8))
+    slots = call_slots(slots, rows)
     keys, groups = split_keys(key, key_groups, len(prompts))
     # Several processes: host values (and arrays made on this process's default device) become global arrays
     # replicated over the parameters' mesh; one process: passed as they are, unchanged.

@@ -15,6 +15,7 @@ from trd_jax.memory_plan.shards import StateBytes, sharded_bytes, state_bytes
 from trd_jax.memory_plan.workload import ModelInfo, PlanOptions, Workload
 from trd_jax.models.config import ModelConfig
 from trd_jax.losses import LossConfig
+from trd_jax.continuous import call_slots
 from trd_jax.sampling import CONTINUOUS_CALL_ROWS_PER_SLOT
 
 
@@ -156,7 +157,7 @@ class _Step:
         slots; else max_rows_per_call (or all), padded to the batch shards."""
         options = self.options
         if continuous and options.continuous_slots:
-            return min(rows, options.continuous_slots)
+            return call_slots(options.continuous_slots, rows)
         per_call = min(rows, options.sampler_rows) if options.sampler_rows else rows
         if options.kv_cache == "sharded" and per_call % self.batch_shards:
             per_call = _ceil_div(per_call, self.batch_shards) * self.batch_shards  # padded to the batch shards
@@ -182,10 +183,10 @@ class _Step:
         return f"{slots} continuous slots, {where} x ({prompt} + {new})"
 
     def pool_tokens(self, rows: int, length: int) -> int:
-        """A paged cache's tokens (continuous.generate): kv_pool_tokens, or every slot's longest row in whole pages;
-        plus the scratch page."""
+        """A paged cache's tokens (continuous.generate): kv_pool_tokens, or every slot's longest row in whole pages
+        (slots holding a row: a call's bucketed slots beyond its rows get no pages); plus the scratch page."""
         page = self.options.kv_page_size
-        pool = self.options.kv_pool_tokens or self.call_rows(rows, True) * _ceil_div(length, page) * page
+        pool = self.options.kv_pool_tokens or min(rows, self.call_rows(rows, True)) * _ceil_div(length, page) * page
         return pool // page * page + page
 
     def cache(self, cfg: ModelConfig, rows: int, length: int, continuous: bool = False) -> int:
