@@ -268,6 +268,7 @@ class TrainSettings:
     remat: str  # ModelConfig.remat of the student model the update runs
     max_score_rows: int  # rows per scoring forward (0: all at once)
     max_skipped_fraction: float = 0.5  # of steps, skipped as non-finite, before the run fails
+    length_buckets: bool = True  # micro-batches of rows sorted by length, each at its own widths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -545,8 +546,8 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
     export_dtype = _get(cfg, "export.dtype")
     if export_dtype not in ("", "float32", "bfloat16"):
         raise ConfigError("export.dtype", f"{export_dtype!r} is not one of '', float32, bfloat16")
-    for key in ("rollout.release_kv_cache", "eval.initial", "eval.teacher", "eval.greedy", "checkpoint.async_save",
-                "log.diagnostics", "log.progress", "log.wandb", "export.enabled"):
+    for key in ("train.length_buckets", "rollout.release_kv_cache", "eval.initial", "eval.teacher", "eval.greedy",
+                "checkpoint.async_save", "log.diagnostics", "log.progress", "log.wandb", "export.enabled"):
         if not isinstance(_get(cfg, key), bool):
             raise ConfigError(key, f"{_get(cfg, key)!r} is not a bool")
     wandb = _wandb(cfg)
@@ -570,7 +571,7 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         loss=_loss(cfg), optim=optim, mesh=MeshConfig(**mesh_sizes),
         train=TrainSettings(steps=steps, batch_size=batch_size, micro_batches=micro, remat=remat,
                             max_score_rows=_int(cfg, "train.max_score_rows", 0),
-                            max_skipped_fraction=max_skipped_fraction),
+                            max_skipped_fraction=max_skipped_fraction, length_buckets=cfg.train.length_buckets),
         lora=_lora(cfg),
         checkpoint=CheckpointSettings(every=_int(cfg, "checkpoint.every", 1), keep=_int(cfg, "checkpoint.keep", 1),
                                       async_save=cfg.checkpoint.async_save),

@@ -45,6 +45,7 @@ from trd_jax.offline.batches import offline_batch
 from trd_jax.offline.rounds import RoundRows
 from trd_jax.sampling import Sampler
 from trd_jax.sharding import make_mesh, replicated
+from trd_jax.bucketed_update import BucketedUpdate
 from trd_jax.steps import (ScoreOutput, TeacherSignal, UpdateBatch, init_sharded_state, jit_update,
                            learning_rate_schedule,
                            make_optimizer, to_micro_batches)
@@ -190,6 +191,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ compiled steps
 
     def _update(self, batch: DistillBatch, scored, dropout_key=None):
+        if self.s.train.length_buckets and self.s.train.micro_batches > 1:  # one micro-batch: nothing to sort
+            return self._bucketed_update(batch, scored, dropout_key)
         if self._update_fn is None:  # compiled once per context width (Layout's static field)
             state_sh = jax.tree.map(lambda x: x.sharding, self.state)
             self._update_fn = jit_update(self.roles.student_graph, self.optimizer, self.s.loss, state_sh, self.mesh,
@@ -202,6 +205,19 @@ class Trainer:
         self.state, metrics = self._update_fn(self.state, UpdateBatch(seq, targets, mask),
                                               TeacherSignal(hidden, self.roles.frozen_head, logp),
                                               self.roles.base_params, dropout_key)
+        return metrics
+
+    def _bucketed_update(self, batch: DistillBatch, scored, dropout_key=None):
+        """The update with rows sorted by length into micro-batches of their own widths (train.length_buckets)."""
+        if self._update_fn is None:
+            state_sh = jax.tree.map(lambda x: x.sharding, self.state)
+            self._update_fn = BucketedUpdate(self.roles.student_graph, self.optimizer, self.s.loss, state_sh, self.mesh,
+                                             ema_decay=self.s.distill.ema_decay,
+                                             teacher_head_source=self.roles.teacher_head_source)
+        self.state, metrics = self._update_fn(
+            self.state, UpdateBatch(batch.student, batch.targets, batch.response_mask),
+            TeacherSignal(scored.hidden, self.roles.frozen_head, scored.logp), self.roles.base_params, dropout_key,
+            num_micro=self.s.train.micro_batches)
         return metrics
 
     # ------------------------------------------------------------------------------------------ one step

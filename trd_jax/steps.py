@@ -187,47 +187,36 @@ class TeacherSignal(NamedTuple):
     logp: Array | None = None
 
 
-def update(state: TrainState, batch: UpdateBatch, teacher: TeacherSignal, frozen=None, dropout_key: Array | None = None,
-           *, graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, ema_decay: float | None = None,
-           teacher_head_source: str = "given") -> tuple[TrainState, StepMetrics]:
-    """One optimizer step over M micro-batches (every batch array [M, b, ...]), on-policy: the sampled-token
-    losses take the detached student as the behaviour policy (one optimizer step per batch).
-
-    frozen: under LoRA, the base weights (state.params are then the adapters); they get no gradient.
-    dropout_key: the key of the adapters' dropout (LoRA with dropout > 0), folded with the micro-batch index.
-
-    teacher_head_source: "given" uses teacher.head (a separate teacher, or OPSD's frozen initial weights);
-    "live" / "ema" read the head from the state itself inside the step, because an argument aliasing the
-    donated state would be invalidated by the donation. ema_decay in (0, 1) is required when the state
-    carries an EMA."""
+def _check_update_args(state: TrainState, ema_decay: float | None, teacher_head_source: str) -> None:
     if teacher_head_source not in TEACHER_HEAD_SOURCES:
         raise ValueError(f"teacher_head_source={teacher_head_source!r}: expected one of {TEACHER_HEAD_SOURCES}")
     if state.ema_params is not None and not (ema_decay is not None and 0.0 < ema_decay < 1.0):
         raise ValueError(f"ema_decay={ema_decay}: a state with an EMA needs 0 < ema_decay < 1")
-    if teacher_head_source != "given":
-        source = state.params if teacher_head_source == "live" else state.ema_params
-        if source is None:
-            raise ValueError("teacher_head_source='ema' needs a state made with init_state(..., ema=True)")
-        teacher = teacher._replace(head=jax.lax.stop_gradient(merged_model(graphdef, source, frozen).lm_head_weight()))
-    seq, targets, mask = batch
-    num_tokens = jnp.sum(mask).astype(jnp.int32)
-    num_rows = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
-    grad_fn = jax.value_and_grad(_micro_loss, has_aux=True)
-    frozen = None if frozen is None else jax.lax.stop_gradient(frozen)
 
-    def micro(carry, xs):
-        grads, total = carry
-        seq_m, tgt, msk, th, tl, index = xs
-        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-        (loss, per_token), g = grad_fn(state.params, graphdef, cfg, seq_m, tgt, msk, th, teacher.head, tl,
-                                       num_tokens, num_rows, frozen, key)
-        return (jax.tree.map(jnp.add, grads, g), total + loss), per_token
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    indices = jnp.arange(mask.shape[0], dtype=jnp.int32)
-    (grads, loss), per_token = jax.lax.scan(
-        micro, (zeros, jnp.zeros((), jnp.float32)),
-        (seq, targets, mask, teacher.hidden, teacher.logp, indices))
+def _with_teacher_head(state: TrainState, teacher: TeacherSignal, graphdef, frozen, teacher_head_source: str):
+    """teacher with its lm_head: as given, or (live / ema) read from the state, detached."""
+    if teacher_head_source == "given":
+        return teacher
+    source = state.params if teacher_head_source == "live" else state.ema_params
+    if source is None:
+        raise ValueError("teacher_head_source='ema' needs a state made with init_state(..., ema=True)")
+    return teacher._replace(head=jax.lax.stop_gradient(merged_model(graphdef, source, frozen).lm_head_weight()))
+
+
+def _accumulate(params, grads, total, seq: Layout, targets, mask, teacher_hidden, teacher_head, teacher_logp,
+                num_tokens, num_rows, frozen, key, *, graphdef, cfg: LossConfig):
+    """One micro-batch's loss and gradient added to the running (grads, total); also its per-token values."""
+    (loss, per_token), g = jax.value_and_grad(_micro_loss, has_aux=True)(
+        params, graphdef, cfg, seq, targets, mask, teacher_hidden, teacher_head, teacher_logp, num_tokens, num_rows,
+        frozen, key)
+    return jax.tree.map(jnp.add, grads, g), total + loss, per_token
+
+
+def _apply_gradients(state: TrainState, grads, loss, *, optimizer: optax.GradientTransformation,
+                     ema_decay: float | None) -> tuple[TrainState, Array, Array]:
+    """The optimizer step on the accumulated gradients, skipped (state unchanged, `skipped` counted) when the
+    loss or the gradient is not finite. Returns (state, grad_norm, ok)."""
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
@@ -243,6 +232,42 @@ def update(state: TrainState, batch: UpdateBatch, teacher: TeacherSignal, frozen
                                       new_params), ema)
     new_state = TrainState(params, keep_if_ok(new_opt, state.opt_state), state.step + ok.astype(jnp.int32),
                            state.skipped + (~ok).astype(jnp.int32), ema)
+    return new_state, grad_norm, ok
+
+
+def update(state: TrainState, batch: UpdateBatch, teacher: TeacherSignal, frozen=None, dropout_key: Array | None = None,
+           *, graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, ema_decay: float | None = None,
+           teacher_head_source: str = "given") -> tuple[TrainState, StepMetrics]:
+    """One optimizer step over M micro-batches (every batch array [M, b, ...]), on-policy: the sampled-token
+    losses take the detached student as the behaviour policy (one optimizer step per batch).
+
+    frozen: under LoRA, the base weights (state.params are then the adapters); they get no gradient.
+    dropout_key: the key of the adapters' dropout (LoRA with dropout > 0), folded with the micro-batch index.
+
+    teacher_head_source: "given" uses teacher.head (a separate teacher, or OPSD's frozen initial weights);
+    "live" / "ema" read the head from the state itself inside the step, because an argument aliasing the
+    donated state would be invalidated by the donation. ema_decay in (0, 1) is required when the state
+    carries an EMA."""
+    _check_update_args(state, ema_decay, teacher_head_source)
+    teacher = _with_teacher_head(state, teacher, graphdef, frozen, teacher_head_source)
+    seq, targets, mask = batch
+    num_tokens = jnp.sum(mask).astype(jnp.int32)
+    num_rows = jnp.sum(jnp.any(mask, axis=-1)).astype(jnp.int32)
+    frozen = None if frozen is None else jax.lax.stop_gradient(frozen)
+
+    def micro(carry, xs):
+        seq_m, tgt, msk, th, tl, index = xs
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        grads, total, per_token = _accumulate(state.params, *carry, seq_m, tgt, msk, th, teacher.head, tl, num_tokens,
+                                              num_rows, frozen, key, graphdef=graphdef, cfg=cfg)
+        return (grads, total), per_token
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    indices = jnp.arange(mask.shape[0], dtype=jnp.int32)
+    (grads, loss), per_token = jax.lax.scan(
+        micro, (zeros, jnp.zeros((), jnp.float32)),
+        (seq, targets, mask, teacher.hidden, teacher.logp, indices))
+    new_state, grad_norm, ok = _apply_gradients(state, grads, loss, optimizer=optimizer, ema_decay=ema_decay)
     return new_state, StepMetrics(loss, grad_norm, num_tokens, ~ok, per_token)
 
 

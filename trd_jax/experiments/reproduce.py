@@ -543,6 +543,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{','.join(QUICK['methods'])}")
     parser.add_argument("--bootstraps", type=int, default=None,
                         help=f"independent bootstraps (initial models and task sample); default {FULL['bootstraps']}")
+    parser.add_argument("--bootstrap-ids", default=None,
+                        help="comma-separated bootstraps to run (default: 0 .. --bootstraps - 1), e.g. 2 to add a "
+                             "third bootstrap to a workdir, or in a workdir of its own")
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per bootstrap, method and setting; "
                                                                 f"default {FULL['seeds']}")
     parser.add_argument("--steps", type=int, default=default_config().train.steps)
@@ -587,6 +590,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--methods: {e}")
     if args.seeds < 1 or args.steps < 1 or args.bootstraps < 1 or args.jobs < 1:
         parser.error("--bootstraps, --seeds, --steps and --jobs must be >= 1")
+    try:
+        args.bootstrap_ids = (list(range(args.bootstraps)) if args.bootstrap_ids is None
+                              else sorted({int(b) for b in args.bootstrap_ids.split(",")}))
+    except ValueError:
+        parser.error(f"--bootstrap-ids: {args.bootstrap_ids!r} is not a comma-separated list of integers")
+    if min(args.bootstrap_ids) < 0:
+        parser.error("--bootstrap-ids: bootstraps are numbered from 0")
     args.out = args.out or args.workdir
     try:
         args.overrides = parse_overrides(args.set)
@@ -663,15 +673,15 @@ def main(argv: list[str] | None = None) -> int:
         # not the shipped ones), so no two workers build one bootstrap at once.
         else:
             first, rest = args.settings[0], args.settings[1:]
-            refs, errors = pool.map({(b, first): (run_reference, w, first, o, b) for b in range(args.bootstraps)})
-            more, e2 = pool.map({(b, s): (run_reference, w, s, o, b) for b in range(args.bootstraps) for s in rest
+            refs, errors = pool.map({(b, first): (run_reference, w, first, o, b) for b in args.bootstrap_ids})
+            more, e2 = pool.map({(b, s): (run_reference, w, s, o, b) for b in args.bootstrap_ids for s in rest
                                  if (b, first) in refs})
             refs.update(more)
             errors.update(e2)
             # Seed-major: an interrupted reproduction already covers every bootstrap and method once.
             calls = {(b, setting, method, seed): (run_one, w, setting, method, seed, args.steps, args.eval_every, o,
                                                   b)
-                     for seed in range(args.seeds) for b in range(args.bootstraps) for setting in args.settings
+                     for seed in range(args.seeds) for b in args.bootstrap_ids for setting in args.settings
                      for method in (args.methods if b == 0 else args.other_methods) if (b, setting) in refs}
             summaries, e3 = pool.map(calls)
             errors.update(e3)
