@@ -240,3 +240,18 @@ def test_a_lora_adapted_model_gives_the_static_samplers_tokens(model):
     assert not np.array_equal(ref.tokens, base.tokens)
     out = generate(lora_graph, state, PROMPTS, 24, slots=3, segment=4, eos_ids=EOS, page_size=8, **CASES["sample"])
     assert_same_samples(out, ref, logprob_atol=2e-3)
+
+
+@pytest.mark.parametrize("name,page_size", [("sample", 0), ("top-k-top-p-n3", 8), ("greedy-n2", 4)])
+def test_kept_states_are_the_static_samplers(model, name, page_size):
+    """keep_hidden through continuous batching (refine's states for the score phase): each token's final-layer
+    state as the static sampler keeps it, zero past each row's length; 3 slots, so rows wait and slots shrink."""
+    graphdef, params = model
+    static = Sampler(graphdef, eos_ids=EOS)(params, PROMPTS, 24, keep_hidden=True, **CASES[name])
+    out = generate(graphdef, params, PROMPTS, 24, slots=3, segment=4, eos_ids=EOS, keep_hidden=True,
+                   page_size=page_size, block_pages=2, **CASES[name])
+    assert_same_samples(out, static, logprob_atol=2e-3)
+    assert out.hidden.shape == static.hidden.shape and out.hidden.dtype == static.hidden.dtype
+    np.testing.assert_allclose(np.asarray(out.hidden), np.asarray(static.hidden), atol=2e-3)  # as the log-probs
+    past = np.arange(out.hidden.shape[1])[None, :] >= out.lengths[:, None]
+    assert past.any() and np.all(np.asarray(out.hidden)[past] == 0)

@@ -22,7 +22,9 @@ Several processes (jax.distributed): every process runs the same host program ov
 each makes the same admissions; host values enter the jitted steps as global arrays replicated over the
 parameters' mesh (multihost.to_global) and the S booleans read per segment are all-gathered (multihost.to_host).
 
-Not yet: speculative refine through the engine, keep_hidden, pages split over the batch axes,
+keep_hidden keeps each token's final-layer state as the static sampler does (refine's states for the score phase).
+
+Not yet: speculative refine through the engine, pages split over the batch axes,
 a Pallas (TPU) or fused GPU kernel for the paged attention; the Sampler uses continuous batching only when asked
 (Sampler(continuous=ContinuousConfig(slots=S, ...)), rollout.continuous_slots / kv_page_size / kv_pool_tokens).
 """
@@ -64,6 +66,7 @@ class SlotState(NamedTuple):
     tokens: Array  # i32[R_pad + 1, N] outputs by row; the last row is scratch for free slots
     logprobs: Array  # f32[R_pad + 1, N]
     lengths: Array  # i32[R_pad + 1]
+    hidden: Array | None = None  # [R_pad + 1, N, d] (keep_hidden): the final-layer state that drew each token
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "total_rows"))
@@ -101,6 +104,7 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
     hidden, prompt_cache = model(prompts, positions, key_mask, cache=init_cache(model.cfg, u, p), cache_index=0)
     logits = model.logits(hidden[:, -1])[src]
     pad = prompt_pad[src]
+    kept = None if state.hidden is None else state.hidden.at[rows, 0].set(hidden[:, -1][src].astype(state.hidden.dtype))
 
     if pages is None:
         def put(full, part):  # part [U, K, P, D] -> the slots' rows, slots [0, P); slot S (padding) dropped
@@ -124,7 +128,8 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
                      row=set_slot(state.row, rows), pad=set_slot(state.pad, pad),
                      budget=set_slot(state.budget, budgets),
                      done=set_slot(state.done, done), tokens=state.tokens.at[rows, 0].set(tok),
-                     logprobs=state.logprobs.at[rows, 0].set(logp), lengths=state.lengths.at[rows].set(1))
+                     logprobs=state.logprobs.at[rows, 0].set(logp), lengths=state.lengths.at[rows].set(1),
+                     hidden=kept)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "prompt_len", "sampling", "eos_ids",
@@ -159,10 +164,11 @@ def decode_segment(graphdef, params, state: SlotState, table: Array, pages: Arra
         out_row = jnp.where(active, st.row, scratch)
         at = jnp.minimum(st.step, width - 1)
         done = st.done | (active & (is_eos(tok, eos_ids) | (st.step + 1 >= st.budget)))
+        kept = None if st.hidden is None else st.hidden.at[out_row, at].set(hidden[:, 0].astype(st.hidden.dtype))
         st = st._replace(cache=cache, tok=jnp.where(active, tok, st.tok), step=st.step + active.astype(jnp.int32),
                          done=done, tokens=st.tokens.at[out_row, at].set(tok),
                          logprobs=st.logprobs.at[out_row, at].set(logp),
-                         lengths=st.lengths.at[out_row].add(active.astype(jnp.int32)))
+                         lengths=st.lengths.at[out_row].add(active.astype(jnp.int32)), hidden=kept)
         return st, head
 
     # The lm_head rides in the carry, as in sampling.decode (a tied embedding transposed once).
@@ -184,8 +190,9 @@ def compact(state: SlotState, keep: Array, *, cache_sharding=None) -> SlotState:
 
 
 def _init_state(cfg, slots: int, cache_len: int, rows: int, width: int, pad_id: int, sharding=None,
-                page_size: int = 0) -> SlotState:
-    """page_size > 0: a paged cache of cache_len pages (models/paged.py); else slots x cache_len."""
+                page_size: int = 0, keep_hidden: bool = False) -> SlotState:
+    """page_size > 0: a paged cache of cache_len pages (models/paged.py); else slots x cache_len. keep_hidden: a
+    buffer for each row's final-layer states, in the model's compute dtype."""
     scratch_rows = rows + 1
     cache = init_paged_cache(cfg, cache_len, page_size) if page_size else init_cache(cfg, slots, cache_len)
     return SlotState(cache=constrain_cache(cache, sharding),
@@ -194,10 +201,12 @@ def _init_state(cfg, slots: int, cache_len: int, rows: int, width: int, pad_id: 
                      pad=jnp.zeros((slots,), jnp.int32), budget=jnp.ones((slots,), jnp.int32),
                      done=jnp.ones((slots,), bool), tokens=jnp.full((scratch_rows, width), pad_id, jnp.int32),
                      logprobs=jnp.zeros((scratch_rows, width), jnp.float32),
-                     lengths=jnp.zeros((scratch_rows,), jnp.int32))
+                     lengths=jnp.zeros((scratch_rows,), jnp.int32),
+                     hidden=(jnp.zeros((scratch_rows, width, cfg.hidden_size), jnp.dtype(cfg.dtype)) if keep_hidden
+                             else None))
 
 
-_new_state = jax.jit(_init_state, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))  # the cache made on device, sharded
+_new_state = jax.jit(_init_state, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8))  # the cache made on device, sharded
 
 
 @functools.partial(jax.jit, static_argnames=("pad_id",), donate_argnames=("state",))
@@ -207,7 +216,16 @@ def evict(state: SlotState, slots: Array, *, pad_id: int) -> SlotState:
     rows = state.row[slots]
     return state._replace(done=state.done.at[slots].set(True), row=state.row.at[slots].set(state.tokens.shape[0] - 1),
                           tokens=state.tokens.at[rows].set(pad_id), logprobs=state.logprobs.at[rows].set(0.0),
-                          lengths=state.lengths.at[rows].set(0))
+                          lengths=state.lengths.at[rows].set(0),
+                          hidden=None if state.hidden is None else state.hidden.at[rows].set(0))
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "width"))
+def kept_states(hidden: Array, lengths: Array, *, rows: int, width: int) -> Array:
+    """The kept states of the call's rows [rows, width, d], zero past each row's length: one output buffer beside
+    the engine's (the memory planner counts two)."""
+    inside = jnp.arange(width)[None, :] < lengths[:rows, None]
+    return jnp.where(inside[..., None], hidden[:rows, :width], 0)
 
 
 def call_slots(slots: int, rows: int) -> int:
@@ -223,7 +241,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
              eos_ids: Sequence[int] = (), pad_id: int = 0, budgets: Sequence[int] | None = None,
              segment: int = 8, min_prompt_bucket: int = 16, max_prompt_len: int | None = None,
              shrink: bool = True, shard_cache: bool = True, page_size: int = 0, pool_tokens: int = 0,
-             block_pages: int = 8, key_groups: Sequence[int] | None = None,
+             block_pages: int = 8, key_groups: Sequence[int] | None = None, keep_hidden: bool = False,
              stats: dict | None = None) -> SampleOutput:
     """The static sampler's call (Sampler.__call__: rows i*n .. i*n + n - 1 for prompt i, numpy outputs cut to
     the longest row), decoded through `slots` slots. budgets: each prompt's most new tokens (<= max_new_tokens;
@@ -240,7 +258,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     batch axes). key_groups: the prompts in consecutive groups of these sizes, `key` a key per group; each
     group's rows draw what a static call over that group alone draws (Sampler's key_groups). stats (a dict):
     filled with segments, admissions, prompts prefilled, slot-steps, compactions, the slots used (at most the rows,
-    bucketed), and with pages: the pool's pages, the most in use, preemptions."""
+    bucketed), and with pages: the pool's pages, the most in use, preemptions. keep_hidden: also each token's
+    final-layer state (SampleOutput.hidden, on the device, zero past each row's length), as the static sampler's."""
     if not prompts:
         raise ValueError("prompts: empty batch")
     if slots < 1 or segment < 1:
@@ -279,10 +298,10 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         pool = PagePool(pages, page_size, slots, table_width)
         heads = cache_sharding(params, cfg.num_kv_heads, 1) if shard_cache else None  # kv heads over tensor only
         shard = lambda size: heads  # noqa: E731
-        state = _new_state(cfg, slots, pages, rows, width, int(pad_id), heads, page_size)
+        state = _new_state(cfg, slots, pages, rows, width, int(pad_id), heads, page_size, keep_hidden)
     else:
         shard = (lambda size: cache_sharding(params, cfg.num_kv_heads, size)) if shard_cache else (lambda size: None)
-        state = _new_state(cfg, slots, plen + width, rows, width, int(pad_id), shard(slots))
+        state = _new_state(cfg, slots, plen + width, rows, width, int(pad_id), shard(slots), 0, keep_hidden)
     state = jax.tree.map(lambda x: x if not x.is_fully_addressable else put(x), state)  # a global cache stays as placed
     sharding = shard(slots)
     if sampling.temperature == 0.0:
@@ -373,6 +392,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                 size //= 2
             keep = [s for s in range(len(slot_row)) if slot_row[s] >= 0] + free[:size - live]
             sharding = shard(size)
+            kept_hidden = state.hidden  # by row, carried whole: set aside so that the jit does not copy it
+            state = state._replace(hidden=None)
             if pool is not None:
                 kept_pool = state.cache
                 state = compact(state._replace(cache=()), put(np.asarray(keep, np.int32)), cache_sharding=sharding)
@@ -380,6 +401,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                 pool.keep(keep)
             else:
                 state = compact(state, put(np.asarray(keep, np.int32)), cache_sharding=sharding)
+            state = state._replace(hidden=kept_hidden)
             slot_row, slot_step, admitted_at = ([x[s] for s in keep] for x in (slot_row, slot_step, admitted_at))
             counts["compactions"] += 1
             free = [s for s in range(len(slot_row)) if slot_row[s] < 0]
@@ -389,4 +411,5 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
             stats.update(pages=pool.capacity, peak_pages=pool.peak)
     tokens, logprobs, lengths = (multihost.to_host(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
     out_width = max(int(lengths.max()), 1)
-    return SampleOutput(tokens[:, :out_width], logprobs[:, :out_width], lengths)
+    hidden = kept_states(state.hidden, state.lengths, rows=rows, width=out_width) if keep_hidden else None
+    return SampleOutput(tokens[:, :out_width], logprobs[:, :out_width], lengths, hidden)

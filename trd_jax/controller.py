@@ -18,6 +18,7 @@ same parameters, bit for bit, as an uninterrupted one (tests/test_controller.py)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any, NamedTuple
@@ -138,7 +139,10 @@ class Trainer:
         del params
         self.rollout_sampler = Sampler(self.roles.student_graph, eos_ids=eos, pad_id=pad,
                                        continuous=s.rollout.continuous)
-        self.refine_sampler = Sampler(self.roles.teacher_graph, eos_ids=eos, pad_id=pad)
+        # Refine through the rollouts' continuous batching too (speculative refine falls back to the static sampler),
+        # with a paged pool sized for its own rows: a pool sized for rollouts cannot hold refine prompts.
+        self.refine_sampler = Sampler(self.roles.teacher_graph, eos_ids=eos, pad_id=pad,
+                                      continuous=dataclasses.replace(s.rollout.continuous, pool_tokens=0))
         self.memory = self.roles.persistent_bytes(self.state)
         if self.host0 and s.lora is not None:
             trainable = self.memory["trainable_params"]

@@ -428,7 +428,7 @@ class Sampler:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}]: empty prompt")
-        continuous = self.continuous.slots and not speculate and not keep_hidden
+        continuous = self.continuous.slots and not speculate
         if key_groups is not None:
             keys, key_groups = split_keys(key, key_groups, len(prompts))
             if keep_hidden:
@@ -453,7 +453,7 @@ class Sampler:
                             sampling=sampling, n=n, key=key, key_groups=key_groups, eos_ids=eos_ids,
                             pad_id=self.pad_id, budgets=budgets,
                             segment=c.segment, min_prompt_bucket=self.min_prompt_bucket,
-                            max_prompt_len=max_prompt_len, shard_cache=self.shard_cache,
+                            max_prompt_len=max_prompt_len, shard_cache=self.shard_cache, keep_hidden=keep_hidden,
                             stats=self.last_continuous_stats)
         longest = max(len(p) for p in prompts)
         plen = bucket(longest, self.min_prompt_bucket)

@@ -174,25 +174,29 @@ class _Step:
         return (self.options.kv_cache == "sharded" and not self.options.kv_page_size
                 and self.call_rows(rows, True) % self.batch_shards == 0)
 
-    def slots_note(self, rows: int, prompt: int, new: int) -> str:
+    def slots_note(self, rows: int, prompt: int, new: int, own_pool: bool = False) -> str:
         slots = self.call_rows(rows, True)
         if self.options.kv_page_size:
-            return (f"{slots} continuous slots over a paged pool of {self.pool_tokens(rows, prompt + new)} tokens "
+            pool = self.pool_tokens(rows, prompt + new, own_pool)
+            return (f"{slots} continuous slots over a paged pool of {pool} tokens "
                     f"(pages of {self.options.kv_page_size}), whole on every batch shard")
         where = self.cache_note if self.slots_sharded(rows) else "on every device (the shards do not divide them)"
         return f"{slots} continuous slots, {where} x ({prompt} + {new})"
 
-    def pool_tokens(self, rows: int, length: int) -> int:
+    def pool_tokens(self, rows: int, length: int, own_pool: bool = False) -> int:
         """A paged cache's tokens (continuous.generate): kv_pool_tokens, or every slot's longest row in whole pages
-        (slots holding a row: a call's bucketed slots beyond its rows get no pages); plus the scratch page."""
+        (slots holding a row: a call's bucketed slots beyond its rows get no pages); plus the scratch page.
+        own_pool: the latter whatever kv_pool_tokens says (the refine sampler sizes its own pool)."""
         page = self.options.kv_page_size
-        pool = self.options.kv_pool_tokens or min(rows, self.call_rows(rows, True)) * _ceil_div(length, page) * page
+        configured = 0 if own_pool else self.options.kv_pool_tokens
+        pool = configured or min(rows, self.call_rows(rows, True)) * _ceil_div(length, page) * page
         return pool // page * page + page
 
-    def cache(self, cfg: ModelConfig, rows: int, length: int, continuous: bool = False) -> int:
-        """continuous: a student sampler under continuous batching (slots x (prompt + budget))."""
+    def cache(self, cfg: ModelConfig, rows: int, length: int, continuous: bool = False, own_pool: bool = False) -> int:
+        """continuous: a sampler under continuous batching (slots x (prompt + budget), or its paged pool; own_pool:
+        sized for its own rows, as the refine sampler's)."""
         if continuous and self.continuous and self.options.kv_page_size:
-            return kv_cache_bytes(cfg, 1, self.pool_tokens(rows, length), kv_shards=self.kv_heads_div)
+            return kv_cache_bytes(cfg, 1, self.pool_tokens(rows, length, own_pool), kv_shards=self.kv_heads_div)
         if continuous and self.continuous:
             sharded = self.slots_sharded(rows)
             return kv_cache_bytes(cfg, self.call_rows(rows, True) // (self.kv_rows_div if sharded else 1), length,
@@ -282,14 +286,15 @@ def _sampler_phases(step: _Step, rollout_cache: int, refine_cache: int) -> list[
                     else f"{rows_note} x ({work.prompt} + {work.max_new}), {step.cache_note}")
     rollout = [Item("rollout KV cache (student)", rollout_cache, rollout_note)]
     rollout += step.sampler_transient(step.student, work.rows, work.prompt, work.n, work.max_new, continuous=True)
-    if keep_between_steps and refine_cache:
+    if keep_between_steps and refine_cache and not step.continuous:
         rollout.append(Item("refine KV cache (held from the last step)", refine_cache))
     phases.append(Phase("rollout", tuple(rollout)))
 
-    if work.trajectory == "y_r":
-        refine = [Item("refine KV cache (teacher)", refine_cache,
-                       f"{rows_note} x ({work.refine_prompt} + {work.rewrite}), {step.cache_note}")]
-        refine += step.sampler_transient(step.teacher, work.rows, work.refine_prompt, 1, work.rewrite)
+    if work.trajectory == "y_r":  # refine runs continuous batching when the rollouts do (its own pool when paged)
+        refine_note = (step.slots_note(work.rows, work.refine_prompt, work.rewrite, own_pool=True) if step.continuous
+                       else f"{rows_note} x ({work.refine_prompt} + {work.rewrite}), {step.cache_note}")
+        refine = [Item("refine KV cache (teacher)", refine_cache, refine_note)]
+        refine += step.sampler_transient(step.teacher, work.rows, work.refine_prompt, 1, work.rewrite, continuous=True)
         if keep_between_steps and not step.continuous:  # continuous batching frees its slots when a call ends
             refine.append(Item("rollout KV cache (held: release_kv_cache=False)", rollout_cache))
         if step.kept_states:  # one call's buffer in the decode loop, then all calls' rows side by side
@@ -306,7 +311,7 @@ def _held_after(step: _Step, rollout_cache: int, refine_cache: int) -> list[Item
     if not step.work.release_kv_cache:
         if not step.continuous:  # continuous batching frees its slots when a call ends
             held_after = [Item("rollout KV cache (kept: release_kv_cache=False)", rollout_cache)]
-        if refine_cache:
+        if refine_cache and not step.continuous:
             held_after.append(Item("refine KV cache (kept: release_kv_cache=False)", refine_cache))
     return held_after
 
@@ -420,7 +425,8 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
                     warnings=tuple(warnings))
 
     rollout_cache = step.cache(student, work.rows, work.prompt + work.max_new, continuous=True)
-    refine_cache = step.cache(teacher, work.rows, work.refine_prompt + work.rewrite) if work.trajectory == "y_r" else 0
+    refine_cache = (step.cache(teacher, work.rows, work.refine_prompt + work.rewrite, continuous=True, own_pool=True)
+                    if work.trajectory == "y_r" else 0)
     held_after = _held_after(step, rollout_cache, refine_cache)
     warnings: list[str] = []
     phases = _sampler_phases(step, rollout_cache, refine_cache) + _score_phases(step, held_after)
