@@ -102,6 +102,94 @@ def _lookup(drafts: Array, draft_lengths: Array, context: Array, window: int) ->
     return _resync(drafts, draft_lengths, draft_lengths, context, window)
 
 
+def scale_logits(x: Array, sampling: SamplingConfig) -> Array:
+    return x if sampling.temperature == 0.0 else x / sampling.temperature
+
+
+def log_probs(scaled: Array, tokens: Array) -> Array:
+    """log softmax(scaled)[tokens] over the last axis."""
+    top = jnp.max(scaled, axis=-1)
+    norm = top + jnp.log(jnp.sum(jnp.exp(scaled - top[..., None]), axis=-1))
+    return jnp.take_along_axis(scaled, tokens[..., None], axis=-1)[..., 0] - norm
+
+
+def draw(scaled: Array, uniforms: Array, exclude: Array, sampling: SamplingConfig) -> Array:
+    """One token per row from [B, V] (greedy: the argmax); `exclude` i32[B] (-1: none) removed first."""
+    if sampling.temperature == 0.0:
+        return first_argmax(scaled)
+    weights = filtered_weights(scaled, sampling)
+    weights = jnp.where(jnp.arange(scaled.shape[-1])[None, :] == exclude[:, None], 0.0, weights)
+    return inverse_cdf(weights, uniforms)
+
+
+def first_token(logits: Array, key: Array, row_ids: Array, sampling: SamplingConfig) -> tuple[Array, Array]:
+    """The first token of each row (from the prefill's logits [B, V]) and its log-prob: pass 0's draw."""
+    u0 = jax.vmap(lambda kk: jax.random.uniform(kk, (1,)))(_row_keys(key, 0, row_ids))
+    scaled0 = scale_logits(logits.astype(jnp.float32), sampling)
+    first = draw(scaled0, u0, jnp.full((logits.shape[0],), -1, jnp.int32), sampling)
+    return first, log_probs(scaled0, first)
+
+
+def draft_window(drafts: Array, draft_lengths: Array, q: Array, k: int) -> Array:
+    """The k draft tokens from each row's pointer q (id 0 past the draft's end)."""
+    at = q[:, None] + jnp.arange(k)
+    draft = jnp.take_along_axis(drafts, jnp.clip(at, 0, drafts.shape[1] - 1), axis=1)
+    return jnp.where(at < draft_lengths[:, None], draft, 0)
+
+
+def verify(scaled: Array, draft: Array, uniforms: Array, sampling: SamplingConfig) -> tuple[Array, Array, Array]:
+    """One pass's verdict: scaled [B, K+1, V] (tempered logits after the last token and each draft token),
+    draft i32[B, K], uniforms [B, K+1] -> (accepted i32[B] in [0, K], emitted i32[B, K+1]: the accepted prefix
+    then the teacher's own token, its log-probs f32[B, K+1])."""
+    b, k = draft.shape
+    if sampling.temperature == 0.0:
+        ok = first_argmax(scaled[:, :k]) == draft
+    else:
+        vocab = scaled.shape[-1]
+        weights = filtered_weights(scaled[:, :k].reshape(b * k, vocab), sampling).reshape(b, k, vocab)
+        p_draft = jnp.take_along_axis(weights, draft[..., None], axis=-1)[..., 0] / jnp.sum(weights, axis=-1)
+        ok = uniforms[:, :k] < p_draft
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B] in [0, K]
+    at_reject = jnp.take_along_axis(scaled, accepted[:, None, None], axis=1)[:, 0]  # [B, V]
+    padded = jnp.pad(draft, ((0, 0), (0, 1)))
+    rejected = jnp.where(accepted < k, jnp.take_along_axis(padded, accepted[:, None], axis=1)[:, 0], -1)
+    own = draw(at_reject, uniforms[:, k:], rejected, sampling)
+    emitted = jnp.where(jnp.arange(k + 1)[None, :] < accepted[:, None], padded, own[:, None])
+    return accepted, emitted, log_probs(scaled, emitted)
+
+
+def emitted_count(emitted: Array, accepted: Array, eos: Array) -> tuple[Array, Array]:
+    """(tokens a pass emits: the accepted prefix and the teacher's token, cut after an EOS; whether it ended
+    with an EOS), before the budget."""
+    j = jnp.arange(emitted.shape[1])[None, :]
+    is_eos = jnp.any(emitted[..., None] == eos[None, None, :], axis=-1) & (j <= accepted[:, None])
+    hit = jnp.any(is_eos, axis=1)
+    return jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, accepted + 1), hit
+
+
+def next_pointer(drafts: Array, draft_lengths: Array, q: Array, accepted: Array, context: Array, *, k: int,
+                 lookup: bool, resync_window: int) -> Array:
+    """The draft pointer after a pass (module docstring: draft alignment); context [B, m]: the last m emitted
+    tokens, the teacher's own last (-1 before the output's start)."""
+    if lookup:
+        return jnp.where(accepted == k, q + k + 1, _lookup(drafts, draft_lengths, context, drafts.shape[1]))
+    # A pass that rejected the draft's very first token is the sign of a misaligned draft (an insertion or
+    # deletion): look the context up. Otherwise the edit is taken for a substitution, the common case (a lookup
+    # then would jump to any recurring phrase in repetitive text).
+    looked_up = _resync(drafts, draft_lengths, q + accepted, context, resync_window)
+    return jnp.where(accepted == 0, looked_up, q + accepted + 1)
+
+
+def first_pointer(drafts: Array, draft_lengths: Array, first: Array, *, lookup: bool, resync_context: int) -> Array:
+    """The draft pointer after the first token: 1 for an aligned draft (the first token matched draft[0] or
+    replaced it), the lookup of the first token for prompt lookup."""
+    if not lookup:
+        return jnp.ones_like(first)
+    context0 = jnp.concatenate([jnp.full((first.shape[0], resync_context - 1), -1, jnp.int32), first[:, None]],
+                               axis=1)
+    return _lookup(drafts, draft_lengths, context0, drafts.shape[1])
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "buffer_len", "sampling", "eos_ids",
                                              "draft_tokens", "resync_window", "resync_context",
                                              "draft_mode", "cache_sharding"),
@@ -127,43 +215,18 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
     key_mask = jnp.arange(cache_len)[None, :] >= pad[:, None]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     row_ids = (jnp.int32(0) if row_offset is None else row_offset) + jnp.arange(b, dtype=jnp.int32)
-    greedy = sampling.temperature == 0.0
-    vocab = logits.shape[-1]
-
-    def scale(x):
-        return x if greedy else x / sampling.temperature
-
-    def log_probs(scaled, tokens):  # log softmax(scaled)[tokens] over the last axis
-        top = jnp.max(scaled, axis=-1)
-        norm = top + jnp.log(jnp.sum(jnp.exp(scaled - top[..., None]), axis=-1))
-        return jnp.take_along_axis(scaled, tokens[..., None], axis=-1)[..., 0] - norm
-
-    def draw(scaled, uniforms, exclude):
-        """One token per row from [B, V] (greedy: the argmax); `exclude` i32[B] (-1: none) removed first."""
-        if greedy:
-            return first_argmax(scaled)
-        weights = filtered_weights(scaled, sampling)
-        weights = jnp.where(jnp.arange(vocab)[None, :] == exclude[:, None], 0.0, weights)
-        return inverse_cdf(weights, uniforms)
-
     # The first token, from the prefill's logits.
     done = jnp.zeros((b,), bool) if live is None else ~live
-    u0 = jax.vmap(lambda kk: jax.random.uniform(kk, (1,)))(_row_keys(key, 0, row_ids))
-    scaled0 = scale(logits.astype(jnp.float32))
-    first = draw(scaled0, u0, jnp.full((b,), -1, jnp.int32))
+    first, first_logp = first_token(logits, key, row_ids, sampling)
     width = buffer_len + k + 1
     tokens_buf = jnp.zeros((b, width), jnp.int32).at[:, 0].set(first)
-    logp_buf = jnp.zeros((b, width), jnp.float32).at[:, 0].set(log_probs(scaled0, first))
+    logp_buf = jnp.zeros((b, width), jnp.float32).at[:, 0].set(first_logp)
     keep_hidden = first_hidden is not None
     hidden_buf = (jnp.zeros((b, width, first_hidden.shape[-1]), first_hidden.dtype).at[:, 0].set(first_hidden)
                   if keep_hidden else None)
     n = jnp.where(done, 0, 1)
     done = done | jnp.any(first[:, None] == eos[None, :], axis=-1) | (n >= max_new_tokens)
-    q = jnp.ones((b,), jnp.int32)  # the first token matched draft[0] or replaced it: the draft goes on at 1
-    if lookup:  # anywhere in the draft (the window spans it), the latest occurrence first (searched from its end)
-        lookup_window = drafts.shape[1]
-        context0 = jnp.concatenate([jnp.full((b, resync_context - 1), -1, jnp.int32), first[:, None]], axis=1)
-        q = _lookup(drafts, draft_lengths, context0, lookup_window)
+    q = first_pointer(drafts, draft_lengths, first, lookup=lookup, resync_context=resync_context)
     zeros = jnp.zeros((b,), jnp.int32)
     put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (i,) + (0,) * (full.ndim - 1)))
 
@@ -173,33 +236,17 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
 
     def body(state):
         it, head, cache, last, slot, n, q, done, tokens_buf, logp_buf, hidden_buf, stats = state
-        at = q[:, None] + jnp.arange(k)
-        draft = jnp.take_along_axis(drafts, jnp.clip(at, 0, drafts.shape[1] - 1), axis=1)
-        draft = jnp.where(at < draft_lengths[:, None], draft, 0)
+        draft = draft_window(drafts, draft_lengths, q, k)
         inputs = jnp.concatenate([jnp.where(done, 0, last)[:, None], draft], axis=1)  # [B, K+1]
         positions = (slot - pad)[:, None] + jnp.arange(k + 1)
         hidden, cache = model(inputs, positions, key_mask, cache=cache, cache_index=slot)
         cache = constrain_cache(cache, cache_sharding)
-        scaled = scale(model.logits(hidden, head))  # [B, K+1, V]
+        scaled = scale_logits(model.logits(hidden, head), sampling)  # [B, K+1, V]
         uniforms = jax.vmap(lambda kk: jax.random.uniform(kk, (k + 1,)))(_row_keys(key, it, row_ids))
-        if greedy:
-            ok = first_argmax(scaled[:, :k]) == draft
-        else:
-            weights = filtered_weights(scaled[:, :k].reshape(b * k, vocab), sampling).reshape(b, k, vocab)
-            p_draft = (jnp.take_along_axis(weights, draft[..., None], axis=-1)[..., 0]
-                       / jnp.sum(weights, axis=-1))
-            ok = uniforms[:, :k] < p_draft
-        accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)  # [B] in [0, K]
-        at_reject = jnp.take_along_axis(scaled, accepted[:, None, None], axis=1)[:, 0]  # [B, V]
-        rejected = jnp.where(accepted < k, jnp.take_along_axis(jnp.pad(draft, ((0, 0), (0, 1))),
-                                                               accepted[:, None], axis=1)[:, 0], -1)
-        own = draw(at_reject, uniforms[:, k:], rejected)
-        j = jnp.arange(k + 1)[None, :]
-        emitted = jnp.where(j < accepted[:, None], jnp.pad(draft, ((0, 0), (0, 1))), own[:, None])
-        logp = log_probs(scaled, emitted)
+        accepted, emitted, logp = verify(scaled, draft, uniforms, sampling)
+        own = jnp.take_along_axis(emitted, accepted[:, None], axis=1)[:, 0]
         # Emitted this pass: the accepted prefix and the teacher's token, cut after an EOS and at the budget.
-        is_eos = jnp.any(emitted[..., None] == eos[None, None, :], axis=-1) & (j <= accepted[:, None])
-        count = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, accepted + 1)
+        count, hit_eos = emitted_count(emitted, accepted, eos)
         count = jnp.where(done, 0, jnp.minimum(count, max_new_tokens - n))
         tokens_buf = put(tokens_buf, emitted, n)
         logp_buf = put(logp_buf, logp, n)
@@ -209,18 +256,12 @@ def speculative_decode(graphdef, params, cache: KVCache, logits: Array, pad: Arr
         stats = DraftStats(stats.passes + active, stats.proposed + active * k,
                            stats.accepted + jnp.where(active, jnp.minimum(accepted, count), 0))
         new_n = n + count
-        new_done = done | jnp.any(is_eos, axis=1) | (new_n >= max_new_tokens)
+        new_done = done | hit_eos | (new_n >= max_new_tokens)
         # The last resync_context emitted tokens, the teacher's own token last (-1 before the output's start).
         ends = (n + accepted)[:, None] - jnp.arange(resync_context - 1, -1, -1)[None, :]
         context = jnp.where(ends >= 0, jnp.take_along_axis(tokens_buf, jnp.maximum(ends, 0), axis=1), -1)
-        # A pass that rejected the draft's very first token is the sign of a misaligned draft (an insertion or
-        # deletion): look the context up. Otherwise the edit is taken for a substitution, the common case
-        # (a lookup then would jump to any recurring phrase in repetitive text).
-        if lookup:
-            new_q = jnp.where(accepted == k, q + k + 1, _lookup(drafts, draft_lengths, context, lookup_window))
-        else:
-            looked_up = _resync(drafts, draft_lengths, q + accepted, context, resync_window)
-            new_q = jnp.where(accepted == 0, looked_up, q + accepted + 1)
+        new_q = next_pointer(drafts, draft_lengths, q, accepted, context, k=k, lookup=lookup,
+                             resync_window=resync_window)
         keep = lambda old, new: jnp.where(done, old, new)  # noqa: E731 - finished rows stay as they were
         return (it + 1, head, cache, keep(last, own), keep(slot, slot + accepted + 1), new_n, keep(q, new_q),
                 new_done, tokens_buf, logp_buf, hidden_buf, stats)
