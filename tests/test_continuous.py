@@ -8,7 +8,7 @@ import pytest
 
 from tests.test_sampler_memory import CASES, EOS, VOCAB, assert_same_samples, prompts_of, tiny_model
 from trd_jax.continuous import generate
-from trd_jax.sampling import Sampler, SamplingConfig
+from trd_jax.sampling import ContinuousConfig, Sampler, SamplingConfig
 from trd_jax.shapes import bucket
 
 PROMPTS = prompts_of((5, 17, 3, 30, 9, 12, 4))
@@ -126,7 +126,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tests.test_sampler_memory import EOS, prompts_of, tiny_model
 from trd_jax.continuous import generate
-from trd_jax.sampling import Sampler, SamplingConfig
+from trd_jax.sampling import ContinuousConfig, Sampler, SamplingConfig
 from trd_jax.sharding import MeshConfig, make_mesh, param_shardings
 
 assert jax.device_count() == 4
@@ -255,3 +255,32 @@ def test_kept_states_are_the_static_samplers(model, name, page_size):
     np.testing.assert_allclose(np.asarray(out.hidden), np.asarray(static.hidden), atol=2e-3)  # as the log-probs
     past = np.arange(out.hidden.shape[1])[None, :] >= out.lengths[:, None]
     assert past.any() and np.all(np.asarray(out.hidden)[past] == 0)
+
+
+@pytest.mark.parametrize("name,page_size,mode", [("sample", 0, "aligned"), ("top-k-top-p-n3", 8, "aligned"),
+                                                 ("greedy-n2", 4, "lookup")])
+def test_speculation_through_slots_gives_the_static_speculative_samplers_rows(model, name, page_size, mode):
+    """Speculative decoding through 3 slots (rows wait for them; paged or not; drafts aligned or looked up): the
+    static speculative sampler's tokens row for row (each row's pass p draws the same numbers), its kept states, and
+    the same draft statistics."""
+    graphdef, params = model
+    plain = Sampler(graphdef, eos_ids=EOS)(params, PROMPTS, 24, **CASES[name])
+    rng = np.random.default_rng(0)  # drafts: each prompt's first plain row with a fifth of its tokens changed
+    per = CASES[name]["n"]
+    drafts = ([[t if rng.random() > 0.2 else int(rng.integers(1, VOCAB)) for t in plain.tokens[i * per, :n]]
+               for i, n in enumerate(plain.lengths[::per])] if mode == "aligned" else PROMPTS)
+    spec = dict(drafts=drafts, draft_tokens=3, draft_mode=mode, keep_hidden=True, **CASES[name])
+    static = Sampler(graphdef, eos_ids=EOS)
+    ref = static(params, PROMPTS, 24, **spec)
+    stats = {}
+    out = generate(graphdef, params, PROMPTS, 24, slots=3, segment=2, eos_ids=EOS, page_size=page_size,
+                   block_pages=2, stats=stats, **spec)
+    assert_same_samples(out, ref, logprob_atol=2e-3)
+    np.testing.assert_allclose(np.asarray(out.hidden), np.asarray(ref.hidden), atol=2e-3)
+    assert stats["draft"] == static.last_draft_stats and (mode == "lookup" or stats["draft"]["accepted"] > 0)
+    assert stats["admissions"] >= 2  # rows waited for slots
+    # Through the Sampler: its continuous calls take the drafts too.
+    through = Sampler(graphdef, eos_ids=EOS, continuous=ContinuousConfig(slots=3, segment=2, page_size=page_size,
+                                                                          block_pages=2))
+    assert_same_samples(through(params, PROMPTS, 24, **spec), ref, logprob_atol=2e-3)
+    assert through.last_draft_stats == static.last_draft_stats and through.last_continuous_stats["segments"] > 0

@@ -48,6 +48,8 @@ from trd_jax.models.transformer import KVCache, LayerCache, Transformer, init_ca
 from trd_jax.models.paged import init_paged_cache
 from trd_jax.page_pool import PagePool, pages_for as paged_pages
 from trd_jax.sampling import SampleOutput, cache_sharding, constrain_cache, is_eos, split_keys
+from trd_jax.continuous_speculative import speculative_segment
+from trd_jax.speculative import first_pointer, first_token
 from trd_jax.token_selection import SamplingConfig, select_tokens
 from trd_jax.shapes import bucket
 
@@ -67,6 +69,11 @@ class SlotState(NamedTuple):
     logprobs: Array  # f32[R_pad + 1, N]
     lengths: Array  # i32[R_pad + 1]
     hidden: Array | None = None  # [R_pad + 1, N, d] (keep_hidden): the final-layer state that drew each token
+    # Speculative decoding (continuous_speculative.py): each slot's draft pointer and its row's next pass, and
+    # per row the draft statistics (passes, proposed, accepted).
+    q: Array | None = None  # i32[S]
+    passes: Array | None = None  # i32[S]
+    drafted: Array | None = None  # i32[R_pad + 1, 3]
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "total_rows"))
@@ -85,17 +92,19 @@ def _select(logits, table, steps, rows, sampling: SamplingConfig):
     return select_tokens(logits, None, sampling, uniforms=table[at][:, None])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "cache_sharding"),
-                   donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "cache_sharding", "draft_mode",
+                                             "resync_context"), donate_argnames=("state",))
 def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array, src: Array, rows: Array,
-          budgets: Array, slots: Array, table: Array, pages: Array | None = None, *, sampling: SamplingConfig,
-          eos_ids: tuple[int, ...], cache_sharding=None) -> SlotState:
+          budgets: Array, slots: Array, table: Array, pages: Array | None = None, drafts: tuple | None = None, *,
+          sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_sharding=None, draft_mode: str = "aligned",
+          resync_context: int = 2) -> SlotState:
     """Starts rows `rows` i32[A] (row a: prompt src[a] of prompts i32[U, P], left-padded by prompt_pad i32[U];
     budgets i32[A]) in slots i32[A]: one prefill per prompt (the n samples of a prompt share it, as in the
     static sampler), keys and values into the slots' cache rows, first token drawn and written. Padding
     entries carry slot S and row R_pad (scratch): their writes are dropped or land in the scratch row.
     pages i32[S, W]: a paged cache's page table (the slots' pages already allocated): a row's prompt goes to its
-    logical positions [0, L), without the bucket's padding."""
+    logical positions [0, L), without the bucket's padding. drafts (speculative decoding): (key, drafts by row,
+    their lengths): the first token drawn as the static speculative sampler draws it, the draft pointers set."""
     model: Transformer = nnx.merge(graphdef, params)
     u, p = prompts.shape
     positions_in = jnp.arange(p)
@@ -120,16 +129,24 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
         cache = tuple(paged.write(c, unpad(pc.k), unpad(pc.v), row_pages, logical, valid)
                       for c, pc in zip(state.cache, prompt_cache))
     cache = constrain_cache(cache, cache_sharding)
-    zeros = jnp.zeros_like(rows)
-    tok, logp = _select(logits, table, zeros, rows, sampling)
-    done = is_eos(tok, eos_ids) | (budgets <= 1)
     set_slot = lambda field, value: field.at[slots].set(value, mode="drop")  # noqa: E731
+    speculative = {}
+    if drafts is None:
+        tok, logp = _select(logits, table, jnp.zeros_like(rows), rows, sampling)
+    else:
+        key, by_row, lengths = drafts
+        tok, logp = first_token(logits, key, rows, sampling)
+        q = first_pointer(by_row[rows], lengths[rows], tok, lookup=draft_mode == "lookup",
+                          resync_context=resync_context)
+        speculative = dict(q=set_slot(state.q, q), passes=set_slot(state.passes, jnp.ones_like(rows)),
+                           drafted=state.drafted.at[rows].set(0))
+    done = is_eos(tok, eos_ids) | (budgets <= 1)
     return SlotState(cache=cache, tok=set_slot(state.tok, tok), step=set_slot(state.step, jnp.ones_like(rows)),
                      row=set_slot(state.row, rows), pad=set_slot(state.pad, pad),
                      budget=set_slot(state.budget, budgets),
                      done=set_slot(state.done, done), tokens=state.tokens.at[rows, 0].set(tok),
                      logprobs=state.logprobs.at[rows, 0].set(logp), lengths=state.lengths.at[rows].set(1),
-                     hidden=kept)
+                     hidden=kept, **speculative)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "prompt_len", "sampling", "eos_ids",
@@ -185,12 +202,14 @@ def compact(state: SlotState, keep: Array, *, cache_sharding=None) -> SlotState:
     # would copy it); the host renumbers the page table.
     cache = (state.cache if not state.cache
              else constrain_cache(tuple(LayerCache(take(c.k), take(c.v)) for c in state.cache), cache_sharding))
+    maybe = lambda x: None if x is None else take(x)  # noqa: E731
     return state._replace(cache=cache, tok=take(state.tok), step=take(state.step), row=take(state.row),
-                          pad=take(state.pad), budget=take(state.budget), done=take(state.done))
+                          pad=take(state.pad), budget=take(state.budget), done=take(state.done), q=maybe(state.q),
+                          passes=maybe(state.passes))
 
 
 def _init_state(cfg, slots: int, cache_len: int, rows: int, width: int, pad_id: int, sharding=None,
-                page_size: int = 0, keep_hidden: bool = False) -> SlotState:
+                page_size: int = 0, keep_hidden: bool = False, speculative: bool = False) -> SlotState:
     """page_size > 0: a paged cache of cache_len pages (models/paged.py); else slots x cache_len. keep_hidden: a
     buffer for each row's final-layer states, in the model's compute dtype."""
     scratch_rows = rows + 1
@@ -203,10 +222,13 @@ def _init_state(cfg, slots: int, cache_len: int, rows: int, width: int, pad_id: 
                      logprobs=jnp.zeros((scratch_rows, width), jnp.float32),
                      lengths=jnp.zeros((scratch_rows,), jnp.int32),
                      hidden=(jnp.zeros((scratch_rows, width, cfg.hidden_size), jnp.dtype(cfg.dtype)) if keep_hidden
-                             else None))
+                             else None),
+                     q=jnp.zeros((slots,), jnp.int32) if speculative else None,
+                     passes=jnp.zeros((slots,), jnp.int32) if speculative else None,
+                     drafted=jnp.zeros((scratch_rows, 3), jnp.int32) if speculative else None)
 
 
-_new_state = jax.jit(_init_state, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8))  # the cache made on device, sharded
+_new_state = jax.jit(_init_state, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9))  # the cache made on device, sharded
 
 
 @functools.partial(jax.jit, static_argnames=("pad_id",), donate_argnames=("state",))
@@ -217,7 +239,8 @@ def evict(state: SlotState, slots: Array, *, pad_id: int) -> SlotState:
     return state._replace(done=state.done.at[slots].set(True), row=state.row.at[slots].set(state.tokens.shape[0] - 1),
                           tokens=state.tokens.at[rows].set(pad_id), logprobs=state.logprobs.at[rows].set(0.0),
                           lengths=state.lengths.at[rows].set(0),
-                          hidden=None if state.hidden is None else state.hidden.at[rows].set(0))
+                          hidden=None if state.hidden is None else state.hidden.at[rows].set(0),
+                          drafted=None if state.drafted is None else state.drafted.at[rows].set(0))
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "width"))
@@ -242,6 +265,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
              segment: int = 8, min_prompt_bucket: int = 16, max_prompt_len: int | None = None,
              shrink: bool = True, shard_cache: bool = True, page_size: int = 0, pool_tokens: int = 0,
              block_pages: int = 8, key_groups: Sequence[int] | None = None, keep_hidden: bool = False,
+             drafts: Sequence[Sequence[int]] | None = None, draft_tokens: int = 0, draft_mode: str = "aligned",
              stats: dict | None = None) -> SampleOutput:
     """The static sampler's call (Sampler.__call__: rows i*n .. i*n + n - 1 for prompt i, numpy outputs cut to
     the longest row), decoded through `slots` slots. budgets: each prompt's most new tokens (<= max_new_tokens;
@@ -259,7 +283,10 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     group's rows draw what a static call over that group alone draws (Sampler's key_groups). stats (a dict):
     filled with segments, admissions, prompts prefilled, slot-steps, compactions, the slots used (at most the rows,
     bucketed), and with pages: the pool's pages, the most in use, preemptions. keep_hidden: also each token's
-    final-layer state (SampleOutput.hidden, on the device, zero past each row's length), as the static sampler's."""
+    final-layer state (SampleOutput.hidden, on the device, zero past each row's length), as the static sampler's.
+    drafts (one per prompt) with draft_tokens K > 0: speculative decoding (continuous_speculative.py), the static
+    speculative sampler's tokens row for row; stats then has "draft": passes, proposed and accepted draft tokens
+    (not with budgets or key_groups)."""
     if not prompts:
         raise ValueError("prompts: empty batch")
     if slots < 1 or segment < 1:
@@ -269,6 +296,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                          "page_size and pool_tokens must be >= 0, block_pages >= 1")
     if budgets is not None and (len(budgets) != len(prompts) or min(budgets) < 1 or max(budgets) > max_new_tokens):
         raise ValueError(f"budgets: one per prompt, each in [1, max_new_tokens={max_new_tokens}]")
+    speculate = drafts is not None and draft_tokens > 0
+    if speculate and (budgets is not None or key_groups is not None or len(drafts) != len(prompts)):
+        raise ValueError("drafts: one per prompt, and not with budgets or key_groups")
     cfg = nnx.merge(graphdef, params).cfg
     longest = max(len(p) for p in prompts)
     plen = bucket(longest, min_prompt_bucket)
@@ -278,6 +308,10 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         plen = min(plen, max_prompt_len)
     width = bucket(max_new_tokens, 8)
     rows = len(prompts) * n
+    k = draft_tokens if speculate else 0
+    # A speculative pass writes K + 1 tokens after a row's last: K + 1 more columns in the outputs, K more cache
+    # positions (the static speculative sampler's too).
+    buffer = width + (k + 1 if speculate else 0)
     slots = call_slots(slots, rows)
     keys, groups = split_keys(key, key_groups, len(prompts))
     # Several processes: host values (and arrays made on this process's default device) become global arrays
@@ -288,9 +322,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     budget_of = [max_new_tokens if budgets is None else budgets[r // n] for r in range(rows)]
     pool = None
     if page_size:
-        table_width = -(-paged_pages(plen + width, page_size) // block_pages) * block_pages
+        table_width = -(-paged_pages(plen + buffer, page_size) // block_pages) * block_pages
         pages = (pool_tokens // page_size if pool_tokens
-                 else min(slots, rows) * paged_pages(plen + width, page_size)) + 1
+                 else min(slots, rows) * paged_pages(plen + width + k, page_size)) + 1
         longest_row = max(paged_pages(len(prompts[r // n]) + budget_of[r] - 1, page_size) for r in range(rows))
         if pages - 1 < longest_row:
             raise ValueError(f"pool_tokens={pool_tokens}: {pages - 1} pages of {page_size} cannot hold the longest "
@@ -298,19 +332,32 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         pool = PagePool(pages, page_size, slots, table_width)
         heads = cache_sharding(params, cfg.num_kv_heads, 1) if shard_cache else None  # kv heads over tensor only
         shard = lambda size: heads  # noqa: E731
-        state = _new_state(cfg, slots, pages, rows, width, int(pad_id), heads, page_size, keep_hidden)
+        state = _new_state(cfg, slots, pages, rows, buffer, int(pad_id), heads, page_size, keep_hidden, speculate)
     else:
         shard = (lambda size: cache_sharding(params, cfg.num_kv_heads, size)) if shard_cache else (lambda size: None)
-        state = _new_state(cfg, slots, plen + width, rows, width, int(pad_id), shard(slots), 0, keep_hidden)
+        state = _new_state(cfg, slots, plen + width + k, rows, buffer, int(pad_id), shard(slots), 0, keep_hidden,
+                           speculate)
     state = jax.tree.map(lambda x: x if not x.is_fully_addressable else put(x), state)  # a global cache stays as placed
     sharding = shard(slots)
-    if sampling.temperature == 0.0:
+    if sampling.temperature == 0.0 or speculate:  # speculation draws from keys per pass and row
         table = jnp.zeros((1, 1), jnp.float32)
     else:  # each group's rows draw what a static call over the group alone draws (its own key and row table)
         table = jnp.concatenate([uniform_table(k, steps=width, total_rows=bucket(g) * n)[:, :g * n]
                                  for k, g in zip(keys, groups)], axis=1)
     table = put(table)
     page_table = (lambda: None) if page_size == 0 else (lambda: put(pool.table))  # noqa: E731
+    spec = None
+    if speculate:  # the drafts by row, cut as the static speculative sampler cuts them (its lookups span the width)
+        draft_width = width + k
+        if draft_mode == "lookup":
+            draft_width = max(draft_width, bucket(max(len(d) for d in drafts), min_prompt_bucket))
+        by_row = np.zeros((rows + 1, draft_width), np.int32)
+        lengths_by_row = np.zeros((rows + 1,), np.int32)
+        for r in range(rows):
+            d = list(drafts[r // n])[:draft_width]
+            by_row[r, :len(d)] = d
+            lengths_by_row[r] = len(d)
+        spec = tuple(map(put, (keys[0], by_row, lengths_by_row)))
     waiting = deque(range(rows))
     free = list(range(slots))
     slot_row = [-1] * slots  # host mirror: the row in each slot, its emitted tokens (an upper bound), admission order
@@ -320,6 +367,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
 
     def covers(s: int, step: int) -> int:  # positions slot s writes up to the end of a segment from `step`
         r = slot_row[s]
+        if speculate:  # up to K + 1 tokens a pass, and the last pass's rejected tail
+            return len(prompts[r // n]) + min(step + segment * (k + 1), budget_of[r] + k) - 1
         return len(prompts[r // n]) + min(step + segment, budget_of[r]) - 1
 
     while True:
@@ -340,7 +389,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         if pool is not None:  # only as many rows as the pool holds for their prompt and first segment
             room, take_fit = len(pool.free), 0
             for r in list(waiting)[:take]:
-                need = paged_pages(len(prompts[r // n]) + min(1 + segment, budget_of[r]) - 1, page_size)
+                first = (min(1 + segment * (k + 1), budget_of[r] + k) if speculate else min(1 + segment, budget_of[r]))
+                need = paged_pages(len(prompts[r // n]) + first - 1, page_size)
                 if need > room:
                     break
                 room, take_fit = room - need, take_fit + 1
@@ -364,20 +414,27 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                 if pool is not None:
                     pool.grow(s, covers(s, 1))
             state = admit(graphdef, params, state, *map(put, (tokens, prompt_pad, src, row_ids, row_budgets, slot_ids)),
-                          table, page_table(), sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding)
+                          table, page_table(), spec, sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding,
+                          draft_mode=draft_mode)
             counts["admissions"] += 1
             counts["prefilled"] += len(unique)
         if all(r < 0 for r in slot_row) and not waiting:
             break
-        state = decode_segment(graphdef, params, state, table, page_table(), steps=segment,
-                               prompt_len=plen, sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding,
-                               block_pages=block_pages)
+        if speculate:
+            state = speculative_segment(graphdef, params, state, *spec, page_table(), steps=segment, prompt_len=plen,
+                                        sampling=sampling, eos_ids=eos_ids, draft_tokens=k, draft_mode=draft_mode,
+                                        cache_sharding=sharding, block_pages=block_pages)
+        else:
+            state = decode_segment(graphdef, params, state, table, page_table(), steps=segment,
+                                   prompt_len=plen, sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding,
+                                   block_pages=block_pages)
         counts["segments"] += 1
         counts["slot_steps"] += segment * len(slot_row)
-        done = multihost.to_host(state.done)  # the only host read of a segment: S booleans
+        done = multihost.to_host(state.done)  # the host reads of a segment: S booleans (speculative: S counts too)
+        emitted = multihost.to_host(state.step) if speculate else None
         for s in range(len(slot_row)):
             if slot_row[s] >= 0:
-                slot_step[s] += segment
+                slot_step[s] = int(emitted[s]) if speculate else slot_step[s] + segment
                 if done[s]:
                     slot_row[s] = -1
                     if pool is not None:
@@ -407,9 +464,14 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
             free = [s for s in range(len(slot_row)) if slot_row[s] < 0]
     if stats is not None:
         stats.update(counts, slots=slots, cache_sharding=shard(slots))
+        if speculate:
+            passes, proposed, accepted = (int(x) for x in multihost.to_host(state.drafted)[:rows].sum(0))
+            stats["draft"] = dict(passes=passes, proposed=proposed, accepted=accepted)
         if pool is not None:
             stats.update(pages=pool.capacity, peak_pages=pool.peak)
     tokens, logprobs, lengths = (multihost.to_host(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
     out_width = max(int(lengths.max()), 1)
+    inside = np.arange(tokens.shape[1])[None, :] < lengths[:, None]  # a speculative pass's rejected tail lies past it
+    tokens, logprobs = np.where(inside, tokens, pad_id), np.where(inside, logprobs, 0.0)
     hidden = kept_states(state.hidden, state.lengths, rows=rows, width=out_width) if keep_hidden else None
     return SampleOutput(tokens[:, :out_width], logprobs[:, :out_width], lengths, hidden)

@@ -428,7 +428,8 @@ class Sampler:
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}]: empty prompt")
-        continuous = self.continuous.slots and not speculate
+        # Speculation through the slots when the call has one key (the static sampler runs evaluation chunks' drafts).
+        continuous = self.continuous.slots and not (speculate and key_groups is not None)
         if key_groups is not None:
             keys, key_groups = split_keys(key, key_groups, len(prompts))
             if keep_hidden:
@@ -448,13 +449,17 @@ class Sampler:
 
             self.last_continuous_stats = {}
             c = self.continuous
-            return generate(self.graphdef, params, prompts, max_new_tokens, slots=c.slots, page_size=c.page_size,
-                            pool_tokens=c.pool_tokens, block_pages=c.block_pages,
-                            sampling=sampling, n=n, key=key, key_groups=key_groups, eos_ids=eos_ids,
-                            pad_id=self.pad_id, budgets=budgets,
-                            segment=c.segment, min_prompt_bucket=self.min_prompt_bucket,
-                            max_prompt_len=max_prompt_len, shard_cache=self.shard_cache, keep_hidden=keep_hidden,
-                            stats=self.last_continuous_stats)
+            out = generate(self.graphdef, params, prompts, max_new_tokens, slots=c.slots, page_size=c.page_size,
+                           pool_tokens=c.pool_tokens, block_pages=c.block_pages,
+                           sampling=sampling, n=n, key=key, key_groups=key_groups, eos_ids=eos_ids,
+                           pad_id=self.pad_id, budgets=budgets,
+                           segment=c.segment, min_prompt_bucket=self.min_prompt_bucket,
+                           max_prompt_len=max_prompt_len, shard_cache=self.shard_cache, keep_hidden=keep_hidden,
+                           drafts=drafts if speculate else None, draft_tokens=draft_tokens if speculate else 0,
+                           draft_mode=draft_mode, stats=self.last_continuous_stats)
+            if speculate:
+                self.last_draft_stats = self.last_continuous_stats["draft"]
+            return out
         longest = max(len(p) for p in prompts)
         plen = bucket(longest, self.min_prompt_bucket)
         if max_prompt_len is not None:
