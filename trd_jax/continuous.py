@@ -24,9 +24,12 @@ parameters' mesh (multihost.to_global) and the S booleans read per segment are a
 
 keep_hidden keeps each token's final-layer state as the static sampler does (refine's states for the score phase).
 
-Not yet: speculative refine through the engine, pages split over the batch axes,
-a Pallas (TPU) or fused GPU kernel for the paged attention; the Sampler uses continuous batching only when asked
-(Sampler(continuous=ContinuousConfig(slots=S, ...)), rollout.continuous_slots / kv_page_size / kv_pool_tokens).
+Speculative decoding (drafts with draft_tokens > 0: refine's y_o, or prompt lookup) runs through the slots too
+(continuous_speculative.py), each row getting the static speculative sampler's tokens.
+
+Not yet: pages split over the batch axes, a Pallas (TPU) or fused GPU kernel for the paged attention; the Sampler
+uses continuous batching only when asked (Sampler(continuous=ContinuousConfig(slots=S, ...)),
+rollout.continuous_slots / kv_page_size / kv_pool_tokens; refine and the teacher's evaluation take the same).
 """
 
 from __future__ import annotations
