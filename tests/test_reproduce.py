@@ -138,7 +138,10 @@ def test_command_line_presets_and_methods(tmp_path):
     assert (quick.bootstraps, quick.seeds) == (1, 3)
     assert quick.methods == ["trd", "trd_vanilla_context", "forward_kl", "reverse_kl"]
     assert rp.parse_args(["--workdir", "d", "--methods", "jsd0.5@2x,trd"]).methods == ["jsd0.5@2x", "trd"]
-    for bad in (["--methods", "trd@2x"], ["--methods", "sft"], ["--settings", "rl"], ["--bootstraps", "0"]):
+    assert full.bootstrap_ids == [0, 1, 2]
+    assert rp.parse_args(["--workdir", "d", "--bootstrap-ids", "2,1,2"]).bootstrap_ids == [1, 2]  # a third alone
+    for bad in (["--methods", "trd@2x"], ["--methods", "sft"], ["--settings", "rl"], ["--bootstraps", "0"],
+                ["--bootstrap-ids", "x"], ["--bootstrap-ids", "-1"]):
         with pytest.raises(SystemExit):
             rp.parse_args(["--workdir", "d", *bad])
     assert rp.run_dir("D", "opd", "trd", 2, 1) == os.path.join("D", "runs", "b1", "opd-trd-s2")
