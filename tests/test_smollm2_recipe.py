@@ -1,4 +1,4 @@
-"""The SmolLM2 OPD recipe (configs/smollm2.py:opd,trd) on CPU, shortened to 2 steps: the teacher fine-tuned
+"""The SmolLM2 OPD recipe (configs/smollm2.py:opd,trd) on CPU, shortened to 1 step: the teacher fine-tuned
 here (teacher_sft), mini_math with one worked example per prompt through the real tokenizer's chat template,
 rollout, refinement, scoring and the LoRA update on the real model, math-verify grading."""
 
@@ -12,7 +12,7 @@ from trd_jax.recipes import apply_overrides
 
 
 @pytest.mark.slow
-def test_smollm2_opd_trd_recipe_runs_two_steps(smollm2_dir, tmp_path):
+def test_smollm2_opd_trd_recipe_runs_a_step(smollm2_dir, tmp_path):
     from trd_jax.controller import train
 
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "smollm2.py")
@@ -21,13 +21,13 @@ def test_smollm2_opd_trd_recipe_runs_two_steps(smollm2_dir, tmp_path):
     spec.loader.exec_module(module)
     cfg = module.get_config("opd,trd")
     # The converted folder of the session (the recipe converts into workdir/models itself).
-    apply_overrides(cfg, {"student.path": smollm2_dir, "teacher.path": smollm2_dir, "train.steps": 2,
+    apply_overrides(cfg, {"student.path": smollm2_dir, "teacher.path": smollm2_dir, "train.steps": 1,
                           "train.batch_size": 2, "task.train_size": 16, "task.eval_size": 4, "eval.n": 1,
                           "teacher_sft.steps": 1, "teacher_sft.batch_tokens": 512, "eval.max_new_tokens": 48,
                           "rollout.max_new_tokens": 48, "refine.rewrite_budget": 48, "log.progress": False,
                           "eval.initial": False, "eval.teacher": False})  # the final evaluation is enough here
     summary = train(cfg, str(tmp_path))
-    assert summary["status"] == "completed" and summary["steps"] == 2
+    assert summary["status"] == "completed" and summary["steps"] == 1
     assert summary["mode"] == "opd" and summary["trajectory"] == "y_r"
     sft = summary["teacher_sft"]
     assert sft["source"] == "trained" and os.path.isfile(os.path.join(sft["path"], "model.safetensors"))
