@@ -29,3 +29,22 @@ def test_shipped_manifest_matches_the_default_settings(tmp_path):
                       refine_mode=s.refine.prompt_mode)
     assert found["source"] == "shipped" and found["teacher"] == dirs["teacher"]
     assert not (tmp_path / "boot").exists()
+
+
+def test_bootstrap_targets_name_what_a_draw_missed():
+    """ship_bootstrap --require: targets on the measured figures; the shipped bootstrap's OPD rewrites (0.453
+    correct) miss an 0.85 target, its student meets a <= 0.25 one, and a figure that was not measured is named."""
+    import pytest
+
+    from trd_jax.tools.ship_bootstrap import parse_requirement, unmet
+
+    measured = read_manifest(SHIPPED_DIR)["measured"]
+    reqs = [parse_requirement(r) for r in ("rollouts.opd_y_r_accuracy>=0.85", "student.avg_at_k <= 0.25",
+                                           "teacher.nothing>=1")]
+    assert reqs[1] == ("student.avg_at_k", "<=", 0.25)
+    assert unmet(measured, reqs) == ["rollouts.opd_y_r_accuracy = 0.4531, required >= 0.85",
+                                     "teacher.nothing: not among the measured figures"]
+    assert unmet(measured, reqs[1:2]) == []
+    for bad in ("student.avg_at_k", "student.avg_at_k>=x", "student.avg_at_k=0.2"):
+        with pytest.raises(ValueError, match="KEY>=NUMBER"):
+            parse_requirement(bad)

@@ -3,6 +3,7 @@
 from it instead of training for minutes.
 
     python -m trd_jax.tools.ship_bootstrap --workdir DIR [--install] [--set bootstrap.seed=1 ...]
+        [--require rollouts.opd_y_r_accuracy>=0.85 --require student.avg_at_k<=0.25 ...]
 
 Measured, and written into the manifest (bootstrap.json) beside the settings:
 - the student alone, the OPD teacher (its vanilla context x) and OPSD's teacher (the student shown the
@@ -11,6 +12,11 @@ Measured, and written into the manifest (bootstrap.json) beside the settings:
   teacher and by OPSD's self-teacher;
 - the student's mistakes per rollout (the step verifier, trd_jax.data.arithmetic.step_errors): the
   fraction of rollouts with at least one and with more than one wrong step.
+
+--require KEY>=X / KEY<=X (dotted paths into the measured figures, e.g. rollouts.opd_y_r_accuracy): targets the
+bootstrap must meet. Three bootstraps built with the same settings measured OPD rewrite accuracies of 0.45, 0.95
+and 0.90 (docs/reproduction/README.md): a bootstrap is a draw, and one that misses a target is reported (exit 2)
+and never installed.
 """
 
 from __future__ import annotations
@@ -97,12 +103,45 @@ def install(boot: dict, measured: dict, destination: str) -> None:
     atomic_write_json(old, {**manifest, "models_sha256": boot["models_sha256"], "measured": measured})
 
 
+def parse_requirement(text: str) -> tuple[str, str, float]:
+    """'KEY>=X' or 'KEY<=X' -> (KEY, op, X)."""
+    for op in (">=", "<="):
+        key, sep, value = text.partition(op)
+        if sep:
+            try:
+                return key.strip(), op, float(value)
+            except ValueError:
+                break
+    raise ValueError(f"--require {text!r}: expected KEY>=NUMBER or KEY<=NUMBER")
+
+
+def unmet(measured: dict, requirements: list[tuple[str, str, float]]) -> list[str]:
+    """The requirements the measured figures miss, each as a sentence naming the figure (a missing figure too)."""
+    missed = []
+    for key, op, bound in requirements:
+        value = measured
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, (int, float)):
+            missed.append(f"{key}: not among the measured figures")
+        elif (value < bound) if op == ">=" else (value > bound):
+            missed.append(f"{key} = {value:.4g}, required {op} {bound:g}")
+    return missed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--install", action="store_true", help="copy into trd_jax/data/bootstrap_models")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--require", action="append", default=[], metavar="KEY>=X",
+                        help="a target on a measured figure (KEY>=X or KEY<=X; repeatable); a miss exits 2, "
+                             "installing nothing")
     args = parser.parse_args(argv)
+    try:
+        requirements = [parse_requirement(r) for r in args.require]
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -110,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     boot, measured = measure(args.workdir, parse_overrides(args.set))
     print(json.dumps(measured, indent=1))
     print(f"bootstrap {boot['identity']} measured in {time.perf_counter() - start:.0f} s")
+    missed = unmet(measured, requirements)
+    if missed:
+        print("targets missed (not installed):" if args.install else "targets missed:", *missed, sep="\n  ",
+              file=sys.stderr)
+        return 2
     if args.install:
         from trd_jax.bootstrap import SHIPPED_DIR
 
