@@ -168,6 +168,26 @@ def test_plan_kv_caches_replicated_and_sharded():
                    for i in p.items)
 
 
+def test_speculative_drafts_widen_the_caches_they_write_into():
+    """Speculative refine writes refine.draft_tokens positions past the rewrite budget, prompt lookup
+    rollout.prompt_lookup_tokens past the rollout budget: the caches are planned that much longer."""
+    models = {"student": mp.ModelInfo(SMALL, "test"), "teacher": mp.ModelInfo(SMALL.replace(num_layers=3), "test")}
+    mesh, acc = dict(data=1, fsdp=1, tensor=1), mp.ACCELERATORS["v5e"]
+
+    def caches(**overrides):
+        plan = mp.make_plan(_workload(**overrides), models, mesh, acc)
+        found = {i.name: i.bytes for p in plan.phases for i in p.items}
+        return found["rollout KV cache (student)"], found["refine KV cache (teacher)"]
+
+    rollout, refine = caches()
+    work = _workload()
+    spec_rollout, spec_refine = caches(**{"refine.speculative": True, "refine.draft_tokens": 8,
+                                          "rollout.prompt_lookup_tokens": 4})
+    assert spec_refine == mp.kv_cache_bytes(models["teacher"].config, work.rows, work.refine_prompt + work.rewrite + 8)
+    assert spec_rollout == mp.kv_cache_bytes(models["student"].config, work.rows, work.prompt + work.max_new + 4)
+    assert spec_refine > refine and spec_rollout > rollout
+
+
 def test_continuous_batching_plans_its_slots_on_every_device_and_frees_them():
     """rollout.continuous_slots: the student's rollout and eval caches and the teacher's refine cache hold the slots
     (sharded over the batch axes where they divide them, else on every device) and are not held after their

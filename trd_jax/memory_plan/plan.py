@@ -424,9 +424,9 @@ def make_plan(work: Workload, models: dict[str, ModelInfo], mesh: dict[str, int]
                     phases=(update_phase, *_eval_phases(step, [])), update=update, micro_rows_per_device=micro_dev,
                     warnings=tuple(warnings))
 
-    rollout_cache = step.cache(student, work.rows, work.prompt + work.max_new, continuous=True)
-    refine_cache = (step.cache(teacher, work.rows, work.refine_prompt + work.rewrite, continuous=True, own_pool=True)
-                    if work.trajectory == "y_r" else 0)
+    rollout_cache = step.cache(student, work.rows, work.prompt + work.max_new + work.rollout_draft, continuous=True)
+    refine_cache = (step.cache(teacher, work.rows, work.refine_prompt + work.rewrite + work.refine_draft,
+                               continuous=True, own_pool=True) if work.trajectory == "y_r" else 0)
     held_after = _held_after(step, rollout_cache, refine_cache)
     warnings: list[str] = []
     phases = _sampler_phases(step, rollout_cache, refine_cache) + _score_phases(step, held_after)

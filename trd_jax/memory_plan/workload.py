@@ -96,6 +96,10 @@ class Workload:
     offline_k: int
     loss: LossConfig
     notes: tuple[str, ...] = ()
+    # Speculative decoding writes K draft positions past a row's budget into its cache (speculative.py): refine's
+    # (refine.speculative, refine.draft_tokens) and the rollouts' prompt lookup (rollout.prompt_lookup_tokens).
+    refine_draft: int = 0
+    rollout_draft: int = 0
 
 
 def workload_from_settings(s) -> Workload:
@@ -133,4 +137,6 @@ def workload_from_settings(s) -> Workload:
                     reuse_states=(s.distill.trajectory == "y_r" and s.distill.teacher_context == "refine"
                                   and s.refine.reuse_states),
                     offline_k=s.offline.top_k if s.targets_dir and not s.offline.loads_teacher else 0,
-                    loss=s.loss, notes=tuple(notes))
+                    loss=s.loss, notes=tuple(notes),
+                    refine_draft=s.refine.draft_tokens if s.refine.speculative else 0,
+                    rollout_draft=s.rollout.prompt_lookup_tokens)
