@@ -41,6 +41,7 @@ import numpy as np
 
 from trd_jax import evaluation, stats
 from trd_jax.evaluation import pass_at_k
+from trd_jax.experiments.reproduce_plots import draw
 from trd_jax.metrics import atomic_write_json, atomic_write_text
 from trd_jax.recipes import METHODS, apply_overrides, default_config, get_method, method_config, parse_overrides
 
@@ -446,90 +447,14 @@ def write_results(workdir: str, results: dict, extra_md: str = "") -> tuple[str,
 
 
 def plot(out: str, results: dict, summaries: dict, workdir: str | None = None) -> list[str]:
-    """accuracy.png: held-out Avg@n and the training rollouts' accuracy against step, cumulative generated
-    tokens and cumulative FLOPs (mean over a method's runs on results["curves_bootstrap"]); pass_at_k.png: Pass@k
-    of the final students against k (log2 axis); diagnostics.png."""
-    import matplotlib
-
+    """accuracy.png, pass_at_k.png and diagnostics.png (reproduce_plots.draw) from results.json's curves and each
+    run's metrics.jsonl (the per-step prefix-failure diagnostics of DIAGNOSTICS)."""
     workdir = workdir or out
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    settings = list(dict.fromkeys(key.split("/")[0] for key in results["curves"]))
-    paths = []
-    # Rows per setting: held-out Avg@n (markers: the evaluations, step 0 shared), then the accuracy of the
-    # student's training rollouts (a moving mean over 5 steps), each against step, tokens and FLOPs.
-    fig, axes = plt.subplots(2 * len(settings), 3, figsize=(16, 7.6 * len(settings)), squeeze=False)
-    cmap = plt.get_cmap("tab20")  # 14+ methods: ten default colours would repeat
-    colors = {m: cmap(i % 20) for i, m in enumerate(dict.fromkeys(k.split("/", 1)[1] for k in results["curves"]))}
-    xs = ("step", "generated_tokens", "flops")
-    for row, setting in enumerate(settings):
-        for key, curves in results["curves"].items():
-            st, method = key.split("/", 1)
-            length = min(len(c) for c in curves)
-            if st != setting or not length:
-                continue
-            style = {"label": method, "color": colors[method], "lw": 2.5 if method == REFERENCE else 1.2}
-            mean = {f: np.mean([[p[f] for p in c[:length]] for c in curves], axis=0) for f in ("avg_at_k", *xs)}
-            train = results.get("train_curves", {}).get(key) or []
-            for col, x in enumerate(xs):
-                axes[2 * row][col].plot(mean[x], 100 * mean["avg_at_k"], marker="o", **style)
-                if len(train) >= 5:
-                    acc = np.convolve([p["accuracy_y_o"] for p in train], np.ones(5) / 5, mode="valid")
-                    axes[2 * row + 1][col].plot([p[x] for p in train][4:], 100 * acc, **style)
-        for col, label in enumerate(("step", "cumulative generated tokens", "cumulative FLOPs (estimated)")):
-            for r, (title, ylabel) in enumerate((("held-out accuracy", "Avg@n (%)"),
-                                                 ("accuracy of training rollouts y_o", "moving mean of 5 steps (%)"))):
-                ax = axes[2 * row + r][col]
-                ax.set(title=f"{setting.upper()}: {title} (bootstrap {results.get('curves_bootstrap', 0)})",
-                       xlabel=label, ylabel=ylabel)
-                ax.grid(alpha=0.3)
-        axes[2 * row][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "accuracy.png"))
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        for key, pass_at in results["pass_at_k_final"].items():
-            st, method = key.split("/", 1)
-            if st == setting:
-                ks = [int(k) for k in pass_at]
-                ax.plot(ks, [100 * v for v in pass_at.values()], marker="o", label=method,
-                        lw=2.5 if method == REFERENCE else 1.2)
-        ax.set_xscale("log", base=2)
-        ax.set(title=f"{setting.upper()}: final students", xlabel="k", ylabel="Pass@k (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "pass_at_k.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(len(settings), len(DIAGNOSTICS), figsize=(4.2 * len(DIAGNOSTICS), 3.4 * len(settings)),
-                             squeeze=False)
-    for row, setting in enumerate(settings):
-        for col, key in enumerate(DIAGNOSTICS):
-            ax = axes[row][col]
-            for method in dict.fromkeys(m for (_, s, m, _) in summaries if s == setting):
-                series = [[m.get(key, np.nan) for m in _metrics(run_dir(workdir, s, mt, sd, b))]
-                          for (b, s, mt, sd) in summaries if s == setting and mt == method]
-                length = min(map(len, series))
-                values = np.array([x[:length] for x in series], np.float64).reshape(len(series), length)
-                logged = ~np.isnan(values).all(axis=0)  # log.diagnostics_every > 1 leaves steps out
-                if logged.any():
-                    ax.plot(np.arange(1, length + 1)[logged], np.nanmean(values[:, logged], axis=0),
-                            label=method, lw=2.5 if method == REFERENCE else 1.2)
-            ax.set(title=f"{setting.upper()}: {key.split('/')[-1]}", xlabel="step")
-            ax.grid(alpha=0.3)
-    if axes[0][0].get_legend_handles_labels()[0]:
-        axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out, "diagnostics.png"))
-    fig.savefig(paths[-1], dpi=70)
-    plt.close(fig)
-    return paths
+    diagnostics = {}  # (setting, method) -> per run, per step, the DIAGNOSTICS values
+    for (b, setting, method, seed) in summaries:
+        diagnostics.setdefault((setting, method), []).append(
+            [[m.get(key, np.nan) for key in DIAGNOSTICS] for m in _metrics(run_dir(workdir, setting, method, seed, b))])
+    return draw(out, results, diagnostics, reference=REFERENCE, diagnostic_keys=DIAGNOSTICS)
 
 
 # ------------------------------------------------------------------------------------------------ command line
