@@ -60,7 +60,6 @@ class BucketedUpdate:
     def __init__(self, graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, state_shardings, mesh, *,
                  ema_decay: float | None = None, teacher_head_source: str = "given"):
         self.mesh, self.ema_decay, self.teacher_head_source = mesh, ema_decay, teacher_head_source
-        self.graphdef = graphdef
         self.last_plan: MicroPlan | None = None
         param_sh = state_shardings.params
         self._zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=param_sh)
@@ -73,35 +72,33 @@ class BucketedUpdate:
         self._apply = jax.jit(functools.partial(_apply_gradients, optimizer=optimizer, ema_decay=ema_decay),
                               donate_argnums=(0,), out_shardings=(state_shardings, None, None))
 
-    def plan(self, batch: UpdateBatch, num_micro: int) -> MicroPlan:
-        seq = batch.seq
+    @staticmethod
+    def plan(seq: Layout, response_mask: np.ndarray, num_micro: int) -> MicroPlan:
+        """The micro-batches of a step's rows: from each row's context length (the layout's mask) and response
+        length (response_mask, host bool[B, R])."""
         mask = np.asarray(multihost.to_host(seq.mask))
-        response = np.asarray(multihost.to_host(batch.mask))
-        return plan_micro_batches(mask[:, :seq.context_width].sum(1), response.sum(1), num_micro,
-                                  context_width=seq.context_width, response_width=response.shape[1])
+        return plan_micro_batches(mask[:, :seq.context_width].sum(1), response_mask.sum(1), num_micro,
+                                  context_width=seq.context_width, response_width=response_mask.shape[1])
+
+    def _in_order(self, tree, order: np.ndarray):
+        """tree's rows in micro-batch order: host arrays permuted here, device arrays by one jitted gather."""
+        if any(isinstance(x, jax.Array) for x in jax.tree.leaves(tree)):
+            return self._permute(tree, self._place(order))
+        return jax.tree.map(lambda x: np.asarray(x)[order], tree)
 
     def __call__(self, state: TrainState, batch: UpdateBatch, teacher: TeacherSignal, frozen=None,
                  dropout_key=None, *, num_micro: int) -> tuple[TrainState, StepMetrics]:
         _check_update_args(state, self.ema_decay, self.teacher_head_source)
         if self.teacher_head_source != "given":
             teacher = teacher._replace(head=self._head(state, frozen))
-        plan = self.last_plan = self.plan(batch, num_micro)
         host_mask = np.asarray(multihost.to_host(batch.mask))
+        plan = self.last_plan = self.plan(batch.seq, host_mask, num_micro)
         num_tokens, num_rows = np.int32(host_mask.sum()), np.int32(host_mask.any(-1).sum())
         order = plan.order
-        host = lambda x: np.asarray(x)[order]  # the layout and targets come from the host
-        on_host = not isinstance(batch.targets, jax.Array)
-        if on_host:
-            permuted = jax.tree.map(host, batch)
-        else:
-            permuted = self._permute(batch, self._place(order))
-        signals = (teacher.hidden, teacher.logp)
-        if any(isinstance(x, jax.Array) for x in jax.tree.leaves(signals)):
-            signals = self._permute(signals, self._place(order))
-        else:
-            signals = jax.tree.map(host, signals)
-        micro = to_micro_batches((permuted, *signals), num_micro, self.mesh)
-        mbatch, hidden, logp = micro
+        # The layout and targets come from the host (the controller's), the teacher's signals from the device.
+        mbatch, hidden, logp = to_micro_batches(
+            (self._in_order(batch, order), *self._in_order((teacher.hidden, teacher.logp), order)), num_micro,
+            self.mesh)
         grads = self._zeros(state.params)
         total = jnp.zeros((), jnp.float32)
         parts = []

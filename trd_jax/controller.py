@@ -139,8 +139,8 @@ class Trainer:
         del params
         self.rollout_sampler = Sampler(self.roles.student_graph, eos_ids=eos, pad_id=pad,
                                        continuous=s.rollout.continuous)
-        # Refine through the rollouts' continuous batching too (speculative refine falls back to the static sampler),
-        # with a paged pool sized for its own rows: a pool sized for rollouts cannot hold refine prompts.
+        # Refine through the rollouts' continuous batching too (kept states and speculative refine included), with a
+        # paged pool sized for its own rows: a pool sized for rollouts cannot hold refine prompts.
         self.refine_sampler = Sampler(self.roles.teacher_graph, eos_ids=eos, pad_id=pad,
                                       continuous=dataclasses.replace(s.rollout.continuous, pool_tokens=0))
         self.memory = self.roles.persistent_bytes(self.state)
