@@ -345,8 +345,8 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     if sampling.temperature == 0.0 or speculate:  # speculation draws from keys per pass and row
         table = jnp.zeros((1, 1), jnp.float32)
     else:  # each group's rows draw what a static call over the group alone draws (its own key and row table)
-        table = jnp.concatenate([uniform_table(k, steps=width, total_rows=bucket(g) * n)[:, :g * n]
-                                 for k, g in zip(keys, groups)], axis=1)
+        table = jnp.concatenate([uniform_table(group_key, steps=width, total_rows=bucket(g) * n)[:, :g * n]
+                                 for group_key, g in zip(keys, groups)], axis=1)
     table = put(table)
     page_table = (lambda: None) if page_size == 0 else (lambda: put(pool.table))  # noqa: E731
     spec = None
