@@ -32,19 +32,27 @@ def test_shipped_manifest_matches_the_default_settings(tmp_path):
 
 
 def test_bootstrap_targets_name_what_a_draw_missed():
-    """ship_bootstrap --require: targets on the measured figures; the shipped bootstrap's OPD rewrites (0.453
-    correct) miss an 0.85 target, its student meets a <= 0.25 one, and a figure that was not measured is named."""
+    """ship_bootstrap --require: targets on the measured figures and on the gaps derived from them (issue 14's
+    "testbed" set); a missed target and a figure that was not measured are named."""
     import pytest
 
-    from trd_jax.tools.ship_bootstrap import parse_requirement, unmet
+    from trd_jax.tools.ship_bootstrap import TESTBED_TARGETS, gaps, parse_requirement, parse_requirements, unmet
 
-    measured = read_manifest(SHIPPED_DIR)["measured"]
-    reqs = [parse_requirement(r) for r in ("rollouts.opd_y_r_accuracy>=0.85", "student.avg_at_k <= 0.25",
-                                           "teacher.nothing>=1")]
+    figure = lambda avg: {"avg_at_k": avg, "pass_at_k": 1.0, "n": 16, "num_problems": 512}  # noqa: E731
+    measured = {"student": figure(0.15), "teacher": figure(1.0), "opsd_teacher": figure(0.5),
+                "rollouts": {"y_o_accuracy": 0.25, "opd_y_r_accuracy": 0.453, "opsd_y_r_accuracy": 0.25,
+                             "opsd_y_o_accuracy": 0.25}}
+    measured["gaps"] = gaps(measured)
+    assert measured["gaps"] == pytest.approx({"teacher_over_student": 0.85, "opsd_teacher_over_student": 0.35,
+                                              "opd_y_r_over_y_o": 0.203, "opsd_y_r_over_y_o": 0.0})
+    reqs = parse_requirements(["rollouts.opd_y_r_accuracy>=0.85", "student.avg_at_k <= 0.25", "teacher.nothing>=1"])
     assert reqs[1] == ("student.avg_at_k", "<=", 0.25)
-    assert unmet(measured, reqs) == ["rollouts.opd_y_r_accuracy = 0.4531, required >= 0.85",
+    assert unmet(measured, reqs) == ["rollouts.opd_y_r_accuracy = 0.453, required >= 0.85",
                                      "teacher.nothing: not among the measured figures"]
     assert unmet(measured, reqs[1:2]) == []
+    assert parse_requirements(["testbed"]) == [parse_requirement(t) for t in TESTBED_TARGETS]
+    assert unmet(measured, parse_requirements(["testbed"])) == [
+        "gaps.opsd_y_r_over_y_o = 0, required >= 0.01", "rollouts.opd_y_r_accuracy = 0.453, required >= 0.9"]
     for bad in ("student.avg_at_k", "student.avg_at_k>=x", "student.avg_at_k=0.2"):
         with pytest.raises(ValueError, match="KEY>=NUMBER"):
             parse_requirement(bad)
