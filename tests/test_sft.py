@@ -98,3 +98,29 @@ def test_bootstrap_mixtures(tmp_path):
     assert "**Reference Solution:**" in tok.decode(student["vanilla_opsd"].contexts[0])
     assert train[0].reference in tok.decode(student["refine_opsd"].contexts[0])
     assert all(task.grade(decode(r), ex) == 1.0 for r, ex in zip(student["refine_opsd"].responses, train))
+
+
+def test_bootstrap_student_misremembers_its_seed_facts(tmp_path):
+    """The student's noisy solutions get a plain line wrong only where its seed's misremembered fact says, with
+    that fact's wrong result; the teacher's rewrite training sees such attempts too."""
+    from trd_jax.bootstrap import student_facts
+    from trd_jax.data.arithmetic import parse_steps
+
+    task = ArithmeticTask(str(tmp_path), ArithmeticConfig(train_size=300, eval_size=4))
+    tok = Tokenizer.from_dir(task.tokenizer_dir)
+    cfg = BootstrapConfig(student_bug_rate=1.0, student_wrong_fact_rate=0.5, seed=3)
+    facts = student_facts(cfg)
+    assert facts and student_facts(BootstrapConfig()) is None
+    noisy = sft_sets(task, tok, "student", cfg)[0]
+    wrong_plain = 0
+    for r in noisy.responses:
+        for _, a, op, b, c in parse_steps(tok.decode(r, skip_special_tokens=True)):
+            exact = (a + b) % 10 if op == "+" else (a - b) % 10
+            wraps = a + b >= 10 if op == "+" else a - b < 0
+            if not wraps:
+                assert c == facts.get((a, op, b), exact)
+                wrong_plain += c != exact
+    assert wrong_plain > 100
+    refine = sft_sets(task, tok, "teacher", cfg)[1]
+    attempts = [tok.decode(ctx).split("**Your Initial Solution:**")[1] for ctx in refine.contexts]
+    assert sum(f"{a} {op} {b} = {v}" in t for t in attempts for (a, op, b), v in facts.items()) > 20

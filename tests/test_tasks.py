@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, buggy_values,
+from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, buggy_values, line_accuracy,
+                                     misremembered_facts,
                                      continuation_after_error, corrupted_attempt, first_error, flawed_solution,
                                      line_forms, parse_problem, parse_steps, problem_text, random_forms,
                                      solution_text, step_errors)
@@ -233,3 +234,50 @@ def test_prompt_iterator_is_deterministic_and_resumes():
         PromptIterator(examples[:9], seed=3).restore(state)
     with pytest.raises(NoUsableExamples, match="no usable examples"):
         PromptIterator([], seed=0)
+
+
+def test_misremembered_facts_are_plain_facts_each_with_its_own_wrong_result():
+    facts = misremembered_facts(0.5, np.random.default_rng([7, 3]))
+    assert facts == misremembered_facts(0.5, np.random.default_rng([7, 3]))  # a draw of the seed
+    assert facts != misremembered_facts(0.5, np.random.default_rng([8, 3]))
+    plain = [(a, op, b) for a in range(10) for op in "+-" for b in range(1, 10)
+             if not (a + b >= 10 if op == "+" else a - b < 0)]
+    assert len(plain) == 90 and set(facts) <= set(plain)
+    assert 30 <= len(facts) <= 60  # about half of the 90
+    for (a, op, b), wrong in facts.items():
+        exact = (a + b) % 10 if op == "+" else (a - b) % 10
+        assert wrong in ((exact + 1) % 10, (exact - 1) % 10)
+    assert misremembered_facts(0.0, np.random.default_rng(0)) == {}
+
+
+def test_buggy_values_with_misremembered_facts(task):
+    """At bug rate 1 every misremembered fact gets its wrong result and every wrap is one too far; other lines
+    are right, each computed from the (possibly wrong) value above it."""
+    facts = misremembered_facts(0.5, np.random.default_rng([0, 3]))
+    rng = np.random.default_rng(5)
+    wrong_plain = 0
+    for ex in list(task.split("train"))[:200]:
+        p = task.problem_of(ex)
+        values, prev = buggy_values(p, [0] * len(p.ops), rng, 1.0, facts), p.start
+        for (op, b), v in zip(p.ops, values):
+            exact = (prev + b) % 10 if op == "+" else (prev - b) % 10
+            if (prev + b >= 10) if op == "+" else (prev - b < 0):
+                assert v == (exact + (1 if op == "+" else -1)) % 10
+            elif (prev, op, b) in facts:
+                assert v == facts[(prev, op, b)]
+                wrong_plain += 1
+            else:
+                assert v == exact
+            prev = v
+    assert wrong_plain > 50
+    # Without facts the stream of random draws is the one before facts existed (old bootstraps reproduce).
+    p = task.problem_of(next(iter(task.split("train"))))
+    assert (buggy_values(p, [0] * len(p.ops), np.random.default_rng(1), 0.6)
+            == buggy_values(p, [0] * len(p.ops), np.random.default_rng(1), 0.6, {}))
+
+
+def test_line_accuracy_judges_each_line_from_the_value_it_starts_at():
+    texts = ["Step 1: 8 + 3 = 2\nStep 2: 2 - 1 = 1\nThe answer is \\boxed{1}.",  # wrap wrong, then right from 2
+             "Step 1: 1 - 3 = 8\nStep 2: 8 + 1 = 0\nnot a step line"]  # wrap right, plain wrong
+    assert line_accuracy(texts) == {"wrap": 0.5, "plain": 0.5}
+    assert line_accuracy(["Step 1: 2 + 1 = 3"]) == {"wrap": None, "plain": 1.0}

@@ -25,7 +25,7 @@ import numpy as np
 
 from trd_jax.config import BootstrapConfig, ModelShape
 from trd_jax.data.arithmetic import (ArithmeticTask, buggy_values, continuation_after_error, corrupted_attempt,
-                                     line_forms, random_forms, solution_text)
+                                     line_forms, misremembered_facts, random_forms, solution_text)
 from trd_jax.metrics import atomic_write_json
 from trd_jax.models.hf_io import save_hf
 from trd_jax.models.transformer import Transformer, init_for_tokenizer
@@ -41,14 +41,22 @@ def _model(shape: ModelShape, tok: Tokenizer, seed: int) -> Transformer:
                               **dataclasses.asdict(shape))
 
 
-def _attempt(task: ArithmeticTask, ex, rng: np.random.Generator, cfg: BootstrapConfig) -> str:
-    """An attempt to rewrite, as refine training shows it: half the student's kind (the wrap misconception,
-    its forms), a quarter varied corruptions (corrupted_attempt), a quarter correct (in random forms)."""
+def student_facts(cfg: BootstrapConfig) -> dict[tuple[int, str, int], int] | None:
+    """The plain facts this bootstrap's student misremembers (None: none), drawn from its seed."""
+    if cfg.student_wrong_fact_rate <= 0:
+        return None
+    return misremembered_facts(cfg.student_wrong_fact_rate, np.random.default_rng([cfg.seed, 3]))
+
+
+def _attempt(task: ArithmeticTask, ex, rng: np.random.Generator, cfg: BootstrapConfig, facts) -> str:
+    """An attempt to rewrite, as refine training shows it: half the student's kind (the wrap misconception and
+    misremembered facts, its forms), a quarter varied corruptions (corrupted_attempt), a quarter correct (in
+    random forms)."""
     p = task.problem_of(ex)
     forms = random_forms(len(p.ops), rng, cfg.student_alt_form_rate)
     kind = rng.random()
     if kind < 0.5:
-        return solution_text(p, buggy_values(p, forms, rng, max(cfg.student_bug_rate, 0.5)), forms)
+        return solution_text(p, buggy_values(p, forms, rng, max(cfg.student_bug_rate, 0.5), facts), forms)
     if kind < 0.75:
         return corrupted_attempt(p, rng, forms)
     return solution_text(p, forms=forms)
@@ -69,7 +77,8 @@ def sft_sets(task: ArithmeticTask, tok: Tokenizer, role: str, cfg: BootstrapConf
     problems = [task.problem_of(ex) for ex in train]
     x = [tok.encode_prompt(ex.prompt(), prompt_mode) for ex in train]
     eos = dict(append_eos=True)
-    attempts = [_attempt(task, ex, rng, cfg) for ex in train]
+    facts = student_facts(cfg)
+    attempts = [_attempt(task, ex, rng, cfg, facts) for ex in train]
     rewrites = [tok.encode_response(_rewrite(task, ex, a), **eos) for ex, a in zip(train, attempts)]
     if role == "teacher":
         solve = [tok.encode_response(solution_text(p, forms=random_forms(len(p.ops), rng, cfg.teacher_alt_form_rate)),
@@ -89,8 +98,8 @@ def sft_sets(task: ArithmeticTask, tok: Tokenizer, role: str, cfg: BootstrapConf
     noisy = []
     for p in problems:
         forms = random_forms(len(p.ops), rng, cfg.student_alt_form_rate)
-        noisy.append(tok.encode_response(solution_text(p, buggy_values(p, forms, rng, cfg.student_bug_rate), forms),
-                                         **eos))
+        noisy.append(tok.encode_response(solution_text(p, buggy_values(p, forms, rng, cfg.student_bug_rate, facts),
+                                                       forms), **eos))
     correct = [tok.encode_response(ex.reference, **eos) for ex in train]
     vanilla = [vanilla_teacher_context(ex.problem, ex.reference, mode="opsd", task="math", tokenizer=tok,
                                        prompt_mode=prompt_mode) for ex in train]

@@ -103,9 +103,10 @@ class BootstrapConfig:
     # Two phases each: solving alone first (the arithmetic is learned fastest without attempts in context,
     # whose flawed lines would contradict it), then the full mixture.
     teacher_solve_steps: int = 300
-    # 1000 mixed steps: with fewer (450) the repair skill below costs the teacher most of its rewriting
-    # accuracy (16% of student rollouts repaired instead of 85%).
-    teacher_mixed_steps: int = 1000
+    # 2000 mixed steps: with 1000 the teacher rewrote the student's rollouts correctly 45% of the time on one
+    # bootstrap of three (95% and 90% on the others), with 2000 99% on that one (docs/reproduction); with 450
+    # the repair skill below costs the teacher most of its rewriting accuracy.
+    teacher_mixed_steps: int = 2000
     student_solve_steps: int = 300
     # 800 steps with the reference sets weighted up: with 200 steps at weight 0.5 the student shown the
     # reference (OPSD's teacher) solved 9% of problems, worse than alone; with these 93%.
@@ -117,6 +118,12 @@ class BootstrapConfig:
     # Above 0.5 its most likely token at a wrap is wrong, so its mistakes survive the evaluation's
     # temperature 0.6 (random noise does not: the mode of noisy targets is still the right value).
     student_bug_rate: float = 0.9
+    # Each plain fact (a op b, no wrap) is misremembered by the student with this probability, drawn once per
+    # bootstrap seed (arithmetic.misremembered_facts; its solve targets get it wrong at student_bug_rate).
+    # The wrap misconception alone is one rule, unlearned at once: students that knew every plain fact went
+    # from 18-35% to 96-99% Avg@16 within the budget on two bootstraps of three, while the third, whose student
+    # had by accident half of the plain lines wrong (53% right), kept its headroom (docs/reproduction/budget.md).
+    student_wrong_fact_rate: float = 0.0
     # Fraction of lines written in the complement form ("add 2" as "- 8") in the solve targets: the task's
     # alternative derivations. Complement lines cross the modulus more often, so the student's form choices
     # matter to its accuracy.
@@ -161,6 +168,7 @@ def bootstrap_config(cfg):
                            batch_tokens=_int(cfg, "bootstrap.batch_tokens", 64),
                            learning_rate=_float(cfg, "bootstrap.learning_rate", 0.0, open_low=True),
                            student_bug_rate=_float(cfg, "bootstrap.student_bug_rate", 0.0, 1.0),
+                           student_wrong_fact_rate=_float(cfg, "bootstrap.student_wrong_fact_rate", 0.0, 1.0),
                            student_alt_form_rate=_float(cfg, "bootstrap.student_alt_form_rate", 0.0, 1.0),
                            teacher_alt_form_rate=_float(cfg, "bootstrap.teacher_alt_form_rate", 0.0, 1.0),
                            student_reference_weight=_float(cfg, "bootstrap.student_reference_weight", 0.0),

@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
                            head_dim=32),
         student_model=dict(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=24),
-        teacher_solve_steps=300, teacher_mixed_steps=1000,  # SFT steps: solving alone, then with refine prompts
+        teacher_solve_steps=300, teacher_mixed_steps=2000,  # SFT steps: solving alone, then with refine prompts
         student_solve_steps=300, student_mixed_steps=800,  # then with OPSD contexts (the reference in context)
         batch_tokens=4096,  # tokens per SFT batch
         learning_rate=3e-3,  # of both models' SFT (AdamW)
@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
         # this probability, the error carried forward (above 0.5 it survives low-temperature sampling).
         # 0.9: the wrong value is the student's mode at a wrap, with some mass left on the right one.
         student_bug_rate=0.9,
+        # Each plain fact (a op b without a wrap) misremembered by the student with this probability, a fixed
+        # wrong result per fact drawn from the seed: gaps learned back one by one, unlike the wrap rule.
+        student_wrong_fact_rate=0.5,
         # Fraction of solution lines written in the complement form ("add 2" as "- 8"), student and teacher.
         student_alt_form_rate=0.0, teacher_alt_form_rate=0.0,
         student_reference_weight=2.0,  # sampling weight of the OPSD context x + y* -> y* (noisy solutions: 2)

@@ -115,16 +115,36 @@ def random_forms(n: int, rng: np.random.Generator, alt_rate: float) -> list[int]
     return [int(rng.random() < alt_rate) for _ in range(n)]
 
 
-def buggy_values(p: Problem, forms: Sequence[int], rng: np.random.Generator, bug_rate: float) -> list[int]:
+def misremembered_facts(fraction: float, rng: np.random.Generator) -> dict[tuple[int, str, int], int]:
+    """A student's misremembered facts: each plain (non-wrapping) fact ``a op b`` of the table (a in 0..9,
+    b in 1..9, both operators) is in the set with probability ``fraction``, with its own wrong result (one
+    off, up or down, drawn once). Unlike the wrap misconception, one rule that a student can unlearn at
+    once, each of these is learned back on its own, as a weak student's gaps are."""
+    facts = {}
+    for a in range(MODULUS):
+        for op in "+-":
+            for b in range(1, MODULUS):
+                wrong, offset = rng.random() < fraction, 1 if rng.random() < 0.5 else -1
+                if wrong and not wraps(a, op, b):
+                    facts[(a, op, b)] = (_APPLY[op](a, b) + offset) % MODULUS
+    return facts
+
+
+def buggy_values(p: Problem, forms: Sequence[int], rng: np.random.Generator, bug_rate: float,
+                 facts: dict[tuple[int, str, int], int] | None = None) -> list[int]:
     """The values a solver with the wrap misconception writes: each line whose written form crosses the
-    modulus is off by one (one too far) with probability bug_rate; every later line computes correctly
-    from the (possibly wrong) value above it, so an error propagates to the answer."""
+    modulus is off by one (one too far) with probability bug_rate, and so is each line whose written fact is
+    among ``facts`` (misremembered_facts: its wrong result); every later line computes correctly from the
+    (possibly wrong) value above it, so an error propagates to the answer."""
     values, prev = [], p.start
     for (op, b), form in zip(p.ops, forms):
         wop, wb = written(op, b, form)
         v = _APPLY[wop](prev, wb)
-        if wraps(prev, wop, wb) and rng.random() < bug_rate:
-            v = (v + (1 if wop == "+" else -1)) % MODULUS
+        if wraps(prev, wop, wb):
+            if rng.random() < bug_rate:
+                v = (v + (1 if wop == "+" else -1)) % MODULUS
+        elif facts and (prev, wop, wb) in facts and rng.random() < bug_rate:
+            v = facts[(prev, wop, wb)]
         values.append(v)
         prev = v
     return values
@@ -198,6 +218,18 @@ def parse_steps(text: str) -> list[tuple[int, int, str, int, int]]:
     """The ``Step i: a op b = c`` lines of a solution as (i, a, op, b, c), in order."""
     return [(int(i), int(a), op, int(b), int(c)) for i, a, op, b, c in
             (m.groups() for m in map(_STEP_LINE.match, text.splitlines()) if m)]
+
+
+def line_accuracy(texts: Sequence[str]) -> dict[str, float | None]:
+    """Over the step lines of ``texts``: the fraction whose result is right for the value and operand the line
+    writes (its own arithmetic, whatever the lines above got wrong), on lines that wrap and on plain lines
+    (None where there are none)."""
+    right = {True: [], False: []}
+    for text in texts:
+        for _, a, op, b, c in parse_steps(text):
+            right[wraps(a, op, b)].append(_APPLY[op](a, b) == c)
+    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+    return {"wrap": mean(right[True]), "plain": mean(right[False])}
 
 
 def line_forms(text: str, p: Problem) -> list[int]:

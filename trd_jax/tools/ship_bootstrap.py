@@ -11,7 +11,8 @@ Measured, and written into the manifest (bootstrap.json) beside the settings:
 - one step of 128 rollouts: accuracy of the student's rollouts y_o and of the rewrites y_r by the OPD
   teacher and by OPSD's self-teacher;
 - the student's mistakes per rollout (the step verifier, trd_jax.data.arithmetic.step_errors): the
-  fraction of rollouts with at least one and with more than one wrong step;
+  fraction of rollouts with at least one and with more than one wrong step, and how often a line's result is
+  right given the value it starts from, on lines that wrap and on plain lines;
 - the gaps issue 14 sets targets on (`gaps`): teacher and OPSD teacher over the student (Avg@n), and each
   teacher's rewrites over the rollouts they rewrite (accuracy).
 
@@ -97,7 +98,7 @@ def _student_mistakes(student_dir: str, cfg, rows: int) -> dict:
     """Fractions of the student's sampled solutions (eval problems, eval sampling) with >= 1 and > 1 wrong
     steps, and the mean number of wrong steps."""
     from trd_jax.api import generate, load_model
-    from trd_jax.data.arithmetic import step_errors
+    from trd_jax.data.arithmetic import line_accuracy, step_errors
     from trd_jax.data.registry import make_task
     from trd_jax.tokenization import Tokenizer
 
@@ -107,10 +108,10 @@ def _student_mistakes(student_dir: str, cfg, rows: int) -> dict:
     prompts = [tok.encode_prompt(ex.prompt(), cfg.task.prompt_mode) for ex in examples]
     out = generate(load_model(student_dir), prompts, max_new_tokens=cfg.eval.max_new_tokens,
                    temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, seed=0)
-    counts = np.array([len(step_errors(tok.decode(ids, skip_special_tokens=True), task.problem_of(ex)))
-                       for ids, ex in zip(out, examples)])
+    texts = [tok.decode(ids, skip_special_tokens=True) for ids in out]
+    counts = np.array([len(step_errors(text, task.problem_of(ex))) for text, ex in zip(texts, examples)])
     return {"with_a_wrong_step": float(np.mean(counts >= 1)), "with_several_wrong_steps": float(np.mean(counts >= 2)),
-            "mean_wrong_steps": float(counts.mean())}
+            "mean_wrong_steps": float(counts.mean()), "line_accuracy": line_accuracy(texts)}
 
 
 def install(boot: dict, measured: dict, destination: str) -> None:
