@@ -41,7 +41,8 @@ def test_bootstrap_targets_name_what_a_draw_missed():
     figure = lambda avg: {"avg_at_k": avg, "pass_at_k": 1.0, "n": 16, "num_problems": 512}  # noqa: E731
     measured = {"student": figure(0.15), "teacher": figure(1.0), "opsd_teacher": figure(0.5),
                 "rollouts": {"y_o_accuracy": 0.25, "opd_y_r_accuracy": 0.453, "opsd_y_r_accuracy": 0.25,
-                             "opsd_y_o_accuracy": 0.25}}
+                             "opsd_y_o_accuracy": 0.25},
+                "teacher_after_error": {"rows": 250, "repair": 0.068, "continue": 0.736, "other": 0.196}}
     measured["gaps"] = gaps(measured)
     assert measured["gaps"] == pytest.approx({"teacher_over_student": 0.85, "opsd_teacher_over_student": 0.35,
                                               "opd_y_r_over_y_o": 0.203, "opsd_y_r_over_y_o": 0.0})
@@ -52,7 +53,8 @@ def test_bootstrap_targets_name_what_a_draw_missed():
     assert unmet(measured, reqs[1:2]) == []
     assert parse_requirements(["testbed"]) == [parse_requirement(t) for t in TESTBED_TARGETS]
     assert unmet(measured, parse_requirements(["testbed"])) == [
-        "gaps.opsd_y_r_over_y_o = 0, required >= 0.01", "rollouts.opd_y_r_accuracy = 0.453, required >= 0.9"]
+        "gaps.opsd_y_r_over_y_o = 0, required >= 0.01", "rollouts.opd_y_r_accuracy = 0.453, required >= 0.9",
+        "teacher_after_error.repair = 0.068, required >= 0.25"]
     for bad in ("student.avg_at_k", "student.avg_at_k>=x", "student.avg_at_k=0.2"):
         with pytest.raises(ValueError, match="KEY>=NUMBER"):
             parse_requirement(bad)

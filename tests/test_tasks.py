@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, buggy_values, line_accuracy,
-                                     misremembered_facts,
+from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, after_error_outcome, buggy_values,
+                                     flawed_prefix, line_accuracy, misremembered_facts,
                                      continuation_after_error, corrupted_attempt, first_error, flawed_solution,
                                      line_forms, parse_problem, parse_steps, problem_text, random_forms,
                                      solution_text, step_errors)
@@ -281,3 +281,18 @@ def test_line_accuracy_judges_each_line_from_the_value_it_starts_at():
              "Step 1: 1 - 3 = 8\nStep 2: 8 + 1 = 0\nnot a step line"]  # wrap right, plain wrong
     assert line_accuracy(texts) == {"wrap": 0.5, "plain": 0.5}
     assert line_accuracy(["Step 1: 2 + 1 = 3"]) == {"wrap": None, "plain": 1.0}
+
+
+def test_flawed_prefix_cuts_after_the_first_wrong_result_and_classifies_continuations():
+    p = Problem(3, (("+", 1), ("+", 2), ("-", 1)))  # 4, 6, 5
+    text = "Step 1: 3 + 1 = 4\nStep 2: 4 + 2 = 7\nStep 3: 7 - 1 = 6\nThe answer is \\boxed{6}."
+    prefix, consistent = flawed_prefix(text, p)
+    assert prefix == "Step 1: 3 + 1 = 4\nStep 2: 4 + 2 = 7\n" and consistent == 6
+    assert flawed_prefix("Step 1: 3 - 9 = 4\nStep 2: 4 - 8 = 5", p)[1] == 4  # complement forms are steps too
+    assert flawed_prefix(solution_text(p), p) is None  # nothing wrong
+    assert flawed_prefix("Step 1: 3 + 1 = 4\nStep 2: 5 + 2 = 8", p) is None  # a wrong input comes first
+    assert flawed_prefix("Step 1: 3 + 3 = 5", p) is None  # a wrong operand comes first
+    assert after_error_outcome("Step 3: 6 - 1 = 5\nThe answer is \\boxed{5}.", p, consistent) == "repair"
+    assert after_error_outcome("Step 3: 7 - 1 = 6\nThe answer is \\boxed{6}.", p, consistent) == "continue"
+    assert after_error_outcome("Step 3: 7 - 1 = 2\nThe answer is \\boxed{2}.", p, consistent) == "other"
+    assert after_error_outcome("Step 3: 7 - 1 =", p, consistent) == "other"

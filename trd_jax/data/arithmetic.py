@@ -220,6 +220,36 @@ def parse_steps(text: str) -> list[tuple[int, int, str, int, int]]:
             (m.groups() for m in map(_STEP_LINE.match, text.splitlines()) if m)]
 
 
+def flawed_prefix(text: str, p: Problem) -> tuple[str, int] | None:
+    """``text`` cut after its first line whose result is wrong (the line well formed, starting from the right
+    value), newline included, and the answer that continuing consistently from that wrong result leads to.
+    None when no line is wrong that way, or a malformed line comes first."""
+    lines, prev = text.split("\n"), p.start
+    for j, line in enumerate(lines[:len(p.ops)]):
+        m = _STEP_LINE.match(line)
+        if not m or int(m.group(1)) != j + 1 or int(m.group(2)) != prev:
+            return None
+        op, b, c = m.group(3), int(m.group(4)), int(m.group(5))
+        if (op, b) not in equivalent(*p.ops[j]):
+            return None
+        if c != _APPLY[op](prev, b):
+            consistent = c
+            for later_op, later_b in p.ops[j + 1:]:
+                consistent = _APPLY[later_op](consistent, later_b)
+            return "\n".join(lines[:j + 1]) + "\n", consistent
+        prev = c
+    return None
+
+
+def after_error_outcome(continuation: str, p: Problem, consistent: int) -> str:
+    """What a continuation of a flawed prefix did: "repair" (the right answer), "continue" (the answer the
+    wrong value leads to) or "other"."""
+    answer = last_boxed(continuation)
+    if answer == str(p.values()[-1]):
+        return "repair"
+    return "continue" if answer == str(consistent) else "other"
+
+
 def line_accuracy(texts: Sequence[str]) -> dict[str, float | None]:
     """Over the step lines of ``texts``: the fraction whose result is right for the value and operand the line
     writes (its own arithmetic, whatever the lines above got wrong), on lines that wrap and on plain lines
