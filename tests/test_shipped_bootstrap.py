@@ -58,3 +58,20 @@ def test_bootstrap_targets_name_what_a_draw_missed():
     for bad in ("student.avg_at_k", "student.avg_at_k>=x", "student.avg_at_k=0.2"):
         with pytest.raises(ValueError, match="KEY>=NUMBER"):
             parse_requirement(bad)
+
+
+def test_a_setting_at_its_neutral_value_keeps_earlier_identities(tmp_path):
+    """student_wrong_fact_rate came after bootstraps were cached and shipped: at 0 it is left out of the identity
+    (their hashes stay), at any other value it is in it."""
+    import dataclasses
+
+    from trd_jax.bootstrap import identity_hash
+    from trd_jax.config import BootstrapConfig
+    from trd_jax.data.arithmetic import ArithmeticConfig, ArithmeticTask
+
+    task = ArithmeticTask(str(tmp_path), ArithmeticConfig(train_size=20, eval_size=4))
+    plain = identity(task, BootstrapConfig())
+    assert "student_wrong_fact_rate" not in plain["config"]
+    assert set(plain["config"]) == {f.name for f in dataclasses.fields(BootstrapConfig)} - {"student_wrong_fact_rate"}
+    facts = identity(task, BootstrapConfig(student_wrong_fact_rate=0.5))
+    assert facts["config"]["student_wrong_fact_rate"] == 0.5 and identity_hash(facts) != identity_hash(plain)

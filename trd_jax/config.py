@@ -124,6 +124,7 @@ class BootstrapConfig:
     # from 18-35% to 96-99% Avg@16 within the budget on two bootstraps of three, while the third, whose student
     # had by accident half of the plain lines wrong (53% right), kept its headroom (docs/reproduction/budget.md).
     student_wrong_fact_rate: float = 0.0
+    # (Not in a bootstrap's identity while 0, so bootstraps built before it existed keep theirs.)
     # Fraction of lines written in the complement form ("add 2" as "- 8") in the solve targets: the task's
     # alternative derivations. Complement lines cross the modulus more often, so the student's form choices
     # matter to its accuracy.
