@@ -115,6 +115,11 @@ MANIFEST = "bootstrap.json"
 ROLES = ("teacher", "student")
 
 
+# Settings added after bootstraps were built and cached, at the value that reproduces those bootstraps: left out of
+# the identity there, so the caches (and the shipped models) keep their hash.
+NEUTRAL = {"student_wrong_fact_rate": 0.0}
+
+
 def identity(task: ArithmeticTask, cfg: BootstrapConfig, *, prompt_mode: str = "chat",
              refine_mode: str = "chat") -> dict:
     """What shapes the bootstrap's models: its own settings, the settings of the train split they are trained
@@ -123,10 +128,6 @@ def identity(task: ArithmeticTask, cfg: BootstrapConfig, *, prompt_mode: str = "
     return {"config": config, "task": task.cfg.training_identity(), "prompt_mode": prompt_mode,
             "refine_mode": refine_mode}
 
-
-# Settings added after bootstraps were built and cached, at the value that reproduces those bootstraps: left out of
-# the identity there, so the caches (and the shipped models) keep their hash.
-NEUTRAL = {"student_wrong_fact_rate": 0.0}
 
 
 def identity_hash(record: dict) -> str:

@@ -120,9 +120,8 @@ class BootstrapConfig:
     student_bug_rate: float = 0.9
     # Each plain fact (a op b, no wrap) is misremembered by the student with this probability, drawn once per
     # bootstrap seed (arithmetic.misremembered_facts; its solve targets get it wrong at student_bug_rate).
-    # The wrap misconception alone is one rule, unlearned at once: students that knew every plain fact went
-    # from 18-35% to 96-99% Avg@16 within the budget on two bootstraps of three, while the third, whose student
-    # had by accident half of the plain lines wrong (53% right), kept its headroom (docs/reproduction/budget.md).
+    # Meant to keep headroom that the wrap misconception alone (one rule, unlearned at once) does not; at 0.5 a
+    # student starting at 23% still learned every fact back within 20 steps (docs/reproduction/budget.md), so 0.
     student_wrong_fact_rate: float = 0.0
     # (Not in a bootstrap's identity while 0, so bootstraps built before it existed keep theirs.)
     # Fraction of lines written in the complement form ("add 2" as "- 8") in the solve targets: the task's
