@@ -378,8 +378,9 @@ def test_cli_local_config_json_overrides_and_errors(capsys, tmp_path):
 
 
 def test_a_paged_cache_is_planned_by_its_pool():
-    """rollout.kv_page_size: the slots' cache is a pool of pages, whole on every batch shard, kv heads over tensor:
-    every slot's longest row in whole pages by default, kv_pool_tokens when set, plus one scratch page."""
+    """rollout.kv_page_size: the slots' cache is a pool of pages, kv heads over tensor: every slot's longest row in
+    whole pages by default, kv_pool_tokens when set, split over the batch shards where they divide the slots (else
+    whole on every one), plus one scratch page per part."""
     work = _workload()
     models = {"student": mp.ModelInfo(SMALL.replace(dtype="bfloat16"), "test"),
               "teacher": mp.ModelInfo(SMALL.replace(dtype="bfloat16", num_layers=3), "test")}
@@ -391,12 +392,15 @@ def test_a_paged_cache_is_planned_by_its_pool():
                    if i.name == "rollout KV cache (student)"]
         return item
 
-    full = rollout_cache(**{"rollout.continuous_slots": 8, "rollout.kv_page_size": 16})
+    full = rollout_cache(**{"rollout.continuous_slots": 8, "rollout.kv_page_size": 16})  # 8 slots over 4 shards
     row = -(-(32 + 64) // 16) * 16
-    assert full.bytes == mp.kv_cache_bytes(models["student"].config, 1, 8 * row + 16)
-    assert "paged pool of" in full.note
+    assert full.bytes == mp.kv_cache_bytes(models["student"].config, 1, 8 * row // 4 + 16)
+    assert "paged pool of" in full.note and "split over 4" in full.note
     small = rollout_cache(**{"rollout.continuous_slots": 8, "rollout.kv_page_size": 16, "rollout.kv_pool_tokens": 300})
-    assert small.bytes == mp.kv_cache_bytes(models["student"].config, 1, 288 + 16)
+    assert small.bytes == mp.kv_cache_bytes(models["student"].config, 1, 5 * 16 + 16)  # 18 pages: 5 per part
+    whole = rollout_cache(**{"rollout.continuous_slots": 6, "rollout.kv_page_size": 16})  # 6 slots: not over 4
+    assert whole.bytes == mp.kv_cache_bytes(models["student"].config, 1, 6 * row + 16)
+    assert "whole on every batch shard" in whole.note
 
 
 def test_the_package_runs_as_the_command_line():

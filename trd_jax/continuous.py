@@ -27,7 +27,10 @@ keep_hidden keeps each token's final-layer state as the static sampler does (ref
 Speculative decoding (drafts with draft_tokens > 0: refine's y_o, or prompt lookup) runs through the slots too
 (continuous_speculative.py), each row getting the static speculative sampler's tokens.
 
-Not yet: pages split over the batch axes, a Pallas (TPU) or fused GPU kernel for the paged attention; the Sampler
+Where the batch axes' shards divide the slots, a paged pool is split over them (models/paged.PageShards,
+page_pool.py): each shard's slots draw pages from its own part, and its devices decode only those slots.
+
+Not yet: a Pallas (TPU) or fused GPU kernel for the paged attention; the Sampler
 uses continuous batching only when asked (Sampler(continuous=ContinuousConfig(slots=S, ...)),
 rollout.continuous_slots / kv_page_size / kv_pool_tokens; refine and the teacher's evaluation take the same).
 """
@@ -96,18 +99,20 @@ def _select(logits, table, steps, rows, sampling: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "eos_ids", "cache_sharding", "draft_mode",
-                                             "resync_context"), donate_argnames=("state",))
+                                             "resync_context", "page_shards"), donate_argnames=("state",))
 def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array, src: Array, rows: Array,
           budgets: Array, slots: Array, table: Array, pages: Array | None = None, drafts: tuple | None = None, *,
           sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_sharding=None, draft_mode: str = "aligned",
-          resync_context: int = 2) -> SlotState:
+          resync_context: int = 2, page_shards: paged.PageShards | None = None) -> SlotState:
     """Starts rows `rows` i32[A] (row a: prompt src[a] of prompts i32[U, P], left-padded by prompt_pad i32[U];
     budgets i32[A]) in slots i32[A]: one prefill per prompt (the n samples of a prompt share it, as in the
     static sampler), keys and values into the slots' cache rows, first token drawn and written. Padding
     entries carry slot S and row R_pad (scratch): their writes are dropped or land in the scratch row.
     pages i32[S, W]: a paged cache's page table (the slots' pages already allocated): a row's prompt goes to its
-    logical positions [0, L), without the bucket's padding. drafts (speculative decoding): (key, drafts by row,
-    their lengths): the first token drawn as the static speculative sampler draws it, the draft pointers set."""
+    logical positions [0, L), without the bucket's padding (page_shards: the table's ids are local to the slot's
+    shard's part of the pool; here, outside any shard_map, they become global). drafts (speculative decoding):
+    (key, drafts by row, their lengths): the first token drawn as the static speculative sampler draws it, the
+    draft pointers set."""
     model: Transformer = nnx.merge(graphdef, params)
     u, p = prompts.shape
     positions_in = jnp.arange(p)
@@ -127,7 +132,11 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
         logical = jnp.broadcast_to(positions_in, (len(slots), p))
         at = jnp.minimum(pad[:, None] + logical, p - 1)[:, None, :, None]  # where position j sits in the bucket
         valid = (logical < (p - pad)[:, None]) & (slots < pages.shape[0])[:, None]
-        row_pages = pages[jnp.minimum(slots, pages.shape[0] - 1)]
+        slot = jnp.minimum(slots, pages.shape[0] - 1)
+        row_pages = pages[slot]
+        if page_shards is not None:
+            parts = page_shards.count
+            row_pages = row_pages + (slot // (pages.shape[0] // parts) * (state.cache[0].k.shape[0] // parts))[:, None]
         unpad = lambda x: jnp.take_along_axis(x[src], at, axis=2)  # noqa: E731  [A, K, P, D], position-major
         cache = tuple(paged.write(c, unpad(pc.k), unpad(pc.v), row_pages, logical, valid)
                       for c, pc in zip(state.cache, prompt_cache))
@@ -153,13 +162,15 @@ def admit(graphdef, params, state: SlotState, prompts: Array, prompt_pad: Array,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "prompt_len", "sampling", "eos_ids",
-                                             "cache_sharding", "block_pages"), donate_argnames=("state",))
+                                             "cache_sharding", "block_pages", "page_shards"),
+                   donate_argnames=("state",))
 def decode_segment(graphdef, params, state: SlotState, table: Array, pages: Array | None = None, *, steps: int,
                    prompt_len: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], cache_sharding=None,
-                   block_pages: int = 8) -> SlotState:
+                   block_pages: int = 8, page_shards: paged.PageShards | None = None) -> SlotState:
     """`steps` decode steps of every slot; a finished or free slot computes and writes nothing that is read
     (its outputs go to the scratch row). pages i32[S, W]: a paged cache's page table, each slot's pages
-    covering the positions it writes in this segment (attention reads blocks of block_pages pages)."""
+    covering the positions it writes in this segment (attention reads blocks of block_pages pages; page_shards:
+    each batch shard its own slots and part of the pool)."""
     model: Transformer = nnx.merge(graphdef, params)
     cache_len = None if pages is not None else state.cache[0].k.shape[2]
     scratch = state.tokens.shape[0] - 1
@@ -178,7 +189,7 @@ def decode_segment(graphdef, params, state: SlotState, table: Array, pages: Arra
             # the longest live row.
             position = jnp.where(active, prompt_len - st.pad + st.step - 1, 0)
             hidden, cache = model(model_in, position[:, None], None, cache=st.cache, cache_index=position,
-                                  page_table=pages, block_pages=block_pages)
+                                  page_table=pages, block_pages=block_pages, page_shards=page_shards)
         cache = constrain_cache(cache, cache_sharding)
         tok, logp = _select(model.logits(hidden[:, 0], head), table, st.step, st.row, sampling)
         out_row = jnp.where(active, st.row, scratch)
@@ -254,6 +265,51 @@ def kept_states(hidden: Array, lengths: Array, *, rows: int, width: int) -> Arra
     return jnp.where(inside[..., None], hidden[:rows, :width], 0)
 
 
+def pool_shards(params, num_kv_heads: int, slots: int) -> paged.PageShards | None:
+    """How a paged pool splits over the mesh `params` lie on: its parts and the slots over the batch axes where
+    their shards divide the slots (else None: the pool whole on every batch shard), kv heads over tensor."""
+    placed = cache_sharding(params, num_kv_heads, slots)
+    if placed is None or placed.spec[0] is None:
+        return None
+    batch = placed.spec[0]
+    return paged.PageShards(placed.mesh, tuple(batch) if isinstance(batch, tuple) else (batch,), placed.spec[1])
+
+
+def place(rows: list[int], free: list[int], pool: PagePool | None, need) -> list[tuple[int, int]]:
+    """(row, slot) for the waiting `rows`, in order, into the `free` slots (their order): with a page pool, only
+    as many as it holds for their prompt and first segment (need(row): pages), each into the shard whose part has
+    the most free pages among those with a free slot; the first row that fits nowhere stops the admission."""
+    if pool is None:
+        return list(zip(rows, free))
+    room = [pool.free(part) for part in range(pool.shards)]
+    open_slots = [[s for s in free if pool.shard_of(s) == part] for part in range(pool.shards)]
+    placed = []
+    for r in rows:
+        fits = [part for part in range(pool.shards) if open_slots[part] and room[part] >= need(r)]
+        if not fits:
+            break
+        part = max(fits, key=lambda p: room[p])
+        room[part] -= need(r)
+        placed.append((r, open_slots[part].pop(0)))
+    return placed
+
+
+def shrunk(slot_row: list[int], parts: int) -> list[int] | None:
+    """The slots to keep when at most half of each part's slots (parts: the page pool's shards, else 1) hold a row
+    (-1: free): the busy ones and free ones to fill, each part halved (or quartered, ...) alike and in place, so
+    that a slot stays in its part; None if no part can halve."""
+    per = len(slot_row) // parts
+    busy = [[s for s in range(p * per, (p + 1) * per) if slot_row[s] >= 0] for p in range(parts)]
+    most = max(map(len, busy))
+    if most == 0 or most > per // 2:
+        return None
+    size = per
+    while most <= size // 2:
+        size //= 2
+    return [s for p in range(parts)
+            for s in busy[p] + [s for s in range(p * per, (p + 1) * per) if slot_row[s] < 0][:size - len(busy[p])]]
+
+
 def call_slots(slots: int, rows: int) -> int:
     """The slots a call of `rows` rows uses: slots beyond its rows would only decode padding until the first
     shrink, so at most the rows, rounded up to a bucket size (8, 12, 16, 24, ...) so that calls of nearby sizes
@@ -281,12 +337,15 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     enough that no row is ever preempted), in pages of page_size tokens; decode attention reads blocks of
     block_pages pages up to the longest live row. Pages are allocated one segment ahead and freed when a row
     ends; a pool too small for every live row's next segment preempts the latest admitted rows (decoded again
-    later, to the same tokens). A paged cache shards kv heads over tensor only (pages are not split over the
-    batch axes). key_groups: the prompts in consecutive groups of these sizes, `key` a key per group; each
-    group's rows draw what a static call over that group alone draws (Sampler's key_groups). stats (a dict):
-    filled with segments, admissions, prompts prefilled, slot-steps, compactions, the slots used (at most the rows,
-    bucketed), and with pages: the pool's pages, the most in use, preemptions. keep_hidden: also each token's
-    final-layer state (SampleOutput.hidden, on the device, zero past each row's length), as the static sampler's.
+    later, to the same tokens). A paged cache shards kv heads over tensor, and where the batch axes' shards
+    divide the slots, its pages and slots over them (models/paged.PageShards: each shard's slots draw pages from
+    its own part of the pool, pool_tokens split evenly, and its devices decode only those slots). key_groups:
+    the prompts in consecutive groups of these sizes, `key` a key per group; each group's rows draw what a static
+    call over that group alone draws (Sampler's key_groups). stats (a dict): filled with segments, admissions,
+    prompts prefilled, slot-steps, compactions, the slots used (at most the rows, bucketed), and with pages: the
+    pool's pages (per batch shard where split), the most in use (all parts together), preemptions, page_shards.
+    keep_hidden: also each token's final-layer state (SampleOutput.hidden, on the device, zero past each row's
+    length), as the static sampler's.
     drafts (one per prompt) with draft_tokens K > 0: speculative decoding (continuous_speculative.py), the static
     speculative sampler's tokens row for row; stats then has "draft": passes, proposed and accepted draft tokens
     (not with budgets or key_groups)."""
@@ -323,19 +382,25 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     put = (lambda x: x) if replicated is None else (lambda x: multihost.to_global(x, replicated))  # noqa: E731
     eos_ids = tuple(int(e) for e in eos_ids)
     budget_of = [max_new_tokens if budgets is None else budgets[r // n] for r in range(rows)]
-    pool = None
+    pool = page_shards = None
     if page_size:
         table_width = -(-paged_pages(plen + buffer, page_size) // block_pages) * block_pages
-        pages = (pool_tokens // page_size if pool_tokens
-                 else min(slots, rows) * paged_pages(plen + width + k, page_size)) + 1
+        page_shards = pool_shards(params, cfg.num_kv_heads, slots) if shard_cache else None
+        parts = 1 if page_shards is None else page_shards.count
+        total = (pool_tokens // page_size if pool_tokens
+                 else min(slots, rows) * paged_pages(plen + width + k, page_size))
+        pages = -(-total // parts) + 1  # per part, its scratch page included
         longest_row = max(paged_pages(len(prompts[r // n]) + budget_of[r] - 1, page_size) for r in range(rows))
         if pages - 1 < longest_row:
-            raise ValueError(f"pool_tokens={pool_tokens}: {pages - 1} pages of {page_size} cannot hold the longest "
-                             f"row ({longest_row} pages)")
-        pool = PagePool(pages, page_size, slots, table_width)
-        heads = cache_sharding(params, cfg.num_kv_heads, 1) if shard_cache else None  # kv heads over tensor only
-        shard = lambda size: heads  # noqa: E731
-        state = _new_state(cfg, slots, pages, rows, buffer, int(pad_id), heads, page_size, keep_hidden, speculate)
+            raise ValueError(f"pool_tokens={pool_tokens}: {pages - 1} pages of {page_size}"
+                             f"{f' per batch shard ({parts})' if parts > 1 else ''} cannot hold the longest row "
+                             f"({longest_row} pages)")
+        pool = PagePool(pages, page_size, slots, table_width, shards=parts)
+        # kv heads over tensor; with page shards, the pool's parts over the batch axes too
+        placed = cache_sharding(params, cfg.num_kv_heads, parts * pages if parts > 1 else 1) if shard_cache else None
+        shard = lambda size: placed  # noqa: E731
+        state = _new_state(cfg, slots, parts * pages, rows, buffer, int(pad_id), placed, page_size, keep_hidden,
+                           speculate)
     else:
         shard = (lambda size: cache_sharding(params, cfg.num_kv_heads, size)) if shard_cache else (lambda size: None)
         state = _new_state(cfg, slots, plen + width + k, rows, buffer, int(pad_id), shard(slots), 0, keep_hidden,
@@ -376,28 +441,25 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
 
     while True:
         if pool is not None:
-            # Every live slot's pages for its next segment; preempt the latest admitted while the pool is short.
-            live = sorted((s for s in range(len(slot_row)) if slot_row[s] >= 0), key=lambda s: admitted_at[s])
-            while sum(pool.missing(s, covers(s, slot_step[s])) for s in live) > len(pool.free):
-                victim = live.pop()
-                state = evict(state, put(np.asarray([victim], np.int32)), pad_id=int(pad_id))
-                pool.release(victim)
-                waiting.appendleft(slot_row[victim])
-                slot_row[victim] = -1
-                free.append(victim)
-                counts["preemptions"] += 1
-            for s in live:
-                pool.grow(s, covers(s, slot_step[s]))
-        take = min(len(free), len(waiting))
-        if pool is not None:  # only as many rows as the pool holds for their prompt and first segment
-            room, take_fit = len(pool.free), 0
-            for r in list(waiting)[:take]:
-                first = (min(1 + segment * (k + 1), budget_of[r] + k) if speculate else min(1 + segment, budget_of[r]))
-                need = paged_pages(len(prompts[r // n]) + first - 1, page_size)
-                if need > room:
-                    break
-                room, take_fit = room - need, take_fit + 1
-            take = take_fit
+            # Every live slot's pages for its next segment; preempt the latest admitted while its part of the pool
+            # is short.
+            for part in range(pool.shards):
+                live = sorted((s for s in range(len(slot_row)) if slot_row[s] >= 0 and pool.shard_of(s) == part),
+                              key=lambda s: admitted_at[s])
+                while sum(pool.missing(s, covers(s, slot_step[s])) for s in live) > pool.free(part):
+                    victim = live.pop()
+                    state = evict(state, put(np.asarray([victim], np.int32)), pad_id=int(pad_id))
+                    pool.release(victim)
+                    waiting.appendleft(slot_row[victim])
+                    slot_row[victim] = -1
+                    free.append(victim)
+                    counts["preemptions"] += 1
+                for s in live:
+                    pool.grow(s, covers(s, slot_step[s]))
+        placements = place(list(waiting)[:len(free)], free, pool, lambda r: paged_pages(
+            len(prompts[r // n]) + (min(1 + segment * (k + 1), budget_of[r] + k) if speculate
+                                    else min(1 + segment, budget_of[r])) - 1, page_size))
+        take = len(placements)
         if take:
             a = min(bucket(take), len(slot_row))
             admitted = [waiting.popleft() for _ in range(take)]
@@ -410,15 +472,15 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                 prompt_pad[j] = plen - len(prompts[i])
             src, row_ids = np.zeros((a,), np.int32), np.full((a,), rows, np.int32)
             slot_ids, row_budgets = np.full((a,), len(slot_row), np.int32), np.ones((a,), np.int32)
-            for j, r in enumerate(admitted):
-                s = free.pop(0)
+            for j, (r, s) in enumerate(placements):
+                free.remove(s)
                 src[j], row_ids[j], slot_ids[j], row_budgets[j] = unique.index(r // n), r, s, budget_of[r]
                 slot_row[s], slot_step[s], admitted_at[s] = r, 1, counts["admissions"]
                 if pool is not None:
                     pool.grow(s, covers(s, 1))
             state = admit(graphdef, params, state, *map(put, (tokens, prompt_pad, src, row_ids, row_budgets, slot_ids)),
                           table, page_table(), spec, sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding,
-                          draft_mode=draft_mode)
+                          draft_mode=draft_mode, page_shards=page_shards)
             counts["admissions"] += 1
             counts["prefilled"] += len(unique)
         if all(r < 0 for r in slot_row) and not waiting:
@@ -426,11 +488,11 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
         if speculate:
             state = speculative_segment(graphdef, params, state, *spec, page_table(), steps=segment, prompt_len=plen,
                                         sampling=sampling, eos_ids=eos_ids, draft_tokens=k, draft_mode=draft_mode,
-                                        cache_sharding=sharding, block_pages=block_pages)
+                                        cache_sharding=sharding, block_pages=block_pages, page_shards=page_shards)
         else:
             state = decode_segment(graphdef, params, state, table, page_table(), steps=segment,
                                    prompt_len=plen, sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding,
-                                   block_pages=block_pages)
+                                   block_pages=block_pages, page_shards=page_shards)
         counts["segments"] += 1
         counts["slot_steps"] += segment * len(slot_row)
         done = multihost.to_host(state.done)  # the host reads of a segment: S booleans (speculative: S counts too)
@@ -443,14 +505,11 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                     if pool is not None:
                         pool.release(s)
         free = [s for s in range(len(slot_row)) if slot_row[s] < 0]
-        live = len(slot_row) - len(free)
-        if shrink and not waiting and 0 < live <= len(slot_row) // 2:
+        keep = shrunk(slot_row, 1 if pool is None else pool.shards) if shrink and not waiting else None
+        if keep is not None:
             # Nothing left to admit and at most half the slots busy: the rest of the tail runs on half the slots
             # (or a quarter, ...: a step costs about its batch; halving keeps the compiled shapes few).
-            size = len(slot_row)
-            while live <= size // 2:
-                size //= 2
-            keep = [s for s in range(len(slot_row)) if slot_row[s] >= 0] + free[:size - live]
+            size = len(keep)
             sharding = shard(size)
             kept_hidden = state.hidden  # by row, carried whole: set aside so that the jit does not copy it
             state = state._replace(hidden=None)
@@ -471,7 +530,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
             passes, proposed, accepted = (int(x) for x in multihost.to_host(state.drafted)[:rows].sum(0))
             stats["draft"] = dict(passes=passes, proposed=proposed, accepted=accepted)
         if pool is not None:
-            stats.update(pages=pool.capacity, peak_pages=pool.peak)
+            stats.update(pages=pool.capacity, peak_pages=pool.peak, page_shards=pool.shards)
     tokens, logprobs, lengths = (multihost.to_host(x)[:rows] for x in (state.tokens, state.logprobs, state.lengths))
     out_width = max(int(lengths.max()), 1)
     inside = np.arange(tokens.shape[1])[None, :] < lengths[:, None]  # a speculative pass's rejected tail lies past it

@@ -35,15 +35,17 @@ def pass_keys(key: Array, passes: Array, rows: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "prompt_len", "sampling", "eos_ids",
                                              "draft_tokens", "draft_mode", "resync_window", "resync_context",
-                                             "cache_sharding", "block_pages"), donate_argnames=("state",))
+                                             "cache_sharding", "block_pages", "page_shards"),
+                   donate_argnames=("state",))
 def speculative_segment(graphdef, params, state, key: Array, drafts: Array, draft_lengths: Array,
                         pages: Array | None = None, *, steps: int, prompt_len: int, sampling: SamplingConfig,
                         eos_ids: tuple[int, ...], draft_tokens: int, draft_mode: str = "aligned",
                         resync_window: int = 16, resync_context: int = 2, cache_sharding=None,
-                        block_pages: int = 8):
+                        block_pages: int = 8, page_shards=None):
     """`steps` speculative passes of every slot. drafts i32[R + 1, L] and draft_lengths i32[R + 1] by row (the
     scratch row R empty); the token buffers need K + 1 columns beyond the budget, a contiguous cache K slots beyond
-    prompt + budget. pages: a paged cache's page table (each slot's pages covering its next segment's writes)."""
+    prompt + budget. pages: a paged cache's page table (each slot's pages covering its next segment's writes;
+    page_shards: models/paged.PageShards, as decode_segment's)."""
     model: Transformer = nnx.merge(graphdef, params)
     k = draft_tokens
     cache_len = None if pages is not None else state.cache[0].k.shape[2]
@@ -65,7 +67,7 @@ def speculative_segment(graphdef, params, state, key: Array, drafts: Array, draf
         else:  # a finished or free slot at logical position 0 (its own first pages, or the scratch page)
             position = jnp.where(active, prompt_len - st.pad + n - 1, 0)
             hidden, cache = model(inputs, position[:, None] + j, None, cache=st.cache, cache_index=position,
-                                  page_table=pages, block_pages=block_pages)
+                                  page_table=pages, block_pages=block_pages, page_shards=page_shards)
         cache = constrain_cache(cache, cache_sharding)
         scaled = scale_logits(model.logits(hidden, head), sampling)  # [S, K+1, V]
         uniforms = jax.vmap(lambda kk: jax.random.uniform(kk, (k + 1,)))(pass_keys(key, st.passes, st.row))

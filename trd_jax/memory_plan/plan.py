@@ -169,28 +169,31 @@ class _Step:
         return bool(self.options.continuous_slots)
 
     def slots_sharded(self, rows: int) -> bool:
-        """Continuous batching shards its slots like the static sampler's rows, where the batch shards divide them
-        (continuous.generate); otherwise every device holds every slot."""
-        return (self.options.kv_cache == "sharded" and not self.options.kv_page_size
-                and self.call_rows(rows, True) % self.batch_shards == 0)
+        """Continuous batching shards its slots like the static sampler's rows, and a paged pool's parts with them,
+        where the batch shards divide them (continuous.generate); otherwise every device holds every slot."""
+        return self.options.kv_cache == "sharded" and self.call_rows(rows, True) % self.batch_shards == 0
 
     def slots_note(self, rows: int, prompt: int, new: int, own_pool: bool = False) -> str:
         slots = self.call_rows(rows, True)
         if self.options.kv_page_size:
             pool = self.pool_tokens(rows, prompt + new, own_pool)
-            return (f"{slots} continuous slots over a paged pool of {pool} tokens "
-                    f"(pages of {self.options.kv_page_size}), whole on every batch shard")
+            where = (f"split over {self.batch_shards} (data, fsdp) shards" if self.slots_sharded(rows) and
+                     self.batch_shards > 1 else "whole on every batch shard")
+            return (f"{slots} continuous slots over a paged pool of {pool} tokens per device "
+                    f"(pages of {self.options.kv_page_size}), {where}")
         where = self.cache_note if self.slots_sharded(rows) else "on every device (the shards do not divide them)"
         return f"{slots} continuous slots, {where} x ({prompt} + {new})"
 
     def pool_tokens(self, rows: int, length: int, own_pool: bool = False) -> int:
-        """A paged cache's tokens (continuous.generate): kv_pool_tokens, or every slot's longest row in whole pages
-        (slots holding a row: a call's bucketed slots beyond its rows get no pages); plus the scratch page.
-        own_pool: the latter whatever kv_pool_tokens says (the refine sampler sizes its own pool)."""
+        """A paged cache's tokens per device (continuous.generate): kv_pool_tokens, or every slot's longest row in
+        whole pages (slots holding a row: a call's bucketed slots beyond its rows get no pages), split evenly over
+        the batch shards where they divide the slots; plus the scratch page (one per part). own_pool: the latter
+        whatever kv_pool_tokens says (the refine sampler sizes its own pool)."""
         page = self.options.kv_page_size
         configured = 0 if own_pool else self.options.kv_pool_tokens
         pool = configured or min(rows, self.call_rows(rows, True)) * _ceil_div(length, page) * page
-        return pool // page * page + page
+        parts = self.batch_shards if self.slots_sharded(rows) else 1
+        return _ceil_div(pool // page, parts) * page + page
 
     def cache(self, cfg: ModelConfig, rows: int, length: int, continuous: bool = False, own_pool: bool = False) -> int:
         """continuous: a sampler under continuous batching (slots x (prompt + budget), or its paged pool; own_pool:

@@ -32,7 +32,8 @@ class PlanOptions:
     # sharded like the static sampler's rows where the batch shards divide them; 0: the static sampler
     continuous_slots: int = 0
     # rollout.kv_page_size / kv_pool_tokens: those slots' cache as pages (models/paged.py): a pool of kv_pool_tokens
-    # tokens (0: every slot's longest row), kv heads over tensor, the pool whole on each batch shard
+    # tokens (0: every slot's longest row), kv heads over tensor, the pool split over the batch shards where they
+    # divide the slots (else whole on each)
     kv_page_size: int = 0
     kv_pool_tokens: int = 0
     score_rows: int = 0  # train.max_score_rows: rows per scoring forward; 0: all of a step's rows at once

@@ -18,11 +18,13 @@ length point anywhere (the allocator's scratch page): they are masked.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 Array = jax.Array
 _MASKED = -1e30
@@ -32,6 +34,29 @@ _F32 = jnp.float32
 class PagedLayerCache(NamedTuple):
     k: Array  # [pages, kv_heads, page_size, head_dim]
     v: Array  # [pages, kv_heads, page_size, head_dim]
+
+
+@dataclasses.dataclass(frozen=True)
+class PageShards:
+    """The pool's pages and the rows over the mesh axes `batch` (their product: `count` parts, each row's pages in
+    its own part, its table's ids local to it), kv heads over `heads` (None: whole)."""
+
+    mesh: Mesh
+    batch: tuple[str, ...]
+    heads: str | None = None
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.batch)
+
+    def spec(self) -> P:
+        """Of a pool [pages, kv_heads, ...], keys / values [B, kv_heads, ...] and queries [B, kv_heads, ...]."""
+        return P(self.batch, self.heads)
+
+    def rows(self, x: Array) -> Array:
+        """x [B, ...] kept split over the batch axes like its rows' pages: the whole decode step runs per shard,
+        not only its attention."""
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(self.batch)))
 
 
 def init_paged_cache(cfg, pages: int, page_size: int, dtype=None) -> tuple[PagedLayerCache, ...]:
@@ -103,3 +128,24 @@ def paged_attention(q: Array, cache: PagedLayerCache, table: Array, query_pos: A
             jnp.zeros((b, kh, g, t, d), acc_t))
     _, l, acc = jax.lax.fori_loop(0, blocks, key_block, init)
     return (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(q.dtype)
+
+
+def write_and_attend(q: Array, k: Array, v: Array, cache: PagedLayerCache, table: Array, query_pos: Array, *,
+                     block_pages: int = 8, shards: PageShards | None = None) -> tuple[Array, PagedLayerCache]:
+    """A step's keys and values k, v [B, kv_heads, T, head_dim] written at each row's logical positions query_pos
+    i32[B] + t, then its queries q [B, K, G, T, D] attending: (attention out, the cache). shards: per batch
+    shard, on its own rows and pages (table ids local to the shard's part of the pool)."""
+    def local(q, k, v, pool_k, pool_v, table, query_pos):
+        written = write(PagedLayerCache(pool_k, pool_v), k, v, table, query_pos[:, None] + jnp.arange(k.shape[2]))
+        return paged_attention(q, written, table, query_pos, block_pages=block_pages), written.k, written.v
+
+    if shards is None:
+        out, pool_k, pool_v = local(q, k, v, cache.k, cache.v, table, query_pos)
+    else:
+        both, rows = shards.spec(), P(shards.batch)
+        # Every value is local to its shard (nothing is reduced across them): the loop's carries need no
+        # varying-axes bookkeeping.
+        out, pool_k, pool_v = jax.shard_map(local, mesh=shards.mesh, in_specs=(both,) * 5 + (rows, rows),
+                                            out_specs=(both, both, both), check_vma=False)(
+            q, k, v, cache.k, cache.v, table, query_pos)
+    return out, PagedLayerCache(pool_k, pool_v)

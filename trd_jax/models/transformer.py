@@ -53,6 +53,7 @@ class Mask(NamedTuple):
     dense: Array | None
     page_table: Array | None = None  # i32[B, W]: a paged cache's pages of each row (models/paged.py)
     block_pages: int = 8  # pages per block of paged attention
+    page_shards: paged.PageShards | None = None  # the pool and rows split over the batch axes
 
 
 class LayerCache(NamedTuple):
@@ -149,31 +150,35 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = k.transpose(0, 2, 1, 3)  # [B, kv_heads, T, hd]
         v = v.transpose(0, 2, 1, 3)
-        if isinstance(cache, paged.PagedLayerCache):  # each row at its own logical positions, in its pages
-            cache = paged.write(cache, k, v, mask.page_table, mask.query_start[:, None] + jnp.arange(t))
-        elif cache is not None and jnp.ndim(cache_index) == 1:  # each row at its own slot
-            put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (0, i, 0)))
-            cache = LayerCache(put(cache.k, k.astype(cache.k.dtype), cache_index),
-                               put(cache.v, v.astype(cache.v.dtype), cache_index))
-            k, v = cache.k.astype(dt), cache.v.astype(dt)
-        elif cache is not None:
-            at = (0, 0, cache_index, 0)
-            cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
-                               jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at))
-            k, v = cache.k.astype(dt), cache.v.astype(dt)
         # q grouped by the kv head it shares: head h = kv_head * groups + g (HF's repeat_kv order).
         q = q.reshape(b, t, kvh, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, hd]
-        if mask.page_table is not None:
-            out = paged.paged_attention(q, cache, mask.page_table, mask.query_start, block_pages=mask.block_pages)
-        elif mask.dense is not None:
-            out = attention.dense_attention(q, k, v, mask.dense)
-        elif cfg.attention == "fused" and cache is None and attention.fused_backend_supports(dt):
-            out = attention.fused_attention(q, k, v, mask.key_mask)
+        if isinstance(cache, paged.PagedLayerCache):  # each row at its own logical positions, in its pages
+            out, cache = paged.write_and_attend(q, k, v, cache, mask.page_table, mask.query_start,
+                                                block_pages=mask.block_pages, shards=mask.page_shards)
         else:
-            out = attention.blockwise_attention(q, k, v, mask.key_mask, mask.query_start,
-                                                block_q=cfg.attention_block, block_k=cfg.attention_block)
+            if cache is not None and jnp.ndim(cache_index) == 1:  # each row at its own slot
+                put = jax.vmap(lambda full, part, i: jax.lax.dynamic_update_slice(full, part, (0, i, 0)))
+                cache = LayerCache(put(cache.k, k.astype(cache.k.dtype), cache_index),
+                                   put(cache.v, v.astype(cache.v.dtype), cache_index))
+                k, v = cache.k.astype(dt), cache.v.astype(dt)
+            elif cache is not None:
+                at = (0, 0, cache_index, 0)
+                cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at),
+                                   jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at))
+                k, v = cache.k.astype(dt), cache.v.astype(dt)
+            out = self._attend(q, k, v, mask, cache)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
         return adapted(self, "o", out, jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))), cache
+
+    def _attend(self, q, k, v, mask, cache):
+        """The kernel for a contiguous cache or none: dense (a mask given), fused (cuDNN, no cache), blockwise."""
+        cfg = self.cfg
+        if mask.dense is not None:
+            return attention.dense_attention(q, k, v, mask.dense)
+        if cfg.attention == "fused" and cache is None and attention.fused_backend_supports(jnp.dtype(cfg.dtype)):
+            return attention.fused_attention(q, k, v, mask.key_mask)
+        return attention.blockwise_attention(q, k, v, mask.key_mask, mask.query_start,
+                                             block_q=cfg.attention_block, block_k=cfg.attention_block)
 
 
 class MLP(nnx.Module):
@@ -232,7 +237,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: Array, positions: Array, key_mask: Array | None, *,
                  cache: KVCache | None = None, cache_index=0, page_table: Array | None = None,
-                 block_pages: int = 8) -> tuple[Array, KVCache | None]:
+                 block_pages: int = 8, page_shards: paged.PageShards | None = None) -> tuple[Array, KVCache | None]:
         """Returns the final-normed hidden states [B, T, hidden] and the updated cache (or None).
         With a paged cache (models/paged.py; page_table i32[B, W]): cache_index i32[B] is each row's logical
         position of its first input token, key_mask is unused, and attention reads the rows' pages."""
@@ -243,7 +248,9 @@ class Transformer(nnx.Module):
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         cache_index = jnp.asarray(cache_index, jnp.int32)
         if page_table is not None:
-            mask = Mask(None, cache_index, None, page_table, block_pages)
+            if page_shards is not None:
+                x = page_shards.rows(x)
+            mask = Mask(None, cache_index, None, page_table, block_pages, page_shards)
             new_cache = []
             for i, layer in enumerate(self.layers):
                 x, c = layer(x, cos, sin, mask, cache[i], cache_index)
