@@ -149,17 +149,16 @@ for mesh_cfg, spec in ((MeshConfig(data=2, fsdp=1, tensor=2), P(("data", "fsdp")
 # per part, under a part's 4 slots' longest rows, so rows are preempted and decoded again within their shard.
 mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2))
 placed = jax.device_put(params, param_shardings(nnx.state(nnx.merge(graphdef, params)), mesh))
-for pool_tokens in (0, 192):
-    stats = {{}}
-    out = generate(graphdef, placed, prompts, 24, slots=8, segment=4, eos_ids=EOS, stats=stats, page_size=8,
-                   pool_tokens=pool_tokens, block_pages=2, **kw)
-    assert stats["page_shards"] == 2 and stats["cache_sharding"].is_equivalent_to(
-        NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None)), 4), stats
-    assert (stats["preemptions"] > 0) == (pool_tokens > 0) and stats["compactions"] > 0, stats
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_array_equal(out.lengths, ref.lengths)
-    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-3, rtol=0)
-    print("ok paged", pool_tokens, stats["preemptions"], stats["compactions"], flush=True)
+stats = {{}}
+out = generate(graphdef, placed, prompts, 24, slots=8, segment=4, eos_ids=EOS, stats=stats, page_size=8,
+               pool_tokens=192, block_pages=2, **kw)
+assert stats["page_shards"] == 2 and stats["pages"] == 12 and stats["cache_sharding"].is_equivalent_to(
+    NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None)), 4), stats
+assert stats["preemptions"] > 0 and stats["compactions"] > 0, stats
+np.testing.assert_array_equal(out.tokens, ref.tokens)
+np.testing.assert_array_equal(out.lengths, ref.lengths)
+np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=2e-3, rtol=0)
+print("ok paged", stats["preemptions"], stats["compactions"], flush=True)
 # Four batch shards (data=4) and speculative decoding through them: the static speculative sampler's rows.
 mesh = make_mesh(MeshConfig(data=4, fsdp=1, tensor=1))
 placed = jax.device_put(params, param_shardings(nnx.state(nnx.merge(graphdef, params)), mesh))

@@ -61,8 +61,8 @@ def test_bootstrap_targets_name_what_a_draw_missed():
 
 
 def test_a_setting_at_its_neutral_value_keeps_earlier_identities(tmp_path):
-    """student_wrong_fact_rate came after bootstraps were cached and shipped: at 0 it is left out of the identity
-    (their hashes stay), at any other value it is in it."""
+    """student_wrong_fact_rate and repair_on_student_errors came after bootstraps were cached and shipped: at 0
+    each is left out of the identity (their hashes stay), at any other value it is in it."""
     import dataclasses
 
     from trd_jax.bootstrap import identity_hash
@@ -71,7 +71,8 @@ def test_a_setting_at_its_neutral_value_keeps_earlier_identities(tmp_path):
 
     task = ArithmeticTask(str(tmp_path), ArithmeticConfig(train_size=20, eval_size=4))
     plain = identity(task, BootstrapConfig())
-    assert "student_wrong_fact_rate" not in plain["config"]
-    assert set(plain["config"]) == {f.name for f in dataclasses.fields(BootstrapConfig)} - {"student_wrong_fact_rate"}
-    facts = identity(task, BootstrapConfig(student_wrong_fact_rate=0.5))
-    assert facts["config"]["student_wrong_fact_rate"] == 0.5 and identity_hash(facts) != identity_hash(plain)
+    later = {"student_wrong_fact_rate", "repair_on_student_errors"}
+    assert set(plain["config"]) == {f.name for f in dataclasses.fields(BootstrapConfig)} - later
+    for name in later:
+        changed = identity(task, BootstrapConfig(**{name: 0.5}))
+        assert changed["config"][name] == 0.5 and identity_hash(changed) != identity_hash(plain)

@@ -5,7 +5,7 @@ import pytest
 
 from trd_jax.data.arithmetic import (ArithmeticConfig, ArithmeticTask, Problem, after_error_outcome, buggy_values,
                                      flawed_prefix, line_accuracy, misremembered_facts,
-                                     continuation_after_error, corrupted_attempt, first_error, flawed_solution,
+                                     continuation_after_error, corrupted_attempt, first_error, flawed_solution, wraps,
                                      line_forms, parse_problem, parse_steps, problem_text, random_forms,
                                      solution_text, step_errors)
 from trd_jax.data.task import Example, NoUsableExamples, PromptIterator
@@ -86,11 +86,15 @@ def test_continuations_after_an_error_repair_or_continue(task):
     rng = np.random.default_rng(1)
     for ex in list(task.split("train"))[:60]:
         p = task.problem_of(ex)
-        for repair in (True, False):
-            prefix, rest = continuation_after_error(p, rng, repair=repair)
+        for repair, at_wrap in ((True, False), (False, False), (True, True), (False, True)):
+            prefix, rest = continuation_after_error(p, rng, repair=repair, at_wrap=at_wrap)
             assert prefix.endswith("\n") and not rest.startswith("\n")
             err = first_error(prefix, p)
             assert err is not None and err == len(parse_steps(prefix)) - 1  # the prefix ends with the wrong line
+            _, a, op, b, c = parse_steps(prefix)[-1]
+            if at_wrap and any(wraps(x, o, y) for _, x, o, y, _ in parse_steps(ex.reference)[:-1]):
+                # the student's kind of error (buggy_values): a line that wraps, one too far
+                assert wraps(a, op, b) and c == ((a + b + 1) if op == "+" else (a - b - 1)) % 10, prefix
             full = prefix + rest
             assert task.grade(full, ex) == float(repair)  # repairing reaches the right answer
             steps = parse_steps(full)

@@ -89,8 +89,11 @@ def sft_sets(task: ArithmeticTask, tok: Tokenizer, role: str, cfg: BootstrapConf
         if cfg.repair_fraction > 0:
             prefixes, continuations = [], []
             for p, ids in zip(problems, x):
-                prefix, rest = continuation_after_error(p, rng, repair=rng.random() < cfg.repair_fraction,
-                                                        forms=random_forms(len(p.ops), rng, cfg.teacher_alt_form_rate))
+                repair = rng.random() < cfg.repair_fraction
+                forms = random_forms(len(p.ops), rng, cfg.teacher_alt_form_rate)
+                # drawn only when set, so that bootstraps built before the setting keep their data
+                at_wrap = cfg.repair_on_student_errors > 0 and rng.random() < cfg.repair_on_student_errors
+                prefix, rest = continuation_after_error(p, rng, repair=repair, forms=forms, at_wrap=at_wrap)
                 prefixes.append(ids + tok.encode(prefix))
                 continuations.append(tok.encode_response(rest, **eos))
             sets.append(SFTSet("after_error", prefixes, continuations, 0.5))
@@ -117,7 +120,7 @@ ROLES = ("teacher", "student")
 
 # Settings added after bootstraps were built and cached, at the value that reproduces those bootstraps: left out of
 # the identity there, so the caches (and the shipped models) keep their hash.
-NEUTRAL = {"student_wrong_fact_rate": 0.0}
+NEUTRAL = {"student_wrong_fact_rate": 0.0, "repair_on_student_errors": 0.0}
 
 
 def identity(task: ArithmeticTask, cfg: BootstrapConfig, *, prompt_mode: str = "chat",

@@ -137,6 +137,9 @@ class BootstrapConfig:
     # distribution after a wrong step is the bimodal mixture of prefix failure (TRD_SPEC §2). With 0 it
     # always continues consistently and token-level targets on flawed rollouts are not fragmented.
     repair_fraction: float = 0.5
+    # The fraction of those flawed prefixes whose wrong line is the student's kind (one too far where a line
+    # crosses the modulus) rather than any wrong digit at any line.
+    repair_on_student_errors: float = 0.0
     seed: int = 0
 
 
@@ -174,6 +177,7 @@ def bootstrap_config(cfg):
                            student_reference_weight=_float(cfg, "bootstrap.student_reference_weight", 0.0),
                            student_refine_weight=_float(cfg, "bootstrap.student_refine_weight", 0.0),
                            repair_fraction=_float(cfg, "bootstrap.repair_fraction", 0.0, 1.0),
+                           repair_on_student_errors=_float(cfg, "bootstrap.repair_on_student_errors", 0.0, 1.0),
                            seed=_int(cfg, "bootstrap.seed", 0))
 
 

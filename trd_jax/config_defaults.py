@@ -122,6 +122,9 @@ def base_config() -> ml_collections.ConfigDict:
         # The teacher also learns to repair (this fraction) or continue after a flawed prefix, so that its
         # next-token distribution there is the bimodal mixture of prefix failure (0: it always continues).
         repair_fraction=0.5,
+        # Of those flawed prefixes, the fraction whose wrong line is the student's kind (one too far at a line that
+        # crosses the modulus) rather than any wrong digit at any line.
+        repair_on_student_errors=0.0,
         seed=0,  # seed of the bootstrap's initialisation and data order
     ))
 

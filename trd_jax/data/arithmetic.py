@@ -161,27 +161,36 @@ def flawed_solution(p: Problem, rng: np.random.Generator, *, error_step: int | N
     return solution_text(p, _flawed_values(p, rng, error_step), forms), error_step
 
 
-def _flawed_values(p: Problem, rng: np.random.Generator, error_step: int) -> list[int]:
+def _flawed_values(p: Problem, rng: np.random.Generator, error_step: int, off_by: int | None = None) -> list[int]:
     values, prev = [], p.start
     for i, (op, b) in enumerate(p.ops):
         v = _APPLY[op](prev, b)
-        if i == error_step:
-            v = (v + int(rng.integers(1, MODULUS))) % MODULUS  # any other digit
+        if i == error_step:  # off_by given: that far off; else any other digit
+            v = (v + (int(rng.integers(1, MODULUS)) if off_by is None else off_by)) % MODULUS
         values.append(v)
         prev = v
     return values
 
 
 def continuation_after_error(p: Problem, rng: np.random.Generator, *, repair: bool,
-                             forms: Sequence[int] | None = None) -> tuple[str, str]:
+                             forms: Sequence[int] | None = None, at_wrap: bool = False) -> tuple[str, str]:
     """(prefix, continuation): the prefix ends with a line whose result is wrong; the continuation either
     repairs (the next line starts again from the correct value, and the answer is right) or continues
     consistently from the wrong value. A teacher trained on both faces, after a flawed prefix, exactly the
-    bimodal choice of prefix failure. Needs at least 2 steps."""
+    bimodal choice of prefix failure. Needs at least 2 steps. The wrong line is any but the last, its result
+    any other digit; at_wrap: the student's kind of error instead (buggy_values), a line that crosses the
+    modulus as written, one too far (any line when none before the last wraps)."""
     if len(p.ops) < 2:
         raise ValueError("continuation_after_error needs a problem with at least 2 steps")
-    error_step = int(rng.integers(0, len(p.ops) - 1))
-    flawed = solution_text(p, _flawed_values(p, rng, error_step), forms).split("\n")
+    forms_ = [0] * len(p.ops) if forms is None else list(forms)
+    lines = list(zip(p.ops, forms_, [p.start] + p.values()[:-1]))[:-1]
+    wrapping = [i for i, ((op, b), form, a) in enumerate(lines) if wraps(a, *written(op, b, form))]
+    if at_wrap and wrapping:
+        error_step = int(wrapping[int(rng.integers(0, len(wrapping)))])
+        off_by = 1 if written(*p.ops[error_step], forms_[error_step])[0] == "+" else -1
+    else:
+        error_step, off_by = int(rng.integers(0, len(p.ops) - 1)), None
+    flawed = solution_text(p, _flawed_values(p, rng, error_step, off_by), forms).split("\n")
     if not repair:
         return "\n".join(flawed[:error_step + 1]) + "\n", "\n".join(flawed[error_step + 1:])
     correct = solution_text(p, forms=forms).split("\n")
