@@ -194,10 +194,12 @@ def base_config() -> ml_collections.ConfigDict:
         # the static sampler, on one process or several; not with prompt lookup.
         continuous_slots=0,
         # A paged KV cache for continuous batching (0: off; models/paged.py): pages of this many tokens, allocated as
-        # rows grow and freed when they end; decode attention reads a row's filled pages only.
+        # rows grow and freed when they end; decode attention reads a row's filled pages only. Split with the slots
+        # over the batch shards where they divide them, each shard's slots on its own pages.
         kv_page_size=0,
-        # The paged cache's size in tokens (0: enough for every slot's longest row). Smaller: more slots fit; when
-        # the live rows outgrow it the latest admitted are preempted and decoded again (the same tokens).
+        # The paged cache's size in tokens (0: enough for every slot's longest row; split evenly over the batch
+        # shards with the slots). Smaller: more slots fit; when the live rows outgrow it (a shard's part) the latest
+        # admitted are preempted and decoded again (the same tokens).
         kv_pool_tokens=0,
     ))
 
