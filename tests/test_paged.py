@@ -130,3 +130,44 @@ def test_the_page_pool_grows_frees_and_renumbers_slots():
         pool.keep([1])
     with pytest.raises(ValueError, match="exceed the page table"):
         PagePool(pages=9, page_size=4, slots=1, table_width=2).grow(0, 9)
+
+
+def test_a_pool_split_over_shards_keeps_each_slot_in_its_part():
+    """PagePool(shards=2): slots 0-1 draw from part 0, slots 2-3 from part 1, each part with its own free list
+    and scratch page (ids local to the part); compaction keeps every slot in its part."""
+    from trd_jax.page_pool import PagePool
+
+    pool = PagePool(pages=4, page_size=4, slots=4, table_width=3, shards=2)  # 3 usable pages a part, scratch 3
+    assert pool.capacity == 3 and [pool.shard_of(s) for s in range(4)] == [0, 0, 1, 1]
+    pool.grow(0, 12)  # part 0 full
+    pool.grow(2, 5)
+    assert pool.free(0) == 0 and pool.free(1) == 1 and pool.used() == 5
+    assert sorted(pool.table[0]) == [0, 1, 2] and set(pool.table[2, :2]) <= {0, 1, 2}  # local ids in both parts
+    with pytest.raises(RuntimeError, match="slot 1 needs 1 pages, 0 free"):
+        pool.grow(1, 1)  # part 1 has a free page, but slot 1 lives in part 0
+    pool.keep([0, 2])  # one slot a part: slot 2 becomes slot 1, still in part 1
+    assert pool.shard_of(1) == 1 and pool.owned == [3, 2]
+    pool.release(1)
+    assert pool.free(1) == 3 and pool.free(0) == 0
+    with pytest.raises(ValueError, match="leave their shards"):
+        pool.keep([1, 0])
+    with pytest.raises(ValueError, match="do not split"):
+        PagePool(pages=4, page_size=4, slots=3, table_width=3, shards=2)
+
+
+def test_admission_and_shrinking_respect_the_parts():
+    """continuous.place: waiting rows in order into the part with the most free pages that has a free slot, until
+    one fits nowhere; continuous.shrunk: every part halved alike, a slot staying in its part."""
+    from trd_jax.continuous import place, shrunk
+    from trd_jax.page_pool import PagePool
+
+    pool = PagePool(pages=5, page_size=4, slots=4, table_width=4, shards=2)
+    pool.grow(0, 8)  # part 0: 2 of 4 pages left, part 1: 4
+    need = {10: 3, 11: 2, 12: 1, 13: 1}.get
+    assert place([10, 11, 12, 13], [1, 2, 3], pool, need) == [(10, 2), (11, 1), (12, 3)]  # 13: no slot
+    assert place([10, 13], [1], pool, need) == []  # row 10 fits in no part with a free slot: admission stops
+    assert place([5, 6], [3, 1], None, need) == [(5, 3), (6, 1)]  # no pool: the free slots in their order
+    assert shrunk([7, -1, -1, -1, -1, 8, -1, -1], 2) == [0, 5]  # each part of 4 down to its one busy slot
+    assert shrunk([7, -1, -1, -1, 8, -1, 9, -1], 2) == [0, 1, 4, 6]  # down to 2 a part, part 0's filled up
+    assert shrunk([7, -1, -1, -1, 8, 9, 6, -1], 2) is None  # part 1 is more than half busy: it cannot halve
+    assert shrunk([-1, 7, -1, 5, -1, -1, -1, -1], 1) == [1, 3]  # one part of 8: down to 2
