@@ -237,3 +237,33 @@ def test_collect_reads_every_finished_run_of_the_budget(fake):
     assert set(refs) == {(b, s) for b in (0, 1) for s in ("opd", "opsd")}
     assert set(runs) == set(summaries) and runs[0, "opd", "forward_kl@2x", 2] == summaries[0, "opd", "forward_kl@2x", 2]
     assert rp.collect(str(tmp_path), 3)[0] == {(0, "opd", "jsd0.5", 0): {**other_budget, "steps": 3}}
+
+
+def test_a_worker_ends_when_its_reproduction_is_killed():
+    """reproduce's workers watch their parent: a reproduction killed with SIGKILL leaves no worker running (one
+    kept running its runs for half an hour once)."""
+    import subprocess
+    import sys
+    import time
+
+    def alive(pid: int) -> bool:  # an exited child nobody reaped is a zombie: ended
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    child = ("import time; from trd_jax.experiments.reproduce import _exit_with_parent; _exit_with_parent(0.1); "
+             "print('ready', flush=True); time.sleep(120)")
+    parent = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', {child!r}], "
+              "stdout=subprocess.PIPE, text=True); c.stdout.readline(); print(c.pid, flush=True); time.sleep(120)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, cwd=root)
+    pid = int(p.stdout.readline())
+    assert alive(pid)
+    p.kill()
+    p.wait()
+    deadline = time.time() + 20
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(pid), "the worker outlived its killed parent"

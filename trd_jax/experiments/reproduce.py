@@ -539,8 +539,24 @@ def _setup_logging() -> None:
 def _worker_init() -> None:
     from trd_jax import compile_cache
 
+    _exit_with_parent()
     _setup_logging()
     compile_cache.enable()
+
+
+def _exit_with_parent(poll_s: float = 2.0) -> None:
+    """A worker ends when the reproduction that spawned it does (killed, even by SIGKILL, it would leave its workers
+    running the runs they hold and writing them into the workdir)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 class _Pool:
