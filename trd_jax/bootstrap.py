@@ -132,7 +132,6 @@ def identity(task: ArithmeticTask, cfg: BootstrapConfig, *, prompt_mode: str = "
             "refine_mode": refine_mode}
 
 
-
 def identity_hash(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 

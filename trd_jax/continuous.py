@@ -285,11 +285,12 @@ def place(rows: list[int], free: list[int], pool: PagePool | None, need) -> list
     open_slots = [[s for s in free if pool.shard_of(s) == part] for part in range(pool.shards)]
     placed = []
     for r in rows:
-        fits = [part for part in range(pool.shards) if open_slots[part] and room[part] >= need(r)]
+        pages = need(r)
+        fits = [part for part in range(pool.shards) if open_slots[part] and room[part] >= pages]
         if not fits:
             break
         part = max(fits, key=lambda p: room[p])
-        room[part] -= need(r)
+        room[part] -= pages
         placed.append((r, open_slots[part].pop(0)))
     return placed
 
@@ -433,8 +434,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
     admitted_at = [0] * slots
     counts = {"segments": 0, "admissions": 0, "prefilled": 0, "slot_steps": 0, "compactions": 0, "preemptions": 0}
 
-    def covers(s: int, step: int) -> int:  # positions slot s writes up to the end of a segment from `step`
-        r = slot_row[s]
+    def covers(r: int, step: int) -> int:  # positions row r writes up to the end of a segment from `step`
         if speculate:  # up to K + 1 tokens a pass, and the last pass's rejected tail
             return len(prompts[r // n]) + min(step + segment * (k + 1), budget_of[r] + k) - 1
         return len(prompts[r // n]) + min(step + segment, budget_of[r]) - 1
@@ -446,7 +446,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
             for part in range(pool.shards):
                 live = sorted((s for s in range(len(slot_row)) if slot_row[s] >= 0 and pool.shard_of(s) == part),
                               key=lambda s: admitted_at[s])
-                while sum(pool.missing(s, covers(s, slot_step[s])) for s in live) > pool.free(part):
+                while sum(pool.missing(s, covers(slot_row[s], slot_step[s])) for s in live) > pool.free(part):
                     victim = live.pop()
                     state = evict(state, put(np.asarray([victim], np.int32)), pad_id=int(pad_id))
                     pool.release(victim)
@@ -455,10 +455,9 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                     free.append(victim)
                     counts["preemptions"] += 1
                 for s in live:
-                    pool.grow(s, covers(s, slot_step[s]))
-        placements = place(list(waiting)[:len(free)], free, pool, lambda r: paged_pages(
-            len(prompts[r // n]) + (min(1 + segment * (k + 1), budget_of[r] + k) if speculate
-                                    else min(1 + segment, budget_of[r])) - 1, page_size))
+                    pool.grow(s, covers(slot_row[s], slot_step[s]))
+        # a row is admitted only where the pool holds its prompt and first segment
+        placements = place(list(waiting)[:len(free)], free, pool, lambda r: paged_pages(covers(r, 1), page_size))
         take = len(placements)
         if take:
             a = min(bucket(take), len(slot_row))
@@ -477,7 +476,7 @@ def generate(graphdef, params, prompts: Sequence[Sequence[int]], max_new_tokens:
                 src[j], row_ids[j], slot_ids[j], row_budgets[j] = unique.index(r // n), r, s, budget_of[r]
                 slot_row[s], slot_step[s], admitted_at[s] = r, 1, counts["admissions"]
                 if pool is not None:
-                    pool.grow(s, covers(s, 1))
+                    pool.grow(s, covers(r, 1))
             state = admit(graphdef, params, state, *map(put, (tokens, prompt_pad, src, row_ids, row_budgets, slot_ids)),
                           table, page_table(), spec, sampling=sampling, eos_ids=eos_ids, cache_sharding=sharding,
                           draft_mode=draft_mode, page_shards=page_shards)

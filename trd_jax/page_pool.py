@@ -40,10 +40,6 @@ class PagePool:
         """Pages a row can hold (the scratch page excluded)."""
         return self.scratch
 
-    @property
-    def pages_per_shard(self) -> int:
-        return self.scratch + 1
-
     def shard_of(self, slot: int) -> int:
         return slot // (len(self.owned) // self.shards)
 

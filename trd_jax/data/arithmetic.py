@@ -186,7 +186,7 @@ def continuation_after_error(p: Problem, rng: np.random.Generator, *, repair: bo
     lines = list(zip(p.ops, forms_, [p.start] + p.values()[:-1]))[:-1]
     wrapping = [i for i, ((op, b), form, a) in enumerate(lines) if wraps(a, *written(op, b, form))]
     if at_wrap and wrapping:
-        error_step = int(wrapping[int(rng.integers(0, len(wrapping)))])
+        error_step = wrapping[int(rng.integers(0, len(wrapping)))]
         off_by = 1 if written(*p.ops[error_step], forms_[error_step])[0] == "+" else -1
     else:
         error_step, off_by = int(rng.integers(0, len(p.ops) - 1)), None
