@@ -108,9 +108,11 @@ class BootstrapConfig:
     # the repair skill below costs the teacher most of its rewriting accuracy.
     teacher_mixed_steps: int = 2000
     student_solve_steps: int = 300
-    # 800 steps with the reference sets weighted up: with 200 steps at weight 0.5 the student shown the
-    # reference (OPSD's teacher) solved 9% of problems, worse than alone; with these 93%.
-    student_mixed_steps: int = 800
+    # 1600 steps with the reference sets weighted up: with 200 steps at weight 0.5 the student shown the
+    # reference (OPSD's teacher) solved 9% of problems, worse than alone; with 800 (refine weight 2) its rewrites
+    # were right less often than the rollouts they rewrote on one bootstrap of two (52 vs 56%); with 1600 and
+    # refine weight 4, 93-97% against 32-50% on both (docs/reproduction/budget.md).
+    student_mixed_steps: int = 1600
     batch_tokens: int = 4096  # tokens per SFT batch (rows = this // padded row width)
     learning_rate: float = 3e-3
     # The student's misconception (trd_jax/data/arithmetic.py, buggy_values): each line of its solve targets
@@ -131,7 +133,7 @@ class BootstrapConfig:
     teacher_alt_form_rate: float = 0.0
     student_reference_weight: float = 2.0  # sampling weight of x + y* -> y* against 2 for the noisy solutions
     # Sampling weight of the OPSD refine prompt -> rewrite (the self-teacher's rewriting skill).
-    student_refine_weight: float = 2.0
+    student_refine_weight: float = 4.0
     # The teacher also learns to go on after a flawed prefix: repairing (this fraction) or continuing
     # consistently with the error, like a real model that sometimes backtracks, so its next-token
     # distribution after a wrong step is the bimodal mixture of prefix failure (TRD_SPEC §2). With 0 it

@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
         student_model=dict(hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=24),
         teacher_solve_steps=300, teacher_mixed_steps=2000,  # SFT steps: solving alone, then with refine prompts
-        student_solve_steps=300, student_mixed_steps=800,  # then with OPSD contexts (the reference in context)
+        student_solve_steps=300, student_mixed_steps=1600,  # then with OPSD contexts (the reference in context)
         batch_tokens=4096,  # tokens per SFT batch
         learning_rate=3e-3,  # of both models' SFT (AdamW)
         # The student's misconception: each line of its solutions that crosses the modulus is off by one with
@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
         # Fraction of solution lines written in the complement form ("add 2" as "- 8"), student and teacher.
         student_alt_form_rate=0.0, teacher_alt_form_rate=0.0,
         student_reference_weight=2.0,  # sampling weight of the OPSD context x + y* -> y* (noisy solutions: 2)
-        student_refine_weight=2.0,  # sampling weight of the OPSD refine prompt -> rewrite
+        student_refine_weight=4.0,  # sampling weight of the OPSD refine prompt -> rewrite
         # The teacher also learns to repair (this fraction) or continue after a flawed prefix, so that its
         # next-token distribution there is the bimodal mixture of prefix failure (0: it always continues).
         repair_fraction=0.5,
