@@ -19,11 +19,12 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 
 import numpy as np
 
-from trd_jax.config import BootstrapConfig, ModelShape
+from trd_jax.config import BootstrapConfig, ConfigError, ModelShape
 from trd_jax.data.arithmetic import (ArithmeticTask, buggy_values, continuation_after_error, corrupted_attempt,
                                      line_forms, misremembered_facts, random_forms, solution_text)
 from trd_jax.metrics import atomic_write_json
@@ -132,6 +133,18 @@ def identity(task: ArithmeticTask, cfg: BootstrapConfig, *, prompt_mode: str = "
             "refine_mode": refine_mode}
 
 
+# Settings that shape only the student: a teacher trained with the rest equal is the same model (its SFT data, seed
+# and steps do not read these), so it can be taken from another bootstrap (``teacher_from``).
+STUDENT_ONLY = ("student", "student_solve_steps", "student_mixed_steps", "student_reference_weight",
+                "student_refine_weight")
+
+
+def teacher_identity(record: dict) -> dict:
+    """The part of a bootstrap's identity that shapes its teacher."""
+    config = {k: v for k, v in record["config"].items() if k not in STUDENT_ONLY}
+    return {**{k: record[k] for k in ("task", "prompt_mode", "refine_mode")}, "config": config}
+
+
 def identity_hash(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -164,17 +177,39 @@ def _complete(directory: str, record: dict) -> dict[str, str] | None:
     return dirs
 
 
+def reusable_teacher(source: str, record: dict) -> str:
+    """The teacher folder of the finished bootstrap in ``source``, checked to have been trained with the teacher
+    settings of ``record`` (else a ConfigError naming bootstrap.teacher_from and the settings that differ)."""
+    saved = read_manifest(source)
+    folder = os.path.join(source, "teacher")
+    if saved is None or not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        raise ConfigError("bootstrap.teacher_from", f"{source!r} is not a finished bootstrap (its {MANIFEST} and "
+                                                    f"teacher/model.safetensors)")
+    want, have = teacher_identity(record), teacher_identity(saved)
+    if want != have:
+        differ = sorted({k for k in {**want["config"], **have["config"]}
+                         if want["config"].get(k) != have["config"].get(k)}
+                        | {k for k in ("task", "prompt_mode", "refine_mode") if want[k] != have[k]})
+        raise ConfigError("bootstrap.teacher_from", f"the teacher in {source!r} was trained with other teacher "
+                                                    f"settings: {', '.join(differ)}")
+    return folder
+
+
 def bootstrap(task: ArithmeticTask, tok: Tokenizer, cfg: BootstrapConfig, directory: str, *,
-              prompt_mode: str = "chat", refine_mode: str = "chat", from_scratch: bool = False) -> dict[str, str]:
+              prompt_mode: str = "chat", refine_mode: str = "chat", from_scratch: bool = False,
+              teacher_from: str = "") -> dict[str, str]:
     """The teacher's and the student's folders: {"teacher": dir, "student": dir, "identity": hash,
     "models_sha256": hash, "source": "shipped" | "cache" | "trained"}.
 
     Unless ``from_scratch``, the models shipped in the package (SHIPPED_DIR) are used when they were made
     with these exact settings. Otherwise they are trained here, or reused from an earlier training, in
     ``directory/<identity hash>/``: a bootstrap with other settings gets its own folder and never overwrites
-    one that other runs point at."""
+    one that other runs point at. ``teacher_from``: a finished bootstrap folder whose teacher, trained with the
+    same teacher settings (checked), is copied instead of training one: a bootstrap that changes only the
+    student's settings costs the student's SFT alone."""
     record = identity(task, cfg, prompt_mode=prompt_mode, refine_mode=refine_mode)
     key = identity_hash(record)
+    reused = reusable_teacher(teacher_from, record) if teacher_from else None
     found = None if from_scratch else _complete(SHIPPED_DIR, record)
     source = "shipped"
     if found is None:
@@ -182,21 +217,29 @@ def bootstrap(task: ArithmeticTask, tok: Tokenizer, cfg: BootstrapConfig, direct
         found = _complete(home, record)
     if found is None:
         found, source = train_bootstrap(task, tok, cfg, home, record, prompt_mode=prompt_mode,
-                                        refine_mode=refine_mode), "trained"
+                                        refine_mode=refine_mode, teacher=reused), "trained"
     log.info("bootstrap %s: the teacher and student in %s (%s)", key, os.path.dirname(found["teacher"]), source)
     return {**found, "identity": key, "models_sha256": models_hash(found), "source": source}
 
 
 def train_bootstrap(task: ArithmeticTask, tok: Tokenizer, cfg: BootstrapConfig, directory: str, record: dict, *,
-                    prompt_mode: str, refine_mode: str) -> dict[str, str]:
-    """Trains the teacher and the student by SFT into ``directory`` (manifest written last, atomically)."""
+                    prompt_mode: str, refine_mode: str, teacher: str | None = None) -> dict[str, str]:
+    """Trains the teacher and the student by SFT into ``directory`` (manifest written last, atomically);
+    ``teacher``: a folder holding a teacher trained with these settings, copied instead of training it."""
     dirs = {role: os.path.join(directory, role) for role in ROLES}
     os.makedirs(directory, exist_ok=True)
-    timings = {}
+    timings, extra = {}, {}
     phases = {"teacher": (cfg.teacher, cfg.teacher_solve_steps, cfg.teacher_mixed_steps),
               "student": (cfg.student, cfg.student_solve_steps, cfg.student_mixed_steps)}
     for i, (role, (shape, solve_steps, mixed_steps)) in enumerate(phases.items()):
         start = time.perf_counter()
+        if role == "teacher" and teacher is not None:
+            shutil.rmtree(dirs[role], ignore_errors=True)
+            shutil.copytree(teacher, dirs[role])
+            extra["teacher_from"] = os.path.abspath(os.path.dirname(teacher))
+            timings[role] = time.perf_counter() - start
+            log.info("bootstrap: teacher copied from %s", teacher)
+            continue
         seed = cfg.seed * 2 + 11 + i
         sets = sft_sets(task, tok, role, cfg, prompt_mode=prompt_mode, refine_mode=refine_mode)
         model = _model(shape, tok, seed)
@@ -209,5 +252,5 @@ def train_bootstrap(task: ArithmeticTask, tok: Tokenizer, cfg: BootstrapConfig, 
         save_hf(model, dirs[role], tokenizer_dir=task.tokenizer_dir)
         timings[role] = time.perf_counter() - start
         log.info("bootstrap: %s trained in %.0f s", role, timings[role])
-    atomic_write_json(os.path.join(directory, MANIFEST), {**record, "seconds": timings})
+    atomic_write_json(os.path.join(directory, MANIFEST), {**record, "seconds": timings, **extra})
     return dirs

@@ -150,8 +150,9 @@ def bootstrap_config(cfg):
     for key in ("enabled", "from_scratch"):
         if not isinstance(cfg.bootstrap[key], bool):
             raise ConfigError(f"bootstrap.{key}", f"{cfg.bootstrap[key]!r} is not a bool")
-    if not isinstance(cfg.bootstrap.dir, str):
-        raise ConfigError("bootstrap.dir", f"{cfg.bootstrap.dir!r} is not a string")
+    for key in ("dir", "teacher_from"):
+        if not isinstance(cfg.bootstrap[key], str):
+            raise ConfigError(f"bootstrap.{key}", f"{cfg.bootstrap[key]!r} is not a string")
     if not cfg.bootstrap.enabled:
         return None
     if cfg.task.name != "arithmetic":
@@ -335,6 +336,7 @@ class Settings:
     bootstrap: BootstrapConfig | None = None
     bootstrap_dir: str = ""  # "" = workdir/bootstrap
     bootstrap_from_scratch: bool = False
+    bootstrap_teacher_from: str = ""  # a finished bootstrap whose teacher is copied instead of trained
     # OPD's teacher fine-tuned before the run (None: off) and where it is cached.
     teacher_sft: TeacherSFTConfig | None = None
     teacher_sft_dir: str = ""  # "" = workdir/teacher_sft
@@ -596,7 +598,8 @@ def resolve(cfg: ml_collections.ConfigDict) -> Settings:
         bootstrap=bootstrap,
         targets_dir=offline.dir if run_mode == "train" else "", offline=offline,
         bootstrap_dir=cfg.bootstrap.dir,
-        bootstrap_from_scratch=cfg.bootstrap.from_scratch, teacher_sft=teacher_sft,
+        bootstrap_from_scratch=cfg.bootstrap.from_scratch, bootstrap_teacher_from=cfg.bootstrap.teacher_from,
+        teacher_sft=teacher_sft,
         teacher_sft_dir=cfg.teacher_sft.dir)
 
 

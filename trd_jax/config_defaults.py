@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
         from_scratch=False,
         # cache folder of bootstraps trained here, one subfolder per settings hash; "" = workdir/bootstrap
         dir="",
+        # A finished bootstrap folder (e.g. trd_jax/data/bootstrap_models, or bootstrap.dir/<hash>) whose teacher
+        # is copied instead of trained when one must be trained: refused unless it was made with the same teacher
+        # settings, so changing only the student's settings costs the student's SFT alone. "" = train it.
+        teacher_from="",
         # the shapes of the bootstrapped teacher and student (both share the task's tokenizer)
         teacher_model=dict(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2,
                            head_dim=32),

@@ -114,7 +114,8 @@ def prepared_sources(s: Settings, student: ModelSource, teacher: ModelSource | N
         start = time.perf_counter()
         dirs = multihost.process0_first("bootstrap-written", lambda: bootstrap(
             task, tok, s.bootstrap, s.bootstrap_dir or os.path.join(workdir, "bootstrap"),
-            prompt_mode=s.task.prompt_mode, refine_mode=s.refine.prompt_mode, from_scratch=s.bootstrap_from_scratch))
+            prompt_mode=s.task.prompt_mode, refine_mode=s.refine.prompt_mode, from_scratch=s.bootstrap_from_scratch,
+            teacher_from=s.bootstrap_teacher_from))
         check_bootstrap_models(workdir, dirs["models_sha256"])
         student = dataclasses.replace(student, source="path", path=dirs["student"])
         teacher = teacher and dataclasses.replace(teacher, source="path", path=dirs["teacher"])

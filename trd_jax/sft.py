@@ -65,6 +65,15 @@ def _batch(s: SFTSet, rows: np.ndarray, widths: tuple[int, int]):
     return layout.tokens, layout.positions, layout.mask, targets, response_mask
 
 
+@functools.lru_cache(maxsize=16)
+def _optimizer(learning_rate: float, steps: int, warmup_steps: int, weight_decay: float):
+    """One optimizer object per setting: sft_step takes it as a static argument, so equal settings (a bootstrap
+    rebuilt, each SFT phase of the same length) reuse its compiled steps instead of tracing them again."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1),
+                                                  learning_rate * 0.05)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+
+
 def train_sft(model: Transformer, sets: Sequence[SFTSet], *, steps: int, batch_tokens: int, learning_rate: float,
               seed: int, warmup_steps: int = 50, weight_decay: float = 0.01,
               on_log: Callable[[int, dict[str, float]], None] | None = None, log_every: int = 50) -> Transformer:
@@ -72,9 +81,7 @@ def train_sft(model: Transformer, sets: Sequence[SFTSet], *, steps: int, batch_t
     A batch of a set has batch_tokens // (its padded row width) rows (at least 4), so long-context sets do
     not cost more per step than short ones. Deterministic for a seed."""
     graphdef, params = nnx.split(model)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(steps, warmup_steps + 1),
-                                                  learning_rate * 0.05)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+    optimizer = _optimizer(learning_rate, steps, warmup_steps, weight_decay)
     params = jax.tree.map(jnp.copy, params)
     opt_state = optimizer.init(params)
     widths = [(bucket(max(map(len, s.contexts)), 16), bucket(max(map(len, s.responses)), 8)) for s in sets]
