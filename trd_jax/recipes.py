@@ -16,7 +16,7 @@ def default_config() -> ml_collections.ConfigDict:
     them. The teacher and student come from the bootstrap shipped in the package (trd_jax/data/
     bootstrap_models, written by `python -m trd_jax.tools.ship_bootstrap --install`) when its settings match;
     otherwise, or with `bootstrap.from_scratch=true`, they are trained here (about 15 minutes on 2 cores: the
-    teacher 9, the student 6; `bootstrap.teacher_from` takes a finished bootstrap's teacher instead when only
+    teacher 8, the student 6; `bootstrap.teacher_from` takes a finished bootstrap's teacher instead when only
     the student's settings differ).
 
     Sampling follows the paper's protocol (TRD_SPEC §5): rollouts and rewrites at temperature 0.6, top-p 0.95,
