@@ -140,9 +140,10 @@ STUDENT_ONLY = ("student", "student_solve_steps", "student_mixed_steps", "studen
 
 
 def teacher_identity(record: dict) -> dict:
-    """The part of a bootstrap's identity that shapes its teacher."""
+    """The part of a bootstrap's identity that shapes its teacher, flat: the bootstrap settings (no student-only
+    ones) beside the train split's settings and the prompt modes."""
     config = {k: v for k, v in record["config"].items() if k not in STUDENT_ONLY}
-    return {**{k: record[k] for k in ("task", "prompt_mode", "refine_mode")}, "config": config}
+    return {**config, **{k: record[k] for k in ("task", "prompt_mode", "refine_mode")}}
 
 
 def identity_hash(record: dict) -> str:
@@ -187,9 +188,7 @@ def reusable_teacher(source: str, record: dict) -> str:
                                                     f"teacher/model.safetensors)")
     want, have = teacher_identity(record), teacher_identity(saved)
     if want != have:
-        differ = sorted({k for k in {**want["config"], **have["config"]}
-                         if want["config"].get(k) != have["config"].get(k)}
-                        | {k for k in ("task", "prompt_mode", "refine_mode") if want[k] != have[k]})
+        differ = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
         raise ConfigError("bootstrap.teacher_from", f"the teacher in {source!r} was trained with other teacher "
                                                     f"settings: {', '.join(differ)}")
     return folder
