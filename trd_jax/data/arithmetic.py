@@ -317,6 +317,33 @@ def step_errors(text: str, p: Problem) -> list[int]:
     return errors
 
 
+ERROR_KINDS = ("missing", "operation", "carried", "wrap", "plain")
+
+
+def error_kinds(text: str, p: Problem) -> list[str]:
+    """The kind of each locally wrong step (step_errors' steps, in order), the first that applies: "missing" (no
+    line for the step), "operation" (the line writes neither form of the problem's step), "carried" (its input
+    is not the line above's result), "wrap" or "plain" (a wrong result for its own input and operation, on a line
+    that crosses the modulus or not)."""
+    steps = {s[0]: s for s in parse_steps(text)}
+    kinds, prev = [], p.start
+    for i, (op, b) in enumerate(p.ops):
+        s = steps.get(i + 1)
+        if s is None:
+            kinds.append("missing")
+            prev = None
+            continue
+        _, a, wop, wb, c = s
+        if (wop, wb) not in equivalent(op, b):
+            kinds.append("operation")
+        elif prev is not None and a != prev:
+            kinds.append("carried")
+        elif c != _APPLY[wop](a, wb):
+            kinds.append("wrap" if wraps(a, wop, wb) else "plain")
+        prev = c
+    return kinds
+
+
 @dataclasses.dataclass(frozen=True)
 class ArithmeticConfig:
     min_steps: int = 3
