@@ -14,7 +14,9 @@ from trd_jax import compile_cache
 # variable): a test that compiles what an earlier test or run compiled loads it from disk. Set the variable
 # to "off" to measure or debug without it.
 os.environ.setdefault(compile_cache.ENV, compile_cache.cache_dir() or "off")
-compile_cache.enable()
+# The scripts that tests start with `python -c` (several devices, several processes) do not call enable(): JAX's
+# own variables give them the cache (each compiled cold, 70-130 s, before).
+os.environ.update(compile_cache.child_environ(compile_cache.enable()))
 
 
 # The files whose tests start processes of their own, longest first (a warm run, 2026-12-08: 70-180 s each).

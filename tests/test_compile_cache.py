@@ -54,3 +54,23 @@ def test_a_program_compiled_in_one_process_is_loaded_by_the_next(tmp_path):
     # The entry without an access time was stamped, so JAX's eviction pass did not fail the writes.
     assert (tmp_path / "cache" / "written-without-eviction-atime").exists()
     assert not any("error writing persistent compilation cache" in r.stderr.lower() for r in runs)
+
+
+def test_a_child_given_child_environ_uses_the_cache_without_enabling_it(tmp_path):
+    """A plain interpreter that never imports trd_jax, given child_environ's variables, writes the cache and the
+    next one loads from it: what the suite's `python -c` scripts rely on."""
+    import subprocess
+    import sys
+
+    assert compile_cache.child_environ(None) == {}
+    script = ("import jax, jax.numpy as jnp, logging; logging.basicConfig(level=logging.DEBUG, format='%(message)s');"
+              "logging.getLogger('jax._src.compilation_cache').setLevel(logging.DEBUG);"
+              "print(jax.jit(lambda x: jnp.cos(x) * 5 - 2)(jnp.arange(9.0)).sum())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu", **compile_cache.child_environ(str(tmp_path)))
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert "persistent compilation cache hit" not in runs[0].stderr.lower()
+    assert "persistent compilation cache hit" in runs[1].stderr.lower()

@@ -52,6 +52,18 @@ def enable(directory: str | None = None) -> str | None:
     return directory
 
 
+def child_environ(directory: str | None) -> dict[str, str]:
+    """JAX's own environment variables for what enable() sets: a Python process started with them (a test's
+    `python -c` script, a helper) uses the cache from its first compile without importing trd_jax. Empty when
+    the cache is off."""
+    if directory is None:
+        return {}
+    return {"JAX_COMPILATION_CACHE_DIR": directory,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(MIN_COMPILE_SECONDS),
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+            "JAX_COMPILATION_CACHE_MAX_SIZE": str(MAX_BYTES)}
+
+
 def _add_missing_access_times(directory: str) -> None:
     """JAX's eviction reads an access-time file beside every entry and fails every later write (a warning per
     program) when one is missing, which happens to entries written with eviction off (an older trd_jax, or
