@@ -51,7 +51,7 @@ def fake(tmp_path):
     for b in (0, 1):
         for seed in (0, 1, 2):
             for setting in ("opd", "opsd"):
-                for method, base in (("trd", 3), ("forward_kl", 1), ("forward_kl@2x", 1)):
+                for method, base in (("trd", 3), ("trd_vanilla_context", 2), ("forward_kl", 1), ("forward_kl@2x", 1)):
                     c = np.clip(base + rng.integers(-1, 2, P), 0, N) if method != "trd" or setting == "opd" else \
                         np.full(P, 2)
                     counts[b, setting, method, seed] = c
@@ -72,9 +72,10 @@ def test_results_json_shape_rows_and_significance(fake):
     assert on_disk["opsd_teacher"]["avg_at_k"] == pytest.approx(0.8)
     rows = on_disk["rows"]
     # Per setting and method: one row per bootstrap and one pooled ("all").
-    assert len(rows) == 2 * 3 * 3
+    assert len(rows) == 2 * 4 * 3
     assert {(r["setting"], r["method"], r["bootstrap"]) for r in rows} == {
-        (s, m, b) for s in ("opd", "opsd") for m in ("trd", "forward_kl", "forward_kl@2x") for b in (0, 1, "all")}
+        (s, m, b) for s in ("opd", "opsd") for m in ("trd", "trd_vanilla_context", "forward_kl", "forward_kl@2x")
+        for b in (0, 1, "all")}
     row = next(r for r in rows if (r["setting"], r["method"], r["bootstrap"]) == ("opd", "trd", 0))
     assert set(row) >= {"setting", "method", "loss", "trajectory", "teacher_context", "bootstrap", "seeds", "avg_at_k",
                         "pass_at_k", "greedy", "broadened_problems", "generated_tokens_per_step", "flops_per_step",
@@ -99,16 +100,22 @@ def test_results_json_shape_rows_and_significance(fake):
     both = np.concatenate([np.stack([counts[b, "opd", "forward_kl", s] / N for s in range(3)]) for b in (0, 1)])
     assert pooled["seeds"] == 6 and pooled["avg_at_k"]["mean"] == pytest.approx(both.mean())
     assert pooled["avg_at_k"]["low"] <= pooled["avg_at_k"]["mean"] <= pooled["avg_at_k"]["high"]
-    # Significance: trd against each other method per setting, pooled.
-    sig = {(s["setting"], s["b"]): s for s in on_disk["significance"]}
-    assert set(sig) == {(s, m) for s in ("opd", "opsd") for m in ("forward_kl", "forward_kl@2x")}
-    assert all(s["a"] == "trd" and s["low"] <= s["difference"] <= s["high"] for s in sig.values())
-    assert sig["opd", "forward_kl"]["significant"] and sig["opd", "forward_kl"]["difference"] > 0.3
+    # Significance: trd, then trd_vanilla_context, against each other method per setting, pooled; each pair once.
+    sig = {(s["setting"], s["a"], s["b"]): s for s in on_disk["significance"]}
+    others = ("forward_kl", "forward_kl@2x")
+    assert set(sig) == {(s, "trd", m) for s in ("opd", "opsd") for m in ("trd_vanilla_context", *others)} | {
+        (s, "trd_vanilla_context", m) for s in ("opd", "opsd") for m in others}
+    assert all(s["low"] <= s["difference"] <= s["high"] for s in sig.values())
+    assert sig["opd", "trd", "forward_kl"]["significant"] and sig["opd", "trd", "forward_kl"]["difference"] > 0.3
+    vc = sig["opd", "trd_vanilla_context", "forward_kl"]  # the fake's counts 2 +- 1 against 1 +- 1 of 4
+    a = np.concatenate([np.stack([counts[b, "opd", "trd_vanilla_context", s] / N for s in range(3)]) for b in (0, 1)])
+    m = np.concatenate([np.stack([counts[b, "opd", "forward_kl", s] / N for s in range(3)]) for b in (0, 1)])
+    assert vc["difference"] == pytest.approx(a.mean() - m.mean()) and vc["significant"]
     # The results table and its significance list.
     with open(md) as f:
         text = f.read()
     assert "## OPD" in text and "## OPSD" in text and "| forward_kl@2x | forward_kl | y_o | vanilla |" in text
-    assert "- opd: trd - forward_kl = +" in text
+    assert "- opd: trd - forward_kl = +" in text and "- opd: trd_vanilla_context - forward_kl = +" in text
     # Curves: cumulative generated tokens from metrics.jsonl, FLOPs as the mean per step x step.
     curve = results["curves"]["opd/trd"][0]
     assert [p["generated_tokens"] for p in curve] == [0, 400, 800] and curve[-1]["flops"] == pytest.approx(16e6)
