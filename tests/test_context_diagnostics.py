@@ -1,6 +1,10 @@
 """The pieces of the teacher-context and student-error experiments that decide what they report: the mistake
 classifier (error_kinds), the pooled tally, and the classes of rewrite positions against the rollout."""
 
+import os
+
+import pytest
+
 from trd_jax.data.arithmetic import Problem, error_kinds, solution_text, step_errors
 from trd_jax.experiments.student_errors import tally
 from trd_jax.experiments.teacher_context import position_classes
@@ -34,3 +38,23 @@ def test_position_classes_split_a_rewrite_at_its_first_departure():
     assert position_classes(y_o, y_o).tolist() == [0] * 5
     assert position_classes([], [4, 4]).tolist() == [1, 1]
     assert position_classes(y_o, [5, 6]).tolist() == [0, 0]  # a shorter rewrite
+
+
+@pytest.mark.slow
+def test_both_experiments_measure_the_shipped_bootstrap(tmp_path):
+    """A few prompts through each experiment on the shipped models: the figures it reports are there and sane."""
+    from trd_jax.bootstrap import SHIPPED_DIR
+    from trd_jax.experiments import student_errors, teacher_context
+
+    r = teacher_context.measure(str(tmp_path), "opd", 8, 0)
+    assert r["rewritten"] == 8 and sum(r["positions"].values()) > 8 * 20  # every token of every rewrite classed
+    for c in teacher_context.CONTEXTS:
+        kept = r["contexts"]["kept"][c]
+        assert 0.9 < kept["p_target"] <= 1 and kept["fkl"] >= 0 and 0 <= kept["entropy"]
+    assert all(v >= 0 for v in r["kl_vanilla_refine"].values())
+    assert "## OPD, student bootstrap: 8 rewrites of 8 rollouts" in teacher_context.report([r])
+    # The shipped student again, as if it were a trained one (its own sampling key).
+    out = student_errors.measure({"again": [os.path.join(SHIPPED_DIR, "student")]}, 8, 0)
+    assert out["problems"] == 8 and out["students"]["again"]["answers"] == 8
+    assert 0 <= out["students"]["initial"]["without_mistakes"] <= 1
+    assert "| again | 8 |" in student_errors.report(out)
