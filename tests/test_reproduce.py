@@ -217,6 +217,17 @@ def test_command_runs_shares_evaluations_and_keeps_exports(tmp_path, monkeypatch
     with open(out / "results.json") as f:
         collected = json.load(f)
     assert collected["rows"] == results["rows"]
+    # On 16 problems without training again: the first 8 repeat each run's own evaluation, sample for sample.
+    assert rp.main(["--workdir", str(tmp_path / "w"), "--out", str(out), "--steps", "1", "--collect", "--jobs", "1",
+                    "--reevaluate", "16", *argv[argv.index("--set"):]]) == 0
+    with open(out / "results.json") as f:
+        wider = json.load(f)
+    assert wider["eval"]["problems"] == 16 and {r["method"] for r in wider["rows"]} == {"trd", "forward_kl"}
+    for run in (rp.run_dir(str(tmp_path / "w"), "opd", "trd", 0, 0), rp.reference_dir(str(tmp_path / "w"), "opd")):
+        with open(os.path.join(run, "reeval-16.json")) as f:
+            again = json.load(f)
+        assert again["problems"] == 16 and again["matches_original"] is True
+    assert os.path.getmtime(os.path.join(rp.run_dir(str(tmp_path / "w"), "opd", "trd", 0, 0), "summary.json")) == stamp
 
 
 def test_collect_reads_every_finished_run_of_the_budget(fake):

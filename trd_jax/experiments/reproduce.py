@@ -43,6 +43,7 @@ from trd_jax import evaluation, stats
 from trd_jax.evaluation import pass_at_k
 from trd_jax.experiments.reproduce_plots import draw
 from trd_jax.metrics import atomic_write_json, atomic_write_text
+from trd_jax.experiments import reevaluate
 from trd_jax.recipes import METHODS, apply_overrides, default_config, get_method, method_config, parse_overrides
 
 log = logging.getLogger("reproduce")
@@ -126,6 +127,21 @@ def run_one(workdir: str, setting: str, method: str, seed: int, steps: int, eval
     log.info("bootstrap %d %s %s seed %d: final Avg %.3f in %.0f s", bootstrap, setting, method, seed,
              summary["final_eval"]["avg_at_k"], time.perf_counter() - start)
     return summary
+
+
+def reevaluate_one(workdir: str, key: tuple, problems: int, steps: int, overrides: dict, original: dict) -> dict:
+    """reevaluate.reevaluate of run `key` ((b, setting, method, seed), or (b, setting) for the shared evaluations)
+    with the config it ran with."""
+    b, setting, *rest = key
+    if rest:
+        method, seed = rest
+        cfg = method_config(method, setting, seed)
+        apply_overrides(cfg, _base_overrides(workdir, b, overrides))
+        return reevaluate.reevaluate(run_dir(workdir, setting, method, seed, b), cfg, problems, steps, original,
+                                     reference=False)
+    cfg = method_config(REFERENCE, setting, 0)
+    apply_overrides(cfg, _base_overrides(workdir, b, overrides))
+    return reevaluate.reevaluate(reference_dir(workdir, setting, b), cfg, problems, 0, original, reference=True)
 
 
 def collect(workdir: str, steps: int) -> tuple[dict, dict]:
@@ -499,6 +515,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "whatever invocations made them (e.g. the quick subset plus later extensions)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run, e.g. --set eval.n=8 (value parsed as JSON)")
+    parser.add_argument("--reevaluate", type=int, default=0, metavar="N",
+                        help="report from evaluations on N held-out problems: each finished run's kept student and "
+                             "the shared evaluations evaluated again (once; kept in <run>/reeval-N.json), without "
+                             "training again (trd_jax/experiments/reevaluate.py); give the runs' own --set")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.bootstraps = preset["bootstraps"] if args.bootstraps is None else args.bootstraps
@@ -519,6 +539,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--methods: {e}")
     if args.seeds < 1 or args.steps < 1 or args.bootstraps < 1 or args.jobs < 1:
         parser.error("--bootstraps, --seeds, --steps and --jobs must be >= 1")
+    if args.reevaluate < 0:
+        parser.error(f"--reevaluate: {args.reevaluate} problems")
     try:
         args.bootstrap_ids = (list(range(args.bootstraps)) if args.bootstrap_ids is None
                               else sorted({int(b) for b in args.bootstrap_ids.split(",")}))
@@ -599,6 +621,22 @@ class _Pool:
             self.pool.shutdown()
 
 
+def _reevaluated(pool: _Pool, args, summaries: dict, refs: dict) -> tuple[dict, dict, dict]:
+    """The runs and shared evaluations with their evaluations replaced by --reevaluate N's; a run whose
+    re-evaluation failed is left out (and reported)."""
+    n, w, o = args.reevaluate, args.workdir, args.overrides
+    done, errors = pool.map({k: (reevaluate_one, w, k, n, args.steps, o, refs[k]) for k in refs})
+    more, e2 = pool.map({k: (reevaluate_one, w, k, n, args.steps, o, summaries[k]) for k in summaries})
+    done.update(more)
+    errors.update(e2)
+    for key, r in done.items():
+        if r.get("matches_original") is False:
+            log.warning("%s: the re-evaluation's first problems do not repeat the run's own evaluation", key)
+    refs = {k: reevaluate.substitute(refs[k], done[k]) for k in refs if k in done}
+    summaries = {k: reevaluate.substitute(summaries[k], done[k]) for k in summaries if k in done and k[:2] in refs}
+    return summaries, refs, errors
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging()
@@ -607,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_cache.enable()
     os.makedirs(args.workdir, exist_ok=True)
     start = time.perf_counter()
-    pool = _Pool(1 if args.collect else args.jobs)
+    pool = _Pool(1 if args.collect and not args.reevaluate else args.jobs)
     w, o = args.workdir, args.overrides
     errors: dict = {}
     try:
@@ -630,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
                      for method in (args.methods if b == 0 else args.other_methods) if (b, setting) in refs}
             summaries, e3 = pool.map(calls)
             errors.update(e3)
+        if args.reevaluate:
+            summaries, refs, e4 = _reevaluated(pool, args, summaries, refs)
+            errors.update(e4)
     finally:
         pool.close()
     for key, error in errors.items():
