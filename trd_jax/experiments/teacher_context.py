@@ -38,6 +38,8 @@ from trd_jax.roles import _lm_head
 
 CLASSES = ("kept", "edit", "after")
 CONTEXTS = ("refine", "vanilla")
+# Per position class and context; the y_o ones at edits only.
+METRICS = ("p_target", "uncertain", "p_y_o", "p_student_y_o", "entropy", "fkl", "argmax_target", "argmax_y_o")
 UNCERTAIN = 0.9  # q(target) under this: a position the teacher hesitates at (HEADER says 0.9 too)
 
 
@@ -104,9 +106,7 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
     logp, mask = _log_probs(trainer, "student", trainer.state.params,
                             _lm_head(trainer.roles.student_graph, trainer.state.params), xs, ys)
     y_r_right = trajectories.grade(task, tok, ys, [examples[b] for b in kept])
-    acc = {c: {k: [] for k in ("p_target", "uncertain", "p_y_o", "p_student_y_o", "entropy", "fkl", "argmax_target",
-                               "argmax_y_o")} for c in CONTEXTS}
-    per_class = {k: {c: {m: [] for m in acc[c]} for c in CONTEXTS} for k in CLASSES}
+    per_class = {k: {c: {m: [] for m in METRICS} for c in CONTEXTS} for k in CLASSES}
     counts = {k: 0 for k in CLASSES}
     between = {k: [] for k in CLASSES}  # KL(q_vanilla || q_refine) per position
     doubts = {c: [] for c in CONTEXTS}  # (q(target), row, position, top other token) where the teacher doubts most
@@ -137,6 +137,7 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
                     m["p_y_o"].append(q[yo[t]])
                     m["p_student_y_o"].append(p[i, t, yo[t]])
                     m["argmax_y_o"].append(float(np.argmax(lq) == yo[t]))
+
     def shown(i, t, other):  # the line up to the position, the target and the teacher's other choice
         text = tok.decode(ys[i][:t], skip_special_tokens=True).split("\n")[-1]
         return {"line_so_far": text, "target": tok.decode([ys[i][t]]), "other": tok.decode([other]), "position": t}
