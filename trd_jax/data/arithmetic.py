@@ -297,27 +297,39 @@ def first_error(text: str, p: Problem) -> int | None:
     return None
 
 
+ERROR_KINDS = ("missing", "operation", "carried", "wrap", "plain")
+
+
+def _step_verdicts(text: str, p: Problem) -> list[str | None]:
+    """Per step of the problem: None when its line is right *locally* (for its own input), else the first kind of
+    ERROR_KINDS that applies."""
+    steps = {s[0]: s for s in parse_steps(text)}
+    verdicts, prev = [], p.start
+    for i, (op, b) in enumerate(p.ops):
+        s = steps.get(i + 1)
+        if s is None:
+            verdicts.append("missing")
+            prev = None
+            continue
+        _, a, wop, wb, c = s
+        if (wop, wb) not in equivalent(op, b):
+            verdicts.append("operation")
+        elif prev is not None and a != prev:
+            verdicts.append("carried")
+        elif c != _APPLY[wop](a, wb):
+            verdicts.append("wrap" if wraps(a, wop, wb) else "plain")
+        else:
+            verdicts.append(None)
+        prev = c
+    return verdicts
+
+
 def step_errors(text: str, p: Problem) -> list[int]:
     """Every step that is wrong *locally*: its line is missing, or it does not write a form of the problem's
     step, or its input is not the line above's result (the start for step 1), or its result is not its own
     input op operand. A line computed correctly from an earlier wrong value is not counted again, so this
     counts the mistakes made, not the values they spoiled."""
-    steps = {s[0]: s for s in parse_steps(text)}
-    errors, prev = [], p.start
-    for i, (op, b) in enumerate(p.ops):
-        s = steps.get(i + 1)
-        if s is None:
-            errors.append(i)
-            prev = None
-            continue
-        _, a, wop, wb, c = s
-        if (wop, wb) not in equivalent(op, b) or (prev is not None and a != prev) or c != _APPLY[wop](a, wb):
-            errors.append(i)
-        prev = c
-    return errors
-
-
-ERROR_KINDS = ("missing", "operation", "carried", "wrap", "plain")
+    return [i for i, v in enumerate(_step_verdicts(text, p)) if v is not None]
 
 
 def error_kinds(text: str, p: Problem) -> list[str]:
@@ -325,23 +337,7 @@ def error_kinds(text: str, p: Problem) -> list[str]:
     line for the step), "operation" (the line writes neither form of the problem's step), "carried" (its input
     is not the line above's result), "wrap" or "plain" (a wrong result for its own input and operation, on a line
     that crosses the modulus or not)."""
-    steps = {s[0]: s for s in parse_steps(text)}
-    kinds, prev = [], p.start
-    for i, (op, b) in enumerate(p.ops):
-        s = steps.get(i + 1)
-        if s is None:
-            kinds.append("missing")
-            prev = None
-            continue
-        _, a, wop, wb, c = s
-        if (wop, wb) not in equivalent(op, b):
-            kinds.append("operation")
-        elif prev is not None and a != prev:
-            kinds.append("carried")
-        elif c != _APPLY[wop](a, wb):
-            kinds.append("wrap" if wraps(a, wop, wb) else "plain")
-        prev = c
-    return kinds
+    return [v for v in _step_verdicts(text, p) if v is not None]
 
 
 @dataclasses.dataclass(frozen=True)
