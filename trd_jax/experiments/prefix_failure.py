@@ -14,7 +14,6 @@ Writes DIR/prefix_failure.md and DIR/prefix_failure.png.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -24,8 +23,8 @@ import numpy as np
 
 from trd_jax import diagnostics, trajectories
 from trd_jax.data.arithmetic import first_error
+from trd_jax.experiments import one_step
 from trd_jax.layouts import distill_batch
-from trd_jax.phase_sampling import sample_rows
 from trd_jax.recipes import apply_overrides, method_config, parse_overrides
 
 OFFSETS = range(-2, 4)  # lines relative to the first wrong step
@@ -61,13 +60,9 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
                           "train.batch_size": prompts, **(overrides or {})})
     trainer = Trainer(cfg, os.path.join(workdir, f"prefix_failure_{setting}"))
     tok, task, s = trainer.tok, trainer.task, trainer.s
-    examples = trainer.data.next(prompts)
-    x = trajectories.encode_prompts(tok, examples, s.task.prompt_mode, s.task.max_prompt_tokens)
-    key_o, key_r = jax.random.split(jax.random.key(seed))
-    y_o = sample_rows(s, trainer.rollout_sampler, trainer.state.params, x, s.rollout.max_new, s.rollout.sampling, 1,
-                      key_o)
-    rows = trajectories.StepRows(list(examples), x, y_o, trajectories.grade(task, tok, y_o, examples),
-                                 trajectories.capped(y_o, tok.eos_ids, s.rollout.max_new))
+    # TRD's step: the rollouts, and the teacher's rewrites of them for the sign flips on y_r below.
+    examples, x, rows = one_step.rollouts_and_rewrites(trainer, prompts, seed)
+    y_o = rows.y_o
     texts = [tok.decode(r, skip_special_tokens=True) for r in y_o]
     errors = [first_error(t, task.problem_of(ex)) for t, ex in zip(texts, examples)]
     vanilla = trajectories.vanilla_contexts(tok, examples, x, mode=setting, task_kind=task.kind,
@@ -95,11 +90,7 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
                 continue
             for k in keys:
                 target[k].append(worst[k])
-    # TRD: the teacher rewrites the same rollouts; sign flips of per-token advantages on y_o and on y_r.
-    trajectories.refine(rows, tok, s.refine, lambda ids, drafts: sample_rows(
-        s, trainer.refine_sampler, trainer._teacher_params(), ids, s.refine.rewrite_budget, s.refine_sampling, 1, key_r,
-        drafts=drafts if s.refine.speculative else None, draft_tokens=s.refine.draft_tokens))
-    rows.y_r_reward = trajectories.grade(task, tok, rows.y_r, [examples[b] for b in rows.refine_prompts.generate_rows])
+    # Sign flips of per-token advantages on y_o and on the rewrites y_r of the same rows.
     kept = [b for b, src in enumerate(rows.sources) if src == "y_r"]
     trajectories.choose_teacher_contexts(rows, vanilla, s.distill.teacher_context)  # as the TRD run trains
     _, adv_r, mask_r = _teacher_tokens(trainer, [x[b] for b in kept], [rows.responses[b] for b in kept],
@@ -165,15 +156,8 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--settings", default="opd,opsd")
-    parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set bootstrap.repair_fraction=0 (a teacher that never "
-                             "repairs; JSON value)")
-    args = parser.parse_args(argv)
+    args = one_step.parser(__doc__, "config override, e.g. --set bootstrap.repair_fraction=0 (a teacher that never "
+                                    "repairs; JSON value)").parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     overrides = parse_overrides(args.set)
     results = [measure(args.workdir, s, args.prompts, args.seed, overrides)

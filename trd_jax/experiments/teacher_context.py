@@ -21,18 +21,16 @@ Writes DIR/teacher_context.md and DIR/teacher_context.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
 
-import jax
 import numpy as np
 
 from trd_jax import trajectories
+from trd_jax.experiments import one_step
 from trd_jax.layouts import distill_batch
-from trd_jax.phase_sampling import sample_rows
 from trd_jax.recipes import apply_overrides, method_config, parse_overrides
 from trd_jax.roles import _lm_head
 
@@ -84,17 +82,8 @@ def measure(workdir: str, setting: str, prompts: int, seed: int, overrides: dict
     if student:
         trainer.state = trainer.state._replace(params=nnx.split(load_hf(student))[1])
     tok, task, s = trainer.tok, trainer.task, trainer.s
-    examples = trainer.data.next(prompts)
-    x = trajectories.encode_prompts(tok, examples, s.task.prompt_mode, s.task.max_prompt_tokens)
-    key_o, key_r = jax.random.split(jax.random.key(seed))
-    y_o = sample_rows(s, trainer.rollout_sampler, trainer.state.params, x, s.rollout.max_new, s.rollout.sampling, 1,
-                      key_o)
-    rows = trajectories.StepRows(list(examples), x, y_o, trajectories.grade(task, tok, y_o, examples),
-                                 trajectories.capped(y_o, tok.eos_ids, s.rollout.max_new))
-    teacher_params = trainer._teacher_params()
-    trajectories.refine(rows, tok, s.refine, lambda ids, drafts: sample_rows(
-        s, trainer.refine_sampler, teacher_params, ids, s.refine.rewrite_budget, s.refine_sampling, 1, key_r,
-        drafts=drafts if s.refine.speculative else None, draft_tokens=s.refine.draft_tokens))
+    examples, x, rows = one_step.rollouts_and_rewrites(trainer, prompts, seed)
+    y_o, teacher_params = rows.y_o, trainer._teacher_params()
     kept = [b for b, src in enumerate(rows.sources) if src == "y_r"]
     vanilla = trajectories.vanilla_contexts(tok, examples, x, mode=setting, task_kind=task.kind,
                                             prompt_mode=s.task.prompt_mode)
@@ -191,16 +180,10 @@ def report(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--settings", default="opd,opsd")
-    parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = one_step.parser(__doc__, "config override (JSON value), e.g. --set bootstrap.dir=DIR")
     parser.add_argument("--student", action="append", default=[], metavar="DIR",
                         help="also measure with this trained student (a Hugging Face folder, e.g. a run's export/; OPD "
                              "only); repeatable")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override (JSON value), e.g. --set bootstrap.dir=DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     overrides = parse_overrides(args.set)
