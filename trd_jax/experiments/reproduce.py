@@ -41,9 +41,9 @@ import numpy as np
 
 from trd_jax import evaluation, stats
 from trd_jax.evaluation import pass_at_k
+from trd_jax.experiments import reevaluate
 from trd_jax.experiments.reproduce_plots import draw
 from trd_jax.metrics import atomic_write_json, atomic_write_text
-from trd_jax.experiments import reevaluate
 from trd_jax.recipes import METHODS, apply_overrides, default_config, get_method, method_config, parse_overrides
 
 log = logging.getLogger("reproduce")
@@ -625,10 +625,9 @@ def _reevaluated(pool: _Pool, args, summaries: dict, refs: dict) -> tuple[dict, 
     """The runs and shared evaluations with their evaluations replaced by --reevaluate N's; a run whose
     re-evaluation failed is left out (and reported)."""
     n, w, o = args.reevaluate, args.workdir, args.overrides
-    done, errors = pool.map({k: (reevaluate_one, w, k, n, args.steps, o, refs[k]) for k in refs})
-    more, e2 = pool.map({k: (reevaluate_one, w, k, n, args.steps, o, summaries[k]) for k in summaries})
-    done.update(more)
-    errors.update(e2)
+    # One batch: the shared evaluations' keys (b, setting) and the runs' (b, setting, method, seed) never collide.
+    done, errors = pool.map({k: (reevaluate_one, w, k, n, args.steps, o, original)
+                             for k, original in {**refs, **summaries}.items()})
     for key, r in done.items():
         if r.get("matches_original") is False:
             log.warning("%s: the re-evaluation's first problems do not repeat the run's own evaluation", key)
